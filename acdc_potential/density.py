@@ -1,0 +1,110 @@
+"""Density coefficients ``c_i[a n l m]`` of the neighbour density, in torch.
+
+Layout (used by every later stage): a list with one tensor per angular channel
+``l = 0..l_max``, of shape ``[n_atoms, 2l + 1, n_species * n_radial[l]]``; the last
+index is ``q = a * n_radial[l] + n`` for neighbour species ``a`` (position in the
+model's ``species`` list) and radial index ``n``; ``m`` is stored at ``m + l``.
+
+    c_i[a n l m] = sum_{j in A_i, a_j = a} f_cut(r_ji) I_nl(r_ji) Y_lm(r_ji / r_ji)
+
+(WK seed eq. 4 and design.md section 2), where ``I_nl`` is the tabulated radial
+integral of :mod:`acdc_potential.radial` and ``f_cut`` the shifted cosine switch.
+The central atom does not contribute to its own density.
+"""
+
+from typing import List
+
+import sphericart.torch
+import torch
+
+from .neighbors import AtomsBatch, StructureError
+from .radial import DensityHypers, RadialSpline
+
+
+def shifted_cosine(r: torch.Tensor, cutoff: float, width: float) -> torch.Tensor:
+    """1 below ``cutoff - width``, ``(1 + cos(pi (r - cutoff + width) / width)) / 2`` up to ``cutoff``, 0 beyond."""
+    if width <= 0.0:
+        return (r < cutoff).to(r.dtype)
+    s = torch.clamp((r - (cutoff - width)) / width, 0.0, 1.0)
+    return 0.5 * (1.0 + torch.cos(torch.pi * s))
+
+
+class DensityExpansion(torch.nn.Module):
+    """Expansion of the neighbour density on ``R_nl(r) Y_lm(r^)``.
+
+    :param hypers: the density and basis (:class:`~acdc_potential.radial.DensityHypers`).
+    :param species: atomic numbers of the neighbour-species channels, in order.
+
+    ``forward`` is TorchScript-compatible; :meth:`compute` is the convenience entry
+    point for an :class:`~acdc_potential.neighbors.AtomsBatch`.
+    """
+
+    def __init__(self, hypers: DensityHypers, species: List[int]):
+        super().__init__()
+        hypers.validate()
+        self.cutoff = float(hypers.cutoff)
+        self.smoothing = float(hypers.smoothing)
+        self.n_radial: List[int] = hypers.n_radial()
+        self.l_max = len(self.n_radial) - 1
+        self.species: List[int] = [int(s) for s in species]
+        self.n_species = len(self.species)
+        self.radial = RadialSpline(hypers)
+        self.spherical_harmonics = sphericart.torch.SphericalHarmonics(self.l_max)
+        lookup = torch.full((max(self.species) + 1,), -1, dtype=torch.long)
+        lookup[torch.tensor(self.species)] = torch.arange(self.n_species)
+        self.register_buffer("species_lookup", lookup)
+
+    def species_index(self, numbers: torch.Tensor) -> torch.Tensor:
+        """Position of each atomic number in ``species``; raises on unknown species."""
+        inside = numbers < self.species_lookup.shape[0]
+        index = torch.where(inside, self.species_lookup[torch.clamp(numbers, 0, self.species_lookup.shape[0] - 1)], -1)
+        if bool((index < 0).any()):
+            unknown = torch.unique(numbers[index < 0]).tolist()
+            raise ValueError(f"atomic numbers {unknown} are not among the model's species {self.species}")
+        return index
+
+    def forward(
+        self,
+        vectors: torch.Tensor,
+        centers: torch.Tensor,
+        neighbor_species: torch.Tensor,
+        n_atoms: int,
+    ) -> List[torch.Tensor]:
+        """Density coefficients from pair vectors.
+
+        :param vectors: ``[P, 3]`` vectors ``r_ji`` from centre to neighbour.
+        :param centers: ``[P]`` index of the centre of each pair.
+        :param neighbor_species: ``[P]`` species index ``a_j`` (see :meth:`species_index`).
+        :param n_atoms: number of centres.
+        :return: one ``[n_atoms, 2l + 1, n_species * n_radial[l]]`` tensor per ``l``.
+        """
+        distances = torch.linalg.vector_norm(vectors, dim=1)
+        cutoff = shifted_cosine(distances, self.cutoff, self.smoothing)
+        radial = self.radial(distances) * cutoff.unsqueeze(1)
+        harmonics = self.spherical_harmonics(vectors)
+        target = centers * self.n_species + neighbor_species
+
+        coefficients: List[torch.Tensor] = []
+        start = 0
+        for l, n in enumerate(self.n_radial):
+            y = harmonics[:, l * l : (l + 1) * (l + 1)]
+            pair = y.unsqueeze(2) * radial[:, start : start + n].unsqueeze(1)
+            c = torch.zeros(
+                (n_atoms * self.n_species, 2 * l + 1, n), dtype=vectors.dtype, device=vectors.device
+            )
+            c = c.index_add(0, target, pair)
+            c = c.reshape(n_atoms, self.n_species, 2 * l + 1, n).transpose(1, 2)
+            coefficients.append(c.reshape(n_atoms, 2 * l + 1, self.n_species * n))
+            start += n
+        return coefficients
+
+    def compute(self, batch: AtomsBatch) -> List[torch.Tensor]:
+        """Density coefficients of every atom of ``batch`` (see :meth:`forward`)."""
+        try:
+            self.species_index(batch.numbers)
+        except ValueError as error:
+            bad = ~torch.isin(batch.numbers, torch.tensor(self.species, device=batch.numbers.device))
+            structure = int(batch.structure[bad][0])
+            raise StructureError(f"structure {structure}: {error}") from None
+        species = self.species_index(batch.numbers)
+        return self.forward(batch.pair_vectors(), batch.centers, species[batch.neighbors], batch.n_atoms)
