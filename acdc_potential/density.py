@@ -14,9 +14,9 @@ The central atom does not contribute to its own density.
 
 from typing import List
 
-import sphericart.torch
 import torch
 
+from .harmonics import SphericalHarmonics
 from .neighbors import AtomsBatch, StructureError
 from .radial import DensityHypers, RadialSpline
 
@@ -49,7 +49,7 @@ class DensityExpansion(torch.nn.Module):
         self.species: List[int] = [int(s) for s in species]
         self.n_species = len(self.species)
         self.radial = RadialSpline(hypers)
-        self.spherical_harmonics = sphericart.torch.SphericalHarmonics(self.l_max)
+        self.spherical_harmonics = SphericalHarmonics(self.l_max)
         lookup = torch.full((max(self.species) + 1,), -1, dtype=torch.long)
         lookup[torch.tensor(self.species)] = torch.arange(self.n_species)
         self.register_buffer("species_lookup", lookup)
@@ -59,8 +59,10 @@ class DensityExpansion(torch.nn.Module):
         inside = numbers < self.species_lookup.shape[0]
         index = torch.where(inside, self.species_lookup[torch.clamp(numbers, 0, self.species_lookup.shape[0] - 1)], -1)
         if bool((index < 0).any()):
-            unknown = torch.unique(numbers[index < 0]).tolist()
-            raise ValueError(f"atomic numbers {unknown} are not among the model's species {self.species}")
+            unknown: List[int] = torch.unique(numbers[index < 0]).tolist()
+            raise ValueError(
+                "atomic numbers " + str(unknown) + " are not among the model's species " + str(self.species)
+            )
         return index
 
     def forward(
