@@ -17,6 +17,7 @@ the predictive standard deviation of each atomic energy; per system: the square 
 of the summed atomic variances, i.e. atomic errors taken as independent).
 """
 
+import copy
 from typing import Dict, List, Optional
 
 import torch
@@ -133,7 +134,7 @@ def export_model(
     ``dtype`` float64 (default) or float32. Supported devices are declared as cpu and
     cuda; the cuda path is untested (no GPU on the development machines).
     """
-    potential = potential.to(dtype).eval()
+    potential = copy.deepcopy(potential).to(dtype).eval()
     outputs = {
         "energy": ModelOutput(unit="eV", sample_kind="atom"),
         "energy_uncertainty": ModelOutput(unit="eV", sample_kind="atom"),
