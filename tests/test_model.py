@@ -191,3 +191,30 @@ def test_unknown_species_is_a_clear_error(exported):
     atoms.calc = MetatomicCalculator(exported[("ethanol", torch.float64)])
     with pytest.raises(ValueError, match="atomic type '17'"):
         atoms.get_potential_energy()
+
+
+def test_calculator_errors_for_missing_corrupt_and_foreign_files(tmp_path):
+    from acdc_potential.calculator import ACDCCalculator, ModelFileError
+
+    with pytest.raises(ModelFileError, match="does not exist"):
+        ACDCCalculator(tmp_path / "missing.pt")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a model")
+    with pytest.raises(ModelFileError, match="not a usable exported model"):
+        ACDCCalculator(corrupt)
+    foreign = tmp_path / "foreign.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(foreign))
+    with pytest.raises(ModelFileError, match="not a usable exported model"):
+        ACDCCalculator(foreign)
+
+
+def test_calculator_uncertainties(exported):
+    from acdc_potential.calculator import ACDCCalculator
+
+    atoms = ethanol()
+    calculator = ACDCCalculator(exported[("ethanol", torch.float64)], uncertainty_threshold=None)
+    atoms.calc = calculator
+    per_atom = calculator.get_uncertainty(atoms, per_atom=True)
+    total = calculator.get_uncertainty(atoms)
+    assert per_atom.shape == (len(atoms),) and np.all(per_atom > 0)
+    assert abs(total - np.sqrt(np.sum(per_atom**2))) < 1e-12 * total
