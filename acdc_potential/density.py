@@ -12,7 +12,7 @@ integral of :mod:`acdc_potential.radial` and ``f_cut`` the shifted cosine switch
 The central atom does not contribute to its own density.
 """
 
-from typing import List
+from typing import List, Tuple
 
 import torch
 
@@ -65,6 +65,17 @@ class DensityExpansion(torch.nn.Module):
             )
         return index
 
+    def pair_basis(self, vectors: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The basis functions at each pair vector, factorised.
+
+        :param vectors: ``[P, 3]`` pair vectors ``r_ji``.
+        :return: ``f_cut(r) I_nl(r)`` as ``[P, sum_l n_radial[l]]`` (ordered by ``l``
+            then ``n``) and ``Y_lm(r^)`` as ``[P, (l_max + 1)^2]``.
+        """
+        distances = torch.linalg.vector_norm(vectors, dim=1)
+        cutoff = shifted_cosine(distances, self.cutoff, self.smoothing)
+        return self.radial(distances) * cutoff.unsqueeze(1), self.spherical_harmonics(vectors)
+
     def forward(
         self,
         vectors: torch.Tensor,
@@ -80,10 +91,7 @@ class DensityExpansion(torch.nn.Module):
         :param n_atoms: number of centres.
         :return: one ``[n_atoms, 2l + 1, n_species * n_radial[l]]`` tensor per ``l``.
         """
-        distances = torch.linalg.vector_norm(vectors, dim=1)
-        cutoff = shifted_cosine(distances, self.cutoff, self.smoothing)
-        radial = self.radial(distances) * cutoff.unsqueeze(1)
-        harmonics = self.spherical_harmonics(vectors)
+        radial, harmonics = self.pair_basis(vectors)
         target = centers * self.n_species + neighbor_species
 
         coefficients: List[torch.Tensor] = []
