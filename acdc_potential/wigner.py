@@ -1,0 +1,600 @@
+"""Wigner kernels: body-ordered equivariant kernels by iteration in kernel space.
+
+Notation (Wigner-kernel seed, WK). ``a`` and ``b`` are density coefficients of two sets
+of environments in the layout of :mod:`acdc_potential.density`: a list over ``l`` of
+``[n_env, 2l + 1, Q_l]`` tensors, ``m`` stored at ``m + l``. A *pair* is one environment
+of ``a`` with one of ``b``. An equivariant kernel between pairs is a set of blocks
+``k^{nu, lambda sigma}_{mu mu'}``, one ``[..., 2 lambda + 1, 2 lambda + 1]`` matrix per
+pair, ``mu`` indexing the side of ``a`` and ``mu'`` that of ``b``.
+
+- ``nu = 0`` (WK eq. 8): ``delta(a_i, a_i')`` of the central species.
+- ``nu = 1`` (WK eq. 7, B1): ``k^{1,l}_{m m'} = 8 pi^2 / (2l + 1) sum_q a[q l m] b[q l m']``,
+  ``sigma = +1`` (:func:`nu1_kernels`); the species-aware functions set every ``nu >= 1``
+  kernel to zero across central species.
+- Wigner iteration (WK eq. 6, C1, appendix F), for any two equivariant kernels ``x, y``:
+  ``k^{lambda sigma}_{mu mu'} = sum C^{l1 l2 lambda}_{m1 m2 mu} C^{l1 l2 lambda}_{m1' m2' mu'}
+  x^{l1 s1}_{m1 m1'} y^{l2 s2}_{m2 m2'}`` over ``sigma = s1 s2 (-1)^(l1 + l2 + lambda)``,
+  every block truncated at ``lambda <= lambda_max`` (``nu = 1`` blocks included), with
+  the real CG of :mod:`acdc_potential.cg`. ``k^{nu+1} = iterate(k^nu, k^1)``.
+- Invariant contraction: the ``(0, +1)`` block of an iteration only needs ``l1 = l2``,
+  ``s1 = s2`` and ``C^{l l 0}_{m m' 0} = +-delta_{m m'} / sqrt(2l + 1)``, so it is a
+  Frobenius product ``sum_{l s} <x^{l s}, y^{l s}> / (2l + 1)``.
+- Invariant-only path (WK appendix F): full iterations up to ``ceil(nu_max / 2)``, then
+  ``k^{nu, 0+} = contract(k^{ceil(nu/2)}, k^{floor(nu/2)})``. Recoupling the final
+  ``lambda = 0`` contraction maps the truncation of the intermediate ``k^{ceil(nu/2)}``
+  onto that of the full path's partial products, so both paths give the same kernels
+  for every ``nu`` (the tests check it; the seed expected small differences). The full
+  path is kept because it also yields the equivariant blocks.
+- Exponential kernel (WK eq. E4): :func:`exponential_kernel`, :func:`exponential_weights`.
+
+Normalisation: with the ``8 pi^2 / (2l + 1)`` of B1 in ``k^1`` and the plain C1 iteration,
+``k^{nu, lambda sigma}`` is the scalar product of the ``nu``-body ACDC features
+(full tensor product, as :func:`acdc_potential.correlations.acdc_features`) built from the
+rescaled coefficients ``sqrt(8 pi^2 / (2l + 1)) c[q l m]`` (WK eq. B1, B2). For
+``lambda = 0`` this is design.md section 7: ``k^{2,0} = sum_l kappa_l^2 / (2l + 1)
+<P_l(a), P_l(b)>`` with ``kappa_l = 8 pi^2 / (2l + 1)``.
+
+Cost (WK appendix D): the radial-chemical index ``q`` appears only in ``k^1``. Each
+``(l1, l2)`` coupling is evaluated for all its ``lambda`` at once as three GEMM-shaped
+contractions per chunk of pairs: ``x`` times the CG on the right, ``y`` per pair (the
+only batched product), the CG on the left per ``lambda``. Iterating a kernel with
+itself (``k^2 = iterate(k^1, k^1)``, or ``wigner_iteration(x, x)``) uses the symmetry of
+the coupling to skip ``l1 > l2``.
+
+Gradients with respect to ``a``: plain autograd keeps every chunk's intermediates (about
+25 kB per pair at ``lambda_max = 3``), so outside TorchScript each chunk is checkpointed
+(recomputed in the backward pass) when ``a`` requires grad. For a weighted sum over the
+second set (energies of a sparse model), :meth:`WignerKernels.weighted_sum` differentiates
+chunk by chunk instead, in bounded memory without recomputation and also in TorchScript.
+
+Blocks are keyed inside :class:`WignerKernels` (TorchScript) by ``2 lambda + (sigma < 0)``
+and by ``(lambda, sigma)`` in the Python-level functions.
+"""
+
+import math
+from dataclasses import astuple, dataclass
+from functools import lru_cache
+from typing import Dict, List, Tuple
+
+import torch
+
+from .cg import ClebschGordanCache
+
+
+@dataclass
+class WignerHypers:
+    """Hyperparameters of the Wigner kernels.
+
+    :param nu_max: largest correlation order ``nu`` (body order ``nu + 1``), default 4.
+    :param lambda_max: truncation of every equivariant block, ``lambda <= lambda_max``,
+        default 3 (the ``nu = 1`` kernels use ``l <= min(l_max, lambda_max)``).
+    :param invariant_only: compute the invariant kernels by the invariant-only path of
+        WK appendix F (default ``True``) instead of the full iterations: same kernels,
+        about 3 times cheaper at ``nu_max = 4``.
+    :param chunk_size: number of pairs evaluated at once (rows of ``a`` against at most
+        ``chunk_size`` environments of ``b``), default 2048: small enough for the
+        intermediates (``O(chunk_size * lambda_max^4)``) to stay in cache, which was
+        measured to be faster than larger chunks.
+    :param checkpoint: when ``a`` requires gradients (outside TorchScript), recompute each
+        chunk during the backward pass instead of keeping its intermediates, so that
+        memory stays bounded for any number of pairs (default ``True``).
+    """
+
+    nu_max: int = 4
+    lambda_max: int = 3
+    invariant_only: bool = True
+    chunk_size: int = 2048
+    checkpoint: bool = True
+
+    def validate(self):
+        if self.nu_max < 0 or self.lambda_max < 0 or self.chunk_size < 1:
+            raise ValueError(f"need nu_max >= 0, lambda_max >= 0, chunk_size >= 1, got {self}")
+
+
+def kernel_scale(l: int) -> float:
+    """``8 pi^2 / (2l + 1)``: the rotation integral of ``D^l D^l`` (WK eq. B1)."""
+    return 8.0 * math.pi**2 / (2 * l + 1)
+
+
+def block_key(lam: int, sigma: int) -> int:
+    """Integer key ``2 lambda + (sigma < 0)`` of a ``(lambda, sigma)`` block."""
+    return 2 * lam + int(sigma < 0)
+
+
+def key_lambda(key: int) -> int:
+    return key // 2
+
+
+def key_sigma(key: int) -> int:
+    return 1 - 2 * (key % 2)
+
+
+def parity_sign(n: int) -> int:
+    """``(-1)^n`` as an integer."""
+    return 1 - 2 * (n % 2)
+
+
+class WignerKernels(torch.nn.Module):
+    """Batched, TorchScript-compatible evaluation of Wigner kernels.
+
+    Holds the CG matrices of every coupling ``l1, l2 <= lambda_max`` in one flat buffer,
+    laid out for the three contractions of :meth:`iterate`. ``forward`` gives the
+    invariant kernels ``[nu_max + 1, n_a, n_b]`` (see :func:`invariant_kernels`).
+
+    :param hypers: :class:`WignerHypers`.
+    :param dtype: floating-point type of the CG buffer (move with ``.to()``).
+    """
+
+    def __init__(self, hypers: WignerHypers, dtype: torch.dtype = torch.float64):
+        super().__init__()
+        hypers.validate()
+        self.nu_max = int(hypers.nu_max)
+        self.lambda_max = int(hypers.lambda_max)
+        self.invariant_only = bool(hypers.invariant_only)
+        self.chunk_size = int(hypers.chunk_size)
+        self.checkpoint = bool(hypers.checkpoint)
+
+        cache = ClebschGordanCache(torch.float64)
+        pieces: List[torch.Tensor] = []
+        offset = 0
+        # per (l1, l2) at index l1 * (lambda_max + 1) + l2: the lambdas, the offset of the
+        # right matrix [2 l1 + 1, (2 l2 + 1) M] and of one left matrix [2 lambda + 1,
+        # (2 l2 + 1)(2 l1 + 1)] per lambda; M = sum over lambda of 2 lambda + 1
+        coupling_lambdas: List[List[int]] = []
+        right_offsets: List[int] = []
+        left_offsets: List[List[int]] = []
+        for l1 in range(self.lambda_max + 1):
+            for l2 in range(self.lambda_max + 1):
+                lambdas = list(range(abs(l1 - l2), min(l1 + l2, self.lambda_max) + 1))
+                cgs = [cache[(l1, l2, lam)] for lam in lambdas]
+                right = torch.cat(cgs, dim=2).reshape(2 * l1 + 1, -1)
+                coupling_lambdas.append(lambdas)
+                right_offsets.append(offset)
+                pieces.append(right.reshape(-1))
+                offset += right.numel()
+                lefts: List[int] = []
+                for cg in cgs:
+                    lefts.append(offset)
+                    left = cg.permute(2, 1, 0).reshape(-1)
+                    pieces.append(left)
+                    offset += left.numel()
+                left_offsets.append(lefts)
+        self.coupling_lambdas = coupling_lambdas
+        self.right_offsets = right_offsets
+        self.left_offsets = left_offsets
+        self.register_buffer("cg_flat", torch.cat(pieces).to(dtype))
+
+    def _right(self, l1: int, l2: int) -> torch.Tensor:
+        index = l1 * (self.lambda_max + 1) + l2
+        columns = 0
+        for lam in self.coupling_lambdas[index]:
+            columns += 2 * lam + 1
+        start = self.right_offsets[index]
+        size = (2 * l1 + 1) * (2 * l2 + 1) * columns
+        return self.cg_flat[start : start + size].view(2 * l1 + 1, (2 * l2 + 1) * columns)
+
+    def _left(self, l1: int, l2: int, position: int) -> torch.Tensor:
+        index = l1 * (self.lambda_max + 1) + l2
+        lam = self.coupling_lambdas[index][position]
+        start = self.left_offsets[index][position]
+        size = (2 * lam + 1) * (2 * l1 + 1) * (2 * l2 + 1)
+        return self.cg_flat[start : start + size].view(2 * lam + 1, (2 * l2 + 1) * (2 * l1 + 1))
+
+    def nu1(self, a: List[torch.Tensor], b: List[torch.Tensor]) -> Dict[int, torch.Tensor]:
+        """``k^{1,l}`` of all pairs (WK eq. B1), keyed by :func:`block_key` ``(l, +1)``.
+
+        :param a: ``[n_a, 2l + 1, Q_l]`` per ``l``; :param b: ``[n_b, 2l + 1, Q_l]`` per ``l``.
+        :return: ``[n_a * n_b, 2l + 1, 2l + 1]`` per ``l <= min(l_max, lambda_max)``, pair
+            ``i * n_b + j``, no central-species delta.
+        """
+        out: Dict[int, torch.Tensor] = {}
+        n_a = a[0].shape[0]
+        n_b = b[0].shape[0]
+        for l in range(min(len(a), len(b), self.lambda_max + 1)):
+            width = 2 * l + 1
+            x = a[l].reshape(n_a * width, -1)
+            y = b[l].reshape(n_b * width, -1)
+            k = (x @ y.T).view(n_a, width, n_b, width).transpose(1, 2)
+            out[block_key(l, 1)] = k.reshape(n_a * n_b, width, width) * kernel_scale(l)
+        return out
+
+    def nu1_matched(self, a: List[torch.Tensor], b: List[torch.Tensor]) -> Dict[int, torch.Tensor]:
+        """``k^{1,l}`` of matched rows, pair ``p`` = ``(a[p], b[p])`` (both ``[P, 2l + 1, Q_l]``
+        per ``l``): ``[P, 2l + 1, 2l + 1]`` per ``l <= min(l_max, lambda_max)``, as :meth:`nu1`.
+        Giving each pair its own copy of ``a`` yields every per-pair gradient in one pass."""
+        out: Dict[int, torch.Tensor] = {}
+        for l in range(min(len(a), len(b), self.lambda_max + 1)):
+            out[block_key(l, 1)] = torch.bmm(a[l], b[l].transpose(1, 2)) * kernel_scale(l)
+        return out
+
+    def iterate(
+        self, x: Dict[int, torch.Tensor], y: Dict[int, torch.Tensor], symmetric: bool
+    ) -> Dict[int, torch.Tensor]:
+        """Generalised Wigner iteration (WK eq. C1, appendix F) of two equivariant kernels.
+
+        :param x: blocks ``[P, 2 l1 + 1, 2 l1 + 1]`` keyed by :func:`block_key`.
+        :param y: blocks ``[P, 2 l2 + 1, 2 l2 + 1]``, same pairs.
+        :param symmetric: ``y`` is ``x``: the ``(l2, l1)`` coupling then equals the
+            ``(l1, l2)`` one (the sign of ``C^{l2 l1}`` cancels in ``C C``) and is skipped.
+        :return: blocks ``[P, 2 lambda + 1, 2 lambda + 1]`` for ``lambda <= lambda_max``.
+        """
+        out: Dict[int, torch.Tensor] = {}
+        x_keys = sorted(x.keys())
+        y_keys = sorted(y.keys())
+        for kx in x_keys:
+            for ky in y_keys:
+                if symmetric and ky < kx:
+                    continue
+                weight = 2.0 if symmetric and ky > kx else 1.0
+                l1 = key_lambda(kx)
+                l2 = key_lambda(ky)
+                if l1 > self.lambda_max or l2 > self.lambda_max:
+                    continue
+                parity = key_sigma(kx) * key_sigma(ky)
+                for position, block in enumerate(self._couple(x[kx], y[ky], l1, l2)):
+                    lam = self.coupling_lambdas[l1 * (self.lambda_max + 1) + l2][position]
+                    key = block_key(lam, parity * parity_sign(l1 + l2 + lam))
+                    if weight != 1.0:
+                        block = block * weight
+                    if key in out:
+                        out[key] = out[key] + block
+                    else:
+                        out[key] = block
+        return out
+
+    def _couple(self, x: torch.Tensor, y: torch.Tensor, l1: int, l2: int) -> List[torch.Tensor]:
+        """All ``lambda`` blocks of the ``(l1, l2)`` coupling of ``x`` ``[P, 2l1+1, 2l1+1]``
+        and ``y`` ``[P, 2l2+1, 2l2+1]``; one ``[P, 2 lambda + 1, 2 lambda + 1]`` per
+        ``lambda`` of ``coupling_lambdas``."""
+        n_pairs = x.shape[0]
+        w1 = 2 * l1 + 1
+        w2 = 2 * l2 + 1
+        right = self._right(l1, l2)
+        columns = right.shape[1] // w2
+        # t[p, m1, m2', mu'] = sum_m1' x[p, m1, m1'] C[m1', m2', mu']: one GEMM over p m1
+        t = (x.reshape(n_pairs * w1, w1) @ right).view(n_pairs, w1, w2, columns)
+        # u[p, m2, m1, mu'] = sum_m2' y[p, m2, m2'] t[p, m1, m2', mu']: the batched product
+        t = t.transpose(1, 2).reshape(n_pairs, w2, w1 * columns)
+        u = torch.bmm(y, t).view(n_pairs, w2 * w1, columns)
+        lambdas = self.coupling_lambdas[l1 * (self.lambda_max + 1) + l2]
+        # split rather than slice: the backward of a slice fills a zero tensor of u's size
+        parts = torch.split(u, [2 * lam + 1 for lam in lambdas], dim=2)
+        blocks: List[torch.Tensor] = []
+        for position, part in enumerate(parts):
+            # k[p, mu, mu'] = sum_{m2 m1} C[m1, m2, mu] u[p, m2, m1, mu']
+            blocks.append(torch.matmul(self._left(l1, l2, position), part))
+        return blocks
+
+    def contract(self, x: Dict[int, torch.Tensor], y: Dict[int, torch.Tensor]) -> torch.Tensor:
+        """``(0, +1)`` block of ``iterate(x, y)``, ``[P]``: ``sum_{l s} <x^{ls}, y^{ls}>_F / (2l + 1)``."""
+        terms: List[torch.Tensor] = []
+        for key in sorted(x.keys()):
+            if key in y:
+                terms.append((x[key] * y[key]).sum(dim=(1, 2)) / (2 * key_lambda(key) + 1))
+        return torch.stack(terms).sum(dim=0)
+
+    def equivariant_pairs(self, a: List[torch.Tensor], b: List[torch.Tensor], nu_max: int) -> List[Dict[int, torch.Tensor]]:
+        """Full-path kernels ``k^nu`` for ``nu = 1..nu_max`` (index ``nu - 1``) of all pairs of
+        ``a`` and ``b`` (pair ``i * n_b + j``), without central-species delta (WK eq. C1)."""
+        return self.equivariant_from_nu1(self.nu1(a, b), nu_max)
+
+    def equivariant_from_nu1(self, k1: Dict[int, torch.Tensor], nu_max: int) -> List[Dict[int, torch.Tensor]]:
+        """``[k^1, ..., k^nu_max]`` by Wigner iterations (WK eq. C1) from the ``k^1`` blocks
+        ``[P, 2l + 1, 2l + 1]`` (at least ``k^1`` is returned)."""
+        kernels: List[Dict[int, torch.Tensor]] = [k1]
+        for nu in range(2, nu_max + 1):
+            kernels.append(self.iterate(kernels[-1], k1, nu == 2))
+        return kernels
+
+    def invariant_pairs(self, a: List[torch.Tensor], b: List[torch.Tensor]) -> torch.Tensor:
+        """Invariant kernels ``[nu_max, n_a * n_b]`` for ``nu = 1..nu_max`` of all pairs,
+        without central-species delta, by the path selected in the hypers."""
+        return self.invariants_from_nu1(self.nu1(a, b))
+
+    def invariant_matched(self, a: List[torch.Tensor], b: List[torch.Tensor]) -> torch.Tensor:
+        """Invariant kernels ``[nu_max, P]`` of matched rows (see :meth:`nu1_matched`),
+        without central-species delta."""
+        return self.invariants_from_nu1(self.nu1_matched(a, b))
+
+    def invariants_from_nu1(self, k1: Dict[int, torch.Tensor]) -> torch.Tensor:
+        """``k^{nu, 0+}`` ``[nu_max, P]`` for ``nu = 1..nu_max`` from the ``k^1`` blocks of
+        ``P`` pairs, by the invariant-only or the full path."""
+        n_pairs = k1[block_key(0, 1)].shape[0]
+        if self.nu_max == 0:
+            return torch.zeros((0, n_pairs), dtype=k1[block_key(0, 1)].dtype, device=k1[block_key(0, 1)].device)
+        if self.invariant_only:
+            n_full = (self.nu_max + 1) // 2
+        else:
+            n_full = self.nu_max - 1
+        kernels = self.equivariant_from_nu1(k1, n_full)
+        invariant_key = block_key(0, 1)
+        rows: List[torch.Tensor] = []
+        for nu in range(1, self.nu_max + 1):
+            if nu <= len(kernels):
+                rows.append(kernels[nu - 1][invariant_key][:, 0, 0])
+            elif self.invariant_only:
+                rows.append(self.contract(kernels[(nu + 1) // 2 - 1], kernels[nu // 2 - 1]))
+            else:
+                rows.append(self.contract(kernels[nu - 2], kernels[0]))
+        return torch.stack(rows)
+
+    def _chunk(self, a_rows: List[torch.Tensor], b: List[torch.Tensor]) -> torch.Tensor:
+        """``[nu_max, rows, n_b]`` invariant kernels of one chunk of rows of ``a``."""
+        return self.invariant_pairs(a_rows, b).view(self.nu_max, a_rows[0].shape[0], b[0].shape[0])
+
+    @torch.jit.unused
+    def _checkpointed_chunk(self, a_rows: List[torch.Tensor], b: List[torch.Tensor]) -> torch.Tensor:
+        return _RecomputedChunk.apply(self, len(a_rows), *a_rows, *b)
+
+    def _chunks(
+        self, species_a: torch.Tensor, species_b: torch.Tensor
+    ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[int]]:
+        """Chunks covering every same-species pair with at most ``chunk_size`` pairs (at
+        least one row) each: column blocks (indices into ``b``), row chunks (indices into
+        ``a``) and, per row chunk, the position of its column block."""
+        column_blocks: List[torch.Tensor] = []
+        row_chunks: List[torch.Tensor] = []
+        chunk_blocks: List[int] = []
+        central_species = torch.unique(species_a)
+        for index in range(central_species.shape[0]):
+            species = central_species[index]
+            rows = torch.nonzero(species_a == species).flatten()
+            columns = torch.nonzero(species_b == species).flatten()
+            if columns.shape[0] == 0:
+                continue
+            width = min(columns.shape[0], self.chunk_size)
+            step = max(1, self.chunk_size // width)
+            for column_start in range(0, columns.shape[0], width):
+                column_blocks.append(columns[column_start : column_start + width])
+                for start in range(0, rows.shape[0], step):
+                    row_chunks.append(rows[start : start + step])
+                    chunk_blocks.append(len(column_blocks) - 1)
+        return column_blocks, row_chunks, chunk_blocks
+
+    def forward(
+        self, a: List[torch.Tensor], species_a: torch.Tensor, b: List[torch.Tensor], species_b: torch.Tensor
+    ) -> torch.Tensor:
+        """Invariant kernels ``[nu_max + 1, n_a, n_b]``, see :func:`invariant_kernels`."""
+        n_a = species_a.shape[0]
+        n_b = species_b.shape[0]
+        same = (species_a.unsqueeze(1) == species_b.unsqueeze(0)).to(a[0].dtype)
+        if self.nu_max == 0:
+            return same.unsqueeze(0)
+        track = torch.is_grad_enabled() and any([c.requires_grad for c in a])
+        column_blocks, row_chunks, chunk_blocks = self._chunks(species_a, species_b)
+        # sliced once and shared by the row chunks, so that checkpoints keep a single copy
+        b_blocks = [[c.index_select(0, columns) for c in b] for columns in column_blocks]
+        values: List[torch.Tensor] = []
+        positions: List[torch.Tensor] = []
+        for rows, block in zip(row_chunks, chunk_blocks):
+            a_rows = [c.index_select(0, rows) for c in a]
+            if track and self.checkpoint and not torch.jit.is_scripting():
+                values.append(self._checkpointed_chunk(a_rows, b_blocks[block]).reshape(self.nu_max, -1))
+            else:
+                values.append(self._chunk(a_rows, b_blocks[block]).reshape(self.nu_max, -1))
+            positions.append((rows.unsqueeze(1) * n_b + column_blocks[block].unsqueeze(0)).flatten())
+        out = torch.zeros((self.nu_max + 1, n_a * n_b), dtype=a[0].dtype, device=a[0].device)
+        out[0] = same.flatten()
+        if len(values) > 0:
+            # a single write: one per chunk would copy the gradient of the output per chunk
+            out[1:, torch.cat(positions)] = torch.cat(values, dim=1)
+        return out.view(self.nu_max + 1, n_a, n_b)
+
+    @torch.jit.export
+    def weighted_sum(
+        self,
+        a: List[torch.Tensor],
+        species_a: torch.Tensor,
+        b: List[torch.Tensor],
+        species_b: torch.Tensor,
+        weights: torch.Tensor,
+    ) -> torch.Tensor:
+        """``e_i = sum_nu sum_j weights[nu, j] k^{nu, 0+}(a_i, b_j)``, ``[n_a]``, in bounded memory.
+
+        :param weights: ``[nu_max + 1, n_b]``, e.g. E4 coefficients times regression weights.
+
+        Each chunk's gradient with respect to its rows of ``a`` is taken at once and the
+        chunk's graph freed; ``e`` is then returned as ``value + sum (a - a.detach()) g``,
+        which has the right value and first derivatives (forces, stress), without a graph
+        through the kernels. Second derivatives, and derivatives with respect to ``b`` or
+        ``weights``, are not available through this path. Works in TorchScript (the MD path of an exported model).
+        """
+        same = (species_a.unsqueeze(1) == species_b.unsqueeze(0)).to(a[0].dtype)
+        energy = same @ weights[0]
+        if self.nu_max == 0:
+            return energy
+        track = torch.is_grad_enabled() and any([c.requires_grad for c in a])
+        gradients = [torch.zeros_like(c) for c in a]
+        column_blocks, row_chunks, chunk_blocks = self._chunks(species_a, species_b)
+        b_blocks = [[c.index_select(0, columns) for c in b] for columns in column_blocks]
+        weight_blocks = [weights[1:].index_select(1, columns).unsqueeze(1) for columns in column_blocks]
+        for rows, block in zip(row_chunks, chunk_blocks):
+            a_rows = [c.detach().index_select(0, rows) for c in a]
+            if track:
+                for c in a_rows:
+                    c.requires_grad_(True)
+                chunk_energy = (self._chunk(a_rows, b_blocks[block]) * weight_blocks[block]).sum(dim=(0, 2))
+                chunk_gradients = torch.autograd.grad([chunk_energy.sum()], a_rows, allow_unused=True)
+                for l, g in enumerate(chunk_gradients):
+                    if g is not None:
+                        gradients[l] = gradients[l].index_add(0, rows, g)
+            else:
+                chunk_energy = (self._chunk(a_rows, b_blocks[block]) * weight_blocks[block]).sum(dim=(0, 2))
+            energy = energy.index_add(0, rows, chunk_energy.detach())
+        if track:
+            for c, g in zip(a, gradients):
+                energy = energy + ((c - c.detach()) * g).sum(dim=(1, 2))
+        return energy
+
+
+class _RecomputedChunk(torch.autograd.Function):
+    """One chunk of :meth:`WignerKernels._chunk` that keeps only its inputs and recomputes
+    the kernels in the backward pass (first derivatives only). torch's checkpoint does not
+    bound memory here (non-reentrant keeps about 8 kB per pair) or does not support
+    ``torch.autograd.grad`` (reentrant)."""
+
+    @staticmethod
+    def forward(ctx, module, n_a, *tensors):
+        ctx.module = module
+        ctx.n_a = n_a
+        ctx.save_for_backward(*tensors)
+        return module._chunk(list(tensors[:n_a]), list(tensors[n_a:]))
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if torch.is_grad_enabled():
+            raise RuntimeError("second derivatives of checkpointed Wigner kernels are not supported")
+        needed = ctx.needs_input_grad[2:]
+        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needed)]
+        with torch.enable_grad():
+            out = ctx.module._chunk(inputs[: ctx.n_a], inputs[ctx.n_a :])
+            leaves = [t for t in inputs if t.requires_grad]
+            grads = iter(torch.autograd.grad(out, leaves, grad_output, allow_unused=True))
+        return (None, None, *[next(grads) if need else None for need in needed])
+
+
+@lru_cache(maxsize=32)
+def _cached_module(hypers: Tuple, dtype: torch.dtype, device: str) -> WignerKernels:
+    return WignerKernels(WignerHypers(*hypers), dtype).to(device)
+
+
+def wigner_module(hypers: WignerHypers, like: torch.Tensor) -> WignerKernels:
+    """A (cached) :class:`WignerKernels` on the dtype and device of ``like``."""
+    return _cached_module(astuple(hypers), like.dtype, str(like.device))
+
+
+def nu1_kernels(a: List[torch.Tensor], b: List[torch.Tensor]) -> List[torch.Tensor]:
+    """``nu = 1`` equivariant kernels (WK eq. 7 via B1), no central-species delta.
+
+    :param a: density coefficients ``[n_a, 2l + 1, Q_l]`` per ``l``.
+    :param b: density coefficients ``[n_b, 2l + 1, Q_l]`` per ``l``.
+    :return: ``k^{1,l}`` ``[n_a, n_b, 2l + 1, 2l + 1]`` per ``l``,
+        ``8 pi^2 / (2l + 1) sum_q a[i, m, q] b[j, m', q]``.
+    """
+    module = wigner_module(WignerHypers(lambda_max=min(len(a), len(b)) - 1), a[0])
+    shape = (a[0].shape[0], b[0].shape[0])
+    return [k.view(*shape, k.shape[1], k.shape[2]) for _, k in sorted(module.nu1(a, b).items())]
+
+
+def invariant_kernels(
+    a: List[torch.Tensor],
+    species_a: torch.Tensor,
+    b: List[torch.Tensor],
+    species_b: torch.Tensor,
+    hypers: WignerHypers,
+) -> torch.Tensor:
+    """Body-ordered invariant Wigner kernels ``k^{nu, 0+}`` for ``nu = 0..nu_max``.
+
+    :param a: density coefficients ``[n_a, 2l + 1, Q_l]`` per ``l`` (may require grad).
+    :param species_a: ``[n_a]`` central species (any integer labels).
+    :param b: density coefficients ``[n_b, 2l + 1, Q_l]`` per ``l`` (e.g. sparse environments).
+    :param species_b: ``[n_b]`` central species.
+    :param hypers: :class:`WignerHypers` (path, truncation, chunking).
+    :return: ``[nu_max + 1, n_a, n_b]``; ``nu = 0`` is ``delta(species_a, species_b)``
+        (WK eq. 8) and every ``nu`` is zero across central species. Differentiable with
+        respect to ``a``; pairs are evaluated per central species in chunks of at most
+        ``hypers.chunk_size``.
+    """
+    return wigner_module(hypers, a[0])(a, species_a, b, species_b)
+
+
+def matched_invariant_kernels(
+    a: List[torch.Tensor],
+    species_a: torch.Tensor,
+    b: List[torch.Tensor],
+    species_b: torch.Tensor,
+    hypers: WignerHypers,
+) -> torch.Tensor:
+    """Invariant kernels ``[nu_max + 1, P]`` of matched rows ``(a[p], b[p])`` (``a``, ``b``
+    and the species with ``P`` rows), ``nu = 0`` the species delta; for per-pair
+    gradients, with one copy of the coefficients per pair. Not chunked."""
+    delta = (species_a == species_b).to(a[0].dtype)
+    higher = wigner_module(hypers, a[0]).invariant_matched(a, b)
+    return torch.cat([delta.unsqueeze(0), higher * delta])
+
+
+def weighted_kernel_sum(
+    a: List[torch.Tensor],
+    species_a: torch.Tensor,
+    b: List[torch.Tensor],
+    species_b: torch.Tensor,
+    weights: torch.Tensor,
+    hypers: WignerHypers,
+) -> torch.Tensor:
+    """``e_i = sum_nu sum_j weights[nu, j] k^{nu, 0+}(a_i, b_j)`` ``[n_a]`` with first
+    derivatives with respect to ``a`` in memory bounded by the chunk size, no recomputation
+    (see :meth:`WignerKernels.weighted_sum`). ``weights``: ``[nu_max + 1, n_b]``."""
+    return wigner_module(hypers, a[0]).weighted_sum(a, species_a, b, species_b, weights)
+
+
+def _to_int_keys(blocks: Dict[Tuple[int, int], torch.Tensor], n_pairs: int) -> Dict[int, torch.Tensor]:
+    return {block_key(lam, sigma): k.reshape(n_pairs, 2 * lam + 1, 2 * lam + 1) for (lam, sigma), k in blocks.items()}
+
+
+def _to_tuple_keys(blocks: Dict[int, torch.Tensor], shape: Tuple[int, ...]) -> Dict[Tuple[int, int], torch.Tensor]:
+    return {
+        (key_lambda(key), key_sigma(key)): k.reshape(*shape, k.shape[1], k.shape[2])
+        for key, k in sorted(blocks.items())
+    }
+
+
+def wigner_iteration(
+    x: Dict[Tuple[int, int], torch.Tensor], y: Dict[Tuple[int, int], torch.Tensor], lambda_max: int
+) -> Dict[Tuple[int, int], torch.Tensor]:
+    """Generalised Wigner iteration of two equivariant kernels (WK eq. C1, appendix F).
+
+    :param x: blocks ``[..., 2 l1 + 1, 2 l1 + 1]`` keyed by ``(l1, s1)``.
+    :param y: blocks ``[..., 2 l2 + 1, 2 l2 + 1]`` keyed by ``(l2, s2)``, same leading shape.
+    :param lambda_max: truncation of the output (and of the inputs).
+    :return: blocks ``[..., 2 lambda + 1, 2 lambda + 1]`` keyed by ``(lambda, sigma)``.
+    """
+    like = next(iter(x.values()))
+    shape = tuple(like.shape[:-2])
+    n_pairs = math.prod(shape)
+    module = wigner_module(WignerHypers(nu_max=2, lambda_max=lambda_max), like)
+    out = module.iterate(_to_int_keys(x, n_pairs), _to_int_keys(y, n_pairs), x is y)
+    return _to_tuple_keys(out, shape)
+
+
+def equivariant_kernels(
+    a: List[torch.Tensor],
+    species_a: torch.Tensor,
+    b: List[torch.Tensor],
+    species_b: torch.Tensor,
+    hypers: WignerHypers,
+) -> Dict[int, Dict[Tuple[int, int], torch.Tensor]]:
+    """Equivariant Wigner kernels by full iterations (WK eq. C1), ``nu = 0..nu_max``.
+
+    Arguments as :func:`invariant_kernels`. Returns ``{nu: {(lambda, sigma): [n_a, n_b,
+    2 lambda + 1, 2 lambda + 1]}}``, ``lambda <= lambda_max``, zero across central
+    species; ``nu = 0`` holds the single block ``(0, +1)``, the species delta. All pairs
+    are evaluated at once (no chunking): meant for moderate ``n_a * n_b``.
+    """
+    module = wigner_module(hypers, a[0])
+    n_a, n_b = species_a.shape[0], species_b.shape[0]
+    same = (species_a.unsqueeze(1) == species_b.unsqueeze(0)).to(a[0].dtype)
+    out = {0: {(0, 1): same.view(n_a, n_b, 1, 1)}}
+    mask = same.view(n_a * n_b, 1, 1)
+    for nu, blocks in enumerate(module.equivariant_pairs(a, b, hypers.nu_max)[: hypers.nu_max], start=1):
+        out[nu] = _to_tuple_keys({key: k * mask for key, k in blocks.items()}, (n_a, n_b))
+    return out
+
+
+def exponential_weights(nu_max: int, c0, a, b, like: torch.Tensor) -> torch.Tensor:
+    """Coefficients ``[c0, a b / 1!, a b^2 / 2!, ..., a b^nu_max / nu_max!]`` of WK eq. E4,
+    ``[nu_max + 1]`` on the dtype and device of ``like``; ``c0, a, b`` floats or scalar
+    tensors (differentiable)."""
+    nu = torch.arange(nu_max + 1, dtype=like.dtype, device=like.device)
+    b = torch.as_tensor(b, dtype=like.dtype, device=like.device)
+    weights = a * b**nu / torch.exp(torch.lgamma(nu + 1))
+    return torch.cat([torch.as_tensor(c0, dtype=like.dtype, device=like.device).reshape(1), weights[1:]])
+
+
+def exponential_kernel(k_nu: torch.Tensor, c0, a, b) -> torch.Tensor:
+    """Exponential body-ordered kernel (WK eq. E4).
+
+    :param k_nu: ``[nu_max + 1, ...]`` kernels of each ``nu`` (``nu = 0`` first).
+    :param c0, a, b: floats or scalar tensors (differentiable).
+    :return: ``c0 k^0 + a sum_{nu >= 1} b^nu / nu! k^nu``, shape ``k_nu.shape[1:]``.
+    """
+    return torch.tensordot(exponential_weights(k_nu.shape[0] - 1, c0, a, b, k_nu), k_nu, dims=1)
