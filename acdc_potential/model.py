@@ -5,11 +5,14 @@ neighbour lists a metatomic engine hands it (ASE, LAMMPS, i-PI, ...), computes t
 density coefficients of every atom (:mod:`acdc_potential.density`) and passes them to
 an *energy head*: any TorchScript module with
 
-    forward(coefficients: List[Tensor], species: Tensor) -> Tuple[Tensor, Tensor]
+    forward(coefficients: List[Tensor], species: Tensor, with_variance: bool) -> Tuple[Tensor, Tensor]
 
-returning per-atom energies ``[n_atoms]`` and per-atom predictive variances
-``[n_atoms]`` (eV^2) from the coefficients (layout of :mod:`acdc_potential.density`)
-and the species index of each centre. Forces and stress come from autograd in the
+returning per-atom energies ``[n_atoms]`` and, when ``with_variance``, per-atom
+predictive variances ``[n_atoms]`` (eV^2; otherwise anything) from the coefficients
+(layout of :mod:`acdc_potential.density`) and the species index of each centre.
+:class:`WignerHead` and :class:`PolynomialHead` are the heads of fitted sparse-KRR
+models (:func:`build_potential`); everything about the sparse environments that does
+not depend on the atom is precomputed there. Forces and stress come from autograd in the
 engine, through the distance vectors of its neighbour lists.
 
 Outputs: ``energy`` (per system, or per atom), and ``energy_uncertainty`` (per atom:
@@ -18,7 +21,7 @@ of the summed atomic variances, i.e. atomic errors taken as independent).
 """
 
 import copy
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
@@ -31,6 +34,7 @@ from metatomic.torch import (
     System,
 )
 
+from .correlations import power_spectrum
 from .density import DensityExpansion
 
 
@@ -52,7 +56,7 @@ class AtomisticPotential(torch.nn.Module):
     def requested_neighbor_lists(self) -> List[NeighborListOptions]:
         return [self.neighbors]
 
-    def atomic_energies(self, systems: List[System]):
+    def atomic_energies(self, systems: List[System], with_variance: bool):
         """Per-atom energies ``[N]``, variances ``[N]`` and system index ``[N]`` of all atoms."""
         vectors: List[torch.Tensor] = []
         centers: List[torch.Tensor] = []
@@ -72,7 +76,7 @@ class AtomisticPotential(torch.nn.Module):
         species = self.density.species_index(numbers)
         all_centers = torch.cat(centers)
         coefficients = self.density(torch.cat(vectors), all_centers, species[torch.cat(neighbors)], offset)
-        energies, variances = self.head(coefficients, species)
+        energies, variances = self.head(coefficients, species, with_variance)
         energies = energies + self.baseline.to(energies.dtype)[species]
         return energies, variances, torch.cat(system_index)
 
@@ -84,7 +88,7 @@ class AtomisticPotential(torch.nn.Module):
     ) -> Dict[str, TensorMap]:
         if len(systems) == 0:
             return {}
-        energies, variances, system_index = self.atomic_energies(systems)
+        energies, variances, system_index = self.atomic_energies(systems, "energy_uncertainty" in outputs)
         device = energies.device
         atom_index = torch.cat([torch.arange(len(s), device=device) for s in systems])
         if selected_atoms is not None:
@@ -151,3 +155,126 @@ def export_model(
     model = AtomisticModel(potential, metadata, capabilities)
     model.save(path, collect_extensions=extensions_directory)
     return model
+
+
+def _unflatten(flat: torch.Tensor, shapes: List[List[int]]) -> List[torch.Tensor]:
+    """Flat coefficients ``[n, D]`` back to the list over ``l`` of ``[n, 2l + 1, Q_l]``."""
+    out: List[torch.Tensor] = []
+    start = 0
+    for shape in shapes:
+        size = shape[0] * shape[1]
+        out.append(flat[:, start : start + size].reshape(-1, shape[0], shape[1]))
+        start += size
+    return out
+
+
+class _SparseState(torch.nn.Module):
+    """What a head keeps of a fitted sparse-KRR model (see :class:`~acdc_potential.regression.ProjectedProcess`).
+
+    Buffers: ``sparse [M, D]`` flat coefficients of the sparse environments,
+    ``sparse_species [M]`` their central species index, ``weights [M]``,
+    ``piece_weights [n_pieces]``, ``projection [M, r]`` and ``triangular [r, r]`` for the
+    predictive variance ``k_xx - |k_xM P|^2 + |R^-T P^T k_Mx|^2``.
+    """
+
+    def __init__(self, fitted, species: List[int]):
+        super().__init__()
+        kernel = fitted.kernel
+        self.shapes: List[List[int]] = [list(shape) for shape in kernel.layout.shapes]
+        index = {z: k for k, z in enumerate(species)}
+        self.register_buffer("sparse", kernel.sparse_coefficients.detach().to(torch.float64).clone())
+        self.register_buffer(
+            "sparse_species", torch.tensor([index[int(z)] for z in kernel.sparse_species.tolist()], dtype=torch.long)
+        )
+        self.register_buffer("weights", fitted.solution.weights.detach().to(torch.float64).clone())
+        self.register_buffer("piece_weights", kernel.piece_weights().to(torch.float64).clone())
+        self.register_buffer("projection", fitted.solution.projection.detach().to(torch.float64).clone())
+        self.register_buffer("triangular", fitted.solution.triangular.detach().to(torch.float64).clone())
+
+    def variance(self, k_xm: torch.Tensor, k_xx: torch.Tensor) -> torch.Tensor:
+        phi = k_xm @ self.projection
+        posterior = torch.linalg.solve_triangular(self.triangular.T, phi.T, upper=False)
+        return k_xx - (phi**2).sum(dim=1) + (posterior**2).sum(dim=0)
+
+
+class WignerHead(torch.nn.Module):
+    """``e_i = sum_m w_m sum_nu omega_nu k^nu(A_i, M_m) / s_{a nu}``, the exponential Wigner kernel (WK eq. E4).
+
+    ``s_{a nu}`` is the per-species scale of each order (see
+    :class:`~acdc_potential.sparse.WignerKernel`). Energies and forces go through
+    :meth:`WignerKernels.weighted_sum` with the weights ``omega_nu w_m / s_{a_m nu}``
+    precomputed (bounded memory, one pass); the variance, only when asked, through the
+    kernel rows without gradients.
+    """
+
+    def __init__(self, fitted, species: List[int]):
+        super().__init__()
+        from .wigner import WignerKernels
+
+        kernel = fitted.kernel
+        self.state = _SparseState(fitted, species)
+        self.kernels = WignerKernels(kernel.wigner_hypers)
+        scale = torch.ones((len(species), kernel.nu_max + 1), dtype=torch.float64)
+        for z, values in (kernel.species_scale or {}).items():
+            if int(z) in species:
+                scale[species.index(int(z)), 1:] = torch.tensor(values, dtype=torch.float64)
+        self.register_buffer("inverse_scale", 1.0 / scale)
+        order_weights = self.state.piece_weights[:, None] * self.inverse_scale[self.state.sparse_species].T
+        self.register_buffer("pair_weights", order_weights * self.state.weights[None, :])
+
+    def forward(
+        self, coefficients: List[torch.Tensor], species: torch.Tensor, with_variance: bool
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        sparse = _unflatten(self.state.sparse.to(coefficients[0].dtype), self.state.shapes)
+        weights = self.pair_weights.to(coefficients[0].dtype)
+        energies = self.kernels.weighted_sum(coefficients, species, sparse, self.state.sparse_species, weights)
+        variances = torch.zeros_like(energies)
+        if with_variance:
+            with torch.no_grad():
+                a = [c.detach() for c in coefficients]
+                piece_weights = self.state.piece_weights.to(energies.dtype)
+                inverse_scale = self.inverse_scale.to(energies.dtype)[species].T
+                pieces = self.kernels(a, species, sparse, self.state.sparse_species) * inverse_scale[:, :, None]
+                k_xm = torch.einsum("p,pnm->nm", piece_weights, pieces)
+                k_xx = piece_weights[0] + piece_weights[1:] @ (self.kernels.invariant_matched(a, a) * inverse_scale[1:])
+                variances = self.state.variance(k_xm.to(torch.float64), k_xx.to(torch.float64)).to(energies.dtype)
+        return energies, variances
+
+
+class PolynomialHead(torch.nn.Module):
+    """``e_i = sum_m w_m [c0 delta(a_i, a_m) + a (x^_i . x^_m)^zeta]`` on the normalised power spectrum."""
+
+    def __init__(self, fitted, species: List[int]):
+        super().__init__()
+        if fitted.kernel.features is not power_spectrum:
+            raise ValueError("only polynomial kernels on the default power spectrum can be exported")
+        self.state = _SparseState(fitted, species)
+        self.zeta = int(fitted.kernel.zeta)
+        features = power_spectrum(_unflatten(self.state.sparse, self.state.shapes))
+        self.register_buffer("sparse_features", features / torch.linalg.vector_norm(features, dim=1, keepdim=True).clamp_min(1e-150))
+
+    def forward(
+        self, coefficients: List[torch.Tensor], species: torch.Tensor, with_variance: bool
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        features = power_spectrum(coefficients)
+        unit = features / torch.linalg.vector_norm(features, dim=1, keepdim=True).clamp_min(1e-150)
+        same = (species.unsqueeze(1) == self.state.sparse_species.unsqueeze(0)).to(unit.dtype)
+        piece_weights = self.state.piece_weights.to(unit.dtype)
+        k_xm = same * (piece_weights[0] + piece_weights[1] * (unit @ self.sparse_features.to(unit.dtype).T) ** self.zeta)
+        energies = k_xm @ self.state.weights.to(unit.dtype)
+        variances = torch.zeros_like(energies)
+        if with_variance:
+            k_xx = (piece_weights[0] + piece_weights[1]).expand_as(energies)
+            variances = self.state.variance(k_xm.detach().to(torch.float64), k_xx.to(torch.float64)).to(energies.dtype)
+        return energies, variances
+
+
+def build_potential(fitted) -> AtomisticPotential:
+    """The deployable :class:`AtomisticPotential` of a fitted :class:`~acdc_potential.regression.SparseKRRModel`."""
+    heads = {"wigner": WignerHead, "polynomial": PolynomialHead}
+    if fitted.kernel.kind not in heads:
+        raise ValueError(f"cannot export a '{fitted.kernel.kind}' kernel (known: {sorted(heads)})")
+    species = list(fitted.species)
+    head = heads[fitted.kernel.kind](fitted, species)
+    baseline = torch.tensor([fitted.baseline.energies.get(z, 0.0) for z in species], dtype=torch.float64)
+    return AtomisticPotential(fitted.expansion, head, baseline)

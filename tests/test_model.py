@@ -34,7 +34,9 @@ class QuadraticHead(torch.nn.Module):
             [torch.nn.Parameter(torch.randn(n, generator=generator, dtype=torch.float64), requires_grad=False) for n in sizes]
         )
 
-    def forward(self, coefficients: List[torch.Tensor], species: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, coefficients: List[torch.Tensor], species: torch.Tensor, with_variance: bool
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         energy = coefficients[0][:, 0, :].sum(1) * 0.1
         for l, w in enumerate(self.weights):
             energy = energy + ((coefficients[l] ** 2).sum(1) * w).sum(1)

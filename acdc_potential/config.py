@@ -1,0 +1,185 @@
+"""Everything ``acdc-potential fit`` can be told, with its defaults, in one place.
+
+A YAML file given with ``--config`` overrides any subset; unknown names are errors::
+
+    density:        # DensityHypers: radial basis and neighbour density
+      cutoff: 5.0
+      max_radial: 8
+    kernel:         # KernelConfig
+      type: wigner
+      nu_max: 4
+    sparse:         # SparseConfig
+      n: 500        # or per element: {H: 300, C: 200, O: 100}
+    regularisers:   # Regularisers: expected errors of the labels
+      energy: 0.002
+    options:        # FitOptions
+      tune: true
+    keys:           # LabelKeys: names of the labels in the extxyz file
+      energy: REF_energy
+
+The defaults aim at a good model of a molecular or condensed-phase data set in
+minutes on a laptop; none is tuned to a particular data set.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Union
+
+import ase.data
+import yaml
+
+from .data import LabelKeys
+from .radial import DensityHypers
+from .regression import Regularisers
+
+
+def default_density() -> DensityHypers:
+    """Wigner-kernel density on a Laplacian-eigenstate basis (the Wigner-kernel seed's choices)."""
+    return DensityHypers(
+        cutoff=5.0,
+        smoothing=0.5,
+        max_angular=3,
+        max_radial=8,
+        basis="le",
+        density="wigner",
+        C=0.3,
+        r0=3.0,
+    )
+
+
+@dataclass
+class KernelConfig:
+    """The kernel.
+
+    :param type: ``wigner`` (exponential body-ordered Wigner kernel, WK eq. E4) or
+        ``polynomial`` (``(x . x')^zeta`` on the normalised power spectrum, the GAP form).
+    :param nu_max: largest correlation order of the Wigner kernel.
+    :param lambda_max: angular truncation of the Wigner iterations.
+    :param zeta: exponent of the polynomial kernel.
+    :param mixing: starting values of the mixing coefficients (``c0``, ``a``, ``b`` for
+        ``wigner``; ``c0``, ``a`` for ``polynomial``); tuned when ``options.tune``.
+    """
+
+    type: str = "wigner"
+    nu_max: int = 4
+    lambda_max: int = 3
+    zeta: int = 4
+    mixing: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class SparseConfig:
+    """Sparse environments.
+
+    :param n: number per central species; an integer for all, or a map from element
+        symbol (or atomic number) to a number. Species with fewer atoms keep them all.
+    :param selection: ``fps`` (farthest point sampling) or ``cur``, on the power spectrum.
+    """
+
+    n: Union[int, Dict[str, int]] = 400
+    selection: str = "fps"
+
+
+@dataclass
+class FitOptions:
+    """What to fit and how.
+
+    :param energies: use energy rows. :param forces: use force rows.
+    :param stress: use stress rows (periodic structures that have a stress).
+    :param tune: select the mixing coefficients and regularisers on held-out structures
+        (no kernel is recomputed).
+    :param validation: fraction of the training structures held out while tuning.
+    :param isolated_energies: per-element energies of isolated atoms (eV) to use as the
+        baseline instead of a least-squares fit on composition.
+    :param seed: seed of the validation split.
+    """
+
+    energies: bool = True
+    forces: bool = True
+    stress: bool = True
+    tune: bool = True
+    validation: float = 0.1
+    isolated_energies: Optional[Dict[str, float]] = None
+    seed: int = 0
+
+
+@dataclass
+class FitConfig:
+    density: DensityHypers = field(default_factory=default_density)
+    kernel: KernelConfig = field(default_factory=KernelConfig)
+    sparse: SparseConfig = field(default_factory=SparseConfig)
+    regularisers: Regularisers = field(default_factory=Regularisers)
+    options: FitOptions = field(default_factory=FitOptions)
+    keys: LabelKeys = field(default_factory=LabelKeys)
+
+    @classmethod
+    def from_dict(cls, values: Optional[Dict]) -> "FitConfig":
+        config = cls()
+        for section, overrides in (values or {}).items():
+            if not hasattr(config, section):
+                known = ", ".join(f.name for f in dataclasses.fields(cls))
+                raise ValueError(f"unknown configuration section '{section}' (known: {known})")
+            current = getattr(config, section)
+            names = {f.name for f in dataclasses.fields(current)}
+            unknown = set(overrides or {}) - names
+            if unknown:
+                raise ValueError(f"unknown option(s) {sorted(unknown)} in section '{section}' (known: {sorted(names)})")
+            setattr(config, section, dataclasses.replace(current, **(overrides or {})))
+        return config
+
+    @classmethod
+    def from_yaml(cls, path: Optional[str]) -> "FitConfig":
+        if path is None:
+            return cls()
+        with open(path) as file:
+            return cls.from_dict(yaml.safe_load(file))
+
+    def to_dict(self) -> Dict:
+        return dataclasses.asdict(self)
+
+
+def atomic_number(element: Union[str, int]) -> int:
+    """Atomic number from a symbol or a number (as YAML may give either)."""
+    if isinstance(element, int) or str(element).isdigit():
+        return int(element)
+    if element not in ase.data.atomic_numbers:
+        raise ValueError(f"unknown element '{element}'")
+    return ase.data.atomic_numbers[element]
+
+
+def make_kernel(config: KernelConfig):
+    """The sparse kernel described by ``config`` (without sparse environments yet)."""
+    from .sparse import PolynomialKernel, WignerKernel
+    from .wigner import WignerHypers
+
+    if config.type == "wigner":
+        return WignerKernel(WignerHypers(nu_max=config.nu_max, lambda_max=config.lambda_max), mixing=config.mixing or None)
+    if config.type == "polynomial":
+        return PolynomialKernel(zeta=config.zeta, mixing=config.mixing or None)
+    raise ValueError(f"unknown kernel type '{config.type}' (known: wigner, polynomial)")
+
+
+def fit_from_config(structures, config: FitConfig):
+    """Fit a :class:`~acdc_potential.regression.SparseKRRModel` on labelled structures as ``config`` says."""
+    from .regression import fit
+
+    n_sparse = config.sparse.n
+    if isinstance(n_sparse, dict):
+        n_sparse = {atomic_number(element): int(n) for element, n in n_sparse.items()}
+    isolated = config.options.isolated_energies
+    if isolated is not None:
+        isolated = {atomic_number(element): float(e) for element, e in isolated.items()}
+    return fit(
+        structures,
+        config.density,
+        make_kernel(config.kernel),
+        n_sparse,
+        regularisers=config.regularisers,
+        selection=config.sparse.selection,
+        energies=config.options.energies,
+        forces=config.options.forces,
+        stress=config.options.stress,
+        isolated_energies=isolated,
+        tune=config.options.tune,
+        tune_options={"validation": config.options.validation, "seed": config.options.seed},
+    )

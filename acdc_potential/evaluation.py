@@ -1,0 +1,116 @@
+"""Errors of predictions against reference labels: tables and parity plots.
+
+Predictions come as a dict of numpy arrays, one entry per structure, from either a
+fitted model in memory (:meth:`SparseKRRModel.predict`) or an exported file
+(:func:`predict_with_file`), so that ``fit`` and ``eval`` report the same numbers.
+Units of the table: energy per atom in meV/atom, forces in meV/A, stress in meV/A^3.
+"""
+
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .data import Labelled
+
+QUANTITIES = ("energy", "forces", "stress")
+UNITS = {"energy": "meV/atom", "forces": "meV/A", "stress": "meV/A^3"}
+
+
+def pairs_of(structures: Sequence[Labelled], predictions: Dict[str, List[np.ndarray]]) -> Dict[str, np.ndarray]:
+    """Reference and predicted values, flattened, for every quantity both sides have.
+
+    :return: ``{quantity: [2, n_values]}`` (row 0 reference, row 1 prediction); energies
+        are per atom, in eV/atom; forces eV/A per component; stress eV/A^3 per component.
+    """
+    collected: Dict[str, List[np.ndarray]] = {q: [] for q in QUANTITIES}
+    for k, structure in enumerate(structures):
+        if structure.energy is not None and "energy" in predictions:
+            n = structure.n_atoms
+            collected["energy"].append(np.array([[structure.energy / n], [float(predictions["energy"][k]) / n]]))
+        if structure.forces is not None and "forces" in predictions:
+            collected["forces"].append(np.stack([structure.forces.ravel(), np.asarray(predictions["forces"][k]).ravel()]))
+        if structure.stress is not None and "stress" in predictions:
+            collected["stress"].append(np.stack([structure.stress.ravel(), np.asarray(predictions["stress"][k]).ravel()]))
+    return {q: np.concatenate(v, axis=1) for q, v in collected.items() if v}
+
+
+def errors(pairs: Dict[str, np.ndarray]) -> Dict[str, Dict[str, float]]:
+    """MAE and RMSE of each quantity, in the units of :data:`UNITS`."""
+    result = {}
+    for quantity, values in pairs.items():
+        difference = 1000.0 * (values[1] - values[0])
+        result[quantity] = {
+            "mae": float(np.mean(np.abs(difference))),
+            "rmse": float(np.sqrt(np.mean(difference**2))),
+            "count": int(difference.size),
+        }
+    return result
+
+
+def format_table(rows: Dict[str, Dict[str, Dict[str, float]]]) -> str:
+    """Plain-text table of :func:`errors` for several sets (``{set name: errors}``)."""
+    header = f"{'set':<12} {'quantity':<8} {'unit':<9} {'MAE':>10} {'RMSE':>10} {'values':>8}"
+    # tuning reports give MAE and RMSE only
+    lines = [header, "-" * len(header)]
+    for name, table in rows.items():
+        for quantity in QUANTITIES:
+            if quantity in table:
+                e = table[quantity]
+                lines.append(
+                    f"{name:<12} {quantity:<8} {UNITS[quantity]:<9} {e['mae']:>10.3f} {e['rmse']:>10.3f} {e.get('count', ''):>8}"
+                )
+    return "\n".join(lines)
+
+
+def parity_plots(pairs: Dict[str, np.ndarray], path: str, title: Optional[str] = None) -> None:
+    """One PNG with a predicted-against-reference panel per quantity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    quantities = [q for q in QUANTITIES if q in pairs]
+    figure, axes = plt.subplots(1, len(quantities), figsize=(4.2 * len(quantities), 4.0), squeeze=False)
+    labels = {"energy": "energy (eV/atom)", "forces": "force components (eV/A)", "stress": "stress components (eV/A^3)"}
+    for axis, quantity in zip(axes[0], quantities):
+        reference, predicted = pairs[quantity]
+        low, high = float(min(reference.min(), predicted.min())), float(max(reference.max(), predicted.max()))
+        axis.plot([low, high], [low, high], color="0.6", linewidth=1)
+        axis.scatter(reference, predicted, s=4, alpha=0.5)
+        e = errors({quantity: pairs[quantity]})[quantity]
+        axis.set_title(f"{quantity}: MAE {e['mae']:.2f}, RMSE {e['rmse']:.2f} {UNITS[quantity]}", fontsize=9)
+        axis.set_xlabel(f"reference {labels[quantity]}")
+        axis.set_ylabel(f"predicted {labels[quantity]}")
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def predict_with_file(path: str, structures: Sequence[Labelled], progress: bool = True) -> Dict[str, List[np.ndarray]]:
+    """Energy, forces and (periodic structures) stress of every structure from an exported file."""
+    from tqdm import tqdm
+
+    from .calculator import ACDCCalculator
+
+    calculator = ACDCCalculator(path, uncertainty_threshold=None)
+    predictions: Dict[str, List[np.ndarray]] = {"energy": [], "forces": [], "stress": []}
+    for structure in tqdm(structures, desc="evaluating", unit="structure", disable=not progress):
+        atoms = structure.atoms.copy()
+        atoms.calc = calculator
+        predictions["energy"].append(np.array(atoms.get_potential_energy()))
+        predictions["forces"].append(atoms.get_forces())
+        predictions["stress"].append(atoms.get_stress(voigt=False) if structure.periodic else np.full((3, 3), np.nan))
+    return predictions
+
+
+def predictions_of(model, structures: Sequence[Labelled]) -> Dict[str, List[np.ndarray]]:
+    """Energy, forces and stress of every structure from a fitted model in memory."""
+    result = model.predict(structures, forces=True, stress=True)
+    sizes = [s.n_atoms for s in structures]
+    return {
+        "energy": list(result["energy"].cpu().numpy()),
+        "forces": list(np.split(result["forces"].cpu().numpy(), np.cumsum(sizes)[:-1])),
+        "stress": list(result["stress"].cpu().numpy()),
+    }

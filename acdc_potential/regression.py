@@ -1,0 +1,695 @@
+"""Sparse kernel ridge regression (projected process) on energies, forces and stresses.
+
+The model (design.md section 2) is ``E(A) = sum_{i in A} [e0(a_i) + sum_m w_m k(A_i, M_m)]``
+with a per-species baseline ``e0`` and a :class:`~acdc_potential.sparse.SparseKernel`
+against the sparse environments ``M_m``. The weights minimise
+
+    || Lambda^{-1/2} (y - K_NM w) ||^2 + w^T K_MM w
+
+over rows of three kinds: one per structure energy (sum over atoms, sigma_E sqrt(N_atoms)),
+``3 N`` force rows (minus position derivatives, sigma_F) and 6 stress rows per periodic
+structure ((1/V) strain derivatives in Voigt order xx yy zz yz xz xy, ASE sign, sigma_S);
+every row of a structure is also weighted by the structure's weight.
+
+Rows are built per batch of structures: the density coefficients' Jacobian with respect to
+positions and strain, ``dc_i / d(x, eps)`` (once per structure), is contracted with the
+kernel's derivatives with respect to ``c_i`` (:meth:`SparseKernel.structure_derivatives`).
+The design matrix keeps one slice per kernel piece, so mixing coefficients and
+regularisers are tuned without recomputing kernels.
+"""
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import scipy.optimize
+import torch
+
+from .data import Labelled, labels_of, species_of, validate
+from .density import DensityExpansion
+from .neighbors import AtomsBatch, batch_from_atoms
+from .radial import DensityHypers
+from .sparse import Layout, SparseKernel, kernel_from_dict, select_sparse, sum_by_structure
+
+ENERGY, FORCES, STRESS = 0, 1, 2
+KIND_NAMES = ("energy", "forces", "stress")
+VOIGT = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
+CHECKPOINT_FORMAT = "acdc-potential/sparse-krr/1"
+
+
+@dataclass
+class Regularisers:
+    """Expected errors (noise standard deviations) of the labels.
+
+    :param energy: per atom, eV (an energy row's sigma is ``energy * sqrt(N_atoms)``).
+    :param forces: eV/A.
+    :param stress: eV/A^3.
+    """
+
+    energy: float = 0.002
+    forces: float = 0.04
+    stress: float = 0.001
+
+    def of_kind(self) -> torch.Tensor:
+        """``[3]`` sigmas indexed by row kind."""
+        return torch.tensor([self.energy, self.forces, self.stress], dtype=torch.float64)
+
+
+@dataclass
+class Baseline:
+    """Per-species reference energies ``e0(a)`` (eV), subtracted before the fit."""
+
+    energies: Dict[int, float]
+
+    @classmethod
+    def fit(
+        cls, structures: Sequence[Labelled], species: Sequence[int], isolated: Optional[Dict[int, float]] = None
+    ) -> "Baseline":
+        """Given isolated-atom energies, or least squares of the energies on composition.
+
+        Compositions that do not determine every species (one molecule type) get the
+        minimum-norm solution; the kernel's species piece absorbs what remains. Without
+        any energy the baseline is zero.
+        """
+        if isolated is not None:
+            missing = sorted(set(species) - set(int(z) for z in isolated))
+            if missing:
+                raise ValueError(f"no isolated-atom energy given for species {missing}")
+            return cls({int(z): float(isolated[z]) for z in species})
+        labelled = [s for s in structures if s.energy is not None]
+        if not labelled:
+            return cls({int(z): 0.0 for z in species})
+        counts = np.array([[np.sum(s.atoms.numbers == z) for z in species] for s in labelled], dtype=np.float64)
+        energies = np.array([s.energy for s in labelled])
+        solution = np.linalg.lstsq(counts, energies, rcond=None)[0]
+        return cls({int(z): float(e) for z, e in zip(species, solution)})
+
+    def structure_energy(self, numbers: np.ndarray) -> float:
+        return float(sum(self.energies[int(z)] for z in numbers))
+
+    def atom_energies(self, numbers: torch.Tensor) -> torch.Tensor:
+        """``[n]`` baseline energy of each atom from its atomic number ``[n]``."""
+        table = torch.zeros(max(self.energies) + 1, dtype=torch.float64, device=numbers.device)
+        table[torch.tensor(list(self.energies), device=numbers.device)] = torch.tensor(
+            list(self.energies.values()), dtype=torch.float64, device=numbers.device
+        )
+        return table[numbers]
+
+
+@dataclass
+class DesignMatrix:
+    """Rows of the regression, per kernel piece.
+
+    :param pieces: ``[n_pieces, R, M]`` rows of ``K_NM`` for each kernel piece.
+    :param targets: ``[R]`` labels minus the baseline (energies, forces, stress).
+    :param kind: ``[R]`` ENERGY / FORCES / STRESS.
+    :param structure: ``[R]`` index of the row's structure in the input list.
+    :param n_atoms: ``[R]`` number of atoms of the row's structure.
+    :param weight: ``[R]`` the structure's weight.
+    """
+
+    pieces: torch.Tensor
+    targets: torch.Tensor
+    kind: torch.Tensor
+    structure: torch.Tensor
+    n_atoms: torch.Tensor
+    weight: torch.Tensor
+
+    def combine(self, piece_weights: torch.Tensor) -> torch.Tensor:
+        """``K_NM`` ``[R, M]`` for the pieces' weights ``[n_pieces]``."""
+        return torch.einsum("p,prm->rm", piece_weights.to(self.pieces), self.pieces)
+
+    def inverse_sigma(self, regularisers: Regularisers) -> torch.Tensor:
+        """``[R]`` diagonal of ``Lambda^{-1/2}``."""
+        sigma = regularisers.of_kind().to(self.targets)[self.kind]
+        scale = torch.where(self.kind == ENERGY, self.n_atoms.to(self.targets).sqrt(), torch.ones_like(self.targets))
+        return self.weight.sqrt() / (sigma * scale)
+
+    def rows(self, mask: torch.Tensor) -> "DesignMatrix":
+        """The subset of rows where ``mask`` ``[R]`` is true."""
+        return DesignMatrix(
+            self.pieces[:, mask], self.targets[mask], self.kind[mask], self.structure[mask], self.n_atoms[mask], self.weight[mask]
+        )
+
+    def kinds_present(self) -> List[int]:
+        return sorted(set(self.kind.tolist()))
+
+
+def _rows_of(structure: Labelled, energies: bool, forces: bool, stress: bool) -> Tuple[bool, bool, bool]:
+    return (
+        energies and structure.energy is not None,
+        forces and structure.forces is not None,
+        stress and structure.stress is not None,
+    )
+
+
+def _pair_contributions(
+    expansion: DensityExpansion, vectors: torch.Tensor, neighbor_species: torch.Tensor
+) -> Tuple[torch.Tensor, Layout]:
+    """``[P, D]`` flat density contribution of every pair (each pair its own "centre"), and the layout.
+
+    :param vectors: ``[P, 3]`` pair vectors; :param neighbor_species: ``[P]`` species index of
+        each neighbour.
+    """
+    n_pairs = vectors.shape[0]
+    own = torch.arange(n_pairs, device=vectors.device)
+    contributions = expansion.forward(vectors, own, neighbor_species, n_pairs)
+    layout = Layout.of(contributions)
+    return layout.flatten(contributions), layout
+
+
+def batch_density(expansion: DensityExpansion, batch: AtomsBatch) -> Tuple[torch.Tensor, Layout]:
+    """Flat coefficients ``[N, D]`` of every atom of ``batch`` (no gradients), and their layout."""
+    neighbor_species = expansion.species_index(batch.numbers)[batch.neighbors]
+    with torch.no_grad():
+        phi, layout = _pair_contributions(expansion, batch.pair_vectors(), neighbor_species)
+    return phi.new_zeros((batch.n_atoms, phi.shape[1])).index_add(0, batch.centers, phi), layout
+
+
+def structure_jacobian(expansion: DensityExpansion, batch: AtomsBatch, pair_budget: float = 1e6) -> torch.Tensor:
+    """Derivatives of each atom's coefficients with respect to its structure's positions and strain.
+
+    :return: ``[N, 3 n_max + 9, D]``: column ``3 j + alpha`` is ``d c_i / d x_{j alpha}`` (``j``
+        numbered within the structure, ``n_max`` the largest structure of the batch), column
+        ``3 n_max + 3 alpha + beta`` is ``d c_i / d eps_{alpha beta}`` under ``x -> (1 + eps) x``
+        of positions and cell, which moves every pair vector to ``(1 + eps) r``.
+
+    Each pair contribution ``phi_p`` depends on its own vector ``r_p`` only, so three
+    forward-mode passes (tangent ``e_alpha`` on every pair at once) give every
+    ``d phi_p / d r_p``; pairs go in chunks of ``pair_budget / D``.
+    """
+    vectors = batch.pair_vectors().detach()
+    neighbor_species = expansion.species_index(batch.numbers)[batch.neighbors]
+    n_per = batch.atoms_per_structure()
+    first = torch.cumsum(n_per, 0) - n_per
+    n_max = int(n_per.max())
+    width = 3 * n_max + 9
+    local = torch.arange(batch.n_atoms, device=vectors.device) - first[batch.structure]
+    alpha = torch.arange(3, device=vectors.device)
+    dimension = sum((2 * l + 1) * expansion.n_species * n for l, n in enumerate(expansion.n_radial))
+    jacobian = vectors.new_zeros((batch.n_atoms * width, dimension))
+    step = max(1, int(pair_budget // dimension))
+    for start in range(0, vectors.shape[0], step):
+        v, species = vectors[start : start + step], neighbor_species[start : start + step]
+        i, j = batch.centers[start : start + step], batch.neighbors[start : start + step]
+
+        def contributions(x: torch.Tensor) -> torch.Tensor:
+            return _pair_contributions(expansion, x, species)[0]
+
+        directions = torch.eye(3, dtype=v.dtype, device=v.device)[:, None, :].expand(3, v.shape[0], 3)
+        dphi = torch.func.vmap(lambda t: torch.func.jvp(contributions, (v,), (t,))[1], out_dims=2)(directions)
+        # per pair: +dphi on the neighbour's columns, -dphi on the centre's, dphi_alpha r_beta on strain
+        strain_columns = 3 * n_max + torch.arange(9, device=v.device).expand(len(i), 9)
+        columns = torch.cat([3 * local[j, None] + alpha, 3 * local[i, None] + alpha, strain_columns], dim=1)
+        strain = (dphi[:, :, :, None] * v[:, None, None, :]).reshape(v.shape[0], dimension, 9)
+        values = torch.cat([dphi, -dphi, strain], dim=2).transpose(1, 2).reshape(-1, dimension)
+        jacobian.index_add_(0, (i[:, None] * width + columns).reshape(-1), values)
+    return jacobian.view(batch.n_atoms, width, -1)
+
+
+def _voigt(tensor: torch.Tensor) -> torch.Tensor:
+    """``[..., 3, 3]`` -> ``[..., 6]`` of the symmetric part, order xx yy zz yz xz xy."""
+    symmetric = 0.5 * (tensor + tensor.transpose(-1, -2))
+    return torch.stack([symmetric[..., a, b] for a, b in VOIGT], dim=-1)
+
+
+def _batches(structures: Sequence[Labelled], cost, budget: float) -> List[List[int]]:
+    """Consecutive groups of structure indices whose summed ``cost`` stays below ``budget``."""
+    groups, current, total = [], [], 0.0
+    for k, structure in enumerate(structures):
+        c = cost(structure)
+        if current and total + c > budget:
+            groups.append(current)
+            current, total = [], 0.0
+        current.append(k)
+        total += c
+    if current:
+        groups.append(current)
+    return groups
+
+
+def build_design_matrix(
+    structures: Sequence[Labelled],
+    expansion: DensityExpansion,
+    kernel: SparseKernel,
+    baseline: Baseline,
+    energies: bool = True,
+    forces: bool = True,
+    stress: bool = True,
+    budget: float = 3e7,
+) -> DesignMatrix:
+    """Rows for every label of ``structures`` (those absent are skipped).
+
+    :param budget: largest number of entries of the per-batch derivatives (``n_pieces x M x K``
+        per structure, ``K = 3 n_atoms + 9`` directions) and coefficient Jacobians
+        (``n_atoms x K x D``) held at once; sets the batch size (float64, 8 bytes each). The
+        kernel bounds its own intermediates (``SparseKernel.max_pairs``).
+    """
+    wanted = [_rows_of(s, energies, forces, stress) for s in structures]
+    counts = [int(e) + (3 * s.n_atoms if f else 0) + (6 if t else 0) for s, (e, f, t) in zip(structures, wanted)]
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int)
+    n_rows, n_sparse, n_pieces = int(offsets[-1]), kernel.n_sparse, kernel.n_pieces
+    if n_rows == 0:
+        raise ValueError("no rows to fit: the structures have no energies, forces or stress to use")
+    dimension = kernel.layout.size
+    device = kernel.sparse_coefficients.device
+
+    pieces = torch.zeros((n_pieces, n_rows, n_sparse), dtype=torch.float64, device=device)
+    targets = torch.zeros(n_rows, dtype=torch.float64, device=device)
+    kind = torch.zeros(n_rows, dtype=torch.long, device=device)
+    row_structure = torch.zeros(n_rows, dtype=torch.long, device=device)
+    row_atoms = torch.zeros(n_rows, dtype=torch.long, device=device)
+    row_weight = torch.zeros(n_rows, dtype=torch.float64, device=device)
+
+    def cost(s: Labelled) -> float:
+        directions = 3 * s.n_atoms + 9
+        return n_pieces * n_sparse * directions + s.n_atoms * directions * dimension
+
+    for group in _batches(structures, cost, budget):
+        members = [structures[k] for k in group]
+        need_gradient = any(wanted[k][1] or wanted[k][2] for k in group)
+        batch = batch_from_atoms([s.atoms for s in members], expansion.cutoff, device=device, first_index=group[0])
+        c, _ = batch_density(expansion, batch)
+        if need_gradient:
+            jacobian = structure_jacobian(expansion, batch)
+            values, derivatives = kernel.structure_derivatives(c, batch.numbers, jacobian, batch.structure, len(group))
+            n_max = (jacobian.shape[1] - 9) // 3
+        else:
+            values = sum_by_structure(kernel.rows(c, batch.numbers), batch.structure, len(group))
+        for t, k in enumerate(group):
+            s, (use_e, use_f, use_s) = structures[k], wanted[k]
+            start, end = offsets[k], offsets[k + 1]
+            row_structure[start:end], row_atoms[start:end], row_weight[start:end] = k, s.n_atoms, s.weight
+            row = start
+            if use_e:
+                pieces[:, row] = values[:, t]
+                targets[row] = s.energy - baseline.structure_energy(s.atoms.numbers)
+                kind[row] = ENERGY
+                row += 1
+            if use_f:
+                n3 = 3 * s.n_atoms
+                pieces[:, row : row + n3] = -derivatives[:, t, :, :n3].transpose(1, 2)
+                targets[row : row + n3] = torch.as_tensor(s.forces, dtype=torch.float64, device=device).reshape(-1)
+                kind[row : row + n3] = FORCES
+                row += n3
+            if use_s:
+                strain = derivatives[:, t, :, 3 * n_max :].reshape(n_pieces, n_sparse, 3, 3) / abs(s.atoms.get_volume())
+                pieces[:, row : row + 6] = _voigt(strain).transpose(1, 2)
+                targets[row : row + 6] = _voigt(torch.as_tensor(s.stress, dtype=torch.float64, device=device))
+                kind[row : row + 6] = STRESS
+    return DesignMatrix(pieces, targets, kind, row_structure, row_atoms, row_weight)
+
+
+@dataclass
+class ProjectedProcess:
+    """Solution of the projected-process regression.
+
+    With ``K_MM = U diag(lambda) U^T`` (eigenvalues below ``rcond * lambda_max`` dropped: the
+    jitter), ``P = U lambda^{-1/2}`` ``[M, r]`` and ``w = P z``, the problem becomes ridge
+    regression on ``Phi = K_NM P`` with ``|z|^2`` as penalty, solved by QR of
+    ``[Lambda^{-1/2} Phi; I]`` = ``Q R``; no matrix is inverted.
+
+    :param weights: ``[M]`` ``w``.
+    :param projection: ``[M, r]`` ``P``.
+    :param triangular: ``[r, r]`` ``R``, with ``R^T R = Phi^T Lambda^{-1} Phi + I``.
+    """
+
+    weights: torch.Tensor
+    projection: torch.Tensor
+    triangular: torch.Tensor
+
+    def variance(self, k_xm: torch.Tensor, k_xx: torch.Tensor) -> torch.Tensor:
+        """Predictive variance ``k_xx - k_xM K_MM^+ k_Mx + k_xM Sigma k_Mx`` of the projected process.
+
+        :param k_xm: ``[n, M]`` kernel rows (atoms, or sums over a structure's atoms);
+        :param k_xx: ``[n]`` the matching ``k(x, x)``. Returns ``[n]`` (eV^2 when the
+            regularisers are in eV).
+        """
+        phi = k_xm @ self.projection
+        posterior = torch.linalg.solve_triangular(self.triangular.T, phi.T, upper=False)
+        return k_xx - (phi**2).sum(dim=1) + (posterior**2).sum(dim=0)
+
+
+def solve_projected_process(
+    k_nm: torch.Tensor, targets: torch.Tensor, inverse_sigma: torch.Tensor, k_mm: torch.Tensor, rcond: float = 1e-10
+) -> ProjectedProcess:
+    """Minimise ``|Lambda^{-1/2} (y - K_NM w)|^2 + w^T K_MM w`` (see :class:`ProjectedProcess`).
+
+    :param k_nm: ``[R, M]``; :param targets: ``[R]``; :param inverse_sigma: ``[R]``
+        ``Lambda^{-1/2}``; :param k_mm: ``[M, M]``.
+    """
+    eigenvalues, vectors = torch.linalg.eigh(0.5 * (k_mm + k_mm.T))
+    keep = eigenvalues > rcond * eigenvalues.max().clamp_min(1e-300)
+    projection = vectors[:, keep] / eigenvalues[keep].sqrt()
+    rank = projection.shape[1]
+    phi = (k_nm @ projection) * inverse_sigma[:, None]
+    stacked = torch.cat([phi, torch.eye(rank, dtype=phi.dtype, device=phi.device)])
+    q, r = torch.linalg.qr(stacked)
+    rhs = q[: phi.shape[0]].T @ (targets * inverse_sigma)
+    z = torch.linalg.solve_triangular(r, rhs[:, None], upper=True)[:, 0]
+    return ProjectedProcess(projection @ z, projection, r)
+
+
+def _fit_rows(
+    design: DesignMatrix, k_mm_pieces: torch.Tensor, piece_weights: torch.Tensor, regularisers: Regularisers, rcond: float
+) -> ProjectedProcess:
+    """Projected-process solution on all rows of ``design`` for one mixing and set of regularisers."""
+    k_mm = torch.einsum("p,pmn->mn", piece_weights.to(k_mm_pieces), k_mm_pieces)
+    k_nm = design.combine(piece_weights)
+    return solve_projected_process(k_nm, design.targets, design.inverse_sigma(regularisers), k_mm, rcond)
+
+
+def validation_errors(design: DesignMatrix, predictions: torch.Tensor) -> Dict[str, Dict[str, float]]:
+    """MAE and RMSE per kind (energies per atom) of ``predictions`` ``[R]`` against ``design.targets``."""
+    errors = {}
+    for kind in design.kinds_present():
+        mask = design.kind == kind
+        residual = predictions[mask] - design.targets[mask]
+        if kind == ENERGY:
+            residual = residual / design.n_atoms[mask]
+        errors[KIND_NAMES[kind]] = {"mae": float(residual.abs().mean()), "rmse": float(residual.pow(2).mean().sqrt())}
+    return errors
+
+
+@dataclass
+class HyperparameterReport:
+    """Chosen mixing coefficients and regularisers, with the validation loss and errors.
+
+    ``validation_errors`` maps each kind (``energy`` per atom, ``forces``, ``stress``) to
+    its ``mae`` and ``rmse`` on the held-out structures; ``tuned`` names the parameters
+    that were optimised, ``evaluations`` and ``seconds`` the cost of the search.
+    """
+
+    mixing: Dict[str, float]
+    regularisers: Regularisers
+    loss: float
+    validation_errors: Dict[str, Dict[str, float]]
+    evaluations: int
+    seconds: float
+    tuned: List[str] = field(default_factory=list)
+
+    def to_dict(self) -> Dict:
+        return {**dataclasses.asdict(self), "regularisers": dataclasses.asdict(self.regularisers)}
+
+
+def _splits(structures: torch.Tensor, folds: int, validation: float, seed: int) -> List[torch.Tensor]:
+    """Validation masks over structures ``[S]``: ``folds`` folds, or one random split."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(structures), generator=generator)
+    if folds >= 2:
+        return [torch.isin(structures, structures[order[f::folds]]) for f in range(folds)]
+    n_validation = max(1, int(round(validation * len(structures))))
+    return [torch.isin(structures, structures[order[:n_validation]])]
+
+
+def select_hyperparameters(
+    design: DesignMatrix,
+    k_mm_pieces: torch.Tensor,
+    kernel: SparseKernel,
+    regularisers: Regularisers,
+    tune: Optional[Sequence[str]] = None,
+    folds: int = 0,
+    validation: float = 0.2,
+    loss_weights: Optional[Dict[str, float]] = None,
+    max_evaluations: int = 60,
+    subsample: Optional[int] = None,
+    seed: int = 0,
+    rcond: float = 1e-10,
+) -> HyperparameterReport:
+    """Tune mixing coefficients and regularisers on held-out structures (Nelder-Mead in log space).
+
+    :param tune: names among ``kernel.mixing_names`` and ``energy, forces, stress``; default:
+        every mixing coefficient except ``a`` (redundant with the regularisers' scale) and
+        the regularisers of the kinds present.
+    :param folds: ``k >= 2`` for k-fold cross-validation over structures, else one split
+        with a ``validation`` fraction of the structures.
+    :param loss_weights: weight of each kind's RMSE (each divided by the spread of its
+        targets); default 1 for every kind present.
+    :param max_evaluations: budget of the Nelder-Mead search (each evaluation is one
+        projected-process solve per split, ``O(R M^2)``).
+    :param subsample: tune on the rows of this many randomly chosen structures only, which
+        makes each evaluation proportionally cheaper on large training sets.
+    """
+    start = time.perf_counter()
+    if subsample is not None and subsample < len(torch.unique(design.structure)):
+        everything = torch.unique(design.structure)
+        chosen = everything[torch.randperm(len(everything), generator=torch.Generator().manual_seed(seed))[:subsample]]
+        design = design.rows(torch.isin(design.structure, chosen))
+    present = [KIND_NAMES[k] for k in design.kinds_present()]
+    names = list(tune) if tune is not None else [n for n in kernel.mixing_names if n != "a"] + present
+    weights = {name: 1.0 for name in present} if loss_weights is None else loss_weights
+    structures = torch.unique(design.structure)
+    if len(structures) < 2:
+        raise ValueError("hyperparameter selection needs at least two structures")
+    masks = [torch.isin(design.structure, structures[v]) for v in _splits(structures, folds, validation, seed)]
+    spread = {}
+    for kind in design.kinds_present():
+        values = design.targets[design.kind == kind]
+        if kind == ENERGY:
+            values = values / design.n_atoms[design.kind == kind]
+        spread[KIND_NAMES[kind]] = float(values.std()) if values.numel() > 1 else 1.0
+    initial = {**kernel.mixing, **dataclasses.asdict(regularisers)}
+
+    def unpack(theta) -> Tuple[Dict[str, float], Regularisers]:
+        values = {**initial, **{n: float(np.exp(t)) for n, t in zip(names, theta)}}
+        mixing = {n: values[n] for n in kernel.mixing_names}
+        return mixing, Regularisers(values["energy"], values["forces"], values["stress"])
+
+    def evaluate(theta):
+        mixing, regs = unpack(theta)
+        piece_weights = kernel.piece_weights(mixing)
+        predictions = torch.zeros_like(design.targets)
+        for mask in masks:
+            solution = _fit_rows(design.rows(~mask), k_mm_pieces, piece_weights, regs, rcond)
+            predictions[mask] = design.rows(mask).combine(piece_weights) @ solution.weights
+        held_out = design.rows(torch.stack(masks).any(dim=0))
+        errors = validation_errors(held_out, predictions[torch.stack(masks).any(dim=0)])
+        loss = sum(weights.get(k, 0.0) * e["rmse"] / max(spread[k], 1e-300) for k, e in errors.items())
+        return loss, errors
+
+    theta0 = np.log([initial[n] for n in names])
+    # the simplex starts one factor of 3 away from the initial values in every direction
+    simplex = np.vstack([theta0, theta0 + np.log(3.0) * np.eye(len(names))])
+    options = {"maxfev": max_evaluations, "xatol": 1e-2, "fatol": 1e-4, "initial_simplex": simplex}
+    result = scipy.optimize.minimize(lambda t: evaluate(t)[0], theta0, method="Nelder-Mead", options=options)
+    loss, errors = evaluate(result.x)
+    mixing, regs = unpack(result.x)
+    return HyperparameterReport(mixing, regs, float(loss), errors, int(result.nfev), time.perf_counter() - start, names)
+
+
+def _as_labelled(structures: Sequence) -> List[Labelled]:
+    return [s if isinstance(s, Labelled) else labels_of(s, index=k) for k, s in enumerate(structures)]
+
+
+def training_coefficients(structures: Sequence[Labelled], expansion: DensityExpansion, batch_size: int = 64, device=None):
+    """Flat coefficients ``[N, D]``, atomic numbers ``[N]`` and layout of every atom of ``structures``."""
+    coefficients, numbers, layout = [], [], None
+    for start in range(0, len(structures), batch_size):
+        members = structures[start : start + batch_size]
+        batch = batch_from_atoms([s.atoms for s in members], expansion.cutoff, device=device, first_index=start)
+        c, layout = batch_density(expansion, batch)
+        coefficients.append(c)
+        numbers.append(batch.numbers)
+    return torch.cat(coefficients), torch.cat(numbers), layout
+
+
+class SparseKRRModel:
+    """A fitted sparse KRR potential: density, kernel with sparse set, weights, baseline.
+
+    :param density_hypers: the density expansion's hyperparameters.
+    :param species: atomic numbers the model knows (density channels and central species).
+    :param kernel: the kernel, with its sparse environments and mixing coefficients.
+    :param solution: the projected-process solution (weights and variance factors).
+    :param baseline: per-species energies.
+    :param regularisers: the regularisers used.
+    :param report: the hyperparameter selection report, if any.
+    :param expansion: an already built ``DensityExpansion(density_hypers, species)``
+        (tabulating the radial integrals takes seconds).
+    """
+
+    def __init__(
+        self,
+        density_hypers: DensityHypers,
+        species: Sequence[int],
+        kernel: SparseKernel,
+        solution: ProjectedProcess,
+        baseline: Baseline,
+        regularisers: Regularisers,
+        report: Optional[HyperparameterReport] = None,
+        expansion: Optional[DensityExpansion] = None,
+    ):
+        self.density_hypers = density_hypers
+        self.species = [int(z) for z in species]
+        self.expansion = expansion if expansion is not None else DensityExpansion(density_hypers, self.species)
+        self.kernel = kernel
+        self.solution = solution
+        self.baseline = baseline
+        self.regularisers = regularisers
+        self.report = report
+
+    @property
+    def weights(self) -> torch.Tensor:
+        return self.solution.weights
+
+    def predict(
+        self,
+        structures: Sequence,
+        forces: bool = True,
+        stress: bool = True,
+        uncertainty: bool = False,
+        batch_size: int = 16,
+    ) -> Dict[str, torch.Tensor]:
+        """Energies and, on request, forces, stress and uncertainties of ``ase.Atoms`` or :class:`Labelled`.
+
+        :return: ``energy`` ``[S]`` (eV); ``forces`` ``[N, 3]`` (eV/A, atoms concatenated);
+            ``stress`` ``[S, 3, 3]`` (eV/A^3, ASE sign; NaN for structures not periodic in all
+            directions); ``energy_uncertainty`` ``[S]`` and ``atom_uncertainty`` ``[N]`` (eV,
+            square roots of the projected-process variances).
+        """
+        labelled = _as_labelled(structures)
+        validate(labelled, species=self.species)
+        outputs: Dict[str, List[torch.Tensor]] = {}
+        for start in range(0, len(labelled), batch_size):
+            members = labelled[start : start + batch_size]
+            for key, value in self._predict_batch(members, start, forces, stress, uncertainty).items():
+                outputs.setdefault(key, []).append(value)
+        return {key: torch.cat(values) for key, values in outputs.items()}
+
+    def _predict_batch(self, members: List[Labelled], first: int, forces: bool, stress: bool, uncertainty: bool):
+        device = self.weights.device
+        batch = batch_from_atoms([s.atoms for s in members], self.expansion.cutoff, device=device, first_index=first)
+        positions = batch.positions.clone().requires_grad_(forces)
+        strain = torch.zeros((batch.n_structures, 3, 3), dtype=torch.float64, device=device, requires_grad=stress)
+        deformation = torch.eye(3, dtype=torch.float64, device=device) + strain
+        strained = dataclasses.replace(
+            batch,
+            positions=torch.einsum("iab,ib->ia", deformation[batch.structure], positions),
+            cells=torch.einsum("sab,skb->ska", deformation, batch.cells),
+        )
+        species = self.expansion.species_index(batch.numbers)
+        c = self.kernel.layout.flatten(
+            self.expansion.forward(strained.pair_vectors(), batch.centers, species[batch.neighbors], batch.n_atoms)
+        )
+        piece_weights = self.kernel.piece_weights().to(c)
+        k_nm = torch.einsum("p,pnm->nm", piece_weights, self.kernel.rows(c, batch.numbers))
+        atom_energy = k_nm @ self.weights + self.baseline.atom_energies(batch.numbers)
+        energy = atom_energy.new_zeros(batch.n_structures).index_add(0, batch.structure, atom_energy)
+        out = {"energy": energy.detach()}
+        inputs = [x for x, wanted in ((positions, forces), (strain, stress)) if wanted]
+        if inputs:
+            gradients = list(torch.autograd.grad(energy.sum(), inputs))
+            if forces:
+                out["forces"] = -gradients.pop(0)
+            if stress:
+                volume = torch.linalg.det(batch.cells).abs()
+                periodic = batch.pbc.all(dim=1)
+                symmetric = 0.5 * (gradients[0] + gradients[0].transpose(1, 2))
+                stress_value = symmetric / volume.clamp_min(1e-300)[:, None, None]
+                out["stress"] = torch.where(periodic[:, None, None], stress_value, torch.nan)
+        if uncertainty:
+            out.update(self._uncertainty(c.detach(), batch, k_nm.detach(), piece_weights))
+        return out
+
+    def _uncertainty(self, c: torch.Tensor, batch: AtomsBatch, k_nm: torch.Tensor, piece_weights: torch.Tensor):
+        k_ii = piece_weights @ self.kernel.self_kernel(c, batch.numbers)
+        atom_variance = self.solution.variance(k_nm, k_ii)
+        k_sm = k_nm.new_zeros((batch.n_structures, k_nm.shape[1])).index_add(0, batch.structure, k_nm)
+        k_ss = torch.stack(
+            [
+                piece_weights @ self.kernel.within(c[batch.structure == s], batch.numbers[batch.structure == s])
+                for s in range(batch.n_structures)
+            ]
+        )
+        structure_variance = self.solution.variance(k_sm, k_ss)
+        return {
+            "atom_uncertainty": atom_variance.clamp_min(0.0).sqrt(),
+            "energy_uncertainty": structure_variance.clamp_min(0.0).sqrt(),
+        }
+
+    def to_dict(self) -> Dict:
+        """Plain-dict checkpoint (tensors, numbers, strings), loadable with ``weights_only=True``."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "density_hypers": dataclasses.asdict(self.density_hypers),
+            "species": list(self.species),
+            "kernel": self.kernel.to_dict(),
+            "weights": self.solution.weights,
+            "projection": self.solution.projection,
+            "triangular": self.solution.triangular,
+            "baseline": {int(z): float(e) for z, e in self.baseline.energies.items()},
+            "regularisers": dataclasses.asdict(self.regularisers),
+            "report": None if self.report is None else self.report.to_dict(),
+        }
+
+    def save(self, path: str) -> None:
+        torch.save(self.to_dict(), path)
+
+    @classmethod
+    def from_dict(cls, state: Dict) -> "SparseKRRModel":
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"not a {CHECKPOINT_FORMAT} checkpoint (format {state.get('format')!r})")
+        report = state["report"]
+        if report is not None:
+            report = HyperparameterReport(**{**report, "regularisers": Regularisers(**report["regularisers"])})
+        return cls(
+            DensityHypers(**state["density_hypers"]),
+            state["species"],
+            kernel_from_dict(state["kernel"]),
+            ProjectedProcess(state["weights"], state["projection"], state["triangular"]),
+            Baseline({int(z): e for z, e in state["baseline"].items()}),
+            Regularisers(**state["regularisers"]),
+            report,
+        )
+
+    @classmethod
+    def load(cls, path: str, map_location=None) -> "SparseKRRModel":
+        return cls.from_dict(torch.load(path, map_location=map_location, weights_only=True))
+
+
+def fit(
+    structures: Sequence,
+    density_hypers: DensityHypers,
+    kernel: SparseKernel,
+    n_sparse: Union[int, Dict[int, int]],
+    regularisers: Regularisers = Regularisers(),
+    selection: str = "fps",
+    energies: bool = True,
+    forces: bool = True,
+    stress: bool = True,
+    isolated_energies: Optional[Dict[int, float]] = None,
+    species: Optional[Sequence[int]] = None,
+    tune: bool = False,
+    tune_options: Optional[Dict] = None,
+    rcond: float = 1e-10,
+    budget: float = 3e7,
+    device=None,
+) -> SparseKRRModel:
+    """Fit a sparse KRR potential on labelled structures (ase.Atoms or :class:`Labelled`).
+
+    Steps: validate; baseline; density coefficients of every atom; sparse environments per
+    species (``selection`` = ``"fps"`` | ``"cur"`` on the power spectrum); design matrix
+    (energies/forces/stress as enabled and present); optionally :func:`select_hyperparameters`
+    (``tune_options`` are its keyword arguments), which updates the kernel's mixing and the
+    regularisers; projected-process solve.
+    """
+    from .correlations import power_spectrum
+
+    labelled = _as_labelled(structures)
+    species = sorted(int(z) for z in species) if species is not None else species_of(labelled)
+    validate(labelled, species=species)
+    expansion = DensityExpansion(density_hypers, species)
+    baseline = Baseline.fit(labelled, species, isolated_energies)
+    coefficients, numbers, layout = training_coefficients(labelled, expansion, device=device)
+    chosen = select_sparse(power_spectrum(layout.unflatten(coefficients)), numbers, n_sparse, selection)
+    kernel.set_sparse(coefficients[chosen], numbers[chosen], layout)
+    design = build_design_matrix(labelled, expansion, kernel, baseline, energies, forces, stress, budget)
+    k_mm_pieces = kernel.sparse_block()
+    report = None
+    if tune:
+        report = select_hyperparameters(design, k_mm_pieces, kernel, regularisers, rcond=rcond, **(tune_options or {}))
+        kernel.mixing = dict(report.mixing)
+        regularisers = report.regularisers
+    solution = _fit_rows(design, k_mm_pieces, kernel.piece_weights(), regularisers, rcond)
+    return SparseKRRModel(density_hypers, species, kernel, solution, baseline, regularisers, report, expansion)

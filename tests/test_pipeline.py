@@ -1,0 +1,184 @@
+"""From fit to engine: a small fitted model, exported, run through ASE and the CLI.
+
+Small fits (tens of structures, a few sparse environments) keep this file fast; what
+is checked does not depend on the model's accuracy: the exported file against the
+model in memory, energy conservation, forces and stress against finite differences,
+and the command line.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+from ase import units
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+from ase.md.verlet import VelocityVerlet
+
+from acdc_potential.calculator import ACDCCalculator
+from acdc_potential.config import FitConfig, fit_from_config
+from acdc_potential.data import read_structures
+from acdc_potential.model import build_potential, export_model
+
+DATA = Path(__file__).parent.parent / "examples"
+COPPER = Path(__file__).parent.parent.parent / "shared" / "data" / "copper_train.extxyz"
+
+
+def small_config(kernel="wigner", n_sparse=12, cutoff=4.0):
+    return FitConfig.from_dict(
+        {
+            "density": {"cutoff": cutoff, "max_radial": 4, "max_angular": 2},
+            "kernel": {"type": kernel, "nu_max": 3, "lambda_max": 2},
+            "sparse": {"n": n_sparse},
+            "options": {"tune": False},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def ethanol_fit(tmp_path_factory):
+    torch.set_num_threads(1)
+    structures = read_structures(str(DATA / "ethanol_train.extxyz"), index="::4")
+    model = fit_from_config(structures, small_config(n_sparse=30, cutoff=5.0))
+    path = tmp_path_factory.mktemp("fit") / "ethanol.pt"
+    export_model(build_potential(model), str(path))
+    return model, str(path)
+
+
+@pytest.fixture(scope="module")
+def copper_fit(tmp_path_factory):
+    torch.set_num_threads(1)
+    if not COPPER.exists():
+        pytest.skip("../shared/data is not available")
+    structures = read_structures(str(COPPER), index=":8")
+    model = fit_from_config(structures, small_config(n_sparse=10))
+    path = tmp_path_factory.mktemp("fit") / "copper.pt"
+    export_model(build_potential(model), str(path))
+    return model, str(path), structures
+
+
+@pytest.mark.parametrize("kernel", ["wigner", "polynomial"])
+def test_exported_file_reproduces_the_fitted_model(kernel, ethanol_fit, tmp_path):
+    if kernel == "wigner":
+        model, path = ethanol_fit
+    else:
+        structures = read_structures(str(DATA / "ethanol_train.extxyz"), index="::10")
+        model = fit_from_config(structures, small_config("polynomial"))
+        path = str(tmp_path / "polynomial.pt")
+        export_model(build_potential(model), path)
+    frames = ase.io.read(str(DATA / "ethanol_test.extxyz"), ":3")
+    reference = model.predict(frames, forces=True, stress=False, uncertainty=True)
+    calculator = ACDCCalculator(path, uncertainty_threshold=None)
+    for k, atoms in enumerate(frames):
+        atoms.calc = calculator
+        energy = atoms.get_potential_energy()
+        assert abs(energy - float(reference["energy"][k])) <= 1e-10 * abs(energy)
+        expected = reference["forces"][9 * k : 9 * (k + 1)].numpy()
+        np.testing.assert_allclose(atoms.get_forces(), expected, rtol=0, atol=1e-10 * np.abs(expected).max())
+        sigma = calculator.get_uncertainty(atoms, per_atom=True)
+        np.testing.assert_allclose(sigma, reference["atom_uncertainty"][9 * k : 9 * (k + 1)].numpy(), rtol=1e-8)
+
+
+def test_float32_export(ethanol_fit, tmp_path):
+    model, path = ethanol_fit
+    single = str(tmp_path / "single.pt")
+    export_model(build_potential(model), single, dtype=torch.float32)
+    atoms = ase.io.read(str(DATA / "ethanol_test.extxyz"), 0)
+    energies = []
+    for file in (path, single):
+        atoms.calc = ACDCCalculator(file, uncertainty_threshold=None)
+        energies.append(atoms.get_potential_energy())
+    assert abs(energies[1] - energies[0]) <= 1e-5 * abs(energies[0])
+
+
+def test_nve_conserves_energy(ethanol_fit):
+    """1000 steps of 0.5 fs: total-energy drift below 1e-4 eV/atom.
+
+    The drift is the change of the total energy averaged over the first and the last
+    100 steps: Verlet's bounded oscillation (fractions of a meV/atom at this step) is
+    not a drift and averages out."""
+    _, path = ethanol_fit
+    atoms = ase.io.read(str(DATA / "ethanol_test.extxyz"), 0)
+    atoms.calc = ACDCCalculator(path, uncertainty_threshold=None)
+    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
+    Stationary(atoms)
+    ZeroRotation(atoms)
+    totals = []
+    dynamics = VelocityVerlet(atoms, timestep=0.5 * units.fs)
+    dynamics.attach(lambda: totals.append(atoms.get_total_energy() / len(atoms)), interval=1)
+    dynamics.run(1000)
+    totals = np.array(totals)
+    assert atoms.get_temperature() > 50  # the molecule really moved
+    assert abs(totals[-100:].mean() - totals[:100].mean()) < 1e-4
+    assert totals.max() - totals.min() < 2e-3
+
+
+def test_fitted_forces_and_stress_equal_finite_differences(copper_fit):
+    _, path, structures = copper_fit
+    atoms = structures[0].atoms.copy()
+    atoms.calc = ACDCCalculator(path, uncertainty_threshold=None)
+    forces, stress = atoms.get_forces(), atoms.get_stress(voigt=False)
+    # the fitted energy carries ~1e-11 eV of round-off (large weights of both signs),
+    # so the step is larger than for the stand-in head of test_model.py
+    h = 1e-4
+    for atom, direction in [(0, 0), (7, 1)]:
+        energies = []
+        for sign in (1, -1):
+            displaced = atoms.copy()
+            displaced.calc = atoms.calc
+            displaced.positions[atom, direction] += sign * h
+            energies.append(displaced.get_potential_energy())
+        assert abs(-(energies[0] - energies[1]) / (2 * h) - forces[atom, direction]) < 2e-6
+    for a, b in [(0, 0), (0, 1)]:
+        energies = []
+        for sign in (1, -1):
+            strain = np.eye(3)
+            strain[a, b] += sign * h / 2
+            strain[b, a] += sign * h / 2
+            strained = atoms.copy()
+            strained.calc = atoms.calc
+            strained.set_cell(atoms.cell.array @ strain, scale_atoms=True)
+            energies.append(strained.get_potential_energy())
+        assert abs((energies[0] - energies[1]) / (2 * h) / atoms.get_volume() - stress[a, b]) < 2e-8
+
+
+def run_cli(*arguments, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "acdc_potential.cli", *arguments], capture_output=True, text=True, cwd=cwd, timeout=900
+    )
+
+
+def test_command_line(tmp_path):
+    ase.io.write(tmp_path / "train.extxyz", ase.io.read(str(DATA / "ethanol_train.extxyz"), "::20"))
+    ase.io.write(tmp_path / "test.extxyz", ase.io.read(str(DATA / "ethanol_test.extxyz"), ":5"))
+    (tmp_path / "config.yaml").write_text(
+        "density: {cutoff: 4.0, max_radial: 3, max_angular: 2}\nkernel: {nu_max: 2, lambda_max: 2}\nsparse: {n: 8}\n"
+    )
+    fit = run_cli("fit", "train.extxyz", "-o", "model.pt", "--test", "test.extxyz", "--config", "config.yaml", cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr
+    assert (tmp_path / "model.pt").exists() and (tmp_path / "model.ckpt").exists()
+    assert (tmp_path / "model.test-parity.png").exists()
+    for line in ("train", "test"):
+        assert any(row.startswith(line) and "forces" in row for row in fit.stdout.splitlines()), fit.stdout
+
+    evaluation = run_cli("eval", "model.pt", "test.extxyz", "--plot", "parity.png", cwd=tmp_path)
+    assert evaluation.returncode == 0, evaluation.stderr
+    assert (tmp_path / "parity.png").exists() and "meV/A" in evaluation.stdout
+
+    export = run_cli("export", "model.ckpt", "-o", "single.pt", "--dtype", "float32", cwd=tmp_path)
+    assert export.returncode == 0, export.stderr
+    atoms = ase.io.read(tmp_path / "test.extxyz", 0)
+    energies = []
+    for file in ("model.pt", "single.pt"):
+        atoms.calc = ACDCCalculator(tmp_path / file, uncertainty_threshold=None)
+        energies.append(atoms.get_potential_energy())
+    assert abs(energies[0] - energies[1]) < 1e-5 * abs(energies[0])
+
+    bad = run_cli("fit", "train.extxyz", "-o", "x.pt", "--config", "bad.yaml", cwd=tmp_path)
+    assert bad.returncode != 0
+    (tmp_path / "bad.yaml").write_text("kernel: {nu_maximum: 3}\n")
+    bad = run_cli("fit", "train.extxyz", "-o", "x.pt", "--config", "bad.yaml", cwd=tmp_path)
+    assert bad.returncode == 2 and "nu_maximum" in bad.stderr

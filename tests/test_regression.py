@@ -1,0 +1,333 @@
+"""Sparse KRR: design-matrix rows against finite differences, exact recovery, symmetries, errors, uncertainty."""
+
+import dataclasses
+
+import ase
+import ase.build
+import numpy as np
+import pytest
+import torch
+from conftest import random_rotation
+
+from acdc_potential.data import Labelled
+from acdc_potential.neighbors import StructureError, batch_from_atoms
+from acdc_potential.radial import DensityHypers
+from acdc_potential.regression import (
+    ENERGY,
+    FORCES,
+    STRESS,
+    VOIGT,
+    Baseline,
+    ProjectedProcess,
+    Regularisers,
+    SparseKRRModel,
+    build_design_matrix,
+    fit,
+    select_hyperparameters,
+    solve_projected_process,
+    structure_jacobian,
+)
+from acdc_potential.sparse import (
+    PolynomialKernel,
+    WignerKernel,
+    cur_selection,
+    farthest_point_sampling,
+    kernel_from_dict,
+    select_sparse,
+)
+from acdc_potential.wigner import WignerHypers
+
+HYPERS = DensityHypers(cutoff=3.5, smoothing=0.5, max_angular=2, max_radial=3, basis="gto", width=0.4)
+
+
+def methane(seed: int) -> ase.Atoms:
+    rng = np.random.default_rng(seed)
+    directions = rng.normal(size=(4, 3))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    positions = np.vstack([[0.0, 0.0, 0.0], directions * rng.uniform(0.9, 1.6, size=(4, 1))])
+    return ase.Atoms("CH4", positions=positions)
+
+
+def copper(seed: int) -> ase.Atoms:
+    rng = np.random.default_rng(seed)
+    atoms = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True)
+    strain = np.eye(3) + 0.03 * rng.normal(size=(3, 3))
+    atoms.set_cell(atoms.cell.array @ (0.5 * (strain + strain.T)), scale_atoms=True)
+    atoms.positions += 0.1 * rng.normal(size=atoms.positions.shape)
+    return atoms
+
+
+def labelled(atoms: ase.Atoms, seed: int) -> Labelled:
+    """Random labels (and stress only for periodic cells): the tests need rows, not physics."""
+    rng = np.random.default_rng(seed)
+    return Labelled(
+        atoms=atoms,
+        energy=float(rng.normal()),
+        forces=rng.normal(size=(len(atoms), 3)),
+        stress=0.01 * np.eye(3) + 0.001 * rng.normal(size=(3, 3)) if np.all(atoms.pbc) else None,
+    )
+
+
+def training_set():
+    frames = [methane(k) for k in range(6)] + [copper(k) for k in range(3)]
+    return [labelled(a, k) for k, a in enumerate(frames)]
+
+
+@pytest.fixture(scope="module")
+def polynomial_model():
+    kernel = PolynomialKernel(zeta=2, mixing={"c0": 0.5, "a": 1.0})
+    return fit(training_set(), HYPERS, kernel, n_sparse=6, regularisers=Regularisers(0.01, 0.05, 0.005))
+
+
+@pytest.fixture(scope="module")
+def wigner_model():
+    kernel = WignerKernel(WignerHypers(nu_max=3, lambda_max=2), mixing={"c0": 0.5, "a": 1.0, "b": 0.7})
+    return fit(training_set(), HYPERS, kernel, n_sparse=6, regularisers=Regularisers(0.01, 0.05, 0.005))
+
+
+@pytest.fixture(params=["polynomial_model", "wigner_model"])
+def model(request):
+    return request.getfixturevalue(request.param)
+
+
+def energy_rows(model, frames):
+    """Energy rows ``[n_pieces, S, M]`` of ``frames`` (the design matrix with energies only)."""
+    structures = [Labelled(atoms=a, energy=0.0) for a in frames]
+    design = build_design_matrix(structures, model.expansion, model.kernel, Baseline({1: 0.0, 6: 0.0, 29: 0.0}))
+    return design.pieces
+
+
+def derivative_rows(model, atoms):
+    structure = Labelled(atoms=atoms, forces=np.zeros((len(atoms), 3)), stress=np.zeros((3, 3)) if np.all(atoms.pbc) else None)
+    return build_design_matrix([structure], model.expansion, model.kernel, Baseline({1: 0.0, 6: 0.0, 29: 0.0}))
+
+
+@pytest.mark.parametrize("atoms", [methane(11), copper(12)], ids=["methane", "copper"])
+def test_force_rows_are_minus_position_derivatives_of_energy_rows(model, atoms):
+    design = derivative_rows(model, atoms)
+    force_rows = design.pieces[:, design.kind == FORCES]
+    h = 1e-5
+    displaced = []
+    for a in range(len(atoms)):
+        for alpha in range(3):
+            for sign in (1, -1):
+                moved = atoms.copy()
+                moved.positions[a, alpha] += sign * h
+                displaced.append(moved)
+    rows = energy_rows(model, displaced).reshape(model.kernel.n_pieces, -1, 2, model.kernel.n_sparse)
+    finite = -(rows[:, :, 0] - rows[:, :, 1]) / (2 * h)
+    assert force_rows.abs().max() > 1e-3
+    torch.testing.assert_close(force_rows, finite, atol=1e-7, rtol=1e-6)
+
+
+def test_coefficient_jacobian_does_not_depend_on_the_pair_chunking(polynomial_model):
+    batch = batch_from_atoms([copper(14), methane(15)], HYPERS.cutoff)
+    whole = structure_jacobian(polynomial_model.expansion, batch)
+    chunked = structure_jacobian(polynomial_model.expansion, batch, pair_budget=1000)
+    assert whole.abs().max() > 1e-3
+    torch.testing.assert_close(chunked, whole, atol=1e-14, rtol=1e-12)
+
+
+def test_stress_rows_are_strain_derivatives_of_energy_rows(model):
+    atoms = copper(13)
+    design = derivative_rows(model, atoms)
+    stress_rows = design.pieces[:, design.kind == STRESS]
+    h = 1e-5
+    strained = []
+    for a, b in VOIGT:
+        for sign in (1, -1):
+            eps = np.zeros((3, 3))
+            eps[a, b] += sign * h
+            eps[b, a] += sign * h
+            deformed = atoms.copy()
+            deformed.set_cell(atoms.cell.array @ (np.eye(3) + eps).T, scale_atoms=True)
+            strained.append(deformed)
+    rows = energy_rows(model, strained).reshape(model.kernel.n_pieces, 6, 2, model.kernel.n_sparse)
+    # eps_ab and eps_ba both move by h (eps_aa by 2h): the difference is 4h times the symmetric derivative
+    finite = (rows[:, :, 0] - rows[:, :, 1]) / (4 * h) / atoms.get_volume()
+    assert stress_rows.abs().max() > 1e-4
+    torch.testing.assert_close(stress_rows, finite, atol=1e-8, rtol=1e-6)
+
+
+def test_design_rows_agree_with_autograd_predictions(model):
+    """Rows built from the coefficient Jacobian reproduce the autograd energies, forces and stress."""
+    structures = training_set()
+    design = build_design_matrix(structures, model.expansion, model.kernel, model.baseline)
+    k_nm = design.combine(model.kernel.piece_weights())
+    from_rows = k_nm @ model.weights
+    # the weights of nearly collinear sparse environments cancel: compare to the size of the terms
+    bound = 1e-12 * (k_nm.abs() @ model.weights.abs())
+    predicted = model.predict([s.atoms for s in structures])
+    baseline = torch.tensor([model.baseline.structure_energy(s.atoms.numbers) for s in structures], dtype=torch.float64)
+    energies = predicted["energy"] - baseline
+    periodic = torch.tensor([bool(np.all(s.atoms.pbc)) for s in structures])
+    voigt = torch.stack([predicted["stress"][periodic][:, a, b] for a, b in VOIGT], dim=1)
+    for kind, value in ((ENERGY, energies), (FORCES, predicted["forces"].reshape(-1)), (STRESS, voigt.reshape(-1))):
+        rows = design.kind == kind
+        assert torch.all((from_rows[rows] - value).abs() <= bound[rows] + 1e-14)
+    assert torch.isnan(predicted["stress"][~periodic]).all()
+
+
+def test_target_of_the_same_kernel_class_is_recovered(model):
+    """Labels from a teacher with random weights on the same sparse set are fitted to near machine precision."""
+    generator = torch.Generator().manual_seed(3)
+    teacher_weights = torch.randn(model.kernel.n_sparse, generator=generator, dtype=torch.float64)
+    teacher = SparseKRRModel(
+        HYPERS,
+        model.species,
+        model.kernel,
+        ProjectedProcess(teacher_weights, model.solution.projection, model.solution.triangular),
+        model.baseline,
+        model.regularisers,
+        expansion=model.expansion,
+    )
+    structures = training_set()
+    labels = teacher.predict([s.atoms for s in structures])
+    n_per = [len(s.atoms) for s in structures]
+    forces = torch.split(labels["forces"], n_per)
+    relabelled = [
+        Labelled(atoms=s.atoms, energy=float(e), forces=f.numpy(), stress=None if s.stress is None else st.numpy())
+        for s, e, f, st in zip(structures, labels["energy"], forces, labels["stress"])
+    ]
+    kernel = kernel_from_dict({**model.kernel.to_dict(), "sparse_coefficients": None})
+    tiny = Regularisers(1e-7, 1e-7, 1e-7)
+    student = fit(relabelled, HYPERS, kernel, n_sparse=6, regularisers=tiny, isolated_energies=model.baseline.energies)
+    torch.testing.assert_close(student.kernel.sparse_coefficients, model.kernel.sparse_coefficients)
+    unseen = [methane(40), copper(41)]
+    expected, got = teacher.predict(unseen), student.predict(unseen)
+    scale = labels["forces"].abs().max()
+    for key in ("energy", "forces", "stress"):
+        finite = ~torch.isnan(expected[key])
+        assert torch.allclose(got[key][finite], expected[key][finite], atol=1e-7 * float(scale), rtol=0)
+
+
+def test_predictions_are_invariant_under_rotation_and_permutation(model):
+    atoms = [methane(21), copper(22)]
+    reference = model.predict(atoms, uncertainty=True)
+    rotation = random_rotation(5)
+    permutations = [np.array([0, 3, 1, 4, 2]), np.array([2, 0, 3, 1])]
+    transformed = []
+    for a, order in zip(atoms, permutations):
+        b = a[order]
+        b.positions = b.positions @ rotation.T
+        b.set_cell(b.cell.array @ rotation.T)
+        transformed.append(b)
+    result = model.predict(transformed, uncertainty=True)
+    # nearly collinear copper sparse environments have large, cancelling weights: roundoff ~1e-10
+    torch.testing.assert_close(result["energy"], reference["energy"], atol=1e-8, rtol=0)
+    torch.testing.assert_close(result["energy_uncertainty"], reference["energy_uncertainty"], atol=1e-8, rtol=1e-8)
+    r = torch.tensor(rotation)
+    old_forces = torch.split(reference["forces"], [5, 4])
+    new_forces = torch.split(result["forces"], [5, 4])
+    for old, new, order in zip(old_forces, new_forces, permutations):
+        torch.testing.assert_close(new, old[torch.tensor(order)] @ r.T, atol=1e-8, rtol=0)
+    torch.testing.assert_close(result["stress"][1], r @ reference["stress"][1] @ r.T, atol=1e-9, rtol=0)
+
+
+def test_unknown_species_gives_a_clear_error(model):
+    water = ase.Atoms("OH2", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
+    with pytest.raises(StructureError, match=r"structure 1 \(H2O\).*\[8\]"):
+        model.predict([methane(1), water])
+
+
+def test_duplicated_structures_with_half_weights_give_the_same_model():
+    structures = training_set()
+    halves = [dataclasses.replace(s, weight=0.5) for s in structures for _ in range(2)]
+    regularisers = Regularisers(0.01, 0.05, 0.005)
+    single = fit(structures, HYPERS, PolynomialKernel(zeta=2), n_sparse=6, regularisers=regularisers)
+    doubled = fit(halves, HYPERS, PolynomialKernel(zeta=2), n_sparse=6, regularisers=regularisers)
+    probe = [methane(50), copper(51)]
+    for key, value in single.predict(probe).items():
+        torch.testing.assert_close(doubled.predict(probe)[key], value, equal_nan=True, atol=1e-9, rtol=1e-8)
+
+
+def test_structures_without_forces_or_energy_and_single_kind_fits():
+    structures = training_set()
+    structures[0] = dataclasses.replace(structures[0], forces=None)
+    structures[1] = dataclasses.replace(structures[1], energy=None)
+    structures[7] = dataclasses.replace(structures[7], stress=None)
+    kernel = PolynomialKernel(zeta=2)
+    mixed = fit(structures, HYPERS, kernel, n_sparse=6)
+    design = build_design_matrix(structures, mixed.expansion, kernel, mixed.baseline)
+    assert int((design.kind == ENERGY).sum()) == 8
+    assert int((design.kind == FORCES).sum()) == 3 * (sum(len(s.atoms) for s in structures) - 5)
+    assert int((design.kind == STRESS).sum()) == 12
+    assert torch.isfinite(mixed.weights).all()
+    for energies, forces in ((True, False), (False, True)):
+        single = fit(structures, HYPERS, PolynomialKernel(zeta=2), n_sparse=6, energies=energies, forces=forces, stress=False)
+        assert torch.isfinite(single.weights).all()
+        assert torch.isfinite(single.predict([methane(60)])["forces"]).all()
+
+
+def test_uncertainty_is_small_on_training_environments_and_grows_away(model):
+    near = model.predict([s.atoms for s in training_set()[:6]], uncertainty=True)
+    far_atoms = []
+    for k in range(3):
+        a = methane(70 + k)
+        a.positions *= 0.55
+        far_atoms.append(a)
+    far = model.predict(far_atoms, uncertainty=True)
+    assert float(near["atom_uncertainty"].mean()) < 0.5 * float(far["atom_uncertainty"].mean())
+    assert float(near["energy_uncertainty"].mean()) < 0.5 * float(far["energy_uncertainty"].mean())
+
+
+def test_solver_matches_the_closed_form_and_its_variance():
+    generator = torch.Generator().manual_seed(0)
+    x_sparse = torch.randn(6, 3, generator=generator, dtype=torch.float64)
+    x_train = torch.randn(40, 3, generator=generator, dtype=torch.float64)
+    x_test = torch.randn(5, 3, generator=generator, dtype=torch.float64)
+
+    def k(a, b):
+        return torch.exp(-0.5 * torch.cdist(a, b) ** 2)
+
+    y = torch.sin(x_train).sum(dim=1)
+    inverse_sigma = torch.linspace(5.0, 20.0, 40, dtype=torch.float64)
+    solution = solve_projected_process(k(x_train, x_sparse), y, inverse_sigma, k(x_sparse, x_sparse))
+    k_nm, k_mm = k(x_train, x_sparse), k(x_sparse, x_sparse)
+    precision = k_mm + k_nm.T @ (inverse_sigma[:, None] ** 2 * k_nm)
+    expected = torch.linalg.solve(precision, k_nm.T @ (inverse_sigma**2 * y))
+    torch.testing.assert_close(solution.weights, expected, atol=1e-9, rtol=1e-7)
+    k_xm = k(x_test, x_sparse)
+    prior_explained = (k_xm * torch.linalg.solve(k_mm, k_xm.T).T).sum(1)
+    variance = 1.0 - prior_explained + (k_xm * torch.linalg.solve(precision, k_xm.T).T).sum(1)
+    torch.testing.assert_close(solution.variance(k_xm, torch.ones(5, dtype=torch.float64)), variance, atol=1e-9, rtol=1e-7)
+
+
+def test_hyperparameter_selection_lowers_the_validation_loss(model):
+    structures = training_set()
+    design = build_design_matrix(structures, model.expansion, model.kernel, model.baseline)
+    k_mm = model.kernel.sparse_block()
+    initial = select_hyperparameters(design, k_mm, model.kernel, Regularisers(1.0, 1.0, 1.0), folds=3, max_evaluations=1)
+    tuned = select_hyperparameters(design, k_mm, model.kernel, Regularisers(1.0, 1.0, 1.0), folds=3, max_evaluations=40)
+    assert tuned.loss < initial.loss
+    assert set(tuned.tuned) == set(model.kernel.mixing_names) - {"a"} | {"energy", "forces", "stress"}
+    assert tuned.mixing["a"] == model.kernel.mixing["a"]
+
+
+def test_checkpoint_round_trip(model, tmp_path):
+    path = tmp_path / "model.pt"
+    model.save(str(path))
+    loaded = SparseKRRModel.load(str(path))
+    probe = [methane(80), copper(81)]
+    expected, got = model.predict(probe, uncertainty=True), loaded.predict(probe, uncertainty=True)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, equal_nan=True, atol=0, rtol=0)
+    assert loaded.species == [1, 6, 29] and loaded.baseline == model.baseline
+
+
+def test_sparse_selection_per_species():
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(30, 4, generator=generator, dtype=torch.float64)
+    species = torch.tensor([1] * 20 + [6] * 10)
+    for method in ("fps", "cur"):
+        chosen = select_sparse(features, species, {1: 5, 6: 3}, method)
+        assert len(set(chosen.tolist())) == 8
+        assert species[chosen].tolist() == [1] * 5 + [6] * 3
+    duplicated = torch.cat([features[:3], features[:3]])
+    assert len(farthest_point_sampling(duplicated, 6)) == 3
+    # FPS: the second point is the farthest from the first
+    first_two = farthest_point_sampling(features, 2)
+    assert int(first_two[1]) == int(torch.argmax(torch.linalg.vector_norm(features - features[0], dim=1)))
+    assert len(set(cur_selection(features, 10).tolist())) == 10
+    with pytest.raises(ValueError, match="species 6"):
+        select_sparse(features, species, {1: 5}, "fps")
