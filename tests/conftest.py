@@ -3,6 +3,8 @@
 import sys
 from pathlib import Path
 
+import ase
+import ase.build
 import numpy as np
 import pytest
 import sphericart.torch
@@ -36,6 +38,59 @@ def wigner_d_real(l: int, rotation: np.ndarray) -> torch.Tensor:
     # y_rotated[p] = D y[p]  <=>  y_rotated = y D^T
     d_transposed = torch.linalg.lstsq(y, y_rotated).solution
     return d_transposed.T.contiguous()
+
+
+def ethanol(seed: int = 0) -> ase.Atoms:
+    """Ethanol with atoms displaced by up to ~0.1 A (no symmetry left)."""
+    atoms = ase.build.molecule("CH3CH2OH")
+    atoms.rattle(0.1, seed=seed)
+    return atoms
+
+
+def copper_cell() -> ase.Atoms:
+    """A 4-atom fcc Cu cell, sheared to a triclinic cell, atoms rattled."""
+    atoms = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True)
+    atoms.cell = atoms.cell.array @ np.array([[1.0, 0.05, 0.0], [0.0, 1.0, -0.04], [0.03, 0.0, 1.0]])
+    atoms.rattle(0.1, seed=3)
+    return atoms
+
+
+def check_forces_and_stress(atoms, displacements, strains, h, force_tolerance, stress_tolerance):
+    """Assert that ``atoms.calc``'s forces and stress equal central finite differences.
+
+    :param displacements: ``(atom, direction)`` pairs to displace by ``+-h`` (A).
+    :param strains: ``(a, b)`` components of a symmetric strain ``+-h`` (stress = dE/d eps / V).
+    """
+    forces, stress = atoms.get_forces(), atoms.get_stress(voigt=False)
+    assert np.abs(forces).max() > 1e-3 and np.abs(stress).max() > 1e-5
+
+    def energy_of(change):
+        other = atoms.copy()
+        other.calc = atoms.calc
+        change(other)
+        return other.get_potential_energy()
+
+    for atom, direction in displacements:
+
+        def displaced(sign):
+            def change(other):
+                other.positions[atom, direction] += sign * h
+
+            return energy_of(change)
+
+        derivative = (displaced(1) - displaced(-1)) / (2 * h)
+        assert abs(-derivative - forces[atom, direction]) < force_tolerance, (atom, direction)
+
+    for a, b in strains:
+
+        def strained(sign):
+            strain = np.eye(3)
+            strain[a, b] += sign * h / 2
+            strain[b, a] += sign * h / 2
+            return energy_of(lambda other: other.set_cell(atoms.cell.array @ strain, scale_atoms=True))
+
+        derivative = (strained(1) - strained(-1)) / (2 * h) / atoms.get_volume()
+        assert abs(derivative - stress[a, b]) < stress_tolerance, (a, b)
 
 
 @pytest.fixture(autouse=True)

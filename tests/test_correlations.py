@@ -9,7 +9,7 @@ import featomic
 import numpy as np
 import pytest
 import torch
-from conftest import random_rotation, wigner_d_real
+from conftest import copper_cell, ethanol, random_rotation, wigner_d_real
 
 from acdc_potential.correlations import (
     ACDCFeatures,
@@ -29,17 +29,6 @@ ALL_SPECIES = SPECIES + [29]
 HYPERS = DensityHypers(cutoff=3.5, smoothing=0.5, max_angular=3, max_radial=2, basis="le", width=0.4)
 
 
-def ethanol(seed=0):
-    atoms = ase.build.molecule("CH3CH2OH")
-    atoms.rattle(0.1, seed=seed)
-    return atoms
-
-
-def copper_cell():
-    atoms = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True)
-    atoms.cell = atoms.cell.array @ np.array([[1.0, 0.05, 0.0], [0.0, 1.0, -0.04], [0.03, 0.0, 1.0]])
-    atoms.rattle(0.1, seed=3)
-    return atoms
 
 
 def degenerate_pair(radius=1.2, theta=1.0):

@@ -6,7 +6,7 @@ import featomic
 import numpy as np
 import pytest
 import torch
-from conftest import random_rotation, wigner_d_real
+from conftest import copper_cell, ethanol, random_rotation, wigner_d_real
 
 from acdc_potential.density import DensityExpansion
 from acdc_potential.neighbors import StructureError, batch_from_atoms
@@ -15,17 +15,6 @@ from acdc_potential.radial import DensityHypers, radial_integrals
 SPECIES = [1, 6, 8]
 
 
-def ethanol(seed=0):
-    atoms = ase.build.molecule("CH3CH2OH")
-    atoms.rattle(0.1, seed=seed)
-    return atoms
-
-
-def copper_cell():
-    atoms = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True)
-    atoms.cell = atoms.cell.array @ np.array([[1.0, 0.05, 0.0], [0.0, 1.0, -0.04], [0.03, 0.0, 1.0]])
-    atoms.rattle(0.1, seed=3)
-    return atoms
 
 
 @pytest.fixture(scope="module")

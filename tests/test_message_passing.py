@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import random_rotation, wigner_d_real
-from test_correlations import copper_cell, degenerate_pair, ethanol
+from conftest import copper_cell, ethanol
+from test_correlations import degenerate_pair
 
 from acdc_potential.correlations import acdc_features, cg_product, density_blocks
 from acdc_potential.density import DensityExpansion

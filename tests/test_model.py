@@ -15,7 +15,7 @@ import ase.build
 import numpy as np
 import pytest
 import torch
-from conftest import random_rotation
+from conftest import check_forces_and_stress, random_rotation
 from metatomic.torch import ModelOutput
 from metatomic_ase import MetatomicCalculator
 
@@ -121,31 +121,7 @@ def test_float32_export_close_to_float64(exported):
 def test_forces_and_stress_equal_finite_differences(exported):
     atoms = copper()
     atoms.calc = MetatomicCalculator(exported[("copper", torch.float64)])
-    forces, stress = atoms.get_forces(), atoms.get_stress(voigt=False)
-    assert np.abs(forces).max() > 1e-3 and np.abs(stress).max() > 1e-4
-
-    h = 1e-5
-    for atom, direction in [(0, 0), (3, 2), (5, 1)]:
-        energies = []
-        for sign in (1, -1):
-            displaced = atoms.copy()
-            displaced.calc = atoms.calc
-            displaced.positions[atom, direction] += sign * h
-            energies.append(displaced.get_potential_energy())
-        assert abs(-(energies[0] - energies[1]) / (2 * h) - forces[atom, direction]) < 1e-6
-
-    volume = atoms.get_volume()
-    for a, b in [(0, 0), (1, 2), (2, 0)]:
-        energies = []
-        for sign in (1, -1):
-            strain = np.eye(3)
-            strain[a, b] += sign * h / 2
-            strain[b, a] += sign * h / 2
-            strained = atoms.copy()
-            strained.calc = atoms.calc
-            strained.set_cell(atoms.cell.array @ strain, scale_atoms=True)
-            energies.append(strained.get_potential_energy())
-        assert abs((energies[0] - energies[1]) / (2 * h) / volume - stress[a, b]) < 1e-7
+    check_forces_and_stress(atoms, [(0, 0), (3, 2), (5, 1)], [(0, 0), (1, 2), (2, 0)], 1e-5, 1e-6, 1e-7)
 
 
 def test_energy_invariant_and_forces_equivariant_under_rotation(exported):

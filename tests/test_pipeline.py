@@ -18,6 +18,8 @@ from ase import units
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
 from ase.md.verlet import VelocityVerlet
 
+from conftest import check_forces_and_stress
+
 from acdc_potential.calculator import ACDCCalculator
 from acdc_potential.config import FitConfig, fit_from_config
 from acdc_potential.data import read_structures
@@ -120,29 +122,9 @@ def test_fitted_forces_and_stress_equal_finite_differences(copper_fit):
     _, path, structures = copper_fit
     atoms = structures[0].atoms.copy()
     atoms.calc = ACDCCalculator(path, uncertainty_threshold=None)
-    forces, stress = atoms.get_forces(), atoms.get_stress(voigt=False)
     # the fitted energy carries ~1e-11 eV of round-off (large weights of both signs),
     # so the step is larger than for the stand-in head of test_model.py
-    h = 1e-4
-    for atom, direction in [(0, 0), (7, 1)]:
-        energies = []
-        for sign in (1, -1):
-            displaced = atoms.copy()
-            displaced.calc = atoms.calc
-            displaced.positions[atom, direction] += sign * h
-            energies.append(displaced.get_potential_energy())
-        assert abs(-(energies[0] - energies[1]) / (2 * h) - forces[atom, direction]) < 2e-6
-    for a, b in [(0, 0), (0, 1)]:
-        energies = []
-        for sign in (1, -1):
-            strain = np.eye(3)
-            strain[a, b] += sign * h / 2
-            strain[b, a] += sign * h / 2
-            strained = atoms.copy()
-            strained.calc = atoms.calc
-            strained.set_cell(atoms.cell.array @ strain, scale_atoms=True)
-            energies.append(strained.get_potential_energy())
-        assert abs((energies[0] - energies[1]) / (2 * h) / atoms.get_volume() - stress[a, b]) < 2e-8
+    check_forces_and_stress(atoms, [(0, 0), (7, 1)], [(0, 0), (0, 1)], 1e-4, 2e-6, 2e-8)
 
 
 def run_cli(*arguments, cwd):
