@@ -46,7 +46,7 @@ def fit_command(args) -> int:
     test = read_structures(args.test, keys=keys) if args.test else None
     print(f"read {len(train)} training structures from {args.train}" + (f", {len(test)} test structures from {args.test}" if test else ""))
 
-    model = fit_from_config(train, config)
+    model = fit_from_config(train, config, verbose=True)
     checkpoint = Path(args.output).with_suffix(".ckpt")
     model.save(str(checkpoint))
     export_model(build_potential(model), args.output, description=f"fitted on {args.train}")
@@ -54,7 +54,11 @@ def fit_command(args) -> int:
 
     tables = {"train": errors(pairs_of(train, predictions_of(model, train)))}
     if model.report is not None and model.report.validation_errors:
-        tables["validation"] = model.report.validation_errors
+        # the tuning report is in eV (per atom), eV/A and eV/A^3
+        tables["validation"] = {
+            quantity: {name: 1000.0 * value for name, value in values.items()}
+            for quantity, values in model.report.validation_errors.items()
+        }
     if test:
         test_pairs = pairs_of(test, predict_with_file(args.output, test))
         tables["test"] = errors(test_pairs)

@@ -159,7 +159,7 @@ def make_kernel(config: KernelConfig):
     raise ValueError(f"unknown kernel type '{config.type}' (known: wigner, polynomial)")
 
 
-def fit_from_config(structures, config: FitConfig):
+def fit_from_config(structures, config: FitConfig, verbose: bool = False):
     """Fit a :class:`~acdc_potential.regression.SparseKRRModel` on labelled structures as ``config`` says."""
     from .regression import fit
 
@@ -182,4 +182,5 @@ def fit_from_config(structures, config: FitConfig):
         isolated_energies=isolated,
         tune=config.options.tune,
         tune_options={"validation": config.options.validation, "seed": config.options.seed},
+        verbose=verbose,
     )

@@ -3,25 +3,30 @@
 :class:`AtomisticPotential` is a TorchScript-compatible module that reads the
 neighbour lists a metatomic engine hands it (ASE, LAMMPS, i-PI, ...), computes the
 density coefficients of every atom (:mod:`acdc_potential.density`) and passes them to
-an *energy head*: any TorchScript module with
+an *energy head*, a TorchScript module with two methods:
 
-    forward(coefficients: List[Tensor], species: Tensor, with_variance: bool) -> Tuple[Tensor, Tensor]
+- ``forward(coefficients: List[Tensor], species: Tensor) -> Tensor``: per-atom
+  energies ``[n_atoms]`` from the coefficients (layout of :mod:`acdc_potential.density`)
+  and the species index of each centre;
+- ``variance(coefficients, species, group: Tensor, n_groups: int, per_atom: bool) -> Tensor``:
+  the predictive variance (eV^2) of each atomic energy (``per_atom``, ``[n_atoms]``)
+  or of the sum of the atomic energies of each group (``[n_groups]``; ``group[i]`` is
+  the group of atom ``i``).
 
-returning per-atom energies ``[n_atoms]`` and, when ``with_variance``, per-atom
-predictive variances ``[n_atoms]`` (eV^2; otherwise anything) from the coefficients
-(layout of :mod:`acdc_potential.density`) and the species index of each centre.
 :class:`WignerHead` and :class:`PolynomialHead` are the heads of fitted sparse-KRR
 models (:func:`build_potential`); everything about the sparse environments that does
 not depend on the atom is precomputed there. Forces and stress come from autograd in the
 engine, through the distance vectors of its neighbour lists.
 
-Outputs: ``energy`` (per system, or per atom), and ``energy_uncertainty`` (per atom:
-the predictive standard deviation of each atomic energy; per system: the square root
-of the summed atomic variances, i.e. atomic errors taken as independent).
+Outputs: ``energy`` (per system, or per atom) and ``energy_uncertainty``, the
+projected-process predictive standard deviation of the system's energy or of each
+atomic energy, as :meth:`SparseKRRModel.predict` gives them. The system one needs the
+kernel between every pair of atoms of the system: cheap for molecules, seconds for
+hundreds of atoms.
 """
 
 import copy
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
@@ -56,8 +61,8 @@ class AtomisticPotential(torch.nn.Module):
     def requested_neighbor_lists(self) -> List[NeighborListOptions]:
         return [self.neighbors]
 
-    def atomic_energies(self, systems: List[System], with_variance: bool):
-        """Per-atom energies ``[N]``, variances ``[N]`` and system index ``[N]`` of all atoms."""
+    def environments(self, systems: List[System]):
+        """Density coefficients of all atoms, their species index ``[N]`` and system index ``[N]``."""
         vectors: List[torch.Tensor] = []
         centers: List[torch.Tensor] = []
         neighbors: List[torch.Tensor] = []
@@ -72,13 +77,9 @@ class AtomisticPotential(torch.nn.Module):
             system_index.append(torch.full((len(system),), i, dtype=torch.long, device=system.positions.device))
             types.append(system.types.to(torch.long))
             offset += len(system)
-        numbers = torch.cat(types)
-        species = self.density.species_index(numbers)
-        all_centers = torch.cat(centers)
-        coefficients = self.density(torch.cat(vectors), all_centers, species[torch.cat(neighbors)], offset)
-        energies, variances = self.head(coefficients, species, with_variance)
-        energies = energies + self.baseline.to(energies.dtype)[species]
-        return energies, variances, torch.cat(system_index)
+        species = self.density.species_index(torch.cat(types))
+        coefficients = self.density(torch.cat(vectors), torch.cat(centers), species[torch.cat(neighbors)], offset)
+        return coefficients, species, torch.cat(system_index)
 
     def forward(
         self,
@@ -88,33 +89,35 @@ class AtomisticPotential(torch.nn.Module):
     ) -> Dict[str, TensorMap]:
         if len(systems) == 0:
             return {}
-        energies, variances, system_index = self.atomic_energies(systems, "energy_uncertainty" in outputs)
-        device = energies.device
+        coefficients, species, system_index = self.environments(systems)
+        device = species.device
         atom_index = torch.cat([torch.arange(len(s), device=device) for s in systems])
+        keep = torch.ones_like(system_index, dtype=torch.bool)
         if selected_atoms is not None:
             keep = torch.zeros_like(system_index, dtype=torch.bool)
             for row in selected_atoms.values:
                 keep = keep | ((system_index == row[0]) & (atom_index == row[1]))
-            energies = energies[keep]
-            variances = variances[keep]
-            system_index = system_index[keep]
-            atom_index = atom_index[keep]
+        n_systems = len(systems)
 
         results: Dict[str, TensorMap] = {}
         for name in ["energy", "energy_uncertainty"]:
             if name not in outputs:
                 continue
-            values = energies if name == "energy" else variances
-            if outputs[name].sample_kind == "atom":
-                samples = Labels(["system", "atom"], torch.stack([system_index, atom_index], dim=1).to(torch.int32))
-                if name == "energy_uncertainty":
-                    values = torch.sqrt(values)
+            per_atom = outputs[name].sample_kind == "atom"
+            if name == "energy":
+                values = self.head(coefficients, species) + self.baseline.to(coefficients[0].dtype)[species]
+                values = values[keep]
+                if not per_atom:
+                    values = torch.zeros(n_systems, dtype=values.dtype, device=device).index_add(0, system_index[keep], values)
+            elif per_atom:
+                values = torch.sqrt(self.head.variance(coefficients, species, system_index, n_systems, True)[keep])
             else:
-                total = torch.zeros(len(systems), dtype=values.dtype, device=device)
-                values = total.index_add(0, system_index, values)
-                if name == "energy_uncertainty":
-                    values = torch.sqrt(values)
-                samples = Labels(["system"], torch.arange(len(systems), device=device, dtype=torch.int32).reshape(-1, 1))
+                kept = [c[keep] for c in coefficients]
+                values = torch.sqrt(self.head.variance(kept, species[keep], system_index[keep], n_systems, False))
+            if per_atom:
+                samples = Labels(["system", "atom"], torch.stack([system_index[keep], atom_index[keep]], dim=1).to(torch.int32))
+            else:
+                samples = Labels(["system"], torch.arange(n_systems, device=device, dtype=torch.int32).reshape(-1, 1))
             block = TensorBlock(
                 values=values.reshape(-1, 1),
                 samples=samples,
@@ -192,9 +195,18 @@ class _SparseState(torch.nn.Module):
         self.register_buffer("triangular", fitted.solution.triangular.detach().to(torch.float64).clone())
 
     def variance(self, k_xm: torch.Tensor, k_xx: torch.Tensor) -> torch.Tensor:
-        phi = k_xm @ self.projection
+        """``[n]`` variances from kernel rows ``k_xm [n, M]`` and ``k(x, x)`` ``[n]``."""
+        phi = k_xm.to(torch.float64) @ self.projection
         posterior = torch.linalg.solve_triangular(self.triangular.T, phi.T, upper=False)
-        return k_xx - (phi**2).sum(dim=1) + (posterior**2).sum(dim=0)
+        return (k_xx.to(torch.float64) - (phi**2).sum(dim=1) + (posterior**2).sum(dim=0)).to(k_xm.dtype)
+
+    def group_variance(self, k_xm: torch.Tensor, k_xy: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:
+        """``[n_groups]`` variances of sums over groups, from atom rows ``k_xm [n, M]`` and
+        the kernel between all atoms ``k_xy [n, n]``."""
+        k_gm = torch.zeros((n_groups, k_xm.shape[1]), dtype=k_xm.dtype, device=k_xm.device).index_add(0, group, k_xm)
+        same = (group.unsqueeze(1) == group.unsqueeze(0)).to(k_xy.dtype)
+        k_gg = torch.zeros(n_groups, dtype=k_xy.dtype, device=k_xy.device).index_add(0, group, (k_xy * same).sum(dim=1))
+        return self.variance(k_gm, k_gg)
 
 
 class WignerHead(torch.nn.Module):
@@ -222,23 +234,30 @@ class WignerHead(torch.nn.Module):
         order_weights = self.state.piece_weights[:, None] * self.inverse_scale[self.state.sparse_species].T
         self.register_buffer("pair_weights", order_weights * self.state.weights[None, :])
 
-    def forward(
-        self, coefficients: List[torch.Tensor], species: torch.Tensor, with_variance: bool
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, coefficients: List[torch.Tensor], species: torch.Tensor) -> torch.Tensor:
         sparse = _unflatten(self.state.sparse.to(coefficients[0].dtype), self.state.shapes)
         weights = self.pair_weights.to(coefficients[0].dtype)
-        energies = self.kernels.weighted_sum(coefficients, species, sparse, self.state.sparse_species, weights)
-        variances = torch.zeros_like(energies)
-        if with_variance:
-            with torch.no_grad():
-                a = [c.detach() for c in coefficients]
-                piece_weights = self.state.piece_weights.to(energies.dtype)
-                inverse_scale = self.inverse_scale.to(energies.dtype)[species].T
-                pieces = self.kernels(a, species, sparse, self.state.sparse_species) * inverse_scale[:, :, None]
-                k_xm = torch.einsum("p,pnm->nm", piece_weights, pieces)
+        return self.kernels.weighted_sum(coefficients, species, sparse, self.state.sparse_species, weights)
+
+    def kernel(self, a: List[torch.Tensor], species_a: torch.Tensor, b: List[torch.Tensor], species_b: torch.Tensor) -> torch.Tensor:
+        """Mixed kernel ``[n_a, n_b]`` (all pieces, scaled and weighted)."""
+        inverse_scale = self.inverse_scale.to(a[0].dtype)[species_a].T
+        pieces = self.kernels(a, species_a, b, species_b) * inverse_scale[:, :, None]
+        return torch.einsum("p,pnm->nm", self.state.piece_weights.to(a[0].dtype), pieces)
+
+    def variance(
+        self, coefficients: List[torch.Tensor], species: torch.Tensor, group: torch.Tensor, n_groups: int, per_atom: bool
+    ) -> torch.Tensor:
+        with torch.no_grad():
+            a = [c.detach() for c in coefficients]
+            sparse = _unflatten(self.state.sparse.to(a[0].dtype), self.state.shapes)
+            k_xm = self.kernel(a, species, sparse, self.state.sparse_species)
+            if per_atom:
+                inverse_scale = self.inverse_scale.to(a[0].dtype)[species].T
+                piece_weights = self.state.piece_weights.to(a[0].dtype)
                 k_xx = piece_weights[0] + piece_weights[1:] @ (self.kernels.invariant_matched(a, a) * inverse_scale[1:])
-                variances = self.state.variance(k_xm.to(torch.float64), k_xx.to(torch.float64)).to(energies.dtype)
-        return energies, variances
+                return self.state.variance(k_xm, k_xx)
+            return self.state.group_variance(k_xm, self.kernel(a, species, a, species), group, n_groups)
 
 
 class PolynomialHead(torch.nn.Module):
@@ -253,20 +272,30 @@ class PolynomialHead(torch.nn.Module):
         features = power_spectrum(_unflatten(self.state.sparse, self.state.shapes))
         self.register_buffer("sparse_features", features / torch.linalg.vector_norm(features, dim=1, keepdim=True).clamp_min(1e-150))
 
-    def forward(
-        self, coefficients: List[torch.Tensor], species: torch.Tensor, with_variance: bool
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def unit_features(self, coefficients: List[torch.Tensor]) -> torch.Tensor:
         features = power_spectrum(coefficients)
-        unit = features / torch.linalg.vector_norm(features, dim=1, keepdim=True).clamp_min(1e-150)
-        same = (species.unsqueeze(1) == self.state.sparse_species.unsqueeze(0)).to(unit.dtype)
-        piece_weights = self.state.piece_weights.to(unit.dtype)
-        k_xm = same * (piece_weights[0] + piece_weights[1] * (unit @ self.sparse_features.to(unit.dtype).T) ** self.zeta)
-        energies = k_xm @ self.state.weights.to(unit.dtype)
-        variances = torch.zeros_like(energies)
-        if with_variance:
-            k_xx = (piece_weights[0] + piece_weights[1]).expand_as(energies)
-            variances = self.state.variance(k_xm.detach().to(torch.float64), k_xx.to(torch.float64)).to(energies.dtype)
-        return energies, variances
+        return features / torch.linalg.vector_norm(features, dim=1, keepdim=True).clamp_min(1e-150)
+
+    def kernel(self, x: torch.Tensor, species_x: torch.Tensor, y: torch.Tensor, species_y: torch.Tensor) -> torch.Tensor:
+        """Mixed kernel ``[n_x, n_y]`` between unit feature rows."""
+        same = (species_x.unsqueeze(1) == species_y.unsqueeze(0)).to(x.dtype)
+        piece_weights = self.state.piece_weights.to(x.dtype)
+        return same * (piece_weights[0] + piece_weights[1] * (x @ y.T) ** self.zeta)
+
+    def forward(self, coefficients: List[torch.Tensor], species: torch.Tensor) -> torch.Tensor:
+        unit = self.unit_features(coefficients)
+        k_xm = self.kernel(unit, species, self.sparse_features.to(unit.dtype), self.state.sparse_species)
+        return k_xm @ self.state.weights.to(unit.dtype)
+
+    def variance(
+        self, coefficients: List[torch.Tensor], species: torch.Tensor, group: torch.Tensor, n_groups: int, per_atom: bool
+    ) -> torch.Tensor:
+        with torch.no_grad():
+            unit = self.unit_features([c.detach() for c in coefficients])
+            k_xm = self.kernel(unit, species, self.sparse_features.to(unit.dtype), self.state.sparse_species)
+            if per_atom:
+                return self.state.variance(k_xm, self.kernel(unit, species, unit, species).diagonal())
+            return self.state.group_variance(k_xm, self.kernel(unit, species, unit, species), group, n_groups)
 
 
 def build_potential(fitted) -> AtomisticPotential:

@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import scipy.optimize
 import torch
+from tqdm import tqdm
 
 from .data import Labelled, labels_of, species_of, validate
 from .density import DensityExpansion
@@ -239,8 +240,11 @@ def build_design_matrix(
     forces: bool = True,
     stress: bool = True,
     budget: float = 3e7,
+    progress: bool = False,
 ) -> DesignMatrix:
     """Rows for every label of ``structures`` (those absent are skipped).
+
+    ``progress`` shows a progress bar over the structures.
 
     :param budget: largest number of entries of the per-batch derivatives (``n_pieces x M x K``
         per structure, ``K = 3 n_atoms + 9`` directions) and coefficient Jacobians
@@ -267,7 +271,9 @@ def build_design_matrix(
         directions = 3 * s.n_atoms + 9
         return n_pieces * n_sparse * directions + s.n_atoms * directions * dimension
 
+    bar = tqdm(total=len(structures), desc="kernel rows", unit="structure", disable=not progress)
     for group in _batches(structures, cost, budget):
+        bar.update(len(group))
         members = [structures[k] for k in group]
         need_gradient = any(wanted[k][1] or wanted[k][2] for k in group)
         batch = batch_from_atoms([s.atoms for s in members], expansion.cutoff, device=device, first_index=group[0])
@@ -299,6 +305,7 @@ def build_design_matrix(
                 pieces[:, row : row + 6] = _voigt(strain).transpose(1, 2)
                 targets[row : row + 6] = _voigt(torch.as_tensor(s.stress, dtype=torch.float64, device=device))
                 kind[row : row + 6] = STRESS
+    bar.close()
     return DesignMatrix(pieces, targets, kind, row_structure, row_atoms, row_weight)
 
 
@@ -665,6 +672,7 @@ def fit(
     rcond: float = 1e-10,
     budget: float = 3e7,
     device=None,
+    verbose: bool = False,
 ) -> SparseKRRModel:
     """Fit a sparse KRR potential on labelled structures (ase.Atoms or :class:`Labelled`).
 
@@ -672,24 +680,40 @@ def fit(
     species (``selection`` = ``"fps"`` | ``"cur"`` on the power spectrum); design matrix
     (energies/forces/stress as enabled and present); optionally :func:`select_hyperparameters`
     (``tune_options`` are its keyword arguments), which updates the kernel's mixing and the
-    regularisers; projected-process solve.
+    regularisers; projected-process solve. ``verbose`` reports each step, with timings
+    and a progress bar over the kernel rows.
     """
     from .correlations import power_spectrum
+
+    start = time.perf_counter()
+
+    def log(message: str) -> None:
+        if verbose:
+            print(f"[{time.perf_counter() - start:7.1f} s] {message}", flush=True)
 
     labelled = _as_labelled(structures)
     species = sorted(int(z) for z in species) if species is not None else species_of(labelled)
     validate(labelled, species=species)
+    log(f"tabulating the radial integrals ({len(labelled)} structures, species {species})")
     expansion = DensityExpansion(density_hypers, species)
     baseline = Baseline.fit(labelled, species, isolated_energies)
+    log("density coefficients of every atom")
     coefficients, numbers, layout = training_coefficients(labelled, expansion, device=device)
     chosen = select_sparse(power_spectrum(layout.unflatten(coefficients)), numbers, n_sparse, selection)
     kernel.set_sparse(coefficients[chosen], numbers[chosen], layout)
-    design = build_design_matrix(labelled, expansion, kernel, baseline, energies, forces, stress, budget)
+    counts = {int(z): int((numbers[chosen] == z).sum()) for z in species}
+    log(f"{len(chosen)} sparse environments by {selection} ({counts} per atomic number); building the kernel rows")
+    design = build_design_matrix(labelled, expansion, kernel, baseline, energies, forces, stress, budget, progress=verbose)
     k_mm_pieces = kernel.sparse_block()
+    log(f"design matrix: {design.pieces.shape[1]} rows x {design.pieces.shape[2]} sparse environments")
     report = None
     if tune:
         report = select_hyperparameters(design, k_mm_pieces, kernel, regularisers, rcond=rcond, **(tune_options or {}))
         kernel.mixing = dict(report.mixing)
         regularisers = report.regularisers
+        mixing = ", ".join(f"{k} = {v:.4g}" for k, v in report.mixing.items())
+        sigmas = ", ".join(f"{k} = {v:.3g}" for k, v in dataclasses.asdict(regularisers).items())
+        log(f"tuned on held-out structures ({report.evaluations} solves): {mixing}; regularisers {sigmas}")
     solution = _fit_rows(design, k_mm_pieces, kernel.piece_weights(), regularisers, rcond)
+    log("solved the projected-process regression")
     return SparseKRRModel(density_hypers, species, kernel, solution, baseline, regularisers, report, expansion)

@@ -14,7 +14,7 @@ import time
 import ase.io
 import numpy as np
 from ase import units
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+from ase.md.velocitydistribution import Stationary, ZeroRotation, thermalize_momenta
 from ase.md.verlet import VelocityVerlet
 
 from acdc_potential.calculator import ACDCCalculator
@@ -32,7 +32,7 @@ def main():
 
     atoms = ase.io.read(args.structure, index=0)
     atoms.calc = ACDCCalculator(args.model, uncertainty_threshold=None)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=args.temperature, rng=np.random.default_rng(args.seed))
+    thermalize_momenta(atoms, temperature_K=args.temperature, rng=np.random.default_rng(args.seed))
     Stationary(atoms)
     if not any(atoms.pbc):
         ZeroRotation(atoms)

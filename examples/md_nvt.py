@@ -11,7 +11,7 @@ import ase.io
 import numpy as np
 from ase import units
 from ase.md.langevin import Langevin
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+from ase.md.velocitydistribution import thermalize_momenta
 
 from acdc_potential.calculator import ACDCCalculator
 
@@ -29,7 +29,7 @@ def main():
 
     atoms = ase.io.read(args.structure, index=0)
     atoms.calc = ACDCCalculator(args.model)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=args.temperature, rng=np.random.default_rng(0))
+    thermalize_momenta(atoms, temperature_K=args.temperature, rng=np.random.default_rng(0))
     dynamics = Langevin(
         atoms, args.timestep * units.fs, temperature_K=args.temperature, friction=args.friction / units.fs,
         trajectory=args.trajectory, loginterval=10, rng=np.random.default_rng(1),

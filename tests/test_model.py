@@ -8,7 +8,7 @@ and stress, dtype, per-atom outputs) independently of any fit.
 import subprocess
 import sys
 import textwrap
-from typing import List, Tuple
+from typing import List
 
 import ase
 import ase.build
@@ -25,7 +25,7 @@ from acdc_potential.radial import DensityHypers
 
 
 class QuadraticHead(torch.nn.Module):
-    """e_i = sum_l sum_q w_lq sum_m c[i, m, q]^2 + linear l = 0 term; variance e_i^2."""
+    """e_i = sum_l sum_q w_lq sum_m c[i, m, q]^2 + linear l = 0 term; variance (e_i / 10)^2 per atom."""
 
     def __init__(self, sizes: List[int]):
         super().__init__()
@@ -34,13 +34,19 @@ class QuadraticHead(torch.nn.Module):
             [torch.nn.Parameter(torch.randn(n, generator=generator, dtype=torch.float64), requires_grad=False) for n in sizes]
         )
 
-    def forward(
-        self, coefficients: List[torch.Tensor], species: torch.Tensor, with_variance: bool
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, coefficients: List[torch.Tensor], species: torch.Tensor) -> torch.Tensor:
         energy = coefficients[0][:, 0, :].sum(1) * 0.1
         for l, w in enumerate(self.weights):
             energy = energy + ((coefficients[l] ** 2).sum(1) * w).sum(1)
-        return energy, 0.01 * energy**2
+        return energy
+
+    def variance(
+        self, coefficients: List[torch.Tensor], species: torch.Tensor, group: torch.Tensor, n_groups: int, per_atom: bool
+    ) -> torch.Tensor:
+        atomic = 0.01 * self.forward(coefficients, species).detach() ** 2
+        if per_atom:
+            return atomic
+        return torch.zeros(n_groups, dtype=atomic.dtype).index_add(0, group, atomic)
 
 
 def make_potential(species):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from ase import units
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+from ase.md.velocitydistribution import Stationary, ZeroRotation, thermalize_momenta
 from ase.md.verlet import VelocityVerlet
 
 from conftest import check_forces_and_stress
@@ -82,6 +82,8 @@ def test_exported_file_reproduces_the_fitted_model(kernel, ethanol_fit, tmp_path
         np.testing.assert_allclose(atoms.get_forces(), expected, rtol=0, atol=1e-10 * np.abs(expected).max())
         sigma = calculator.get_uncertainty(atoms, per_atom=True)
         np.testing.assert_allclose(sigma, reference["atom_uncertainty"][9 * k : 9 * (k + 1)].numpy(), rtol=1e-8)
+        total = calculator.get_uncertainty(atoms)
+        assert abs(total - float(reference["energy_uncertainty"][k])) <= 1e-8 * total
 
 
 def test_float32_export(ethanol_fit, tmp_path):
@@ -105,7 +107,7 @@ def test_nve_conserves_energy(ethanol_fit):
     _, path = ethanol_fit
     atoms = ase.io.read(str(DATA / "ethanol_test.extxyz"), 0)
     atoms.calc = ACDCCalculator(path, uncertainty_threshold=None)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
+    thermalize_momenta(atoms, temperature_K=300, rng=np.random.default_rng(0))
     Stationary(atoms)
     ZeroRotation(atoms)
     totals = []
