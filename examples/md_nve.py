@@ -13,6 +13,7 @@ import time
 
 import ase.io
 import numpy as np
+import torch
 from ase import units
 from ase.md.velocitydistribution import Stationary, ZeroRotation, thermalize_momenta
 from ase.md.verlet import VelocityVerlet
@@ -23,6 +24,7 @@ from acdc_potential.calculator import ACDCCalculator
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model")
+    parser.add_argument("--threads", type=int, help="torch threads (default: 1 below 100 atoms, where threads cost more than they give)")
     parser.add_argument("--structure", default="examples/ethanol_test.extxyz", help="first frame of this file is the start")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--timestep", type=float, default=0.5, help="fs")
@@ -31,6 +33,7 @@ def main():
     args = parser.parse_args()
 
     atoms = ase.io.read(args.structure, index=0)
+    torch.set_num_threads(args.threads or (1 if len(atoms) < 100 else torch.get_num_threads()))
     atoms.calc = ACDCCalculator(args.model, uncertainty_threshold=None)
     thermalize_momenta(atoms, temperature_K=args.temperature, rng=np.random.default_rng(args.seed))
     Stationary(atoms)

@@ -9,6 +9,7 @@ import time
 
 import ase.io
 import numpy as np
+import torch
 from ase import units
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import thermalize_momenta
@@ -19,6 +20,7 @@ from acdc_potential.calculator import ACDCCalculator
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model")
+    parser.add_argument("--threads", type=int, help="torch threads (default: 1 below 100 atoms, where threads cost more than they give)")
     parser.add_argument("--structure", default="examples/ethanol_test.extxyz")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--timestep", type=float, default=0.5, help="fs")
@@ -28,6 +30,7 @@ def main():
     args = parser.parse_args()
 
     atoms = ase.io.read(args.structure, index=0)
+    torch.set_num_threads(args.threads or (1 if len(atoms) < 100 else torch.get_num_threads()))
     atoms.calc = ACDCCalculator(args.model)
     thermalize_momenta(atoms, temperature_K=args.temperature, rng=np.random.default_rng(0))
     dynamics = Langevin(
