@@ -18,12 +18,13 @@ from pathlib import Path
 import yaml
 
 
-def _keys(config, args):
+def _keys(keys, args):
+    """``keys`` (a ``LabelKeys``) with the names given by ``--energy-key`` and friends."""
     for name in ("energy", "forces", "stress"):
         value = getattr(args, f"{name}_key", None)
         if value:
-            setattr(config.keys, name, value)
-    return config.keys
+            setattr(keys, name, value)
+    return keys
 
 
 def _print_errors(tables):
@@ -40,7 +41,7 @@ def fit_command(args) -> int:
     from .model import build_potential, export_model
 
     config = FitConfig.from_yaml(args.config)
-    keys = _keys(config, args)
+    keys = _keys(config.keys, args)
     start = time.perf_counter()
     train = read_structures(args.train, keys=keys)
     test = read_structures(args.test, keys=keys) if args.test else None
@@ -74,11 +75,7 @@ def eval_command(args) -> int:
     from .data import LabelKeys, read_structures
     from .evaluation import errors, pairs_of, parity_plots, predict_with_file
 
-    keys = LabelKeys()
-    for name in ("energy", "forces", "stress"):
-        if getattr(args, f"{name}_key"):
-            setattr(keys, name, getattr(args, f"{name}_key"))
-    structures = read_structures(args.data, keys=keys)
+    structures = read_structures(args.data, keys=_keys(LabelKeys(), args))
     pairs = pairs_of(structures, predict_with_file(args.model, structures))
     plot = args.plot or str(Path(args.data).with_suffix(".parity.png").name)
     parity_plots(pairs, plot, title=f"{Path(args.model).name} on {Path(args.data).name}")

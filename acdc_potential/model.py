@@ -41,6 +41,8 @@ from metatomic.torch import (
 
 from .correlations import power_spectrum
 from .density import DensityExpansion
+from .regression import projected_variance
+from .sparse import unflatten
 
 
 class AtomisticPotential(torch.nn.Module):
@@ -160,17 +162,6 @@ def export_model(
     return model
 
 
-def _unflatten(flat: torch.Tensor, shapes: List[List[int]]) -> List[torch.Tensor]:
-    """Flat coefficients ``[n, D]`` back to the list over ``l`` of ``[n, 2l + 1, Q_l]``."""
-    out: List[torch.Tensor] = []
-    start = 0
-    for shape in shapes:
-        size = shape[0] * shape[1]
-        out.append(flat[:, start : start + size].reshape(-1, shape[0], shape[1]))
-        start += size
-    return out
-
-
 class _SparseState(torch.nn.Module):
     """What a head keeps of a fitted sparse-KRR model (see :class:`~acdc_potential.regression.ProjectedProcess`).
 
@@ -196,9 +187,8 @@ class _SparseState(torch.nn.Module):
 
     def variance(self, k_xm: torch.Tensor, k_xx: torch.Tensor) -> torch.Tensor:
         """``[n]`` variances from kernel rows ``k_xm [n, M]`` and ``k(x, x)`` ``[n]``."""
-        phi = k_xm.to(torch.float64) @ self.projection
-        posterior = torch.linalg.solve_triangular(self.triangular.T, phi.T, upper=False)
-        return (k_xx.to(torch.float64) - (phi**2).sum(dim=1) + (posterior**2).sum(dim=0)).to(k_xm.dtype)
+        variance = projected_variance(k_xm.to(torch.float64), k_xx.to(torch.float64), self.projection, self.triangular)
+        return variance.to(k_xm.dtype)
 
     def group_variance(self, k_xm: torch.Tensor, k_xy: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:
         """``[n_groups]`` variances of sums over groups, from atom rows ``k_xm [n, M]`` and
@@ -235,7 +225,7 @@ class WignerHead(torch.nn.Module):
         self.register_buffer("pair_weights", order_weights * self.state.weights[None, :])
 
     def forward(self, coefficients: List[torch.Tensor], species: torch.Tensor) -> torch.Tensor:
-        sparse = _unflatten(self.state.sparse.to(coefficients[0].dtype), self.state.shapes)
+        sparse = unflatten(self.state.sparse.to(coefficients[0].dtype), self.state.shapes)
         weights = self.pair_weights.to(coefficients[0].dtype)
         return self.kernels.weighted_sum(coefficients, species, sparse, self.state.sparse_species, weights)
 
@@ -250,7 +240,7 @@ class WignerHead(torch.nn.Module):
     ) -> torch.Tensor:
         with torch.no_grad():
             a = [c.detach() for c in coefficients]
-            sparse = _unflatten(self.state.sparse.to(a[0].dtype), self.state.shapes)
+            sparse = unflatten(self.state.sparse.to(a[0].dtype), self.state.shapes)
             k_xm = self.kernel(a, species, sparse, self.state.sparse_species)
             if per_atom:
                 inverse_scale = self.inverse_scale.to(a[0].dtype)[species].T
@@ -269,7 +259,7 @@ class PolynomialHead(torch.nn.Module):
             raise ValueError("only polynomial kernels on the default power spectrum can be exported")
         self.state = _SparseState(fitted, species)
         self.zeta = int(fitted.kernel.zeta)
-        features = power_spectrum(_unflatten(self.state.sparse, self.state.shapes))
+        features = power_spectrum(unflatten(self.state.sparse, self.state.shapes))
         self.register_buffer("sparse_features", features / torch.linalg.vector_norm(features, dim=1, keepdim=True).clamp_min(1e-150))
 
     def unit_features(self, coefficients: List[torch.Tensor]) -> torch.Tensor:

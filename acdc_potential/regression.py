@@ -334,9 +334,17 @@ class ProjectedProcess:
         :param k_xx: ``[n]`` the matching ``k(x, x)``. Returns ``[n]`` (eV^2 when the
             regularisers are in eV).
         """
-        phi = k_xm @ self.projection
-        posterior = torch.linalg.solve_triangular(self.triangular.T, phi.T, upper=False)
-        return k_xx - (phi**2).sum(dim=1) + (posterior**2).sum(dim=0)
+        return projected_variance(k_xm, k_xx, self.projection, self.triangular)
+
+
+def projected_variance(
+    k_xm: torch.Tensor, k_xx: torch.Tensor, projection: torch.Tensor, triangular: torch.Tensor
+) -> torch.Tensor:
+    """``k_xx - |k_xM P|^2 + |R^-T P^T k_Mx|^2`` ``[n]`` (see :class:`ProjectedProcess`);
+    TorchScript-compatible, used by exported models."""
+    phi = k_xm @ projection
+    posterior = torch.linalg.solve_triangular(triangular.T, phi.T, upper=False)
+    return k_xx - (phi**2).sum(dim=1) + (posterior**2).sum(dim=0)
 
 
 def solve_projected_process(

@@ -43,8 +43,19 @@ class Layout:
 
     def unflatten(self, flat: torch.Tensor) -> List[torch.Tensor]:
         """``[n, D]`` -> list over ``l`` of ``[n, 2l + 1, Q_l]``."""
-        parts = torch.split(flat, self.sizes, dim=1)
-        return [p.reshape(flat.shape[0], a, b) for p, (a, b) in zip(parts, self.shapes)]
+        return unflatten(flat, [list(shape) for shape in self.shapes])
+
+
+def unflatten(flat: torch.Tensor, shapes: List[List[int]]) -> List[torch.Tensor]:
+    """Flat coefficients ``[n, D]`` back to the list over ``l`` of ``[n, 2l + 1, Q_l]``
+    (``shapes[l] = [2l + 1, Q_l]``); TorchScript-compatible, used by exported models."""
+    out: List[torch.Tensor] = []
+    start = 0
+    for shape in shapes:
+        size = shape[0] * shape[1]
+        out.append(flat[:, start : start + size].reshape(-1, shape[0], shape[1]))
+        start += size
+    return out
 
 
 def sum_by_structure(x: torch.Tensor, owner: torch.Tensor, n_structures: int) -> torch.Tensor:
@@ -396,11 +407,10 @@ class WignerKernel(SparseKernel):
 
     def paired(self, a, species_a, b, species_b):
         """Pieces of matched rows ``(a[p], b[p])``, ``[nu_max + 1, P]`` (see :meth:`WignerKernels.invariant_matched`)."""
-        from .wigner import wigner_module
+        from .wigner import matched_invariant_kernels
 
-        delta = (species_a == species_b).to(a[0].dtype)
-        orders = wigner_module(self.wigner_hypers, a[0]).invariant_matched(a, b)
-        return torch.cat([delta[None], orders * delta]) * self._order_scale(species_a, a[0])
+        pieces = matched_invariant_kernels(a, species_a, b, species_b, self.wigner_hypers)
+        return pieces * self._order_scale(species_a, a[0])
 
     def rows(self, coefficients, species):
         from .wigner import invariant_kernels
