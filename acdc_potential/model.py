@@ -144,6 +144,9 @@ def export_model(
     cuda; the cuda path is untested (no GPU on the development machines).
     """
     potential = copy.deepcopy(potential).to(dtype).eval()
+    clear_cache = getattr(potential.head, "clear_cache", None)
+    if clear_cache is not None:
+        clear_cache()
     outputs = {
         "energy": ModelOutput(unit="eV", sample_kind="atom"),
         "energy_uncertainty": ModelOutput(unit="eV", sample_kind="atom"),
@@ -165,8 +168,8 @@ def export_model(
 class _SparseState(torch.nn.Module):
     """What a head keeps of a fitted sparse-KRR model (see :class:`~acdc_potential.regression.ProjectedProcess`).
 
-    Buffers: ``sparse [M, D]`` flat coefficients of the sparse environments,
-    ``sparse_species [M]`` their central species index, ``weights [M]``,
+    Buffers: ``sparse [M, D]`` flat coefficients of the sparse environments (sorted by
+    species), ``sparse_species [M]`` their central species index, ``weights [M]``,
     ``piece_weights [n_pieces]``, ``projection [M, r]`` and ``triangular [r, r]`` for the
     predictive variance ``k_xx - |k_xM P|^2 + |R^-T P^T k_Mx|^2``.
     """
@@ -176,13 +179,14 @@ class _SparseState(torch.nn.Module):
         kernel = fitted.kernel
         self.shapes: List[List[int]] = [list(shape) for shape in kernel.layout.shapes]
         index = {z: k for k, z in enumerate(species)}
-        self.register_buffer("sparse", kernel.sparse_coefficients.detach().to(torch.float64).clone())
-        self.register_buffer(
-            "sparse_species", torch.tensor([index[int(z)] for z in kernel.sparse_species.tolist()], dtype=torch.long)
-        )
-        self.register_buffer("weights", fitted.solution.weights.detach().to(torch.float64).clone())
+        sparse_species = torch.tensor([index[int(z)] for z in kernel.sparse_species.tolist()], dtype=torch.long)
+        # grouped by species, so that per-species blocks of sparse data are views
+        order = torch.argsort(sparse_species, stable=True)
+        self.register_buffer("sparse", kernel.sparse_coefficients.detach().to(torch.float64)[order].clone())
+        self.register_buffer("sparse_species", sparse_species[order].clone())
+        self.register_buffer("weights", fitted.solution.weights.detach().to(torch.float64)[order].clone())
         self.register_buffer("piece_weights", kernel.piece_weights().to(torch.float64).clone())
-        self.register_buffer("projection", fitted.solution.projection.detach().to(torch.float64).clone())
+        self.register_buffer("projection", fitted.solution.projection.detach().to(torch.float64)[order].clone())
         self.register_buffer("triangular", fitted.solution.triangular.detach().to(torch.float64).clone())
 
     def variance(self, k_xm: torch.Tensor, k_xx: torch.Tensor) -> torch.Tensor:
@@ -209,6 +213,8 @@ class WignerHead(torch.nn.Module):
     kernel rows without gradients.
     """
 
+    sparse_features: Dict[int, torch.Tensor]
+
     def __init__(self, fitted, species: List[int]):
         super().__init__()
         from .wigner import WignerKernels
@@ -223,11 +229,31 @@ class WignerHead(torch.nn.Module):
         self.register_buffer("inverse_scale", 1.0 / scale)
         order_weights = self.state.piece_weights[:, None] * self.inverse_scale[self.state.sparse_species].T
         self.register_buffer("pair_weights", order_weights * self.state.weights[None, :])
+        # nu = 2 features of the sparse environments (WignerKernels.nu2_features): hundreds
+        # of MB for large models, so computed on the first call (in the caller's dtype and
+        # device) rather than stored in the file
+        self.sparse_features = {}
+
+    def clear_cache(self):
+        self.sparse_features = {}
+
+    def _sparse_features(self, sparse: List[torch.Tensor]) -> Dict[int, torch.Tensor]:
+        if not self.kernels.use_features(sparse[0].dtype) or self.kernels.nu_max < 2:
+            return {}
+        stale = True
+        for value in self.sparse_features.values():
+            stale = value.dtype != sparse[0].dtype or value.device != sparse[0].device
+            break
+        if stale:
+            with torch.no_grad():
+                self.sparse_features = self.kernels.nu2_features(sparse)
+        return self.sparse_features
 
     def forward(self, coefficients: List[torch.Tensor], species: torch.Tensor) -> torch.Tensor:
         sparse = unflatten(self.state.sparse.to(coefficients[0].dtype), self.state.shapes)
         weights = self.pair_weights.to(coefficients[0].dtype)
-        return self.kernels.weighted_sum(coefficients, species, sparse, self.state.sparse_species, weights)
+        features = self._sparse_features(sparse)
+        return self.kernels.weighted_sum(coefficients, species, sparse, self.state.sparse_species, weights, features)
 
     def kernel(self, a: List[torch.Tensor], species_a: torch.Tensor, b: List[torch.Tensor], species_b: torch.Tensor) -> torch.Tensor:
         """Mixed kernel ``[n_a, n_b]`` (all pieces, scaled and weighted)."""

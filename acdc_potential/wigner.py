@@ -41,6 +41,14 @@ only batched product), the CG on the left per ``lambda``. Iterating a kernel wit
 itself (``k^2 = iterate(k^1, k^1)``, or ``wigner_iteration(x, x)``) uses the symmetry of
 the coupling to skip ``l1 > l2``.
 
+Feature path (float64, ``nu_max <= 4``): by WK appendix B, ``k^{2, lambda sigma}(i, j) =
+F_i F_j^T`` with the ``nu = 2`` features of :meth:`WignerKernels.nu2_features`, and the
+invariant-only contractions need nothing beyond ``k^1`` and ``k^2``. Evaluated that way,
+all pairs of a set of atoms with a set of environments cost one large GEMM per block,
+which runs an order of magnitude closer to the machine's peak than the small per-pair
+products of the iterations, at more flops per pair (``~(2 lambda + 1)^2 Q^2`` per
+coupling); exported models keep the features of their sparse environments.
+
 Gradients with respect to ``a``: plain autograd keeps every chunk's intermediates (about
 25 kB per pair at ``lambda_max = 3``), so outside TorchScript each chunk is checkpointed
 (recomputed in the backward pass) when ``a`` requires grad. For a weighted sum over the
@@ -54,7 +62,7 @@ and by ``(lambda, sigma)`` in the Python-level functions.
 import math
 from dataclasses import astuple, dataclass
 from functools import lru_cache
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -265,6 +273,107 @@ class WignerKernels(torch.nn.Module):
             blocks.append(torch.matmul(self._left(l1, l2, position), part))
         return blocks
 
+    @torch.jit.export
+    def nu2_features(self, a: List[torch.Tensor]) -> Dict[int, torch.Tensor]:
+        """``nu = 2`` features whose scalar products are the ``nu = 2`` kernels (WK appendix B).
+
+        :param a: density coefficients ``[n, 2l + 1, Q_l]`` per ``l``.
+        :return: ``F^{lambda sigma}`` ``[n, 2 lambda + 1, D]`` keyed by :func:`block_key`, such
+            that ``k^{2, lambda sigma}_{mu mu'}(i, j) = sum_d F_i[mu, d] F_j[mu', d]`` for the
+            kernels of :meth:`iterate` ``(k^1, k^1)``.
+
+        ``F[mu, (l1 l2 q r)] = sum_{m1 m2} C^{l1 l2 lambda}_{m1 m2 mu} a~[q l1 m1] a~[r l2 m2]``
+        with ``a~ = sqrt(8 pi^2 / (2l + 1)) a`` (B1), ``sigma = (-1)^(l1 + l2 + lambda)``.
+        Swapping ``(l1, q)`` and ``(l2, r)`` changes ``F`` by the sign of the CG only, so only
+        ``l1 <= l2`` is kept (times ``sqrt 2`` for ``l1 < l2``) and, for ``l1 = l2``, the
+        pairs ``q <= r`` of the symmetric (``lambda`` even) and ``q < r`` of the
+        antisymmetric (``lambda`` odd) blocks, off-diagonal ones times ``sqrt 2``.
+        """
+        pieces: Dict[int, List[torch.Tensor]] = {}
+        n = a[0].shape[0]
+        l_top = min(len(a) - 1, self.lambda_max)
+        scaled = [a[l] * math.sqrt(kernel_scale(l)) for l in range(l_top + 1)]
+        for l1 in range(l_top + 1):
+            for l2 in range(l1, l_top + 1):
+                w1 = 2 * l1 + 1
+                w2 = 2 * l2 + 1
+                q1 = scaled[l1].shape[2]
+                q2 = scaled[l2].shape[2]
+                right = self._right(l1, l2)
+                columns = right.shape[1] // w2
+                # y[n, r, m1, L] = sum_m2 a~[n, m2, r] C[m1, m2, L]
+                cg = right.view(w1, w2, columns).transpose(0, 1).reshape(w2, w1 * columns)
+                y = (scaled[l2].transpose(1, 2).reshape(n * q2, w2) @ cg).view(n, q2, w1, columns)
+                # x[n, q, r, L] = sum_m1 a~[n, m1, q] y[n, r, m1, L]
+                y = y.transpose(1, 2).reshape(n, w1, q2 * columns)
+                x = torch.bmm(scaled[l1].transpose(1, 2), y).view(n, q1, q2, columns).permute(0, 3, 1, 2)
+                lambdas = self.coupling_lambdas[l1 * (self.lambda_max + 1) + l2]
+                for lam, part in zip(lambdas, torch.split(x, [2 * lam + 1 for lam in lambdas], dim=1)):
+                    if l1 < l2:
+                        block = part.reshape(n, 2 * lam + 1, q1 * q2) * math.sqrt(2.0)
+                    else:
+                        block = self._triangle(part, lam % 2)
+                    key = block_key(lam, parity_sign(l1 + l2 + lam))
+                    if key in pieces:
+                        pieces[key].append(block)
+                    else:
+                        pieces[key] = [block]
+        out: Dict[int, torch.Tensor] = {}
+        for key, blocks in pieces.items():
+            out[key] = torch.cat(blocks, dim=2)
+        return out
+
+    @staticmethod
+    def _triangle(x: torch.Tensor, offset: int) -> torch.Tensor:
+        """Pairs ``q <= r`` (``offset = 0``) or ``q < r`` (1) of ``x`` ``[n, w, Q, Q]`` ->
+        ``[n, w, P]``, off-diagonal entries times ``sqrt 2``."""
+        size = x.shape[2]
+        index = torch.triu_indices(size, size, offset, device=x.device)
+        scale = torch.full((index.shape[1],), math.sqrt(2.0), dtype=x.dtype, device=x.device)
+        scale = scale.masked_fill(index[0] == index[1], 1.0)
+        return x.reshape(x.shape[0], x.shape[1], size * size)[:, :, index[0] * size + index[1]] * scale
+
+    @torch.jit.export
+    def invariants_from_features(
+        self, a: List[torch.Tensor], fa: Dict[int, torch.Tensor], b: List[torch.Tensor], fb: Dict[int, torch.Tensor]
+    ) -> torch.Tensor:
+        """``k^{nu, 0+}`` ``[nu_max, n_a, n_b]`` for ``nu = 1..nu_max <= 4`` of all pairs,
+        without central-species delta, from the coefficients and :meth:`nu2_features`.
+
+        ``k^2`` blocks are the products ``F_a F_b^T`` (large GEMMs, independent of the pair
+        count per atom otherwise); ``nu = 3, 4`` follow by the invariant-only contractions
+        ``<k^2, k^1>`` and ``<k^2, k^2>`` (appendix F). Equal to :meth:`invariant_pairs`.
+        """
+        n_a = a[0].shape[0]
+        n_b = b[0].shape[0]
+        k1: Dict[int, torch.Tensor] = {}
+        for l in range(min(len(a), len(b), self.lambda_max + 1)):
+            width = 2 * l + 1
+            k = a[l].reshape(n_a * width, -1) @ b[l].reshape(n_b * width, -1).T
+            k1[block_key(l, 1)] = k.view(n_a, width, n_b, width) * kernel_scale(l)
+        rows: List[torch.Tensor] = [k1[block_key(0, 1)][:, 0, :, 0]]
+        if self.nu_max >= 2:
+            k2: Dict[int, torch.Tensor] = {}
+            for key in sorted(fa.keys()):
+                width = 2 * key_lambda(key) + 1
+                k = fa[key].reshape(n_a * width, -1) @ fb[key].reshape(n_b * width, -1).T
+                k2[key] = k.view(n_a, width, n_b, width)
+            rows.append(k2[block_key(0, 1)][:, 0, :, 0])
+            if self.nu_max >= 3:
+                rows.append(self._contract_pairs(k2, k1))
+            if self.nu_max >= 4:
+                rows.append(self._contract_pairs(k2, k2))
+        return torch.stack(rows)
+
+    @staticmethod
+    def _contract_pairs(x: Dict[int, torch.Tensor], y: Dict[int, torch.Tensor]) -> torch.Tensor:
+        """:meth:`contract` of blocks laid out ``[n_a, 2l + 1, n_b, 2l + 1]`` -> ``[n_a, n_b]``."""
+        terms: List[torch.Tensor] = []
+        for key in sorted(x.keys()):
+            if key in y:
+                terms.append((x[key] * y[key]).sum(dim=(1, 3)) / (2 * key_lambda(key) + 1))
+        return torch.stack(terms).sum(dim=0)
+
     def contract(self, x: Dict[int, torch.Tensor], y: Dict[int, torch.Tensor]) -> torch.Tensor:
         """``(0, +1)`` block of ``iterate(x, y)``, ``[P]``: ``sum_{l s} <x^{ls}, y^{ls}>_F / (2l + 1)``."""
         terms: List[torch.Tensor] = []
@@ -326,12 +435,21 @@ class WignerKernels(torch.nn.Module):
     def _checkpointed_chunk(self, a_rows: List[torch.Tensor], b: List[torch.Tensor]) -> torch.Tensor:
         return _RecomputedChunk.apply(self, len(a_rows), *a_rows, *b)
 
+    def use_features(self, dtype: torch.dtype) -> bool:
+        """Whether chunks go through :meth:`invariants_from_features`: it covers
+        ``nu_max <= 4``, and only in float64: the long scalar products of the features
+        (thousands of terms) double the float32 rounding error of the kernels, which
+        breaks the 1e-5 relative agreement of float32 exports, so float32 keeps the
+        kernel-space iterations."""
+        return self.nu_max <= 4 and dtype == torch.float64
+
     def _chunks(
-        self, species_a: torch.Tensor, species_b: torch.Tensor
+        self, species_a: torch.Tensor, species_b: torch.Tensor, max_width: int
     ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[int]]:
         """Chunks covering every same-species pair with at most ``chunk_size`` pairs (at
-        least one row) each: column blocks (indices into ``b``), row chunks (indices into
-        ``a``) and, per row chunk, the position of its column block."""
+        least one row) each: column blocks of at most ``max_width`` columns (indices into
+        ``b``), row chunks (indices into ``a``) and, per row chunk, the position of its
+        column block."""
         column_blocks: List[torch.Tensor] = []
         row_chunks: List[torch.Tensor] = []
         chunk_blocks: List[int] = []
@@ -342,7 +460,7 @@ class WignerKernels(torch.nn.Module):
             columns = torch.nonzero(species_b == species).flatten()
             if columns.shape[0] == 0:
                 continue
-            width = min(columns.shape[0], self.chunk_size)
+            width = min(columns.shape[0], max_width)
             step = max(1, self.chunk_size // width)
             for column_start in range(0, columns.shape[0], width):
                 column_blocks.append(columns[column_start : column_start + width])
@@ -351,27 +469,55 @@ class WignerKernels(torch.nn.Module):
                     chunk_blocks.append(len(column_blocks) - 1)
         return column_blocks, row_chunks, chunk_blocks
 
+    @staticmethod
+    def _select_features(features: Dict[int, torch.Tensor], columns: torch.Tensor) -> Dict[int, torch.Tensor]:
+        """Rows ``columns`` (sorted) of every feature block, as views when they are contiguous."""
+        start = int(columns[0])
+        count = columns.shape[0]
+        contiguous = int(columns[-1]) - start + 1 == count
+        out: Dict[int, torch.Tensor] = {}
+        for key, value in features.items():
+            out[key] = value.narrow(0, start, count) if contiguous else value.index_select(0, columns)
+        return out
+
+    def _chunk_values(
+        self, a_rows: List[torch.Tensor], b_block: List[torch.Tensor], fb_block: Dict[int, torch.Tensor]
+    ) -> torch.Tensor:
+        """``[nu_max, rows, columns]`` invariant kernels of one chunk, from features when exact."""
+        if self.use_features(a_rows[0].dtype):
+            return self.invariants_from_features(a_rows, self.nu2_features(a_rows), b_block, fb_block)
+        return self._chunk(a_rows, b_block)
+
     def forward(
         self, a: List[torch.Tensor], species_a: torch.Tensor, b: List[torch.Tensor], species_b: torch.Tensor
     ) -> torch.Tensor:
-        """Invariant kernels ``[nu_max + 1, n_a, n_b]``, see :func:`invariant_kernels`."""
+        """Invariant kernels ``[nu_max + 1, n_a, n_b]``, see :func:`invariant_kernels`.
+
+        For ``nu_max <= 4`` in float64 by the ``nu = 2`` features (column blocks of at most 256
+        environments bound their memory); above, by kernel-space iterations in chunks,
+        checkpointed when ``a`` requires gradients outside TorchScript."""
         n_a = species_a.shape[0]
         n_b = species_b.shape[0]
         same = (species_a.unsqueeze(1) == species_b.unsqueeze(0)).to(a[0].dtype)
         if self.nu_max == 0:
             return same.unsqueeze(0)
         track = torch.is_grad_enabled() and any([c.requires_grad for c in a])
-        column_blocks, row_chunks, chunk_blocks = self._chunks(species_a, species_b)
+        features = self.use_features(a[0].dtype)
+        column_blocks, row_chunks, chunk_blocks = self._chunks(species_a, species_b, 256 if features else self.chunk_size)
         # sliced once and shared by the row chunks, so that checkpoints keep a single copy
         b_blocks = [[c.index_select(0, columns) for c in b] for columns in column_blocks]
+        fb_blocks: List[Dict[int, torch.Tensor]] = []
+        for block in b_blocks:
+            empty: Dict[int, torch.Tensor] = {}
+            fb_blocks.append(self.nu2_features(block) if features else empty)
         values: List[torch.Tensor] = []
         positions: List[torch.Tensor] = []
         for rows, block in zip(row_chunks, chunk_blocks):
             a_rows = [c.index_select(0, rows) for c in a]
-            if track and self.checkpoint and not torch.jit.is_scripting():
+            if track and self.checkpoint and not features and not torch.jit.is_scripting():
                 values.append(self._checkpointed_chunk(a_rows, b_blocks[block]).reshape(self.nu_max, -1))
             else:
-                values.append(self._chunk(a_rows, b_blocks[block]).reshape(self.nu_max, -1))
+                values.append(self._chunk_values(a_rows, b_blocks[block], fb_blocks[block]).reshape(self.nu_max, -1))
             positions.append((rows.unsqueeze(1) * n_b + column_blocks[block].unsqueeze(0)).flatten())
         out = torch.zeros((self.nu_max + 1, n_a * n_b), dtype=a[0].dtype, device=a[0].device)
         out[0] = same.flatten()
@@ -388,10 +534,14 @@ class WignerKernels(torch.nn.Module):
         b: List[torch.Tensor],
         species_b: torch.Tensor,
         weights: torch.Tensor,
+        b_features: Optional[Dict[int, torch.Tensor]] = None,
     ) -> torch.Tensor:
         """``e_i = sum_nu sum_j weights[nu, j] k^{nu, 0+}(a_i, b_j)``, ``[n_a]``, in bounded memory.
 
         :param weights: ``[nu_max + 1, n_b]``, e.g. E4 coefficients times regression weights.
+        :param b_features: :meth:`nu2_features` of ``b``, computed here when not given
+            (an exported model keeps them; used for ``nu_max <= 4``). Sorting ``b`` by
+            species makes their per-species blocks views instead of copies.
 
         Each chunk's gradient with respect to its rows of ``a`` is taken at once and the
         chunk's graph freed; ``e`` is then returned as ``value + sum (a - a.detach()) g``,
@@ -405,21 +555,28 @@ class WignerKernels(torch.nn.Module):
             return energy
         track = torch.is_grad_enabled() and any([c.requires_grad for c in a])
         gradients = [torch.zeros_like(c) for c in a]
-        column_blocks, row_chunks, chunk_blocks = self._chunks(species_a, species_b)
+        features = self.use_features(a[0].dtype)
+        fb: Dict[int, torch.Tensor] = {}
+        if features:
+            fb = self.nu2_features(b) if b_features is None else b_features
+        column_blocks, row_chunks, chunk_blocks = self._chunks(species_a, species_b, species_b.shape[0] if features else self.chunk_size)
         b_blocks = [[c.index_select(0, columns) for c in b] for columns in column_blocks]
+        fb_blocks: List[Dict[int, torch.Tensor]] = []
+        for columns in column_blocks:
+            fb_blocks.append(self._select_features(fb, columns) if features else fb)
         weight_blocks = [weights[1:].index_select(1, columns).unsqueeze(1) for columns in column_blocks]
         for rows, block in zip(row_chunks, chunk_blocks):
             a_rows = [c.detach().index_select(0, rows) for c in a]
             if track:
                 for c in a_rows:
                     c.requires_grad_(True)
-                chunk_energy = (self._chunk(a_rows, b_blocks[block]) * weight_blocks[block]).sum(dim=(0, 2))
+                chunk_energy = (self._chunk_values(a_rows, b_blocks[block], fb_blocks[block]) * weight_blocks[block]).sum(dim=(0, 2))
                 chunk_gradients = torch.autograd.grad([chunk_energy.sum()], a_rows, allow_unused=True)
                 for l, g in enumerate(chunk_gradients):
                     if g is not None:
                         gradients[l] = gradients[l].index_add(0, rows, g)
             else:
-                chunk_energy = (self._chunk(a_rows, b_blocks[block]) * weight_blocks[block]).sum(dim=(0, 2))
+                chunk_energy = (self._chunk_values(a_rows, b_blocks[block], fb_blocks[block]) * weight_blocks[block]).sum(dim=(0, 2))
             energy = energy.index_add(0, rows, chunk_energy.detach())
         if track:
             for c, g in zip(a, gradients):

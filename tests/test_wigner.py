@@ -269,15 +269,35 @@ def test_chunked_checkpointed_gradients_match_plain_autograd():
     assert abs(numerical - float(gradients[0][l][index])) < 1e-6 * abs(numerical)
 
 
-def test_weighted_sum_matches_kernels_in_value_and_gradient_also_scripted():
+@pytest.mark.parametrize("nu_max", [1, 2, 3, 4])
+@pytest.mark.parametrize("lambda_max", [1, 3])
+def test_feature_path_equals_kernel_space_iterations(nu_max, lambda_max):
     a, sa = densities(molecule("CH3CH2OH", 0))
     b, sb = densities(molecule("CH3OH", 1))
-    weights = torch.randn(5, len(sb), dtype=torch.float64)
+    module = WignerKernels(WignerHypers(nu_max=nu_max, lambda_max=lambda_max))
+    expected = module.invariant_pairs(a, b).view(nu_max, len(sa), len(sb))
+    features = module.invariants_from_features(a, module.nu2_features(a), b, module.nu2_features(b))
+    torch.testing.assert_close(features, expected, rtol=1e-12, atol=1e-12 * float(expected.abs().max()))
+    if nu_max >= 2:
+        fa, fb = module.nu2_features(a), module.nu2_features(b)
+        k2 = module.iterate(module.nu1(a, b), module.nu1(a, b), True)
+        for key, block in k2.items():
+            width = block.shape[1]
+            product = torch.einsum("iud,jvd->ijuv", fa[key], fb[key]).reshape(-1, width, width)
+            torch.testing.assert_close(product, block, rtol=1e-12, atol=1e-12 * float(block.abs().max()))
+
+
+@pytest.mark.parametrize("nu_max", [4, 5])
+def test_weighted_sum_matches_kernels_in_value_and_gradient_also_scripted(nu_max):
+    """nu_max = 4 goes through the nu = 2 features, 5 through kernel-space iterations."""
+    a, sa = densities(molecule("CH3CH2OH", 0))
+    b, sb = densities(molecule("CH3OH", 1))
+    weights = torch.randn(nu_max + 1, len(sb), dtype=torch.float64)
     leaves = [c.detach().requires_grad_() for c in a]
-    k = invariant_kernels(leaves, sa, b, sb, WignerHypers())
+    k = invariant_kernels(leaves, sa, b, sb, WignerHypers(nu_max=nu_max))
     expected = (k * weights.unsqueeze(1)).sum(dim=(0, 2))
     expected_gradients = torch.autograd.grad((expected**2).sum(), leaves)
-    module = WignerKernels(WignerHypers(chunk_size=3))
+    module = WignerKernels(WignerHypers(nu_max=nu_max, chunk_size=3))
     for implementation in (module, torch.jit.script(module)):
         leaves = [c.detach().requires_grad_() for c in a]
         energy = implementation.weighted_sum(leaves, sa, b, sb, weights)
