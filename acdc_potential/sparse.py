@@ -174,6 +174,13 @@ class SparseKernel:
 
         return torch.func.vmap(one, out_dims=1)(a, species_a, b, species_b)
 
+    def paired_pieces(
+        self, a: List[torch.Tensor], species_a: torch.Tensor, b: List[torch.Tensor], species_b: torch.Tensor
+    ) -> List[torch.Tensor]:
+        """:meth:`paired` as one ``[P]`` tensor per piece; kernels whose pieces have separate
+        graphs override it, so that each piece's reverse pass traverses its own graph only."""
+        return list(self.paired(a, species_a, b, species_b).unbind(0))
+
     def structure_derivatives(
         self,
         coefficients: torch.Tensor,
@@ -210,16 +217,17 @@ class SparseKernel:
                 m = columns.numel()
                 copies = coefficients[atoms].repeat_interleave(m, dim=0).requires_grad_()
                 with torch.enable_grad():
-                    k = self.paired(
+                    pieces = self.paired_pieces(
                         self.layout.unflatten(copies),
                         species[atoms].repeat_interleave(m),
                         self.layout.unflatten(self.sparse_coefficients[columns].repeat(n, 1)),
                         self.sparse_species[columns].repeat(n),
                     )
-                gradient = torch.stack([self._gradient(k[p], copies, p + 1 < self.n_pieces) for p in range(self.n_pieces)])
+                gradient = torch.stack([self._gradient(k, copies, p + 1 < self.n_pieces) for p, k in enumerate(pieces)])
                 directional = torch.einsum("pimd,ikd->pimk", gradient.view(self.n_pieces, n, m, -1), tangents[atoms])
                 owner = structure[atoms]
-                values[:, :, columns] += sum_by_structure(k.detach().view(self.n_pieces, n, m), owner, n_structures)
+                k = torch.stack([piece.detach() for piece in pieces])
+                values[:, :, columns] += sum_by_structure(k.view(self.n_pieces, n, m), owner, n_structures)
                 derivatives[:, :, columns] += sum_by_structure(directional, owner, n_structures)
         return values, derivatives
 
@@ -407,10 +415,14 @@ class WignerKernel(SparseKernel):
 
     def paired(self, a, species_a, b, species_b):
         """Pieces of matched rows ``(a[p], b[p])``, ``[nu_max + 1, P]`` (see :meth:`WignerKernels.invariant_matched`)."""
-        from .wigner import matched_invariant_kernels
+        return torch.stack(self.paired_pieces(a, species_a, b, species_b))
 
-        pieces = matched_invariant_kernels(a, species_a, b, species_b, self.wigner_hypers)
-        return pieces * self._order_scale(species_a, a[0])
+    def paired_pieces(self, a, species_a, b, species_b):
+        from .wigner import matched_invariant_rows
+
+        rows = matched_invariant_rows(a, species_a, b, species_b, self.wigner_hypers)
+        scale = self._order_scale(species_a, a[0])
+        return [row * scale[nu] for nu, row in enumerate(rows)]
 
     def rows(self, coefficients, species):
         from .wigner import invariant_kernels

@@ -411,6 +411,11 @@ class WignerKernels(torch.nn.Module):
         n_pairs = k1[block_key(0, 1)].shape[0]
         if self.nu_max == 0:
             return torch.zeros((0, n_pairs), dtype=k1[block_key(0, 1)].dtype, device=k1[block_key(0, 1)].device)
+        return torch.stack(self.invariant_rows_from_nu1(k1))
+
+    def invariant_rows_from_nu1(self, k1: Dict[int, torch.Tensor]) -> List[torch.Tensor]:
+        """As :meth:`invariants_from_nu1`, one ``[P]`` tensor per ``nu``: unstacked, so that
+        the gradient of one order does not push zeros through the graphs of the others."""
         if self.invariant_only:
             n_full = (self.nu_max + 1) // 2
         else:
@@ -425,7 +430,7 @@ class WignerKernels(torch.nn.Module):
                 rows.append(self.contract(kernels[(nu + 1) // 2 - 1], kernels[nu // 2 - 1]))
             else:
                 rows.append(self.contract(kernels[nu - 2], kernels[0]))
-        return torch.stack(rows)
+        return rows
 
     def _chunk(self, a_rows: List[torch.Tensor], b: List[torch.Tensor]) -> torch.Tensor:
         """``[nu_max, rows, n_b]`` invariant kernels of one chunk of rows of ``a``."""
@@ -665,9 +670,23 @@ def matched_invariant_kernels(
     """Invariant kernels ``[nu_max + 1, P]`` of matched rows ``(a[p], b[p])`` (``a``, ``b``
     and the species with ``P`` rows), ``nu = 0`` the species delta; for per-pair
     gradients, with one copy of the coefficients per pair. Not chunked."""
+    return torch.stack(matched_invariant_rows(a, species_a, b, species_b, hypers))
+
+
+def matched_invariant_rows(
+    a: List[torch.Tensor],
+    species_a: torch.Tensor,
+    b: List[torch.Tensor],
+    species_b: torch.Tensor,
+    hypers: WignerHypers,
+) -> List[torch.Tensor]:
+    """:func:`matched_invariant_kernels` as a list of ``[P]`` tensors, ``nu = 0..nu_max``
+    (for one reverse pass per order that only traverses that order's graph)."""
     delta = (species_a == species_b).to(a[0].dtype)
-    higher = wigner_module(hypers, a[0]).invariant_matched(a, b)
-    return torch.cat([delta.unsqueeze(0), higher * delta])
+    if hypers.nu_max == 0:
+        return [delta]
+    module = wigner_module(hypers, a[0])
+    return [delta] + [row * delta for row in module.invariant_rows_from_nu1(module.nu1_matched(a, b))]
 
 
 def weighted_kernel_sum(
