@@ -12,6 +12,8 @@ A YAML file given with ``--config`` overrides any subset; unknown names are erro
       n: 500        # or per element: {H: 300, C: 200, O: 100}
     regularisers:   # Regularisers: expected errors of the labels
       energy: 0.002
+    grid:           # GridConfig: small grid over the Wigner density's C and r0
+      C: [0.1, 0.3, 1.0]
     options:        # FitOptions
       tune: true
     keys:           # LabelKeys: names of the labels in the extxyz file
@@ -22,8 +24,10 @@ minutes on a laptop; none is tuned to a particular data set.
 """
 
 import dataclasses
+import itertools
+import random
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import ase.data
 import yaml
@@ -104,11 +108,34 @@ class FitOptions:
 
 
 @dataclass
+class GridConfig:
+    """A small grid over the radial scaling of the Wigner density (``C``, ``r0``; WK eq. E1, E2).
+
+    Off by default (empty lists): every point is a tuned fit of its own. With values,
+    each combination of ``C`` (or the density's ``C`` if empty) and ``r0`` (likewise) is
+    fitted and tuned on a random subset of ``structures`` training structures with
+    ``sparse`` sparse environments per species; the one with the lowest validation loss
+    of the tuning (same held-out structures for all) is used for the final fit, and
+    every point's loss is stored in the model's report (``density_grid``).
+
+    :param C: values of ``C`` to try. :param r0: values of ``r0`` (A) to try.
+    :param structures: training structures per grid point. :param sparse: sparse
+        environments per species per grid point.
+    """
+
+    C: List[float] = field(default_factory=list)
+    r0: List[float] = field(default_factory=list)
+    structures: int = 200
+    sparse: int = 100
+
+
+@dataclass
 class FitConfig:
     density: DensityHypers = field(default_factory=default_density)
     kernel: KernelConfig = field(default_factory=KernelConfig)
     sparse: SparseConfig = field(default_factory=SparseConfig)
     regularisers: Regularisers = field(default_factory=Regularisers)
+    grid: GridConfig = field(default_factory=GridConfig)
     options: FitOptions = field(default_factory=FitOptions)
     keys: LabelKeys = field(default_factory=LabelKeys)
 
@@ -160,10 +187,21 @@ def make_kernel(config: KernelConfig):
 
 
 def fit_from_config(structures, config: FitConfig, verbose: bool = False):
-    """Fit a :class:`~acdc_potential.regression.SparseKRRModel` on labelled structures as ``config`` says."""
+    """Fit a :class:`~acdc_potential.regression.SparseKRRModel` on labelled structures as
+    ``config`` says, after :func:`select_density` when ``config.grid`` has values."""
+    grid = []
+    if config.grid.C or config.grid.r0:
+        density, grid = select_density(structures, config, verbose)
+        config = dataclasses.replace(config, density=density)
+    model = _fit(structures, config, config.sparse.n, config.options.tune, verbose)
+    if model.report is not None:
+        model.report.density_grid = grid
+    return model
+
+
+def _fit(structures, config: FitConfig, n_sparse, tune: bool, verbose: bool):
     from .regression import fit
 
-    n_sparse = config.sparse.n
     if isinstance(n_sparse, dict):
         n_sparse = {atomic_number(element): int(n) for element, n in n_sparse.items()}
     isolated = config.options.isolated_energies
@@ -180,7 +218,25 @@ def fit_from_config(structures, config: FitConfig, verbose: bool = False):
         forces=config.options.forces,
         stress=config.options.stress,
         isolated_energies=isolated,
-        tune=config.options.tune,
+        tune=tune,
         tune_options={"validation": config.options.validation, "seed": config.options.seed},
         verbose=verbose,
     )
+
+
+def select_density(structures, config: FitConfig, verbose: bool = False) -> Tuple[DensityHypers, List[Dict[str, float]]]:
+    """The density of the grid point (``C``, ``r0``) with the lowest validation loss (see
+    :class:`GridConfig`), and ``[{"C", "r0", "loss"}]`` for every point."""
+    if config.density.density != "wigner":
+        raise ValueError("the C, r0 grid applies to the Wigner density (density: wigner)")
+    structures = list(structures)
+    subset = random.Random(config.options.seed).sample(structures, min(config.grid.structures, len(structures)))
+    points = []
+    for C, r0 in itertools.product(config.grid.C or [config.density.C], config.grid.r0 or [config.density.r0]):
+        trial = dataclasses.replace(config, density=dataclasses.replace(config.density, C=float(C), r0=float(r0)))
+        report = _fit(subset, trial, config.grid.sparse, True, False).report
+        points.append({"C": float(C), "r0": float(r0), "loss": float(report.loss)})
+        if verbose:
+            print(f"density grid: C = {C:g}, r0 = {r0:g} A: validation loss {report.loss:.4g}", flush=True)
+    best = min(points, key=lambda point: point["loss"])
+    return dataclasses.replace(config.density, C=best["C"], r0=best["r0"]), points

@@ -394,7 +394,9 @@ class HyperparameterReport:
 
     ``validation_errors`` maps each kind (``energy`` per atom, ``forces``, ``stress``) to
     its ``mae`` and ``rmse`` on the held-out structures; ``tuned`` names the parameters
-    that were optimised, ``evaluations`` and ``seconds`` the cost of the search.
+    that were optimised, ``evaluations`` and ``seconds`` the cost of the search;
+    ``density_grid`` the validation loss of every density tried by a grid over ``C`` and
+    ``r0`` (``acdc_potential.config.select_density``), if one ran.
     """
 
     mixing: Dict[str, float]
@@ -404,6 +406,7 @@ class HyperparameterReport:
     evaluations: int
     seconds: float
     tuned: List[str] = field(default_factory=list)
+    density_grid: List[Dict[str, float]] = field(default_factory=list)
 
     def to_dict(self) -> Dict:
         return {**dataclasses.asdict(self), "regularisers": dataclasses.asdict(self.regularisers)}

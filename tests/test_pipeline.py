@@ -6,6 +6,8 @@ model in memory, energy conservation, forces and stress against finite differenc
 and the command line.
 """
 
+import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +26,7 @@ from acdc_potential.calculator import ACDCCalculator
 from acdc_potential.config import FitConfig, fit_from_config
 from acdc_potential.data import read_structures
 from acdc_potential.model import build_potential, export_model
+from acdc_potential.regression import SparseKRRModel
 
 DATA = Path(__file__).parent.parent / "examples"
 COPPER = Path(__file__).parent.parent.parent / "shared" / "data" / "copper_train.extxyz"
@@ -166,3 +169,43 @@ def test_command_line(tmp_path):
     (tmp_path / "bad.yaml").write_text("kernel: {nu_maximum: 3}\n")
     bad = run_cli("fit", "train.extxyz", "-o", "x.pt", "--config", "bad.yaml", cwd=tmp_path)
     assert bad.returncode == 2 and "nu_maximum" in bad.stderr
+
+
+def test_density_grid_picks_the_lowest_validation_loss_and_stores_every_point(tmp_path):
+    torch.set_num_threads(1)
+    structures = read_structures(str(DATA / "ethanol_train.extxyz"), index="::8")
+    config = small_config(n_sparse=10)
+    config = dataclasses.replace(
+        config,
+        grid=dataclasses.replace(config.grid, C=[0.1, 1.0], r0=[3.0], structures=12, sparse=6),
+        options=dataclasses.replace(config.options, tune=True),
+    )
+    model = fit_from_config(structures, config)
+    points = model.report.density_grid
+    assert [(p["C"], p["r0"]) for p in points] == [(0.1, 3.0), (1.0, 3.0)]
+    assert points[0]["loss"] != points[1]["loss"]
+    best = min(points, key=lambda p: p["loss"])
+    assert (model.density_hypers.C, model.density_hypers.r0) == (best["C"], best["r0"])
+    model.save(str(tmp_path / "model.ckpt"))
+    assert SparseKRRModel.load(str(tmp_path / "model.ckpt")).report.density_grid == points
+
+
+def test_lammps_fix_external_conserves_energy(ethanol_fit):
+    """LAMMPS integrates, the exported file gives energy and forces (examples/lammps/run.py)."""
+    _, path = ethanol_fit
+    environment = {**os.environ, "LD_LIBRARY_PATH": str(Path(sys.executable).parent.parent / "lib"), "OMP_NUM_THREADS": "1"}
+    script = Path(__file__).parent.parent / "examples" / "lammps" / "run.py"
+    run = subprocess.run(
+        [sys.executable, str(script), path, str(DATA / "ethanol_test.extxyz"), "--steps", "40", "--timestep", "0.25"],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr
+    totals = [float(line.split()[3]) for line in run.stdout.splitlines() if line.split() and line.split()[0].isdigit()]
+    potentials = [float(line.split()[2]) for line in run.stdout.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert len(totals) == 11
+    # the potential energy moves by far more than the total energy: forces match the energy
+    assert max(potentials) - min(potentials) > 20 * (max(totals) - min(totals))
+    assert max(totals) - min(totals) < 1e-3 * 9  # eV: 1 meV/atom over 10 fs
