@@ -207,13 +207,16 @@ class WignerHead(torch.nn.Module):
     """``e_i = sum_m w_m sum_nu omega_nu k^nu(A_i, M_m) / s_{a nu}``, the exponential Wigner kernel (WK eq. E4).
 
     ``s_{a nu}`` is the per-species scale of each order (see
-    :class:`~acdc_potential.sparse.WignerKernel`). Energies and forces go through
-    :meth:`WignerKernels.weighted_sum` with the weights ``omega_nu w_m / s_{a_m nu}``
-    precomputed (bounded memory, one pass); the variance, only when asked, through the
-    kernel rows without gradients.
+    :class:`~acdc_potential.sparse.WignerKernel`). With the weights ``omega_nu w_m / s_{a_m nu}``
+    precomputed, energies and forces go, for ``nu_max <= 3``, through per-species tensors
+    into which the sum over sparse environments folds exactly (:meth:`WignerKernels.collapse`,
+    cost independent of their number), and above through :meth:`WignerKernels.weighted_sum`
+    (bounded memory, one pass); the variance, only when asked, through the kernel rows
+    without gradients.
     """
 
     sparse_features: Dict[int, torch.Tensor]
+    collapsed_shapes: List[List[int]]
 
     def __init__(self, fitted, species: List[int]):
         super().__init__()
@@ -229,9 +232,20 @@ class WignerHead(torch.nn.Module):
         self.register_buffer("inverse_scale", 1.0 / scale)
         order_weights = self.state.piece_weights[:, None] * self.inverse_scale[self.state.sparse_species].T
         self.register_buffer("pair_weights", order_weights * self.state.weights[None, :])
-        # nu = 2 features of the sparse environments (WignerKernels.nu2_features): hundreds
-        # of MB for large models, so computed on the first call (in the caller's dtype and
-        # device) rather than stored in the file
+        # nu <= 3: the weighted sums over sparse environments fold into per-species tensors
+        # (WignerKernels.collapse), so an MD step costs the same for any number of them
+        self.collapsed = self.kernels.nu_max <= 3
+        self.collapsed_shapes = []
+        flat = torch.zeros((len(species), 0), dtype=torch.float64)
+        if self.collapsed:
+            sparse = unflatten(self.state.sparse, self.state.shapes)
+            parts = self.kernels.collapse(sparse, self.state.sparse_species, self.pair_weights, len(species))
+            self.collapsed_shapes = [list(part.shape[1:]) for part in parts]
+            flat = torch.cat([part.reshape(len(species), -1) for part in parts], dim=1)
+        self.register_buffer("collapsed_flat", flat)
+        # nu = 4: nu = 2 features of the sparse environments (WignerKernels.nu2_features),
+        # hundreds of MB for large models, so computed on the first call (in the caller's
+        # dtype and device) rather than stored in the file
         self.sparse_features = {}
 
     def clear_cache(self):
@@ -249,7 +263,21 @@ class WignerHead(torch.nn.Module):
                 self.sparse_features = self.kernels.nu2_features(sparse)
         return self.sparse_features
 
+    def _collapsed_parts(self, dtype: torch.dtype) -> List[torch.Tensor]:
+        parts: List[torch.Tensor] = []
+        start = 0
+        flat = self.collapsed_flat.to(dtype)
+        for shape in self.collapsed_shapes:
+            size = 1
+            for n in shape:
+                size *= n
+            parts.append(flat[:, start : start + size].reshape([flat.shape[0]] + shape))
+            start += size
+        return parts
+
     def forward(self, coefficients: List[torch.Tensor], species: torch.Tensor) -> torch.Tensor:
+        if self.collapsed:
+            return self.kernels.collapsed_energy(coefficients, species, self._collapsed_parts(coefficients[0].dtype))
         sparse = unflatten(self.state.sparse.to(coefficients[0].dtype), self.state.shapes)
         weights = self.pair_weights.to(coefficients[0].dtype)
         features = self._sparse_features(sparse)

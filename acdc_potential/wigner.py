@@ -365,6 +365,69 @@ class WignerKernels(torch.nn.Module):
                 rows.append(self._contract_pairs(k2, k2))
         return torch.stack(rows)
 
+    def _collapsed_orders(self, coefficients: List[torch.Tensor], features: Dict[int, torch.Tensor]) -> List[int]:
+        """The ``l`` of the ``nu = 3`` terms ``<k^{2, l+}, k^{1, l}>`` (those with both blocks)."""
+        orders: List[int] = []
+        if self.nu_max >= 3:
+            for l in range(min(len(coefficients), self.lambda_max + 1)):
+                if block_key(l, 1) in features:
+                    orders.append(l)
+        return orders
+
+    @torch.jit.export
+    def collapse(self, b: List[torch.Tensor], species_b: torch.Tensor, weights: torch.Tensor, n_species: int) -> List[torch.Tensor]:
+        """``sum_j weights[nu, j] k^nu(., b_j)`` for ``nu <= 3`` folded into per-species tensors (design.md s. 7).
+
+        Every order up to 3 is a scalar product of something of the atom with something
+        of ``b_j``, so its weighted sum over ``j`` is one fixed tensor per central species:
+        ``k^1 = kappa_0 <a^0, b^0>``, ``k^2 = <F^{0+}(a), F^{0+}(b)>`` and
+        ``k^3 = sum_l kappa_l / (2l + 1) <F^{l+}(a)^T a^l, F^{l+}(b)^T b^l>``, with ``F`` the
+        features of :meth:`nu2_features` (``F^T a`` contracts ``mu``: ``[D, Q_l]``).
+
+        :param b: environments (e.g. sparse), ``[n_b, 2l + 1, Q_l]`` per ``l``.
+        :param species_b: ``[n_b]`` central species index in ``0..n_species-1``.
+        :param weights: ``[nu_max + 1, n_b]``.
+        :return: per species ``s`` (leading dimension), ``[sum_j weights[0, j]]``, then
+            ``W1 [Q_0]``, ``W2 [D_{0+}]`` and ``W3_l [D_{l+}, Q_l]`` per ``l`` of the
+            ``nu = 3`` terms, as far as ``nu_max`` goes (:meth:`collapsed_energy`).
+        """
+        if self.nu_max > 3:
+            raise ValueError("orders above 3 do not collapse onto per-atom quantities")
+        one_hot = torch.zeros((n_species, species_b.shape[0]), dtype=b[0].dtype, device=b[0].device)
+        one_hot[species_b, torch.arange(species_b.shape[0], device=b[0].device)] = 1.0
+        out: List[torch.Tensor] = [one_hot @ weights[0]]
+        if self.nu_max >= 1:
+            out.append((one_hot * weights[1]) @ b[0][:, 0, :] * kernel_scale(0))
+        if self.nu_max >= 2:
+            features = self.nu2_features(b)
+            out.append((one_hot * weights[2]) @ features[block_key(0, 1)][:, 0, :])
+            for l in self._collapsed_orders(b, features):
+                f_t_b = torch.einsum("jud,juq->jdq", features[block_key(l, 1)], b[l])
+                w3 = (one_hot * weights[3]) @ f_t_b.reshape(species_b.shape[0], -1)
+                out.append(w3.view(n_species, f_t_b.shape[1], f_t_b.shape[2]) * (kernel_scale(l) / (2 * l + 1)))
+        return out
+
+    @torch.jit.export
+    def collapsed_energy(self, a: List[torch.Tensor], species: torch.Tensor, collapsed: List[torch.Tensor]) -> torch.Tensor:
+        """``[n]`` energies ``e_i = sum_j sum_nu weights[nu, j] k^nu(a_i, b_j)`` (same species) from
+        :meth:`collapse`: cost per atom independent of the number of environments ``b_j``."""
+        energy = collapsed[0][species]
+        if self.nu_max >= 1:
+            energy = energy + (a[0][:, 0, :] * collapsed[1][species]).sum(dim=1)
+        if self.nu_max >= 2:
+            features = self.nu2_features(a)
+            energy = energy + (features[block_key(0, 1)][:, 0, :] * collapsed[2][species]).sum(dim=1)
+            orders = self._collapsed_orders(a, features)
+            present = torch.unique(species)
+            for index in range(present.shape[0]):
+                atoms = torch.nonzero(species == present[index]).flatten()
+                for position, l in enumerate(orders):
+                    w3 = collapsed[3 + position][int(present[index])]
+                    projected = a[l].index_select(0, atoms) @ w3.T
+                    term = (projected * features[block_key(l, 1)].index_select(0, atoms)).sum(dim=(1, 2))
+                    energy = energy.index_add(0, atoms, term)
+        return energy
+
     @staticmethod
     def _contract_pairs(x: Dict[int, torch.Tensor], y: Dict[int, torch.Tensor]) -> torch.Tensor:
         """:meth:`contract` of blocks laid out ``[n_a, 2l + 1, n_b, 2l + 1]`` -> ``[n_a, n_b]``."""

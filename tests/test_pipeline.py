@@ -65,14 +65,18 @@ def copper_fit(tmp_path_factory):
     return model, str(path), structures
 
 
-@pytest.mark.parametrize("kernel", ["wigner", "polynomial"])
+@pytest.mark.parametrize("kernel", ["wigner", "wigner-nu4", "polynomial"])
 def test_exported_file_reproduces_the_fitted_model(kernel, ethanol_fit, tmp_path):
+    """nu_max = 3 (the fixture) runs through the collapsed sums, nu_max = 4 through the features."""
     if kernel == "wigner":
         model, path = ethanol_fit
     else:
         structures = read_structures(str(DATA / "ethanol_train.extxyz"), index="::10")
-        model = fit_from_config(structures, small_config("polynomial"))
-        path = str(tmp_path / "polynomial.pt")
+        config = small_config("polynomial" if kernel == "polynomial" else "wigner")
+        if kernel == "wigner-nu4":
+            config = dataclasses.replace(config, kernel=dataclasses.replace(config.kernel, nu_max=4))
+        model = fit_from_config(structures, config)
+        path = str(tmp_path / f"{kernel}.pt")
         export_model(build_potential(model), path)
     frames = ase.io.read(str(DATA / "ethanol_test.extxyz"), ":3")
     reference = model.predict(frames, forces=True, stress=False, uncertainty=True)

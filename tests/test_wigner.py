@@ -316,3 +316,31 @@ def test_torchscript_module_matches_eager():
     for c in a:
         c.requires_grad_(True)
     assert scripted(a, sa, b, sb).requires_grad
+
+
+@pytest.mark.parametrize("nu_max", [0, 1, 2, 3])
+@pytest.mark.parametrize("lambda_max", [1, 3])
+def test_collapsed_sums_equal_the_weighted_kernel_sum_also_scripted(nu_max, lambda_max):
+    a, sa = densities(molecule("CH3CH2OH", 0))
+    b, sb = densities(molecule("CH3OH", 1))
+    module = WignerKernels(WignerHypers(nu_max=nu_max, lambda_max=lambda_max))
+    weights = torch.randn(nu_max + 1, len(sb), dtype=torch.float64, generator=torch.Generator().manual_seed(nu_max))
+    leaves = [c.detach().requires_grad_() for c in a]
+    expected = module.weighted_sum(leaves, sa, b, sb, weights)
+    for implementation in (module, torch.jit.script(module)):
+        energy = implementation.collapsed_energy(leaves, sa, implementation.collapse(b, sb, weights, 3))
+        torch.testing.assert_close(energy, expected, rtol=1e-12, atol=1e-12 * float(expected.detach().abs().max()))
+        if nu_max == 0:
+            continue
+        expected_gradients = torch.autograd.grad((expected**2).sum(), leaves, allow_unused=True, retain_graph=True)
+        gradients = torch.autograd.grad((energy**2).sum(), leaves, allow_unused=True)
+        for leaf, g, e in zip(leaves, gradients, expected_gradients):
+            g = torch.zeros_like(leaf) if g is None else g
+            e = torch.zeros_like(leaf) if e is None else e
+            torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10 * float(e.abs().max()) + 1e-300)
+
+
+def test_orders_above_three_do_not_collapse():
+    a, sa = densities(molecule("CH3OH", 1))
+    with pytest.raises(ValueError, match="do not collapse"):
+        WignerKernels(WignerHypers(nu_max=4)).collapse(a, sa, torch.ones(5, len(sa), dtype=torch.float64), 3)
