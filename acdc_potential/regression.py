@@ -273,7 +273,6 @@ def build_design_matrix(
 
     bar = tqdm(total=len(structures), desc="kernel rows", unit="structure", disable=not progress)
     for group in _batches(structures, cost, budget):
-        bar.update(len(group))
         members = [structures[k] for k in group]
         need_gradient = any(wanted[k][1] or wanted[k][2] for k in group)
         batch = batch_from_atoms([s.atoms for s in members], expansion.cutoff, device=device, first_index=group[0])
@@ -305,6 +304,7 @@ def build_design_matrix(
                 pieces[:, row : row + 6] = _voigt(strain).transpose(1, 2)
                 targets[row : row + 6] = _voigt(torch.as_tensor(s.stress, dtype=torch.float64, device=device))
                 kind[row : row + 6] = STRESS
+        bar.update(len(group))
     bar.close()
     return DesignMatrix(pieces, targets, kind, row_structure, row_atoms, row_weight)
 
