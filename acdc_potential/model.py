@@ -243,15 +243,16 @@ class WignerHead(torch.nn.Module):
             self.collapsed_shapes = [list(part.shape[1:]) for part in parts]
             flat = torch.cat([part.reshape(len(species), -1) for part in parts], dim=1)
         self.register_buffer("collapsed_flat", flat)
-        # nu = 4: nu = 2 features of the sparse environments (WignerKernels.nu2_features),
-        # hundreds of MB for large models, so computed on the first call (in the caller's
-        # dtype and device) rather than stored in the file
+        # nu = 2 features of the sparse environments (WignerKernels.nu2_features), for the
+        # MD path of nu = 4 and for the variance: hundreds of MB for large models, so
+        # computed on the first call (in the caller's dtype and device), not stored
         self.sparse_features = {}
 
     def clear_cache(self):
         self.sparse_features = {}
 
     def _sparse_features(self, sparse: List[torch.Tensor]) -> Dict[int, torch.Tensor]:
+        """:meth:`WignerKernels.nu2_features` of the sparse environments, computed once."""
         if not self.kernels.use_features(sparse[0].dtype) or self.kernels.nu_max < 2:
             return {}
         stale = True
@@ -283,10 +284,17 @@ class WignerHead(torch.nn.Module):
         features = self._sparse_features(sparse)
         return self.kernels.weighted_sum(coefficients, species, sparse, self.state.sparse_species, weights, features)
 
-    def kernel(self, a: List[torch.Tensor], species_a: torch.Tensor, b: List[torch.Tensor], species_b: torch.Tensor) -> torch.Tensor:
+    def kernel(
+        self,
+        a: List[torch.Tensor],
+        species_a: torch.Tensor,
+        b: List[torch.Tensor],
+        species_b: torch.Tensor,
+        b_features: Optional[Dict[int, torch.Tensor]] = None,
+    ) -> torch.Tensor:
         """Mixed kernel ``[n_a, n_b]`` (all pieces, scaled and weighted)."""
         inverse_scale = self.inverse_scale.to(a[0].dtype)[species_a].T
-        pieces = self.kernels(a, species_a, b, species_b) * inverse_scale[:, :, None]
+        pieces = self.kernels(a, species_a, b, species_b, b_features) * inverse_scale[:, :, None]
         return torch.einsum("p,pnm->nm", self.state.piece_weights.to(a[0].dtype), pieces)
 
     def variance(
@@ -295,7 +303,7 @@ class WignerHead(torch.nn.Module):
         with torch.no_grad():
             a = [c.detach() for c in coefficients]
             sparse = unflatten(self.state.sparse.to(a[0].dtype), self.state.shapes)
-            k_xm = self.kernel(a, species, sparse, self.state.sparse_species)
+            k_xm = self.kernel(a, species, sparse, self.state.sparse_species, self._sparse_features(sparse))
             if per_atom:
                 inverse_scale = self.inverse_scale.to(a[0].dtype)[species].T
                 piece_weights = self.state.piece_weights.to(a[0].dtype)

@@ -557,13 +557,19 @@ class WignerKernels(torch.nn.Module):
         return self._chunk(a_rows, b_block)
 
     def forward(
-        self, a: List[torch.Tensor], species_a: torch.Tensor, b: List[torch.Tensor], species_b: torch.Tensor
+        self,
+        a: List[torch.Tensor],
+        species_a: torch.Tensor,
+        b: List[torch.Tensor],
+        species_b: torch.Tensor,
+        b_features: Optional[Dict[int, torch.Tensor]] = None,
     ) -> torch.Tensor:
         """Invariant kernels ``[nu_max + 1, n_a, n_b]``, see :func:`invariant_kernels`.
 
         For ``nu_max <= 4`` in float64 by the ``nu = 2`` features (column blocks of at most 256
-        environments bound their memory); above, by kernel-space iterations in chunks,
-        checkpointed when ``a`` requires gradients outside TorchScript."""
+        environments bound their memory; ``b_features``, :meth:`nu2_features` of ``b``, saves
+        computing them); above, by kernel-space iterations in chunks, checkpointed when ``a``
+        requires gradients outside TorchScript."""
         n_a = species_a.shape[0]
         n_b = species_b.shape[0]
         same = (species_a.unsqueeze(1) == species_b.unsqueeze(0)).to(a[0].dtype)
@@ -575,9 +581,14 @@ class WignerKernels(torch.nn.Module):
         # sliced once and shared by the row chunks, so that checkpoints keep a single copy
         b_blocks = [[c.index_select(0, columns) for c in b] for columns in column_blocks]
         fb_blocks: List[Dict[int, torch.Tensor]] = []
-        for block in b_blocks:
-            empty: Dict[int, torch.Tensor] = {}
-            fb_blocks.append(self.nu2_features(block) if features else empty)
+        for columns, block in zip(column_blocks, b_blocks):
+            if not features:
+                empty: Dict[int, torch.Tensor] = {}
+                fb_blocks.append(empty)
+            elif b_features is None:
+                fb_blocks.append(self.nu2_features(block))
+            else:
+                fb_blocks.append(self._select_features(b_features, columns))
         values: List[torch.Tensor] = []
         positions: List[torch.Tensor] = []
         for rows, block in zip(row_chunks, chunk_blocks):
