@@ -7,7 +7,7 @@ A YAML file given with ``--config`` overrides any subset; unknown names are erro
       max_radial: 8
     kernel:         # KernelConfig
       type: wigner
-      nu_max: 4
+      nu_max: 4     # default auto: 3 or 4, chosen on held-out structures
     sparse:         # SparseConfig
       n: 500        # or per element: {H: 300, C: 200, O: 100}
     regularisers:   # Regularisers: expected errors of the labels
@@ -57,11 +57,14 @@ class KernelConfig:
 
     :param type: ``wigner`` (exponential body-ordered Wigner kernel, WK eq. E4) or
         ``polynomial`` (``(x . x')^zeta`` on the normalised power spectrum, the GAP form).
-    :param nu_max: largest correlation order of the Wigner kernel (body order ``nu_max + 1``).
-        The default 3 is what an exported model evaluates at a cost independent of the
-        number of sparse environments (``WignerKernels.collapse``); 4 adds five-body
-        correlations (better for metal clusters in our tests) at a cost per MD step
-        proportional to that number.
+    :param nu_max: largest correlation order of the Wigner kernel (body order ``nu_max + 1``),
+        or ``auto`` (default): the candidates of ``grid.nu_max`` (3 and 4) are compared on
+        held-out structures (:func:`select_density`) and the cheapest within
+        ``grid.tolerance`` of the best is kept. ``nu_max <= 3`` is what an exported model
+        evaluates at a cost independent of the number of sparse environments
+        (``WignerKernels.collapse``); 4 adds five-body correlations (much better for gold
+        clusters in our tests, no better for molecules or bulk copper) at a cost per MD
+        step proportional to that number.
     :param lambda_max: angular truncation of the Wigner iterations.
     :param zeta: exponent of the polynomial kernel.
     :param mixing: starting values of the mixing coefficients (``c0``, ``a``, ``b`` for
@@ -69,7 +72,7 @@ class KernelConfig:
     """
 
     type: str = "wigner"
-    nu_max: int = 3
+    nu_max: Union[int, str] = "auto"
     lambda_max: int = 3
     zeta: int = 4
     mixing: Dict[str, float] = field(default_factory=dict)
@@ -113,24 +116,31 @@ class FitOptions:
 
 @dataclass
 class GridConfig:
-    """A small grid over the radial scaling of the Wigner density (``C``, ``r0``; WK eq. E1, E2).
+    """A small grid over the Wigner kernel's body order (``nu_max``, when ``kernel.nu_max``
+    is ``auto``) and the radial scaling of its density (``C``, ``r0``; WK eq. E1, E2).
 
-    Off by default (empty lists): every point is a tuned fit of its own. With values,
-    each combination of ``C`` (or the density's ``C`` if empty) and ``r0`` (likewise) is
-    fitted and tuned on a random subset of ``structures`` training structures with
-    ``sparse`` sparse environments per species; the one with the lowest validation loss
-    of the tuning (same held-out structures for all) is used for the final fit, and
-    every point's loss is stored in the model's report (``density_grid``).
+    Each combination of ``nu_max``, ``C`` (or the density's ``C`` if the list is empty)
+    and ``r0`` (likewise) is fitted and tuned on a random subset of ``structures``
+    training structures with ``sparse`` sparse environments per species. Among the points
+    whose validation loss (of the tuning, same held-out structures for all) is within
+    ``tolerance`` (relative) of the lowest, the one with the smallest ``nu_max`` wins
+    (the cheapest to run; then the lowest loss); it is used for the final fit, and every
+    point's loss is stored in the model's report (``density_grid``). By default only
+    ``nu_max`` 3 and 4 are compared (two small fits).
 
+    :param nu_max: candidates for ``kernel.nu_max: auto``.
     :param C: values of ``C`` to try. :param r0: values of ``r0`` (A) to try.
     :param structures: training structures per grid point. :param sparse: sparse
         environments per species per grid point.
+    :param tolerance: relative validation-loss margin within which the cheaper point wins.
     """
 
+    nu_max: List[int] = field(default_factory=lambda: [3, 4])
     C: List[float] = field(default_factory=list)
     r0: List[float] = field(default_factory=list)
     structures: int = 200
     sparse: int = 100
+    tolerance: float = 0.05
 
 
 @dataclass
@@ -184,6 +194,8 @@ def make_kernel(config: KernelConfig):
     from .wigner import WignerHypers
 
     if config.type == "wigner":
+        if not isinstance(config.nu_max, int):
+            raise ValueError(f"kernel.nu_max must be an integer here, got {config.nu_max!r} (fit_from_config resolves auto)")
         return WignerKernel(WignerHypers(nu_max=config.nu_max, lambda_max=config.lambda_max), mixing=config.mixing or None)
     if config.type == "polynomial":
         return PolynomialKernel(zeta=config.zeta, mixing=config.mixing or None)
@@ -194,9 +206,10 @@ def fit_from_config(structures, config: FitConfig, verbose: bool = False):
     """Fit a :class:`~acdc_potential.regression.SparseKRRModel` on labelled structures as
     ``config`` says, after :func:`select_density` when ``config.grid`` has values."""
     grid = []
-    if config.grid.C or config.grid.r0:
-        density, grid = select_density(structures, config, verbose)
-        config = dataclasses.replace(config, density=density)
+    automatic = config.kernel.type == "wigner" and config.kernel.nu_max == "auto"
+    if automatic or (config.kernel.type == "wigner" and (config.grid.C or config.grid.r0)):
+        density, nu_max, grid = select_density(structures, config, verbose)
+        config = dataclasses.replace(config, density=density, kernel=dataclasses.replace(config.kernel, nu_max=nu_max))
     model = _fit(structures, config, config.sparse.n, config.options.tune, verbose)
     if model.report is not None:
         model.report.density_grid = grid
@@ -228,19 +241,37 @@ def _fit(structures, config: FitConfig, n_sparse, tune: bool, verbose: bool):
     )
 
 
-def select_density(structures, config: FitConfig, verbose: bool = False) -> Tuple[DensityHypers, List[Dict[str, float]]]:
-    """The density of the grid point (``C``, ``r0``) with the lowest validation loss (see
-    :class:`GridConfig`), and ``[{"C", "r0", "loss"}]`` for every point."""
-    if config.density.density != "wigner":
+def select_density(structures, config: FitConfig, verbose: bool = False) -> Tuple[DensityHypers, int, List[Dict[str, float]]]:
+    """The density and ``nu_max`` of the grid point chosen as :class:`GridConfig` says, and
+    ``[{"nu_max", "C", "r0", "loss"}]`` for every point."""
+    if (config.grid.C or config.grid.r0) and config.density.density != "wigner":
         raise ValueError("the C, r0 grid applies to the Wigner density (density: wigner)")
+    orders = config.grid.nu_max if config.kernel.nu_max == "auto" else [config.kernel.nu_max]
+    if not orders or any(not isinstance(nu, int) or nu < 1 for nu in orders):
+        raise ValueError(f"grid.nu_max must list positive integers, got {orders}")
     structures = list(structures)
     subset = random.Random(config.options.seed).sample(structures, min(config.grid.structures, len(structures)))
     points = []
-    for C, r0 in itertools.product(config.grid.C or [config.density.C], config.grid.r0 or [config.density.r0]):
-        trial = dataclasses.replace(config, density=dataclasses.replace(config.density, C=float(C), r0=float(r0)))
+    values = itertools.product(orders, config.grid.C or [config.density.C], config.grid.r0 or [config.density.r0])
+    for nu_max, C, r0 in values:
+        trial = dataclasses.replace(
+            config,
+            density=dataclasses.replace(config.density, C=float(C), r0=float(r0)),
+            kernel=dataclasses.replace(config.kernel, nu_max=int(nu_max)),
+        )
         report = _fit(subset, trial, config.grid.sparse, True, False).report
-        points.append({"C": float(C), "r0": float(r0), "loss": float(report.loss)})
+        points.append({"nu_max": int(nu_max), "C": float(C), "r0": float(r0), "loss": float(report.loss)})
         if verbose:
-            print(f"density grid: C = {C:g}, r0 = {r0:g} A: validation loss {report.loss:.4g}", flush=True)
-    best = min(points, key=lambda point: point["loss"])
-    return dataclasses.replace(config.density, C=best["C"], r0=best["r0"]), points
+            print(f"grid: nu_max = {nu_max}, C = {C:g}, r0 = {r0:g} A: validation loss {report.loss:.4g}", flush=True)
+    best = choose_grid_point(points, config.grid.tolerance)
+    if verbose:
+        print(f"grid: chose nu_max = {best['nu_max']}, C = {best['C']:g}, r0 = {best['r0']:g} A", flush=True)
+    return dataclasses.replace(config.density, C=best["C"], r0=best["r0"]), best["nu_max"], points
+
+
+def choose_grid_point(points: List[Dict[str, float]], tolerance: float) -> Dict[str, float]:
+    """Among ``points`` whose ``loss`` is within ``tolerance`` (relative) of the lowest, the
+    one with the smallest ``nu_max``, then the lowest loss."""
+    lowest = min(point["loss"] for point in points)
+    candidates = [point for point in points if point["loss"] <= lowest * (1.0 + tolerance)]
+    return min(candidates, key=lambda point: (point["nu_max"], point["loss"]))

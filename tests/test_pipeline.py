@@ -23,7 +23,7 @@ from ase.md.verlet import VelocityVerlet
 from conftest import check_forces_and_stress
 
 from acdc_potential.calculator import ACDCCalculator
-from acdc_potential.config import FitConfig, fit_from_config
+from acdc_potential.config import FitConfig, choose_grid_point, fit_from_config, make_kernel
 from acdc_potential.data import read_structures
 from acdc_potential.model import build_potential, export_model
 from acdc_potential.regression import SparseKRRModel
@@ -186,7 +186,7 @@ def test_density_grid_picks_the_lowest_validation_loss_and_stores_every_point(tm
     )
     model = fit_from_config(structures, config)
     points = model.report.density_grid
-    assert [(p["C"], p["r0"]) for p in points] == [(0.1, 3.0), (1.0, 3.0)]
+    assert [(p["nu_max"], p["C"], p["r0"]) for p in points] == [(3, 0.1, 3.0), (3, 1.0, 3.0)]
     assert points[0]["loss"] != points[1]["loss"]
     best = min(points, key=lambda p: p["loss"])
     assert (model.density_hypers.C, model.density_hypers.r0) == (best["C"], best["r0"])
@@ -213,3 +213,15 @@ def test_lammps_fix_external_conserves_energy(ethanol_fit):
     # the potential energy moves by far more than the total energy: forces match the energy
     assert max(potentials) - min(potentials) > 20 * (max(totals) - min(totals))
     assert max(totals) - min(totals) < 1e-3 * 9  # eV: 1 meV/atom over 10 fs
+
+
+def test_grid_keeps_the_cheapest_point_within_the_tolerance():
+    points = [
+        {"nu_max": 4, "C": 0.3, "r0": 3.0, "loss": 1.00},
+        {"nu_max": 3, "C": 0.3, "r0": 3.0, "loss": 1.04},
+        {"nu_max": 3, "C": 1.0, "r0": 3.0, "loss": 1.03},
+    ]
+    assert choose_grid_point(points, 0.05) == points[2]
+    assert choose_grid_point(points, 0.01) == points[0]
+    with pytest.raises(ValueError, match="integer"):
+        make_kernel(FitConfig().kernel)
