@@ -95,7 +95,8 @@ def worker_ours(args):
         Path(args.export_dir).mkdir(parents=True, exist_ok=True)
         export_fitted(model, Path(args.export_dir) / f"{model_tag(args)}.pt")
     predictions = predictions_of(model, test)
-    return {"fit_time": fit_time, "peak_memory": peak_memory, "reused": False, "errors": test_errors(test, predictions)}
+    chosen = {"kernel": model.kernel.kind, "nu_max": getattr(model.kernel, "nu_max", None)}
+    return {"fit_time": fit_time, "peak_memory": peak_memory, "reused": False, "errors": test_errors(test, predictions), **chosen}
 
 
 def run_worker(method: str, name: str, args) -> dict:
@@ -173,6 +174,9 @@ def main():
     commands = {name: result["command"] for name, method, result in rows if method == "gap" and "command" in result}
     for name, command in commands.items():
         print(f"gap_fit ({name}): {command}")
+    chosen = [f"{name} {result['nu_max']}" for name, method, result in rows if method == "ours" and result.get("nu_max")]
+    if chosen:
+        print("ours: Wigner kernel nu_max (chosen on held-out structures): " + ", ".join(chosen))
     if args.json:
         Path(args.json).write_text(json.dumps([{"set": n, "model": m, **r} for n, m, r in rows], indent=1))
 
