@@ -250,6 +250,9 @@ def select_density(structures, config: FitConfig, verbose: bool = False) -> Tupl
     if not orders or any(not isinstance(nu, int) or nu < 1 for nu in orders):
         raise ValueError(f"grid.nu_max must list positive integers, got {orders}")
     structures = list(structures)
+    if len(structures) < 2:
+        # nothing to hold out: the cheapest candidate, as the tolerance rule would prefer
+        return config.density, min(orders), []
     subset = random.Random(config.options.seed).sample(structures, min(config.grid.structures, len(structures)))
     points = []
     values = itertools.product(orders, config.grid.C or [config.density.C], config.grid.r0 or [config.density.r0])

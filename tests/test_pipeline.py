@@ -225,3 +225,12 @@ def test_grid_keeps_the_cheapest_point_within_the_tolerance():
     assert choose_grid_point(points, 0.01) == points[0]
     with pytest.raises(ValueError, match="integer"):
         make_kernel(FitConfig().kernel)
+
+
+def test_automatic_nu_max_on_a_single_structure_takes_the_cheapest_candidate():
+    structures = read_structures(str(DATA / "ethanol_train.extxyz"), index=":1")
+    config = small_config(n_sparse=4)
+    config = dataclasses.replace(config, kernel=dataclasses.replace(config.kernel, nu_max="auto"))
+    model = fit_from_config(structures, config)
+    assert model.kernel.nu_max == 3
+    assert np.isfinite(model.predict([structures[0].atoms])["energy"].numpy()).all()
