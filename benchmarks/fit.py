@@ -11,7 +11,7 @@ acdc-potential uses the default configuration (``FitConfig()``); GAP uses the fi
 issue's settings (see ``gap.py``). With ``--gap-dir`` fitted GAP models are kept and
 reused (their fit time and memory are those recorded when they were fitted, marked *).
 
-usage: python benchmarks/fit.py [--sets ethanol,copper] [--quick] [--skip-gap] [--skip-ours]
+usage: python benchmarks/fit.py [--sets ethanol,copper] [--quick] [--skip-gap] [--skip-ours] [--config YAML]
                                 [--gap-dir DIR] [--export-dir DIR] [--data DIR] [--threads N] [--json FILE]
 """
 
@@ -84,7 +84,7 @@ def worker_ours(args):
     from acdc_potential.evaluation import predictions_of
 
     train, test = read_split(Path(args.data), args.set, args.quick)
-    config = FitConfig()
+    config = FitConfig.from_yaml(args.config)
     if args.quick:
         config.sparse.n = QUICK["sparse"]
     start = time.perf_counter()
@@ -102,7 +102,7 @@ def worker_ours(args):
 def run_worker(method: str, name: str, args) -> dict:
     """Run one fit in a fresh process; its stderr goes to the terminal."""
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--sets", name, "--data", str(args.data)]
-    for flag, value in (("--gap-dir", args.gap_dir), ("--export-dir", args.export_dir)):
+    for flag, value in (("--gap-dir", args.gap_dir), ("--export-dir", args.export_dir), ("--config", args.config)):
         if value:
             command += [flag, str(value)]
     if args.quick:
@@ -152,6 +152,7 @@ def parse_arguments():
     parser.add_argument("--gap-dir", default=None, help="keep fitted GAP models here and reuse them")
     parser.add_argument("--export-dir", default=None, help="export our fitted models here as NAME.pt (NAME_quick.pt with --quick)")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="directory of NAME_train/NAME_test.extxyz")
+    parser.add_argument("--config", default=None, help="our fit configuration (YAML, as acdc-potential fit --config); default: the defaults")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the fits (default: inherited)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--worker", choices=["gap", "ours"], help=argparse.SUPPRESS)
@@ -176,7 +177,7 @@ def main():
         print(f"gap_fit ({name}): {command}")
     chosen = [f"{name} {result['nu_max']}" for name, method, result in rows if method == "ours" and result.get("nu_max")]
     if chosen:
-        print("ours: Wigner kernel nu_max (chosen on held-out structures): " + ", ".join(chosen))
+        print("ours: Wigner kernel nu_max used (chosen on held-out structures under nu_max: auto): " + ", ".join(chosen))
     if args.json:
         Path(args.json).write_text(json.dumps([{"set": n, "model": m, **r} for n, m, r in rows], indent=1))
 
