@@ -196,14 +196,21 @@ class WignerKernels(torch.nn.Module):
             ``i * n_b + j``, no central-species delta.
         """
         out: Dict[int, torch.Tensor] = {}
+        n_pairs = a[0].shape[0] * b[0].shape[0]
+        for key, k in self._nu1_grid(a, b).items():
+            width = k.shape[1]
+            out[key] = k.transpose(1, 2).reshape(n_pairs, width, width)
+        return out
+
+    def _nu1_grid(self, a: List[torch.Tensor], b: List[torch.Tensor]) -> Dict[int, torch.Tensor]:
+        """``k^{1,l}`` of all pairs laid out ``[n_a, 2l + 1, n_b, 2l + 1]`` (one GEMM per ``l``)."""
+        out: Dict[int, torch.Tensor] = {}
         n_a = a[0].shape[0]
         n_b = b[0].shape[0]
         for l in range(min(len(a), len(b), self.lambda_max + 1)):
             width = 2 * l + 1
-            x = a[l].reshape(n_a * width, -1)
-            y = b[l].reshape(n_b * width, -1)
-            k = (x @ y.T).view(n_a, width, n_b, width).transpose(1, 2)
-            out[block_key(l, 1)] = k.reshape(n_a * n_b, width, width) * kernel_scale(l)
+            k = a[l].reshape(n_a * width, -1) @ b[l].reshape(n_b * width, -1).T
+            out[block_key(l, 1)] = k.view(n_a, width, n_b, width) * kernel_scale(l)
         return out
 
     def nu1_matched(self, a: List[torch.Tensor], b: List[torch.Tensor]) -> Dict[int, torch.Tensor]:
@@ -346,11 +353,7 @@ class WignerKernels(torch.nn.Module):
         """
         n_a = a[0].shape[0]
         n_b = b[0].shape[0]
-        k1: Dict[int, torch.Tensor] = {}
-        for l in range(min(len(a), len(b), self.lambda_max + 1)):
-            width = 2 * l + 1
-            k = a[l].reshape(n_a * width, -1) @ b[l].reshape(n_b * width, -1).T
-            k1[block_key(l, 1)] = k.view(n_a, width, n_b, width) * kernel_scale(l)
+        k1 = self._nu1_grid(a, b)
         rows: List[torch.Tensor] = [k1[block_key(0, 1)][:, 0, :, 0]]
         if self.nu_max >= 2:
             k2: Dict[int, torch.Tensor] = {}
@@ -360,9 +363,9 @@ class WignerKernels(torch.nn.Module):
                 k2[key] = k.view(n_a, width, n_b, width)
             rows.append(k2[block_key(0, 1)][:, 0, :, 0])
             if self.nu_max >= 3:
-                rows.append(self._contract_pairs(k2, k1))
+                rows.append(self.contract(k2, k1, 3))
             if self.nu_max >= 4:
-                rows.append(self._contract_pairs(k2, k2))
+                rows.append(self.contract(k2, k2, 3))
         return torch.stack(rows)
 
     def _collapsed_orders(self, coefficients: List[torch.Tensor], features: Dict[int, torch.Tensor]) -> List[int]:
@@ -428,21 +431,15 @@ class WignerKernels(torch.nn.Module):
                     energy = energy.index_add(0, atoms, term)
         return energy
 
-    @staticmethod
-    def _contract_pairs(x: Dict[int, torch.Tensor], y: Dict[int, torch.Tensor]) -> torch.Tensor:
-        """:meth:`contract` of blocks laid out ``[n_a, 2l + 1, n_b, 2l + 1]`` -> ``[n_a, n_b]``."""
-        terms: List[torch.Tensor] = []
-        for key in sorted(x.keys()):
-            if key in y:
-                terms.append((x[key] * y[key]).sum(dim=(1, 3)) / (2 * key_lambda(key) + 1))
-        return torch.stack(terms).sum(dim=0)
+    def contract(self, x: Dict[int, torch.Tensor], y: Dict[int, torch.Tensor], mu_prime_dim: int = 2) -> torch.Tensor:
+        """``(0, +1)`` block of ``iterate(x, y)``: ``sum_{l s} <x^{ls}, y^{ls}>_F / (2l + 1)``.
 
-    def contract(self, x: Dict[int, torch.Tensor], y: Dict[int, torch.Tensor]) -> torch.Tensor:
-        """``(0, +1)`` block of ``iterate(x, y)``, ``[P]``: ``sum_{l s} <x^{ls}, y^{ls}>_F / (2l + 1)``."""
+        Blocks ``[P, 2l + 1, 2l + 1]`` give ``[P]``; blocks laid out ``[n_a, 2l + 1, n_b,
+        2l + 1]`` with ``mu_prime_dim = 3`` give ``[n_a, n_b]``."""
         terms: List[torch.Tensor] = []
         for key in sorted(x.keys()):
             if key in y:
-                terms.append((x[key] * y[key]).sum(dim=(1, 2)) / (2 * key_lambda(key) + 1))
+                terms.append((x[key] * y[key]).sum(dim=[1, mu_prime_dim]) / (2 * key_lambda(key) + 1))
         return torch.stack(terms).sum(dim=0)
 
     def equivariant_pairs(self, a: List[torch.Tensor], b: List[torch.Tensor], nu_max: int) -> List[Dict[int, torch.Tensor]]:
