@@ -287,7 +287,8 @@ class WignerKernels(torch.nn.Module):
         :param a: density coefficients ``[n, 2l + 1, Q_l]`` per ``l``.
         :return: ``F^{lambda sigma}`` ``[n, 2 lambda + 1, D]`` keyed by :func:`block_key`, such
             that ``k^{2, lambda sigma}_{mu mu'}(i, j) = sum_d F_i[mu, d] F_j[mu', d]`` for the
-            kernels of :meth:`iterate` ``(k^1, k^1)``.
+            kernels of :meth:`iterate` ``(k^1, k^1)``; only the blocks the invariant
+            kernels up to ``nu_max`` use (:meth:`_needs_k2_block`).
 
         ``F[mu, (l1 l2 q r)] = sum_{m1 m2} C^{l1 l2 lambda}_{m1 m2 mu} a~[q l1 m1] a~[r l2 m2]``
         with ``a~ = sqrt(8 pi^2 / (2l + 1)) a`` (B1), ``sigma = (-1)^(l1 + l2 + lambda)``.
@@ -307,14 +308,25 @@ class WignerKernels(torch.nn.Module):
                 q1 = scaled[l1].shape[2]
                 q2 = scaled[l2].shape[2]
                 right = self._right(l1, l2)
-                columns = right.shape[1] // w2
+                all_columns = right.shape[1] // w2
+                cg_blocks: List[torch.Tensor] = []
+                lambdas: List[int] = []
+                start = 0
+                for lam in self.coupling_lambdas[l1 * (self.lambda_max + 1) + l2]:
+                    if self._needs_k2_block(lam, parity_sign(l1 + l2 + lam)):
+                        lambdas.append(lam)
+                        cg_blocks.append(right.view(w1, w2, all_columns)[:, :, start : start + 2 * lam + 1])
+                    start += 2 * lam + 1
+                if len(lambdas) == 0:
+                    continue
+                cg = torch.cat(cg_blocks, dim=2)
+                columns = cg.shape[2]
                 # y[n, r, m1, L] = sum_m2 a~[n, m2, r] C[m1, m2, L]
-                cg = right.view(w1, w2, columns).transpose(0, 1).reshape(w2, w1 * columns)
+                cg = cg.transpose(0, 1).reshape(w2, w1 * columns)
                 y = (scaled[l2].transpose(1, 2).reshape(n * q2, w2) @ cg).view(n, q2, w1, columns)
                 # x[n, q, r, L] = sum_m1 a~[n, m1, q] y[n, r, m1, L]
                 y = y.transpose(1, 2).reshape(n, w1, q2 * columns)
                 x = torch.bmm(scaled[l1].transpose(1, 2), y).view(n, q1, q2, columns).permute(0, 3, 1, 2)
-                lambdas = self.coupling_lambdas[l1 * (self.lambda_max + 1) + l2]
                 for lam, part in zip(lambdas, torch.split(x, [2 * lam + 1 for lam in lambdas], dim=1)):
                     if l1 < l2:
                         block = part.reshape(n, 2 * lam + 1, q1 * q2) * math.sqrt(2.0)
@@ -329,6 +341,16 @@ class WignerKernels(torch.nn.Module):
         for key, blocks in pieces.items():
             out[key] = torch.cat(blocks, dim=2)
         return out
+
+    def _needs_k2_block(self, lam: int, sigma: int) -> bool:
+        """Whether the invariant kernels up to ``nu_max`` use the ``k^{2, lambda sigma}`` block:
+        ``k^2`` is its ``(0, +)`` block, ``k^3 = <k^2, k^1>`` reads the ``(l, +)`` ones (``k^1``
+        has ``sigma = +1`` only) and ``k^4 = <k^2, k^2>`` all of them."""
+        if self.nu_max >= 4:
+            return True
+        if self.nu_max == 3:
+            return sigma > 0
+        return lam == 0 and sigma > 0
 
     @staticmethod
     def _triangle(x: torch.Tensor, offset: int) -> torch.Tensor:
