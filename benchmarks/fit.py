@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import List, Optional
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data"
@@ -107,10 +108,16 @@ def run_worker(method: str, name: str, args) -> dict:
             command += [flag, str(value)]
     if args.quick:
         command.append("--quick")
+    return run_result_process(command, args.threads, f"{name}: {method}")
+
+
+def run_result_process(command: List[str], threads: Optional[int], label: str) -> dict:
+    """Run a worker ``command`` (``OMP_NUM_THREADS=threads`` if given) and return the JSON of
+    its last ``RESULT`` line, or ``{"failed": ...}``; its stderr goes to the terminal."""
     env = dict(os.environ)
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
-    print(f"--- {name}: {method}", file=sys.stderr, flush=True)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    print(f"--- {label}", file=sys.stderr, flush=True)
     finished = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
     results = [line[len(RESULT_MARK) :] for line in finished.stdout.splitlines() if line.startswith(RESULT_MARK)]
     if finished.returncode != 0 or not results:

@@ -20,16 +20,15 @@ usage: python benchmarks/md.py [--model-ethanol X.pt] [--model-copper Y.pt] [--g
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from fit import RESULT_MARK, run_result_process
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data"
 SYSTEMS = {"ethanol": "ethanol", "cu500": "copper"}
-RESULT_MARK = "RESULT "
 
 
 def structure(system: str, data: Path):
@@ -101,15 +100,7 @@ def run_worker(method: str, system: str, model: str, args) -> dict:
         sys.executable, str(Path(__file__).resolve()), "--worker", method, "--system", system,
         "--model", model, "--steps", str(args.steps), "--blocks", str(args.blocks), "--data", str(args.data),
     ]
-    env = dict(os.environ)
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
-    print(f"--- {system}: {method}", file=sys.stderr, flush=True)
-    finished = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
-    results = [line[len(RESULT_MARK) :] for line in finished.stdout.splitlines() if line.startswith(RESULT_MARK)]
-    if finished.returncode != 0 or not results:
-        return {"failed": f"exit code {finished.returncode}"}
-    return json.loads(results[-1])
+    return run_result_process(command, args.threads, f"{system}: {method}")
 
 
 def format_table(rows, args) -> str:
