@@ -59,7 +59,7 @@ class KernelConfig:
         ``polynomial`` (``(x . x')^zeta`` on the normalised power spectrum, the GAP form).
     :param nu_max: largest correlation order of the Wigner kernel (body order ``nu_max + 1``),
         or ``auto`` (default): the candidates of ``grid.nu_max`` (3 and 4) are compared on
-        held-out structures (:func:`select_density`) and the cheapest within
+        held-out structures (:func:`select_on_grid`) and the cheapest within
         ``grid.tolerance`` of the best is kept. ``nu_max <= 3`` is what an exported model
         evaluates at a cost independent of the number of sparse environments
         (``WignerKernels.collapse``); 4 adds five-body correlations (much better for gold
@@ -204,11 +204,11 @@ def make_kernel(config: KernelConfig):
 
 def fit_from_config(structures, config: FitConfig, verbose: bool = False):
     """Fit a :class:`~acdc_potential.regression.SparseKRRModel` on labelled structures as
-    ``config`` says, after :func:`select_density` when ``config.grid`` has values."""
+    ``config`` says, after :func:`select_on_grid` when ``nu_max`` is ``auto`` or ``config.grid`` lists C or r0."""
     grid = []
     automatic = config.kernel.type == "wigner" and config.kernel.nu_max == "auto"
     if automatic or (config.kernel.type == "wigner" and (config.grid.C or config.grid.r0)):
-        density, nu_max, grid = select_density(structures, config, verbose)
+        density, nu_max, grid = select_on_grid(structures, config, verbose)
         config = dataclasses.replace(config, density=density, kernel=dataclasses.replace(config.kernel, nu_max=nu_max))
     model = _fit(structures, config, config.sparse.n, config.options.tune, verbose)
     if model.report is not None:
@@ -241,7 +241,7 @@ def _fit(structures, config: FitConfig, n_sparse, tune: bool, verbose: bool):
     )
 
 
-def select_density(structures, config: FitConfig, verbose: bool = False) -> Tuple[DensityHypers, int, List[Dict[str, float]]]:
+def select_on_grid(structures, config: FitConfig, verbose: bool = False) -> Tuple[DensityHypers, int, List[Dict[str, float]]]:
     """The density and ``nu_max`` of the grid point chosen as :class:`GridConfig` says, and
     ``[{"nu_max", "C", "r0", "loss"}]`` for every point."""
     if (config.grid.C or config.grid.r0) and config.density.density != "wigner":

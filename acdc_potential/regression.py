@@ -395,8 +395,8 @@ class HyperparameterReport:
     ``validation_errors`` maps each kind (``energy`` per atom, ``forces``, ``stress``) to
     its ``mae`` and ``rmse`` on the held-out structures; ``tuned`` names the parameters
     that were optimised, ``evaluations`` and ``seconds`` the cost of the search;
-    ``density_grid`` the validation loss of every density tried by a grid over ``C`` and
-    ``r0`` (``acdc_potential.config.select_density``), if one ran.
+    ``density_grid`` the validation loss of every point (``nu_max``, ``C``, ``r0``) of the
+    grid of ``acdc_potential.config.select_on_grid``, if one ran.
     """
 
     mixing: Dict[str, float]
