@@ -84,10 +84,13 @@ class SparseConfig:
 
     :param n: number per central species; an integer for all, or a map from element
         symbol (or atomic number) to a number. Species with fewer atoms keep them all.
+        The default, 1000, is what GAP fits commonly use; the fitting cost grows linearly
+        with it (and the memory of the design matrix), the cost of an exported
+        ``nu_max <= 3`` model per MD step does not.
     :param selection: ``fps`` (farthest point sampling) or ``cur``, on the power spectrum.
     """
 
-    n: Union[int, Dict[str, int]] = 400
+    n: Union[int, Dict[str, int]] = 1000
     selection: str = "fps"
 
 
@@ -100,6 +103,10 @@ class FitOptions:
     :param tune: select the mixing coefficients and regularisers on held-out structures
         (no kernel is recomputed).
     :param validation: fraction of the training structures held out while tuning.
+    :param tune_sparse: sparse environments per species used while tuning (the first of
+        the selection order, itself a farthest-point or CUR selection; 0: all). Each trial
+        solve costs ``O(rows x M^2)``, so tuning on a subset keeps large sparse sets
+        affordable; the final solve uses them all.
     :param isolated_energies: per-element energies of isolated atoms (eV) to use as the
         baseline instead of a least-squares fit on composition.
     :param seed: seed of the validation split.
@@ -110,6 +117,7 @@ class FitOptions:
     stress: bool = True
     tune: bool = True
     validation: float = 0.1
+    tune_sparse: int = 300
     isolated_energies: Optional[Dict[str, float]] = None
     seed: int = 0
 
@@ -236,7 +244,11 @@ def _fit(structures, config: FitConfig, n_sparse, tune: bool, verbose: bool):
         stress=config.options.stress,
         isolated_energies=isolated,
         tune=tune,
-        tune_options={"validation": config.options.validation, "seed": config.options.seed},
+        tune_options={
+            "validation": config.options.validation,
+            "seed": config.options.seed,
+            "sparse_per_species": config.options.tune_sparse,
+        },
         verbose=verbose,
     )
 

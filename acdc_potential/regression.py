@@ -134,6 +134,10 @@ class DesignMatrix:
             self.pieces[:, mask], self.targets[mask], self.kind[mask], self.structure[mask], self.n_atoms[mask], self.weight[mask]
         )
 
+    def columns(self, index: torch.Tensor) -> "DesignMatrix":
+        """The rows restricted to the sparse environments ``index``."""
+        return dataclasses.replace(self, pieces=self.pieces[:, :, index])
+
     def kinds_present(self) -> List[int]:
         return sorted(set(self.kind.tolist()))
 
@@ -279,8 +283,11 @@ def build_design_matrix(
         c, _ = batch_density(expansion, batch)
         if need_gradient:
             jacobian = structure_jacobian(expansion, batch)
-            values, derivatives = kernel.structure_derivatives(c, batch.numbers, jacobian, batch.structure, len(group))
             n_max = (jacobian.shape[1] - 9) // 3
+            if not any(wanted[k][2] for k in group):
+                # no stress rows: the strain directions would only cost time
+                jacobian = jacobian[:, : 3 * n_max]
+            values, derivatives = kernel.structure_derivatives(c, batch.numbers, jacobian, batch.structure, len(group))
         else:
             values = sum_by_structure(kernel.rows(c, batch.numbers), batch.structure, len(group))
         for t, k in enumerate(group):
@@ -306,6 +313,7 @@ def build_design_matrix(
                 kind[row : row + 6] = STRESS
         bar.update(len(group))
     bar.close()
+    kernel.clear_cache()
     return DesignMatrix(pieces, targets, kind, row_structure, row_atoms, row_weight)
 
 
@@ -433,6 +441,7 @@ def select_hyperparameters(
     loss_weights: Optional[Dict[str, float]] = None,
     max_evaluations: int = 60,
     subsample: Optional[int] = None,
+    sparse: Optional[torch.Tensor] = None,
     seed: int = 0,
     rcond: float = 1e-10,
 ) -> HyperparameterReport:
@@ -449,8 +458,14 @@ def select_hyperparameters(
         projected-process solve per split, ``O(R M^2)``).
     :param subsample: tune on the rows of this many randomly chosen structures only, which
         makes each evaluation proportionally cheaper on large training sets.
+    :param sparse: tune with these sparse environments only (indices into ``M``); each
+        evaluation costs ``O(R M^2)``, so a subset makes tuning large models affordable
+        (:func:`selection_prefix`).
     """
     start = time.perf_counter()
+    if sparse is not None:
+        design = design.columns(sparse)
+        k_mm_pieces = k_mm_pieces[:, sparse][:, :, sparse]
     if subsample is not None and subsample < len(torch.unique(design.structure)):
         everything = torch.unique(design.structure)
         chosen = everything[torch.randperm(len(everything), generator=torch.Generator().manual_seed(seed))[:subsample]]
@@ -495,6 +510,16 @@ def select_hyperparameters(
     loss, errors = evaluate(result.x)
     mixing, regs = unpack(result.x)
     return HyperparameterReport(mixing, regs, float(loss), errors, int(result.nfev), time.perf_counter() - start, names)
+
+
+def selection_prefix(species: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the first ``count`` sparse environments of every species ``[M]`` (in the
+    order of :func:`~acdc_potential.sparse.select_sparse`, whose prefixes are themselves
+    farthest-point or CUR selections)."""
+    keep = torch.zeros_like(species, dtype=torch.bool)
+    for z in torch.unique(species).tolist():
+        keep[torch.nonzero(species == z).flatten()[:count]] = True
+    return torch.nonzero(keep).flatten()
 
 
 def _as_labelled(structures: Sequence) -> List[Labelled]:
@@ -690,7 +715,8 @@ def fit(
     Steps: validate; baseline; density coefficients of every atom; sparse environments per
     species (``selection`` = ``"fps"`` | ``"cur"`` on the power spectrum); design matrix
     (energies/forces/stress as enabled and present); optionally :func:`select_hyperparameters`
-    (``tune_options`` are its keyword arguments), which updates the kernel's mixing and the
+    (``tune_options`` are its keyword arguments, and ``sparse_per_species``: tune with the
+    first that many sparse environments of each species), which updates the kernel's mixing and the
     regularisers; projected-process solve. ``verbose`` reports each step, with timings
     and a progress bar over the kernel rows.
     """
@@ -719,7 +745,11 @@ def fit(
     log(f"design matrix: {design.pieces.shape[1]} rows x {design.pieces.shape[2]} sparse environments")
     report = None
     if tune:
-        report = select_hyperparameters(design, k_mm_pieces, kernel, regularisers, rcond=rcond, **(tune_options or {}))
+        options = dict(tune_options or {})
+        per_species = options.pop("sparse_per_species", None)
+        if per_species is not None and per_species > 0:
+            options["sparse"] = selection_prefix(kernel.sparse_species, int(per_species))
+        report = select_hyperparameters(design, k_mm_pieces, kernel, regularisers, rcond=rcond, **options)
         kernel.mixing = dict(report.mixing)
         regularisers = report.regularisers
         mixing = ", ".join(f"{k} = {v:.4g}" for k, v in report.mixing.items())

@@ -12,6 +12,7 @@ from conftest import random_rotation
 from acdc_potential.data import Labelled
 from acdc_potential.neighbors import StructureError, batch_from_atoms
 from acdc_potential.radial import DensityHypers
+from acdc_potential.density import DensityExpansion
 from acdc_potential.regression import (
     ENERGY,
     FORCES,
@@ -21,14 +22,17 @@ from acdc_potential.regression import (
     ProjectedProcess,
     Regularisers,
     SparseKRRModel,
+    batch_density,
     build_design_matrix,
     fit,
     select_hyperparameters,
+    selection_prefix,
     solve_projected_process,
     structure_jacobian,
 )
 from acdc_potential.sparse import (
     PolynomialKernel,
+    SparseKernel,
     WignerKernel,
     cur_selection,
     farthest_point_sampling,
@@ -118,6 +122,29 @@ def test_force_rows_are_minus_position_derivatives_of_energy_rows(model, atoms):
     finite = -(rows[:, :, 0] - rows[:, :, 1]) / (2 * h)
     assert force_rows.abs().max() > 1e-3
     torch.testing.assert_close(force_rows, finite, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("nu_max", [1, 2, 3, 4])
+def test_derivative_rows_through_invariants_equal_the_per_pair_path(nu_max):
+    """The per-atom-invariant path of the Wigner kernel's rows (sums over each structure
+    before the sparse environments) equals the per-pair reverse passes, also when its
+    budgets split the structures and the sparse set into many chunks."""
+    structures = training_set()
+    expansion = DensityExpansion(HYPERS, [1, 6, 29])
+    batch = batch_from_atoms([s.atoms for s in structures], HYPERS.cutoff)
+    c, layout = batch_density(expansion, batch)
+    jacobian = structure_jacobian(expansion, batch)
+    kernel = WignerKernel(WignerHypers(nu_max=nu_max, lambda_max=2))
+    kernel.set_sparse(c[::3], batch.numbers[::3], layout)
+    assert kernel.feature_sizes() is not None and sum(kernel.feature_sizes()) <= kernel.max_feature_dimension
+    arguments = (c, batch.numbers, jacobian, batch.structure, len(structures))
+    expected_values, expected_derivatives = SparseKernel.structure_derivatives(kernel, *arguments)
+    assert expected_derivatives.abs().max() > 1e-3
+    for budget in (kernel.feature_budget, 2000.0):
+        kernel.feature_budget = kernel.sparse_feature_budget = budget
+        values, derivatives = kernel.structure_derivatives(*arguments)
+        torch.testing.assert_close(values, expected_values, rtol=1e-12, atol=1e-12 * float(expected_values.abs().max()))
+        torch.testing.assert_close(derivatives, expected_derivatives, rtol=1e-11, atol=1e-11 * float(expected_derivatives.abs().max()))
 
 
 def test_coefficient_jacobian_does_not_depend_on_the_pair_chunking(polynomial_model):
@@ -302,6 +329,21 @@ def test_hyperparameter_selection_lowers_the_validation_loss(model):
     assert tuned.loss < initial.loss
     assert set(tuned.tuned) == set(model.kernel.mixing_names) - {"a"} | {"energy", "forces", "stress"}
     assert tuned.mixing["a"] == model.kernel.mixing["a"]
+
+
+def test_tuning_on_a_prefix_of_the_sparse_selection(wigner_model):
+    assert selection_prefix(torch.tensor([1, 1, 6, 1, 6, 6, 29]), 2).tolist() == [0, 1, 2, 4, 6]
+    kernel = wigner_model.kernel
+    design = build_design_matrix(training_set(), wigner_model.expansion, kernel, wigner_model.baseline)
+    k_mm = kernel.sparse_block()
+    prefix = selection_prefix(kernel.sparse_species, 2)
+    assert 0 < len(prefix) < kernel.n_sparse
+    # the subset's loss is that of a model on those sparse environments only
+    on_prefix = select_hyperparameters(design, k_mm, kernel, Regularisers(), sparse=prefix, max_evaluations=1)
+    subset = select_hyperparameters(design.columns(prefix), k_mm[:, prefix][:, :, prefix], kernel, Regularisers(), max_evaluations=1)
+    everything = select_hyperparameters(design, k_mm, kernel, Regularisers(), max_evaluations=1)
+    assert on_prefix.loss == pytest.approx(subset.loss, rel=1e-12)
+    assert on_prefix.loss != pytest.approx(everything.loss, rel=1e-6)
 
 
 def test_checkpoint_round_trip(model, tmp_path):

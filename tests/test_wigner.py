@@ -344,6 +344,37 @@ def test_collapsed_sums_equal_the_weighted_kernel_sum_also_scripted(nu_max, lamb
             torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10 * float(e.abs().max()) + 1e-300)
 
 
+@pytest.mark.parametrize("nu_max", [1, 2, 3, 4])
+@pytest.mark.parametrize("lambda_max", [1, 3])
+def test_order_features_are_the_kernels_as_scalar_products_also_scripted(nu_max, lambda_max):
+    a, sa = densities(molecule("CH3CH2OH", 0))
+    b, sb = densities(molecule("CH3OH", 1))
+    module = WignerKernels(WignerHypers(nu_max=nu_max, lambda_max=lambda_max))
+    expected = module.invariant_pairs(a, b).view(nu_max, len(sa), len(sb))
+    for implementation in (module, torch.jit.script(module)):
+        phi_a, phi_b = implementation.order_features(a), implementation.order_features(b)
+        assert len(phi_a) == nu_max
+        for nu in range(nu_max):
+            torch.testing.assert_close(phi_a[nu] @ phi_b[nu].T, expected[nu], rtol=1e-11, atol=1e-11 * float(expected[nu].abs().max()))
+    with pytest.raises(ValueError, match="orders above 4"):
+        WignerKernels(WignerHypers(nu_max=5)).order_features(a)
+
+
+@pytest.mark.parametrize("lambda_max, widths", [(1, [2, 3]), (2, [4, 3, 2]), (3, [3, 3, 3, 3]), (3, [4, 3, 2, 2])])
+def test_shortened_order_three_invariants_keep_the_scalar_products(lambda_max, widths):
+    """One block per set of three l (weighted by its orderings, symmetric entries once)
+    gives the same k^3 as every ordering of Phi^3, with about a third of its entries."""
+    generator = torch.Generator().manual_seed(sum(widths))
+    a = [torch.randn(5, 2 * l + 1, q, generator=generator, dtype=torch.float64) for l, q in enumerate(widths)]
+    module = WignerKernels(WignerHypers(nu_max=3, lambda_max=lambda_max))
+    phi = module.order_features(a)[2]
+    index, weight = module.order3_reduction(widths)
+    short = phi[:, index] * weight
+    assert len(torch.unique(index)) == len(index) and len(index) < 0.5 * phi.shape[1]
+    expected = phi @ phi.T
+    torch.testing.assert_close(short @ short.T, expected, rtol=1e-13, atol=1e-13 * float(expected.abs().max()))
+
+
 def test_orders_above_three_do_not_collapse():
     a, sa = densities(molecule("CH3OH", 1))
     with pytest.raises(ValueError, match="do not collapse"):
