@@ -367,10 +367,16 @@ def solve_projected_process(
     keep = eigenvalues > rcond * eigenvalues.max().clamp_min(1e-300)
     projection = vectors[:, keep] / eigenvalues[keep].sqrt()
     rank = projection.shape[1]
-    phi = (k_nm @ projection) * inverse_sigma[:, None]
-    stacked = torch.cat([phi, torch.eye(rank, dtype=phi.dtype, device=phi.device)])
-    q, r = torch.linalg.qr(stacked)
-    rhs = q[: phi.shape[0]].T @ (targets * inverse_sigma)
+    n_rows = k_nm.shape[0]
+    # [Lambda^-1/2 K_NM P, Lambda^-1/2 y; I, 0] in one buffer: the R of its QR holds R and Q^T y
+    # in its last column, so Q (as large as the design matrix) is never formed
+    stacked = k_nm.new_zeros((n_rows + rank, rank + 1))
+    torch.matmul(k_nm, projection, out=stacked[:n_rows, :rank])
+    stacked[:n_rows, :rank] *= inverse_sigma[:, None]
+    stacked[:n_rows, rank] = targets * inverse_sigma
+    stacked[n_rows:, :rank] = torch.eye(rank, dtype=k_nm.dtype, device=k_nm.device)
+    augmented = torch.linalg.qr(stacked, mode="r")[1]
+    r, rhs = augmented[:rank, :rank], augmented[:rank, rank]
     z = torch.linalg.solve_triangular(r, rhs[:, None], upper=True)[:, 0]
     return ProjectedProcess(projection @ z, projection, r)
 
@@ -380,8 +386,7 @@ def _fit_rows(
 ) -> ProjectedProcess:
     """Projected-process solution on all rows of ``design`` for one mixing and set of regularisers."""
     k_mm = torch.einsum("p,pmn->mn", piece_weights.to(k_mm_pieces), k_mm_pieces)
-    k_nm = design.combine(piece_weights)
-    return solve_projected_process(k_nm, design.targets, design.inverse_sigma(regularisers), k_mm, rcond)
+    return solve_projected_process(design.combine(piece_weights), design.targets, design.inverse_sigma(regularisers), k_mm, rcond)
 
 
 def validation_errors(design: DesignMatrix, predictions: torch.Tensor) -> Dict[str, Dict[str, float]]:
