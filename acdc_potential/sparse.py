@@ -371,6 +371,12 @@ class WignerKernel(SparseKernel):
     :param mixing: ``c0``, ``a``, ``b``.
     :param species_scale: ``{atomic number: [s_{a 1}, ..., s_{a nu_max}]}``; by default
         computed by :meth:`set_sparse`.
+
+    Attributes for the derivative rows (:meth:`structure_derivatives`): ``max_feature_dimension``
+    (2e5: up to this size of the per-atom invariants the rows go through them, beyond it
+    through per-pair reverse passes), ``feature_budget`` (5e7 entries of one block of summed
+    derivatives) and ``sparse_feature_budget`` (3e8 entries of the sparse environments'
+    invariants kept for one species while the rows are built).
     """
 
     kind = "wigner"
