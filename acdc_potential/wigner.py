@@ -181,6 +181,18 @@ class WignerKernels(torch.nn.Module):
         size = (2 * l1 + 1) * (2 * l2 + 1) * columns
         return self.cg_flat[start : start + size].view(2 * l1 + 1, (2 * l2 + 1) * columns)
 
+    def _cg_block(self, l1: int, l2: int, lam: int) -> torch.Tensor:
+        """``C^{l1 l2 lambda}`` ``[2 l1 + 1, 2 l2 + 1, 2 lambda + 1]``, a view of :meth:`_right`."""
+        w1 = 2 * l1 + 1
+        w2 = 2 * l2 + 1
+        right = self._right(l1, l2)
+        start = 0
+        for other in self.coupling_lambdas[l1 * (self.lambda_max + 1) + l2]:
+            if other == lam:
+                break
+            start += 2 * other + 1
+        return right.view(w1, w2, right.shape[1] // w2)[:, :, start : start + 2 * lam + 1]
+
     def _left(self, l1: int, l2: int, position: int) -> torch.Tensor:
         index = l1 * (self.lambda_max + 1) + l2
         lam = self.coupling_lambdas[index][position]
@@ -307,16 +319,12 @@ class WignerKernels(torch.nn.Module):
                 w2 = 2 * l2 + 1
                 q1 = scaled[l1].shape[2]
                 q2 = scaled[l2].shape[2]
-                right = self._right(l1, l2)
-                all_columns = right.shape[1] // w2
                 cg_blocks: List[torch.Tensor] = []
                 lambdas: List[int] = []
-                start = 0
                 for lam in self.coupling_lambdas[l1 * (self.lambda_max + 1) + l2]:
                     if self._needs_k2_block(lam, parity_sign(l1 + l2 + lam)):
                         lambdas.append(lam)
-                        cg_blocks.append(right.view(w1, w2, all_columns)[:, :, start : start + 2 * lam + 1])
-                    start += 2 * lam + 1
+                        cg_blocks.append(self._cg_block(l1, l2, lam))
                 if len(lambdas) == 0:
                     continue
                 cg = torch.cat(cg_blocks, dim=2)
@@ -476,7 +484,7 @@ class WignerKernels(torch.nn.Module):
         widths = [x.shape[2] for x in a]
         if self.nu_max >= 3:
             offset = 0
-            for l1, l2, l3, columns, keep, weight in self._order3_blocks(widths):
+            for l1, l2, l3, columns, keep, weight in self._order3_layout(tuple(widths)):
                 # the scale of Phi^3 rides on the small factors, not on the [K, D, Q] products
                 scale = math.sqrt(kernel_scale(l3) / (2 * l3 + 1))
                 f = features[block_key(l3, 1)][:, :, columns[0] : columns[1]]
@@ -545,15 +553,7 @@ class WignerKernels(torch.nn.Module):
         sum_{m2 mu} C a~_i[m2, r] b_i[mu, e]``: a GEMM over ``(i, m1)``.
         """
         n_k = tangents[0].shape[1]
-        w1 = 2 * l1 + 1
-        w2 = 2 * l2 + 1
-        start = 0
-        for other in self.coupling_lambdas[l1 * (self.lambda_max + 1) + l2]:
-            if other == lam:
-                break
-            start += 2 * other + 1
-        right = self._right(l1, l2)
-        cg = right.view(w1, w2, right.shape[1] // w2)[:, :, start : start + 2 * lam + 1]
+        cg = self._cg_block(l1, l2, lam)
         s1 = math.sqrt(kernel_scale(l1))
         s2 = math.sqrt(kernel_scale(l2))
         # the storage factor sqrt 2 of l1 < l2 rides on the small factor C b
@@ -589,19 +589,22 @@ class WignerKernels(torch.nn.Module):
             for l1, l2, first, _ in pairs:
                 offsets[(l1, l2, l3)] = offset + first * widths[l3]
             offset += pairs[-1][3] * widths[l3]
-        for l1, l2, l3, columns, keep, w in self._order3_blocks(widths):
+        for l1, l2, l3, columns, keep, w in self._order3_layout(tuple(widths)):
             local = torch.arange((columns[1] - columns[0]) * widths[l3]) if keep is None else keep
             index.append(offsets[(l1, l2, l3)] + local)
             weight.append(w)
         return torch.cat(index), torch.cat(weight)
 
-    def _order3_blocks(self, widths: List[int]):
+    @lru_cache(maxsize=16)
+    def _order3_layout(self, widths: Tuple[int, ...]):
         """The blocks ``(l1 <= l2 <= l3)`` of the shortened ``Phi^3`` (:meth:`order3_reduction`),
         in its order: ``(l1, l2, l3, (first, last)`` columns of the :meth:`nu2_features` block
-        ``(l3, +)``, kept entries of the ``[D, Q_l3]`` block (``None``: all), their weights)."""
+        ``(l3, +)``, kept entries of the ``[D, Q_l3]`` block (``None``: all), their weights).
+        Kept per ``widths``: the rows of every structure read it."""
+        blocks = []
         for l3 in range(min(len(widths) - 1, self.lambda_max) + 1):
             q3 = widths[l3]
-            for l1, l2, first, last in self._pairs_of_block(l3, 1, widths):
+            for l1, l2, first, last in self._pairs_of_block(l3, 1, list(widths)):
                 if l2 > l3:
                     continue
                 q1, q2 = widths[l1], widths[l2]
@@ -623,7 +626,8 @@ class WignerKernels(torch.nn.Module):
                 else:
                     keep = None
                     w = (3.0 * one).sqrt()
-                yield l1, l2, l3, (first, last), keep, w
+                blocks.append((l1, l2, l3, (first, last), keep, w))
+        return tuple(blocks)
 
     @torch.jit.export
     def collapse(self, b: List[torch.Tensor], species_b: torch.Tensor, weights: torch.Tensor, n_species: int) -> List[torch.Tensor]:
