@@ -19,13 +19,15 @@ regularisers are tuned without recomputing kernels.
 """
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import scipy.optimize
 import torch
+from ase.data import chemical_symbols
 from tqdm import tqdm
 
 from .data import Labelled, labels_of, species_of, validate
@@ -118,9 +120,9 @@ class DesignMatrix:
     n_atoms: torch.Tensor
     weight: torch.Tensor
 
-    def combine(self, piece_weights: torch.Tensor) -> torch.Tensor:
-        """``K_NM`` ``[R, M]`` for the pieces' weights ``[n_pieces]``."""
-        return torch.einsum("p,prm->rm", piece_weights.to(self.pieces), self.pieces)
+    def combine(self, piece_weights: torch.Tensor, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+        """Rows ``start:stop`` (default: all ``R``) of ``K_NM`` for the pieces' weights ``[n_pieces]``."""
+        return torch.einsum("p,prm->rm", piece_weights.to(self.pieces), self.pieces[:, start:stop])
 
     def inverse_sigma(self, regularisers: Regularisers) -> torch.Tensor:
         """``[R]`` diagonal of ``Lambda^{-1/2}``."""
@@ -128,15 +130,12 @@ class DesignMatrix:
         scale = torch.where(self.kind == ENERGY, self.n_atoms.to(self.targets).sqrt(), torch.ones_like(self.targets))
         return self.weight.sqrt() / (sigma * scale)
 
-    def rows(self, mask: torch.Tensor) -> "DesignMatrix":
-        """The subset of rows where ``mask`` ``[R]`` is true."""
-        return DesignMatrix(
-            self.pieces[:, mask], self.targets[mask], self.kind[mask], self.structure[mask], self.n_atoms[mask], self.weight[mask]
-        )
-
-    def columns(self, index: torch.Tensor) -> "DesignMatrix":
-        """The rows restricted to the sparse environments ``index``."""
-        return dataclasses.replace(self, pieces=self.pieces[:, :, index])
+    def subset(self, rows: Optional[torch.Tensor] = None, columns: Optional[torch.Tensor] = None) -> "DesignMatrix":
+        """The rows where ``rows`` ``[R]`` is true (default: all), restricted to the sparse
+        environments ``columns`` (indices; default: all), with one copy of the pieces."""
+        r = torch.nonzero(rows).flatten() if rows is not None else torch.arange(self.targets.shape[0], device=self.targets.device)
+        pieces = self.pieces[:, r] if columns is None else self.pieces[:, r[:, None], columns[None, :]]
+        return DesignMatrix(pieces, self.targets[r], self.kind[r], self.structure[r], self.n_atoms[r], self.weight[r])
 
     def kinds_present(self) -> List[int]:
         return sorted(set(self.kind.tolist()))
@@ -165,18 +164,40 @@ def _pair_contributions(
     return layout.flatten(contributions), layout
 
 
-def batch_density(expansion: DensityExpansion, batch: AtomsBatch) -> Tuple[torch.Tensor, Layout]:
-    """Flat coefficients ``[N, D]`` of every atom of ``batch`` (no gradients), and their layout."""
-    neighbor_species = expansion.species_index(batch.numbers)[batch.neighbors]
+def _centre_pairs(batch: AtomsBatch, centres: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """Pairs whose centre is among ``centres`` (atom indices ``[n]``; ``None``: every atom).
+
+    :return: ``[P']`` indices of those pairs, ``[P']`` the row of each pair's centre in
+        ``centres``, and ``n``.
+    """
+    if centres is None:
+        return torch.arange(batch.centers.shape[0], device=batch.centers.device), batch.centers, batch.n_atoms
+    row = torch.full((batch.n_atoms,), -1, dtype=torch.long, device=batch.centers.device)
+    row[centres] = torch.arange(centres.numel(), device=centres.device)
+    pairs = torch.nonzero(row[batch.centers] >= 0).flatten()
+    return pairs, row[batch.centers[pairs]], centres.numel()
+
+
+def batch_density(
+    expansion: DensityExpansion, batch: AtomsBatch, centres: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, Layout]:
+    """Flat coefficients ``[n, D]`` of the atoms ``centres`` of ``batch`` (default: all ``N``;
+    no gradients), and their layout."""
+    pairs, row, n = _centre_pairs(batch, centres)
+    neighbor_species = expansion.species_index(batch.numbers)[batch.neighbors[pairs]]
     with torch.no_grad():
-        phi, layout = _pair_contributions(expansion, batch.pair_vectors(), neighbor_species)
-    return phi.new_zeros((batch.n_atoms, phi.shape[1])).index_add(0, batch.centers, phi), layout
+        phi, layout = _pair_contributions(expansion, batch.pair_vectors()[pairs], neighbor_species)
+    return phi.new_zeros((n, phi.shape[1])).index_add(0, row, phi), layout
 
 
-def structure_jacobian(expansion: DensityExpansion, batch: AtomsBatch, pair_budget: float = 1e6) -> torch.Tensor:
+def structure_jacobian(
+    expansion: DensityExpansion, batch: AtomsBatch, pair_budget: float = 1e6, centres: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Derivatives of each atom's coefficients with respect to its structure's positions and strain.
 
-    :return: ``[N, 3 n_max + 9, D]``: column ``3 j + alpha`` is ``d c_i / d x_{j alpha}`` (``j``
+    :param centres: the atoms whose coefficients are differentiated (indices ``[n]``;
+        default: all ``N``).
+    :return: ``[n, 3 n_max + 9, D]``: column ``3 j + alpha`` is ``d c_i / d x_{j alpha}`` (``j``
         numbered within the structure, ``n_max`` the largest structure of the batch), column
         ``3 n_max + 3 alpha + beta`` is ``d c_i / d eps_{alpha beta}`` under ``x -> (1 + eps) x``
         of positions and cell, which moves every pair vector to ``(1 + eps) r``.
@@ -185,8 +206,9 @@ def structure_jacobian(expansion: DensityExpansion, batch: AtomsBatch, pair_budg
     forward-mode passes (tangent ``e_alpha`` on every pair at once) give every
     ``d phi_p / d r_p``; pairs go in chunks of ``pair_budget / D``.
     """
-    vectors = batch.pair_vectors().detach()
-    neighbor_species = expansion.species_index(batch.numbers)[batch.neighbors]
+    pairs, centre_row, n_centres = _centre_pairs(batch, centres)
+    vectors = batch.pair_vectors()[pairs].detach()
+    neighbor_species = expansion.species_index(batch.numbers)[batch.neighbors[pairs]]
     n_per = batch.atoms_per_structure()
     first = torch.cumsum(n_per, 0) - n_per
     n_max = int(n_per.max())
@@ -194,11 +216,11 @@ def structure_jacobian(expansion: DensityExpansion, batch: AtomsBatch, pair_budg
     local = torch.arange(batch.n_atoms, device=vectors.device) - first[batch.structure]
     alpha = torch.arange(3, device=vectors.device)
     dimension = sum((2 * l + 1) * expansion.n_species * n for l, n in enumerate(expansion.n_radial))
-    jacobian = vectors.new_zeros((batch.n_atoms * width, dimension))
+    jacobian = vectors.new_zeros((n_centres * width, dimension))
     step = max(1, int(pair_budget // dimension))
     for start in range(0, vectors.shape[0], step):
         v, species = vectors[start : start + step], neighbor_species[start : start + step]
-        i, j = batch.centers[start : start + step], batch.neighbors[start : start + step]
+        i, j = batch.centers[pairs[start : start + step]], batch.neighbors[pairs[start : start + step]]
 
         def contributions(x: torch.Tensor) -> torch.Tensor:
             return _pair_contributions(expansion, x, species)[0]
@@ -210,8 +232,9 @@ def structure_jacobian(expansion: DensityExpansion, batch: AtomsBatch, pair_budg
         columns = torch.cat([3 * local[j, None] + alpha, 3 * local[i, None] + alpha, strain_columns], dim=1)
         strain = (dphi[:, :, :, None] * v[:, None, None, :]).reshape(v.shape[0], dimension, 9)
         values = torch.cat([dphi, -dphi, strain], dim=2).transpose(1, 2).reshape(-1, dimension)
-        jacobian.index_add_(0, (i[:, None] * width + columns).reshape(-1), values)
-    return jacobian.view(batch.n_atoms, width, -1)
+        rows = centre_row[start : start + step]
+        jacobian.index_add_(0, (rows[:, None] * width + columns).reshape(-1), values)
+    return jacobian.view(n_centres, width, -1)
 
 
 def _voigt(tensor: torch.Tensor) -> torch.Tensor:
@@ -248,7 +271,12 @@ def build_design_matrix(
 ) -> DesignMatrix:
     """Rows for every label of ``structures`` (those absent are skipped).
 
-    ``progress`` shows a progress bar over the structures.
+    A structure's rows are sums over its atoms, and an atom of species ``a`` meets only the
+    sparse environments of ``a`` (the kernels are zero across species), so the rows are
+    built one central species at a time: the columns of ``a`` from the atoms of ``a``.
+    Whatever the kernel keeps about one species' sparse environments between batches
+    (:meth:`SparseKernel.clear_cache`) is then held for that species only. ``progress``
+    shows a progress bar per species.
 
     :param budget: largest number of entries of the per-batch derivatives (``n_pieces x M x K``
         per structure, ``K = 3 n_atoms + 9`` directions) and coefficient Jacobians
@@ -270,50 +298,61 @@ def build_design_matrix(
     row_structure = torch.zeros(n_rows, dtype=torch.long, device=device)
     row_atoms = torch.zeros(n_rows, dtype=torch.long, device=device)
     row_weight = torch.zeros(n_rows, dtype=torch.float64, device=device)
+    for k, (s, (use_e, use_f, use_s)) in enumerate(zip(structures, wanted)):
+        start, end = offsets[k], offsets[k + 1]
+        row_structure[start:end], row_atoms[start:end], row_weight[start:end] = k, s.n_atoms, s.weight
+        n3 = 3 * s.n_atoms if use_f else 0
+        if use_e:
+            targets[start] = s.energy - baseline.structure_energy(s.atoms.numbers)
+            kind[start] = ENERGY
+        if use_f:
+            targets[start + use_e : start + use_e + n3] = torch.as_tensor(s.forces, dtype=torch.float64, device=device).reshape(-1)
+            kind[start + use_e : start + use_e + n3] = FORCES
+        if use_s:
+            targets[end - 6 : end] = _voigt(torch.as_tensor(s.stress, dtype=torch.float64, device=device))
+            kind[end - 6 : end] = STRESS
 
     def cost(s: Labelled) -> float:
         directions = 3 * s.n_atoms + 9
         return n_pieces * n_sparse * directions + s.n_atoms * directions * dimension
 
-    bar = tqdm(total=len(structures), desc="kernel rows", unit="structure", disable=not progress)
-    for group in _batches(structures, cost, budget):
-        members = [structures[k] for k in group]
-        need_gradient = any(wanted[k][1] or wanted[k][2] for k in group)
-        batch = batch_from_atoms([s.atoms for s in members], expansion.cutoff, device=device, first_index=group[0])
-        c, _ = batch_density(expansion, batch)
-        if need_gradient:
-            jacobian = structure_jacobian(expansion, batch)
-            n_max = (jacobian.shape[1] - 9) // 3
-            if not any(wanted[k][2] for k in group):
-                # no stress rows: the strain directions would only cost time
-                jacobian = jacobian[:, : 3 * n_max]
-            values, derivatives = kernel.structure_derivatives(c, batch.numbers, jacobian, batch.structure, len(group))
-        else:
-            values = sum_by_structure(kernel.rows(c, batch.numbers), batch.structure, len(group))
-        for t, k in enumerate(group):
-            s, (use_e, use_f, use_s) = structures[k], wanted[k]
-            start, end = offsets[k], offsets[k + 1]
-            row_structure[start:end], row_atoms[start:end], row_weight[start:end] = k, s.n_atoms, s.weight
-            row = start
-            if use_e:
-                pieces[:, row] = values[:, t]
-                targets[row] = s.energy - baseline.structure_energy(s.atoms.numbers)
-                kind[row] = ENERGY
-                row += 1
-            if use_f:
-                n3 = 3 * s.n_atoms
-                pieces[:, row : row + n3] = -derivatives[:, t, :, :n3].transpose(1, 2)
-                targets[row : row + n3] = torch.as_tensor(s.forces, dtype=torch.float64, device=device).reshape(-1)
-                kind[row : row + n3] = FORCES
-                row += n3
-            if use_s:
-                strain = derivatives[:, t, :, 3 * n_max :].reshape(n_pieces, n_sparse, 3, 3) / abs(s.atoms.get_volume())
-                pieces[:, row : row + 6] = _voigt(strain).transpose(1, 2)
-                targets[row : row + 6] = _voigt(torch.as_tensor(s.stress, dtype=torch.float64, device=device))
-                kind[row : row + 6] = STRESS
-        bar.update(len(group))
-    bar.close()
-    kernel.clear_cache()
+    groups = _batches(structures, cost, budget)
+    for z in sorted({int(z) for s in structures for z in s.atoms.numbers}):
+        columns = kernel.sparse_of(z)
+        bar = tqdm(total=len(structures), desc=f"kernel rows, {chemical_symbols[z]} centres", unit="structure", disable=not progress)
+        for group in groups:
+            members = [structures[k] for k in group]
+            batch = batch_from_atoms([s.atoms for s in members], expansion.cutoff, device=device, first_index=group[0])
+            centres = torch.nonzero(batch.numbers == z).flatten()
+            bar.update(len(group))
+            if centres.numel() == 0:
+                continue
+            c, _ = batch_density(expansion, batch, centres)
+            owner = batch.structure[centres]
+            if any(wanted[k][1] or wanted[k][2] for k in group):
+                jacobian = structure_jacobian(expansion, batch, centres=centres)
+                n_max = (jacobian.shape[1] - 9) // 3
+                if not any(wanted[k][2] for k in group):
+                    # no stress rows: the strain directions would only cost time
+                    jacobian = jacobian[:, : 3 * n_max]
+                values, derivatives = kernel.structure_derivatives(c, batch.numbers[centres], jacobian, owner, len(group))
+            else:
+                values = sum_by_structure(kernel.rows(c, batch.numbers[centres]), owner, len(group))
+            values = values[:, :, columns]
+            for t, k in enumerate(group):
+                s, (use_e, use_f, use_s) = structures[k], wanted[k]
+                start, end = offsets[k], offsets[k + 1]
+                if use_e:
+                    pieces[:, start, columns] = values[:, t]
+                if use_f:
+                    n3 = 3 * s.n_atoms
+                    pieces[:, start + use_e : start + use_e + n3, columns] = -derivatives[:, t, columns, :n3].transpose(1, 2)
+                if use_s:
+                    strain = derivatives[:, t, columns, 3 * n_max :].reshape(n_pieces, columns.numel(), 3, 3)
+                    pieces[:, end - 6 : end, columns] = _voigt(strain / abs(s.atoms.get_volume())).transpose(1, 2)
+        bar.close()
+        # the kernel may keep this species' sparse invariants between groups: free them
+        kernel.clear_cache()
     return DesignMatrix(pieces, targets, kind, row_structure, row_atoms, row_weight)
 
 
@@ -356,26 +395,44 @@ def projected_variance(
 
 
 def solve_projected_process(
-    k_nm: torch.Tensor, targets: torch.Tensor, inverse_sigma: torch.Tensor, k_mm: torch.Tensor, rcond: float = 1e-10
+    k_nm: Union[torch.Tensor, Callable[[int, int], torch.Tensor]],
+    targets: torch.Tensor,
+    inverse_sigma: torch.Tensor,
+    k_mm: torch.Tensor,
+    rcond: float = 1e-10,
+    block_rows: Optional[int] = None,
 ) -> ProjectedProcess:
     """Minimise ``|Lambda^{-1/2} (y - K_NM w)|^2 + w^T K_MM w`` (see :class:`ProjectedProcess`).
 
-    :param k_nm: ``[R, M]``; :param targets: ``[R]``; :param inverse_sigma: ``[R]``
-        ``Lambda^{-1/2}``; :param k_mm: ``[M, M]``.
+    :param k_nm: ``[R, M]``, or a function ``(start, stop)`` giving its rows ``start:stop``
+        (so that the whole ``K_NM`` need not exist, :meth:`DesignMatrix.combine`).
+    :param targets: ``[R]``; :param inverse_sigma: ``[R]`` ``Lambda^{-1/2}``;
+    :param k_mm: ``[M, M]``.
+    :param block_rows: rows of the stacked system factorised at once (default ``4 (r + 1)``).
+
+    The R of the QR of ``[Lambda^{-1/2} K_NM P, Lambda^{-1/2} y; I, 0]`` holds ``R`` and, in
+    its last column, ``Q^T y``; it is accumulated block by block (the R of ``[R_previous;
+    block]``, a tall-skinny QR), so neither ``Q`` nor the stacked matrix is ever held whole.
     """
     eigenvalues, vectors = torch.linalg.eigh(0.5 * (k_mm + k_mm.T))
     keep = eigenvalues > rcond * eigenvalues.max().clamp_min(1e-300)
     projection = vectors[:, keep] / eigenvalues[keep].sqrt()
     rank = projection.shape[1]
-    n_rows = k_nm.shape[0]
-    # [Lambda^-1/2 K_NM P, Lambda^-1/2 y; I, 0] in one buffer: the R of its QR holds R and Q^T y
-    # in its last column, so Q (as large as the design matrix) is never formed
-    stacked = k_nm.new_zeros((n_rows + rank, rank + 1))
-    torch.matmul(k_nm, projection, out=stacked[:n_rows, :rank])
-    stacked[:n_rows, :rank] *= inverse_sigma[:, None]
-    stacked[:n_rows, rank] = targets * inverse_sigma
-    stacked[n_rows:, :rank] = torch.eye(rank, dtype=k_nm.dtype, device=k_nm.device)
-    augmented = torch.linalg.qr(stacked, mode="r")[1]
+    n_rows = targets.shape[0]
+    rows_of = k_nm if callable(k_nm) else (lambda start, stop: k_nm[start:stop])
+    step = block_rows or 4 * (rank + 1)
+    augmented = targets.new_zeros((0, rank + 1))
+    for start in range(0, n_rows + rank, step):
+        stop = min(start + step, n_rows + rank)
+        block = targets.new_zeros((stop - start, rank + 1))
+        data = min(stop, n_rows) - start  # rows of K_NM in this block (the rest: the identity)
+        if data > 0:
+            weight = inverse_sigma[start : start + data, None]
+            block[:data, :rank] = rows_of(start, start + data) @ projection * weight
+            block[:data, rank] = targets[start : start + data] * weight[:, 0]
+        identity = torch.arange(max(start, n_rows), max(stop, n_rows), device=block.device)
+        block[identity - start, identity - n_rows] = 1.0
+        augmented = torch.linalg.qr(torch.cat([augmented, block]), mode="r")[1]
     r, rhs = augmented[:rank, :rank], augmented[:rank, rank]
     z = torch.linalg.solve_triangular(r, rhs[:, None], upper=True)[:, 0]
     return ProjectedProcess(projection @ z, projection, r)
@@ -386,7 +443,8 @@ def _fit_rows(
 ) -> ProjectedProcess:
     """Projected-process solution on all rows of ``design`` for one mixing and set of regularisers."""
     k_mm = torch.einsum("p,pmn->mn", piece_weights.to(k_mm_pieces), k_mm_pieces)
-    return solve_projected_process(design.combine(piece_weights), design.targets, design.inverse_sigma(regularisers), k_mm, rcond)
+    k_nm = functools.partial(design.combine, piece_weights)
+    return solve_projected_process(k_nm, design.targets, design.inverse_sigma(regularisers), k_mm, rcond)
 
 
 def validation_errors(design: DesignMatrix, predictions: torch.Tensor) -> Dict[str, Dict[str, float]]:
@@ -469,24 +527,33 @@ def select_hyperparameters(
     """
     start = time.perf_counter()
     if sparse is not None:
-        design = design.columns(sparse)
         k_mm_pieces = k_mm_pieces[:, sparse][:, :, sparse]
+    rows = torch.ones_like(design.targets, dtype=torch.bool)
     if subsample is not None and subsample < len(torch.unique(design.structure)):
         everything = torch.unique(design.structure)
         chosen = everything[torch.randperm(len(everything), generator=torch.Generator().manual_seed(seed))[:subsample]]
-        design = design.rows(torch.isin(design.structure, chosen))
-    present = [KIND_NAMES[k] for k in design.kinds_present()]
+        rows = torch.isin(design.structure, chosen)
+    kinds = sorted(set(design.kind[rows].tolist()))
+    present = [KIND_NAMES[k] for k in kinds]
     names = list(tune) if tune is not None else [n for n in kernel.mixing_names if n != "a"] + present
     weights = {name: 1.0 for name in present} if loss_weights is None else loss_weights
-    structures = torch.unique(design.structure)
+    structures = torch.unique(design.structure[rows])
     if len(structures) < 2:
         raise ValueError("hyperparameter selection needs at least two structures")
-    masks = [torch.isin(design.structure, structures[v]) for v in _splits(structures, folds, validation, seed)]
+    held_out = [torch.isin(design.structure, structures[v]) & rows for v in _splits(structures, folds, validation, seed)]
+    any_held_out = torch.stack(held_out).any(dim=0)
+    # the held-out labels (no sparse column: the errors need targets and kinds only)
+    labels = design.subset(any_held_out, torch.zeros(0, dtype=torch.long, device=design.targets.device))
+
+    def split(mask: torch.Tensor) -> Tuple[DesignMatrix, DesignMatrix]:
+        return design.subset(rows & ~mask, sparse), design.subset(mask, sparse)
+
+    # one split is copied once; k folds would hold k - 1 copies of the rows, so they are copied per solve
+    kept = [split(mask) for mask in held_out] if len(held_out) == 1 else None
     spread = {}
-    for kind in design.kinds_present():
-        values = design.targets[design.kind == kind]
-        if kind == ENERGY:
-            values = values / design.n_atoms[design.kind == kind]
+    for kind in kinds:
+        mask = rows & (design.kind == kind)
+        values = design.targets[mask] / (design.n_atoms[mask] if kind == ENERGY else 1)
         spread[KIND_NAMES[kind]] = float(values.std()) if values.numel() > 1 else 1.0
     initial = {**kernel.mixing, **dataclasses.asdict(regularisers)}
 
@@ -499,11 +566,11 @@ def select_hyperparameters(
         mixing, regs = unpack(theta)
         piece_weights = kernel.piece_weights(mixing)
         predictions = torch.zeros_like(design.targets)
-        for mask in masks:
-            solution = _fit_rows(design.rows(~mask), k_mm_pieces, piece_weights, regs, rcond)
-            predictions[mask] = design.rows(mask).combine(piece_weights) @ solution.weights
-        held_out = design.rows(torch.stack(masks).any(dim=0))
-        errors = validation_errors(held_out, predictions[torch.stack(masks).any(dim=0)])
+        for k, mask in enumerate(held_out):
+            train, test = kept[k] if kept is not None else split(mask)
+            solution = _fit_rows(train, k_mm_pieces, piece_weights, regs, rcond)
+            predictions[mask] = test.combine(piece_weights) @ solution.weights
+        errors = validation_errors(labels, predictions[any_held_out])
         loss = sum(weights.get(k, 0.0) * e["rmse"] / max(spread[k], 1e-300) for k, e in errors.items())
         return loss, errors
 

@@ -123,7 +123,7 @@ class SparseKernel:
     def n_sparse(self) -> int:
         return 0 if self.sparse_coefficients is None else self.sparse_coefficients.shape[0]
 
-    def _sparse_of(self, z: int) -> torch.Tensor:
+    def sparse_of(self, z: int) -> torch.Tensor:
         """Indices of the sparse environments of central species ``z``; raises if there are none."""
         if self.sparse_coefficients is None:
             raise RuntimeError("the kernel has no sparse environments; call set_sparse first")
@@ -135,12 +135,12 @@ class SparseKernel:
     def check_species(self, species: torch.Tensor) -> None:
         """Raise ``ValueError`` if some central species ``[n]`` has no sparse environment."""
         for z in torch.unique(species).tolist():
-            self._sparse_of(z)
+            self.sparse_of(z)
 
     def _blocks(self, species: torch.Tensor):
         """``(atom indices, sparse indices)`` for every central species of ``species``."""
         for z in torch.unique(species).tolist():
-            yield torch.nonzero(species == z).flatten(), self._sparse_of(z)
+            yield torch.nonzero(species == z).flatten(), self.sparse_of(z)
 
     def rows(self, coefficients: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
         """Kernel pieces against the sparse set, ``[n_pieces, n, M]`` (differentiable).

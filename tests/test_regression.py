@@ -155,6 +155,20 @@ def test_coefficient_jacobian_does_not_depend_on_the_pair_chunking(polynomial_mo
     torch.testing.assert_close(chunked, whole, atol=1e-14, rtol=1e-12)
 
 
+
+
+def test_density_and_jacobian_of_chosen_centres_are_those_rows_of_all(polynomial_model):
+    """build_design_matrix differentiates one species' atoms at a time: the coefficients and
+    Jacobian of a subset of centres are exactly those rows of the whole batch's."""
+    expansion = polynomial_model.expansion
+    batch = batch_from_atoms([copper(14), methane(15)], HYPERS.cutoff)
+    c, _ = batch_density(expansion, batch)
+    jacobian = structure_jacobian(expansion, batch)
+    for z in (1, 6, 29):
+        centres = torch.nonzero(batch.numbers == z).flatten()
+        assert centres.numel() > 0
+        torch.testing.assert_close(batch_density(expansion, batch, centres)[0], c[centres], atol=0, rtol=0)
+        torch.testing.assert_close(structure_jacobian(expansion, batch, centres=centres), jacobian[centres], atol=1e-15, rtol=1e-13)
 def test_stress_rows_are_strain_derivatives_of_energy_rows(model):
     atoms = copper(13)
     design = derivative_rows(model, atoms)
@@ -298,7 +312,10 @@ def test_uncertainty_is_small_on_training_environments_and_grows_away(model):
     assert float(near["energy_uncertainty"].mean()) < 0.5 * float(far["energy_uncertainty"].mean())
 
 
-def test_solver_matches_the_closed_form_and_its_variance():
+@pytest.mark.parametrize("block_rows", [None, 3, 11, 1000])
+def test_solver_matches_the_closed_form_and_its_variance(block_rows):
+    """Also when the QR of the stacked system is accumulated in blocks of rows smaller than
+    the rank, straddling the data and identity rows, or in one block."""
     generator = torch.Generator().manual_seed(0)
     x_sparse = torch.randn(6, 3, generator=generator, dtype=torch.float64)
     x_train = torch.randn(40, 3, generator=generator, dtype=torch.float64)
@@ -309,7 +326,7 @@ def test_solver_matches_the_closed_form_and_its_variance():
 
     y = torch.sin(x_train).sum(dim=1)
     inverse_sigma = torch.linspace(5.0, 20.0, 40, dtype=torch.float64)
-    solution = solve_projected_process(k(x_train, x_sparse), y, inverse_sigma, k(x_sparse, x_sparse))
+    solution = solve_projected_process(k(x_train, x_sparse), y, inverse_sigma, k(x_sparse, x_sparse), block_rows=block_rows)
     k_nm, k_mm = k(x_train, x_sparse), k(x_sparse, x_sparse)
     precision = k_mm + k_nm.T @ (inverse_sigma[:, None] ** 2 * k_nm)
     expected = torch.linalg.solve(precision, k_nm.T @ (inverse_sigma**2 * y))
@@ -340,7 +357,7 @@ def test_tuning_on_a_prefix_of_the_sparse_selection(wigner_model):
     assert 0 < len(prefix) < kernel.n_sparse
     # the subset's loss is that of a model on those sparse environments only
     on_prefix = select_hyperparameters(design, k_mm, kernel, Regularisers(), sparse=prefix, max_evaluations=1)
-    subset = select_hyperparameters(design.columns(prefix), k_mm[:, prefix][:, :, prefix], kernel, Regularisers(), max_evaluations=1)
+    subset = select_hyperparameters(design.subset(columns=prefix), k_mm[:, prefix][:, :, prefix], kernel, Regularisers(), max_evaluations=1)
     everything = select_hyperparameters(design, k_mm, kernel, Regularisers(), max_evaluations=1)
     assert on_prefix.loss == pytest.approx(subset.loss, rel=1e-12)
     assert on_prefix.loss != pytest.approx(everything.loss, rel=1e-6)
