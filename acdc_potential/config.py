@@ -106,7 +106,10 @@ class FitOptions:
     :param tune_sparse: sparse environments per species used while tuning (the first of
         the selection order, itself a farthest-point or CUR selection; 0: all). Each trial
         solve costs ``O(rows x M^2)``, so tuning on a subset keeps large sparse sets
-        affordable; the final solve uses them all.
+        affordable; the final solve uses them all. More sparse environments leave the model
+        more freedom than the subset had, so the regularisers found are then multiplied by the
+        one factor that minimises the same validation loss with all of them (one QR and one
+        SVD, ``acdc_potential.regression.scaled_regularisation_predictions``).
     :param isolated_energies: per-element energies of isolated atoms (eV) to use as the
         baseline instead of a least-squares fit on composition.
     :param seed: seed of the validation split.

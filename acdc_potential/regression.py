@@ -19,7 +19,6 @@ regularisers are tuned without recomputing kernels.
 """
 
 import dataclasses
-import functools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -120,9 +119,11 @@ class DesignMatrix:
     n_atoms: torch.Tensor
     weight: torch.Tensor
 
-    def combine(self, piece_weights: torch.Tensor, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
-        """Rows ``start:stop`` (default: all ``R``) of ``K_NM`` for the pieces' weights ``[n_pieces]``."""
-        return torch.einsum("p,prm->rm", piece_weights.to(self.pieces), self.pieces[:, start:stop])
+    def combine(self, piece_weights: torch.Tensor, rows: Union[None, slice, torch.Tensor] = None) -> torch.Tensor:
+        """``K_NM`` for the pieces' weights ``[n_pieces]``: its ``rows`` (a slice or indices;
+        default all ``R``), ``[rows, M]``."""
+        pieces = self.pieces if rows is None else self.pieces[:, rows]
+        return torch.einsum("p,prm->rm", piece_weights.to(self.pieces), pieces)
 
     def inverse_sigma(self, regularisers: Regularisers) -> torch.Tensor:
         """``[R]`` diagonal of ``Lambda^{-1/2}``."""
@@ -414,28 +415,90 @@ def solve_projected_process(
     its last column, ``Q^T y``; it is accumulated block by block (the R of ``[R_previous;
     block]``, a tall-skinny QR), so neither ``Q`` nor the stacked matrix is ever held whole.
     """
-    eigenvalues, vectors = torch.linalg.eigh(0.5 * (k_mm + k_mm.T))
-    keep = eigenvalues > rcond * eigenvalues.max().clamp_min(1e-300)
-    projection = vectors[:, keep] / eigenvalues[keep].sqrt()
+    projection = sparse_projection(k_mm, rcond)
     rank = projection.shape[1]
-    n_rows = targets.shape[0]
-    rows_of = k_nm if callable(k_nm) else (lambda start, stop: k_nm[start:stop])
-    step = block_rows or 4 * (rank + 1)
-    augmented = targets.new_zeros((0, rank + 1))
-    for start in range(0, n_rows + rank, step):
-        stop = min(start + step, n_rows + rank)
-        block = targets.new_zeros((stop - start, rank + 1))
-        data = min(stop, n_rows) - start  # rows of K_NM in this block (the rest: the identity)
-        if data > 0:
-            weight = inverse_sigma[start : start + data, None]
-            block[:data, :rank] = rows_of(start, start + data) @ projection * weight
-            block[:data, rank] = targets[start : start + data] * weight[:, 0]
-        identity = torch.arange(max(start, n_rows), max(stop, n_rows), device=block.device)
-        block[identity - start, identity - n_rows] = 1.0
-        augmented = torch.linalg.qr(torch.cat([augmented, block]), mode="r")[1]
+    augmented = stacked_triangle(k_nm, targets, inverse_sigma, projection, prior=True, block_rows=block_rows)
     r, rhs = augmented[:rank, :rank], augmented[:rank, rank]
     z = torch.linalg.solve_triangular(r, rhs[:, None], upper=True)[:, 0]
     return ProjectedProcess(projection @ z, projection, r)
+
+
+def sparse_projection(k_mm: torch.Tensor, rcond: float = 1e-10) -> torch.Tensor:
+    """``P = U lambda^{-1/2}`` ``[M, r]`` of ``K_MM = U diag(lambda) U^T`` ``[M, M]``, without the
+    eigenvalues below ``rcond * lambda_max`` (see :class:`ProjectedProcess`)."""
+    eigenvalues, vectors = torch.linalg.eigh(0.5 * (k_mm + k_mm.T))
+    keep = eigenvalues > rcond * eigenvalues.max().clamp_min(1e-300)
+    return vectors[:, keep] / eigenvalues[keep].sqrt()
+
+
+def stacked_triangle(
+    k_nm: Union[torch.Tensor, Callable[[int, int], torch.Tensor]],
+    targets: torch.Tensor,
+    inverse_sigma: torch.Tensor,
+    projection: torch.Tensor,
+    prior: bool = True,
+    block_rows: Optional[int] = None,
+    chunk_rows: int = 2048,
+) -> torch.Tensor:
+    """``[r + 1, r + 1]`` R factor of ``[Lambda^{-1/2} K_NM P, Lambda^{-1/2} y; I, 0]`` (without
+    the ``[I, 0]`` rows unless ``prior``): its ``[:r, :r]`` is ``R`` and its ``[:r, r]`` is ``Q^T y``.
+
+    Accumulated block by block (the R of ``[R_previous; block]``, a tall-skinny QR), so neither
+    ``Q`` nor the stacked matrix is ever held whole; ``k_nm`` is asked for at most
+    ``chunk_rows`` rows at a time. Arguments as :func:`solve_projected_process`.
+    """
+    rank = projection.shape[1]
+    n_rows = targets.shape[0]
+    total = n_rows + (rank if prior else 0)
+    rows_of = k_nm if callable(k_nm) else (lambda start, stop: k_nm[start:stop])
+    step = block_rows or 4 * (rank + 1)
+    augmented = targets.new_zeros((0, rank + 1))
+    for start in range(0, total, step):
+        stop = min(start + step, total)
+        block = targets.new_zeros((stop - start, rank + 1))
+        data = min(stop, n_rows) - start  # rows of K_NM in this block (the rest: the identity)
+        for first in range(0, data, chunk_rows):
+            last = min(first + chunk_rows, data)
+            weight = inverse_sigma[start + first : start + last, None]
+            block[first:last, :rank] = rows_of(start + first, start + last) @ projection * weight
+            block[first:last, rank] = targets[start + first : start + last] * weight[:, 0]
+        identity = torch.arange(max(start, n_rows), max(stop, n_rows), device=block.device)
+        block[identity - start, identity - n_rows] = 1.0
+        augmented = torch.linalg.qr(torch.cat([augmented, block]), mode="r")[1]
+    # fewer rows than columns (tiny problems without the prior): complete with zero rows
+    return torch.cat([augmented, augmented.new_zeros((rank + 1 - augmented.shape[0], rank + 1))])
+
+
+def scaled_regularisation_predictions(
+    design: DesignMatrix,
+    k_mm_pieces: torch.Tensor,
+    piece_weights: torch.Tensor,
+    regularisers: Regularisers,
+    train: torch.Tensor,
+    held_out: torch.Tensor,
+    scales: torch.Tensor,
+    rcond: float = 1e-10,
+) -> torch.Tensor:
+    """Predictions ``[n_scales, n_held]`` on the rows ``held_out`` of the model fitted on the
+    rows ``train`` (indices) with every regulariser multiplied by each of ``scales``.
+
+    With ``A = Lambda^{-1/2} K_NM P = Q U diag(s_k) V^T`` (one QR of the training rows, one SVD
+    of its ``R``) and ``b = Lambda^{-1/2} y``, scaling every ``sigma`` by ``s`` gives
+    ``z(s) = V diag(s_k / (s_k^2 + s^2)) U^T Q^T b``: the whole path for the price of one fit.
+    """
+    k_mm = torch.einsum("p,pmn->mn", piece_weights.to(k_mm_pieces), k_mm_pieces)
+    projection = sparse_projection(k_mm, rcond)
+    rank = projection.shape[1]
+    def rows_of(start: int, stop: int) -> torch.Tensor:
+        return design.combine(piece_weights, train[start:stop])
+
+    triangle = stacked_triangle(
+        rows_of, design.targets[train], design.inverse_sigma(regularisers)[train], projection, prior=False
+    )
+    u, singular, vh = torch.linalg.svd(triangle[:rank, :rank])
+    projected = singular * (u.T @ triangle[:rank, rank])
+    held = design.combine(piece_weights, held_out) @ projection @ vh.T  # [n_held, r]
+    return (projected / (singular**2 + scales[:, None] ** 2)) @ held.T
 
 
 def _fit_rows(
@@ -443,7 +506,9 @@ def _fit_rows(
 ) -> ProjectedProcess:
     """Projected-process solution on all rows of ``design`` for one mixing and set of regularisers."""
     k_mm = torch.einsum("p,pmn->mn", piece_weights.to(k_mm_pieces), k_mm_pieces)
-    k_nm = functools.partial(design.combine, piece_weights)
+    def k_nm(start: int, stop: int) -> torch.Tensor:
+        return design.combine(piece_weights, slice(start, stop))
+
     return solve_projected_process(k_nm, design.targets, design.inverse_sigma(regularisers), k_mm, rcond)
 
 
@@ -467,7 +532,9 @@ class HyperparameterReport:
     its ``mae`` and ``rmse`` on the held-out structures; ``tuned`` names the parameters
     that were optimised, ``evaluations`` and ``seconds`` the cost of the search;
     ``density_grid`` the validation loss of every point (``nu_max``, ``C``, ``r0``) of the
-    grid of ``acdc_potential.config.select_on_grid``, if one ran.
+    grid of ``acdc_potential.config.select_on_grid``, if one ran; ``regulariser_scale`` the
+    factor applied to every regulariser tuned on a prefix of the sparse set, chosen on the
+    same held-out structures with all of it (1 when tuned on all of it).
     """
 
     mixing: Dict[str, float]
@@ -478,6 +545,7 @@ class HyperparameterReport:
     seconds: float
     tuned: List[str] = field(default_factory=list)
     density_grid: List[Dict[str, float]] = field(default_factory=list)
+    regulariser_scale: float = 1.0
 
     def to_dict(self) -> Dict:
         return {**dataclasses.asdict(self), "regularisers": dataclasses.asdict(self.regularisers)}
@@ -523,9 +591,12 @@ def select_hyperparameters(
         makes each evaluation proportionally cheaper on large training sets.
     :param sparse: tune with these sparse environments only (indices into ``M``); each
         evaluation costs ``O(R M^2)``, so a subset makes tuning large models affordable
-        (:func:`selection_prefix`).
+        (:func:`selection_prefix`). The regularisers found are then multiplied by the factor
+        (among 61 from 10^-1.5 to 10^1.5) that minimises the same validation loss with all
+        ``M`` (:func:`scaled_regularisation_predictions`: one QR and one SVD per split).
     """
     start = time.perf_counter()
+    k_mm_all = k_mm_pieces
     if sparse is not None:
         k_mm_pieces = k_mm_pieces[:, sparse][:, :, sparse]
     rows = torch.ones_like(design.targets, dtype=torch.bool)
@@ -562,6 +633,10 @@ def select_hyperparameters(
         mixing = {n: values[n] for n in kernel.mixing_names}
         return mixing, Regularisers(values["energy"], values["forces"], values["stress"])
 
+    def loss_of(predictions: torch.Tensor) -> Tuple[float, Dict[str, Dict[str, float]]]:
+        errors = validation_errors(labels, predictions[any_held_out])
+        return sum(weights.get(k, 0.0) * e["rmse"] / max(spread[k], 1e-300) for k, e in errors.items()), errors
+
     def evaluate(theta):
         mixing, regs = unpack(theta)
         piece_weights = kernel.piece_weights(mixing)
@@ -570,9 +645,7 @@ def select_hyperparameters(
             train, test = kept[k] if kept is not None else split(mask)
             solution = _fit_rows(train, k_mm_pieces, piece_weights, regs, rcond)
             predictions[mask] = test.combine(piece_weights) @ solution.weights
-        errors = validation_errors(labels, predictions[any_held_out])
-        loss = sum(weights.get(k, 0.0) * e["rmse"] / max(spread[k], 1e-300) for k, e in errors.items())
-        return loss, errors
+        return loss_of(predictions)
 
     theta0 = np.log([initial[n] for n in names])
     # the simplex starts one factor of 3 away from the initial values in every direction
@@ -581,7 +654,24 @@ def select_hyperparameters(
     result = scipy.optimize.minimize(lambda t: evaluate(t)[0], theta0, method="Nelder-Mead", options=options)
     loss, errors = evaluate(result.x)
     mixing, regs = unpack(result.x)
-    return HyperparameterReport(mixing, regs, float(loss), errors, int(result.nfev), time.perf_counter() - start, names)
+    scale = 1.0
+    if sparse is not None and sparse.numel() < design.pieces.shape[2]:
+        # the regularisers that suit a prefix of the sparse set are too small for all of it
+        # (more sparse environments, more freedom): rescale them all, on the same split
+        kept = None  # the copies of the prefix's rows are done with
+        scales = torch.logspace(-1.5, 1.5, 61, dtype=torch.float64, device=design.targets.device)
+        piece_weights = kernel.piece_weights(mixing)
+        predictions = torch.zeros((scales.numel(), design.targets.shape[0]), dtype=torch.float64, device=design.targets.device)
+        for mask in held_out:
+            train, test = torch.nonzero(rows & ~mask).flatten(), torch.nonzero(mask).flatten()
+            path = scaled_regularisation_predictions(design, k_mm_all, piece_weights, regs, train, test, scales, rcond)
+            predictions[:, test] = path
+        losses = [loss_of(p) for p in predictions]
+        best = min(range(len(losses)), key=lambda k: losses[k][0])
+        scale, (loss, errors) = float(scales[best]), losses[best]
+        regs = Regularisers(*(scale * value for value in dataclasses.astuple(regs)))
+    seconds = time.perf_counter() - start
+    return HyperparameterReport(mixing, regs, float(loss), errors, int(result.nfev), seconds, names, regulariser_scale=scale)
 
 
 def selection_prefix(species: torch.Tensor, count: int) -> torch.Tensor:
@@ -826,7 +916,8 @@ def fit(
         regularisers = report.regularisers
         mixing = ", ".join(f"{k} = {v:.4g}" for k, v in report.mixing.items())
         sigmas = ", ".join(f"{k} = {v:.3g}" for k, v in dataclasses.asdict(regularisers).items())
-        log(f"tuned on held-out structures ({report.evaluations} solves): {mixing}; regularisers {sigmas}")
+        rescaled = f" (scaled by {report.regulariser_scale:.3g} for all {kernel.n_sparse} sparse environments)" if report.regulariser_scale != 1.0 else ""
+        log(f"tuned on held-out structures ({report.evaluations} solves): {mixing}; regularisers {sigmas}{rescaled}")
     solution = _fit_rows(design, k_mm_pieces, kernel.piece_weights(), regularisers, rcond)
     log("solved the projected-process regression")
     return SparseKRRModel(density_hypers, species, kernel, solution, baseline, regularisers, report, expansion)

@@ -27,7 +27,9 @@ from acdc_potential.regression import (
     fit,
     select_hyperparameters,
     selection_prefix,
+    scaled_regularisation_predictions,
     solve_projected_process,
+    stacked_triangle,
     structure_jacobian,
 )
 from acdc_potential.sparse import (
@@ -337,6 +339,21 @@ def test_solver_matches_the_closed_form_and_its_variance(block_rows):
     torch.testing.assert_close(solution.variance(k_xm, torch.ones(5, dtype=torch.float64)), variance, atol=1e-9, rtol=1e-7)
 
 
+def test_stacked_triangle_does_not_depend_on_the_chunking():
+    generator = torch.Generator().manual_seed(1)
+    k_nm = torch.randn(50, 7, generator=generator, dtype=torch.float64)
+    targets, inverse_sigma = torch.randn(50, generator=generator, dtype=torch.float64), torch.rand(50, generator=generator, dtype=torch.float64)
+    projection = torch.randn(7, 5, generator=generator, dtype=torch.float64)
+    whole = torch.linalg.qr(torch.cat([k_nm @ projection, targets[:, None]], 1) * inverse_sigma[:, None], mode="r")[1]
+    for prior in (False, True):
+        reference = stacked_triangle(k_nm, targets, inverse_sigma, projection, prior, block_rows=1000, chunk_rows=1000)
+        chunked = stacked_triangle(lambda a, b: k_nm[a:b], targets, inverse_sigma, projection, prior, block_rows=9, chunk_rows=4)
+        # R factors are unique up to the sign of each row
+        torch.testing.assert_close(chunked.T @ chunked, reference.T @ reference, rtol=1e-12, atol=1e-12)
+        if not prior:
+            torch.testing.assert_close(reference.T @ reference, whole.T @ whole, rtol=1e-12, atol=1e-12)
+
+
 def test_hyperparameter_selection_lowers_the_validation_loss(model):
     structures = training_set()
     design = build_design_matrix(structures, model.expansion, model.kernel, model.baseline)
@@ -355,12 +372,38 @@ def test_tuning_on_a_prefix_of_the_sparse_selection(wigner_model):
     k_mm = kernel.sparse_block()
     prefix = selection_prefix(kernel.sparse_species, 2)
     assert 0 < len(prefix) < kernel.n_sparse
-    # the subset's loss is that of a model on those sparse environments only
-    on_prefix = select_hyperparameters(design, k_mm, kernel, Regularisers(), sparse=prefix, max_evaluations=1)
-    subset = select_hyperparameters(design.subset(columns=prefix), k_mm[:, prefix][:, :, prefix], kernel, Regularisers(), max_evaluations=1)
-    everything = select_hyperparameters(design, k_mm, kernel, Regularisers(), max_evaluations=1)
-    assert on_prefix.loss == pytest.approx(subset.loss, rel=1e-12)
-    assert on_prefix.loss != pytest.approx(everything.loss, rel=1e-6)
+    # the search is that of a model on those sparse environments only; then every regulariser
+    # is rescaled by one factor chosen with all of them
+    on_prefix = select_hyperparameters(design, k_mm, kernel, Regularisers(), sparse=prefix, max_evaluations=8)
+    subset = select_hyperparameters(design.subset(columns=prefix), k_mm[:, prefix][:, :, prefix], kernel, Regularisers(), max_evaluations=8)
+    assert on_prefix.mixing == subset.mixing
+    assert subset.regulariser_scale == 1.0
+    scale = on_prefix.regulariser_scale
+    for name in ("energy", "forces", "stress"):
+        assert getattr(on_prefix.regularisers, name) == pytest.approx(scale * getattr(subset.regularisers, name), rel=1e-12)
+    assert on_prefix.loss != pytest.approx(subset.loss, rel=1e-6)
+
+
+def test_regularisation_path_equals_refits(wigner_model):
+    """The predictions for every scale of the regularisers from one QR and one SVD equal
+    those of separate projected-process fits."""
+    kernel = wigner_model.kernel
+    design = build_design_matrix(training_set(), wigner_model.expansion, kernel, wigner_model.baseline)
+    k_mm, weights = kernel.sparse_block(), kernel.piece_weights()
+    held = torch.isin(design.structure, torch.unique(design.structure)[::3])
+    train, test = torch.nonzero(~held).flatten(), torch.nonzero(held).flatten()
+    scales = torch.tensor([0.1, 1.0, 7.0], dtype=torch.float64)
+    regularisers = Regularisers(0.002, 0.04, 0.001)
+    path = scaled_regularisation_predictions(design, k_mm, weights, regularisers, train, test, scales)
+    for scale, predictions in zip(scales.tolist(), path):
+        scaled = Regularisers(0.002 * scale, 0.04 * scale, 0.001 * scale)
+        solution = solve_projected_process(
+            design.combine(weights, train), design.targets[train], design.inverse_sigma(scaled)[train],
+            torch.einsum("p,pmn->mn", weights, k_mm),
+        )
+        expected = design.combine(weights, test) @ solution.weights
+        assert expected.abs().max() > 1e-3
+        torch.testing.assert_close(predictions, expected, rtol=1e-7, atol=1e-7 * float(expected.abs().max()))
 
 
 def test_checkpoint_round_trip(model, tmp_path):
