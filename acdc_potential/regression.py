@@ -489,6 +489,7 @@ def scaled_regularisation_predictions(
     k_mm = torch.einsum("p,pmn->mn", piece_weights.to(k_mm_pieces), k_mm_pieces)
     projection = sparse_projection(k_mm, rcond)
     rank = projection.shape[1]
+
     def rows_of(start: int, stop: int) -> torch.Tensor:
         return design.combine(piece_weights, train[start:stop])
 
@@ -506,6 +507,7 @@ def _fit_rows(
 ) -> ProjectedProcess:
     """Projected-process solution on all rows of ``design`` for one mixing and set of regularisers."""
     k_mm = torch.einsum("p,pmn->mn", piece_weights.to(k_mm_pieces), k_mm_pieces)
+
     def k_nm(start: int, stop: int) -> torch.Tensor:
         return design.combine(piece_weights, slice(start, stop))
 
