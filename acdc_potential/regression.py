@@ -317,13 +317,15 @@ def build_design_matrix(
         directions = 3 * s.n_atoms + 9
         return n_pieces * n_sparse * directions + s.n_atoms * directions * dimension
 
-    groups = _batches(structures, cost, budget)
+    # neighbour lists once, for every species' pass (small beside the rows)
+    groups = [
+        (group, batch_from_atoms([structures[k].atoms for k in group], expansion.cutoff, device=device, first_index=group[0]))
+        for group in _batches(structures, cost, budget)
+    ]
     for z in sorted({int(z) for s in structures for z in s.atoms.numbers}):
         columns = kernel.sparse_of(z)
         bar = tqdm(total=len(structures), desc=f"kernel rows, {chemical_symbols[z]} centres", unit="structure", disable=not progress)
-        for group in groups:
-            members = [structures[k] for k in group]
-            batch = batch_from_atoms([s.atoms for s in members], expansion.cutoff, device=device, first_index=group[0])
+        for group, batch in groups:
             centres = torch.nonzero(batch.numbers == z).flatten()
             bar.update(len(group))
             if centres.numel() == 0:
