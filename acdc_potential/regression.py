@@ -100,6 +100,11 @@ class Baseline:
         return table[numbers]
 
 
+def mix_pieces(piece_weights: torch.Tensor, pieces: torch.Tensor) -> torch.Tensor:
+    """``sum_p omega_p pieces[p]`` for the pieces' weights ``[n_pieces]`` and ``[n_pieces, ...]``."""
+    return torch.einsum("p,p...->...", piece_weights.to(pieces), pieces)
+
+
 @dataclass
 class DesignMatrix:
     """Rows of the regression, per kernel piece.
@@ -122,8 +127,7 @@ class DesignMatrix:
     def combine(self, piece_weights: torch.Tensor, rows: Union[None, slice, torch.Tensor] = None) -> torch.Tensor:
         """``K_NM`` for the pieces' weights ``[n_pieces]``: its ``rows`` (a slice or indices;
         default all ``R``), ``[rows, M]``."""
-        pieces = self.pieces if rows is None else self.pieces[:, rows]
-        return torch.einsum("p,prm->rm", piece_weights.to(self.pieces), pieces)
+        return mix_pieces(piece_weights, self.pieces if rows is None else self.pieces[:, rows])
 
     def inverse_sigma(self, regularisers: Regularisers) -> torch.Tensor:
         """``[R]`` diagonal of ``Lambda^{-1/2}``."""
@@ -488,8 +492,7 @@ def scaled_regularisation_predictions(
     of its ``R``) and ``b = Lambda^{-1/2} y``, scaling every ``sigma`` by ``s`` gives
     ``z(s) = V diag(s_k / (s_k^2 + s^2)) U^T Q^T b``: the whole path for the price of one fit.
     """
-    k_mm = torch.einsum("p,pmn->mn", piece_weights.to(k_mm_pieces), k_mm_pieces)
-    projection = sparse_projection(k_mm, rcond)
+    projection = sparse_projection(mix_pieces(piece_weights, k_mm_pieces), rcond)
     rank = projection.shape[1]
 
     def rows_of(start: int, stop: int) -> torch.Tensor:
@@ -508,7 +511,7 @@ def _fit_rows(
     design: DesignMatrix, k_mm_pieces: torch.Tensor, piece_weights: torch.Tensor, regularisers: Regularisers, rcond: float
 ) -> ProjectedProcess:
     """Projected-process solution on all rows of ``design`` for one mixing and set of regularisers."""
-    k_mm = torch.einsum("p,pmn->mn", piece_weights.to(k_mm_pieces), k_mm_pieces)
+    k_mm = mix_pieces(piece_weights, k_mm_pieces)
 
     def k_nm(start: int, stop: int) -> torch.Tensor:
         return design.combine(piece_weights, slice(start, stop))
@@ -782,7 +785,7 @@ class SparseKRRModel:
             self.expansion.forward(strained.pair_vectors(), batch.centers, species[batch.neighbors], batch.n_atoms)
         )
         piece_weights = self.kernel.piece_weights().to(c)
-        k_nm = torch.einsum("p,pnm->nm", piece_weights, self.kernel.rows(c, batch.numbers))
+        k_nm = mix_pieces(piece_weights, self.kernel.rows(c, batch.numbers))
         atom_energy = k_nm @ self.weights + self.baseline.atom_energies(batch.numbers)
         energy = atom_energy.new_zeros(batch.n_structures).index_add(0, batch.structure, atom_energy)
         out = {"energy": energy.detach()}
