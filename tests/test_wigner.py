@@ -269,13 +269,19 @@ def test_chunked_checkpointed_gradients_match_plain_autograd():
     assert abs(numerical - float(gradients[0][l][index])) < 1e-6 * abs(numerical)
 
 
-@pytest.mark.parametrize("nu_max", [1, 2, 3, 4])
-@pytest.mark.parametrize("lambda_max", [1, 3])
-def test_feature_path_equals_kernel_space_iterations(nu_max, lambda_max):
+def ethanol_methanol_kernels(nu_max, lambda_max):
+    """Densities of ethanol and methanol, the kernel module, and its invariant kernels
+    ``[nu_max, 9, 6]`` between them from the kernel-space iterations."""
     a, sa = densities(molecule("CH3CH2OH", 0))
     b, sb = densities(molecule("CH3OH", 1))
     module = WignerKernels(WignerHypers(nu_max=nu_max, lambda_max=lambda_max))
-    expected = module.invariant_pairs(a, b).view(nu_max, len(sa), len(sb))
+    return a, b, module, module.invariant_pairs(a, b).view(nu_max, len(sa), len(sb))
+
+
+@pytest.mark.parametrize("nu_max", [1, 2, 3, 4])
+@pytest.mark.parametrize("lambda_max", [1, 3])
+def test_feature_path_equals_kernel_space_iterations(nu_max, lambda_max):
+    a, b, module, expected = ethanol_methanol_kernels(nu_max, lambda_max)
     features = module.invariants_from_features(a, module.nu2_features(a), b, module.nu2_features(b))
     torch.testing.assert_close(features, expected, rtol=1e-12, atol=1e-12 * float(expected.abs().max()))
     if nu_max >= 2:
@@ -347,10 +353,7 @@ def test_collapsed_sums_equal_the_weighted_kernel_sum_also_scripted(nu_max, lamb
 @pytest.mark.parametrize("nu_max", [1, 2, 3, 4])
 @pytest.mark.parametrize("lambda_max", [1, 3])
 def test_order_features_are_the_kernels_as_scalar_products_also_scripted(nu_max, lambda_max):
-    a, sa = densities(molecule("CH3CH2OH", 0))
-    b, sb = densities(molecule("CH3OH", 1))
-    module = WignerKernels(WignerHypers(nu_max=nu_max, lambda_max=lambda_max))
-    expected = module.invariant_pairs(a, b).view(nu_max, len(sa), len(sb))
+    a, b, module, expected = ethanol_methanol_kernels(nu_max, lambda_max)
     for implementation in (module, torch.jit.script(module)):
         phi_a, phi_b = implementation.order_features(a), implementation.order_features(b)
         assert len(phi_a) == nu_max
