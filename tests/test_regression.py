@@ -29,6 +29,7 @@ from acdc_potential.regression import (
     selection_prefix,
     scaled_regularisation_predictions,
     solve_projected_process,
+    sparse_projection,
     stacked_triangle,
     structure_jacobian,
 )
@@ -337,6 +338,39 @@ def test_solver_matches_the_closed_form_and_its_variance(block_rows):
     prior_explained = (k_xm * torch.linalg.solve(k_mm, k_xm.T).T).sum(1)
     variance = 1.0 - prior_explained + (k_xm * torch.linalg.solve(precision, k_xm.T).T).sum(1)
     torch.testing.assert_close(solution.variance(k_xm, torch.ones(5, dtype=torch.float64)), variance, atol=1e-9, rtol=1e-7)
+
+
+def test_sparse_projection_keeps_small_eigenvalues_and_floors_the_null_space():
+    """Directions of K_MM far below its largest eigenvalue (but above the jitter) are kept
+    exactly (P^T K_MM P = 1 on them); an exactly singular direction is floored, not divided by zero."""
+    generator = torch.Generator().manual_seed(2)
+    basis = torch.linalg.qr(torch.randn(5, 5, generator=generator, dtype=torch.float64))[0]
+    spectrum = torch.tensor([1.0, 1e-4, 1e-8, 1e-11, 0.0], dtype=torch.float64)
+    k_mm = basis @ torch.diag(spectrum) @ basis.T
+    projection = sparse_projection(k_mm, jitter=1e-13)
+    assert projection.shape == (5, 5) and torch.isfinite(projection).all()
+    whitened = torch.linalg.eigvalsh(projection.T @ k_mm @ projection)
+    torch.testing.assert_close(whitened[1:], torch.ones(4, dtype=torch.float64), rtol=1e-4, atol=0.0)
+    assert abs(float(whitened[0])) < 1e-2  # rounding of the zero eigenvalue over the floor, ~eps / jitter
+
+
+def test_solver_with_a_duplicated_sparse_environment_predicts_as_without_it():
+    """A duplicated sparse environment makes K_MM singular; the fit stays finite and the
+    duplicate only shares the weight of the original."""
+    generator = torch.Generator().manual_seed(3)
+    x_sparse = torch.randn(6, 3, generator=generator, dtype=torch.float64)
+    x_train = torch.randn(40, 3, generator=generator, dtype=torch.float64)
+    x_test = torch.randn(7, 3, generator=generator, dtype=torch.float64)
+
+    def k(a, b):
+        return torch.exp(-0.5 * torch.cdist(a, b) ** 2)
+
+    y, inverse_sigma = torch.cos(x_train).sum(dim=1), torch.full((40,), 30.0, dtype=torch.float64)
+    single = solve_projected_process(k(x_train, x_sparse), y, inverse_sigma, k(x_sparse, x_sparse))
+    doubled_sparse = torch.cat([x_sparse, x_sparse[:1]])
+    doubled = solve_projected_process(k(x_train, doubled_sparse), y, inverse_sigma, k(doubled_sparse, doubled_sparse))
+    assert torch.isfinite(doubled.weights).all()
+    torch.testing.assert_close(k(x_test, doubled_sparse) @ doubled.weights, k(x_test, x_sparse) @ single.weights, rtol=1e-6, atol=1e-8)
 
 
 def test_stacked_triangle_does_not_depend_on_the_chunking():
