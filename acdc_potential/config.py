@@ -112,7 +112,12 @@ class FitOptions:
         SVD, ``acdc_potential.regression.scaled_regularisation_predictions``).
     :param isolated_energies: per-element energies of isolated atoms (eV) to use as the
         baseline instead of a least-squares fit on composition.
-    :param seed: seed of the validation split.
+    :param seed: seed of the validation split (and of the tuning sample, below).
+    :param design_memory: largest design matrix held in memory, in GB (``(nu_max + 1) x
+        rows x M`` float64 numbers). A training set whose rows need more is tuned on a random
+        sample of its structures that fits, and the rows of the others are built group by
+        group afterwards and folded into the final solve: the peak memory of a fit then
+        stays bounded as the data grow (``acdc_potential.regression.design_groups``).
     """
 
     energies: bool = True
@@ -123,6 +128,7 @@ class FitOptions:
     tune_sparse: int = 300
     isolated_energies: Optional[Dict[str, float]] = None
     seed: int = 0
+    design_memory: float = 4.0
 
 
 @dataclass
@@ -247,6 +253,7 @@ def _fit(structures, config: FitConfig, n_sparse, tune: bool, verbose: bool):
         stress=config.options.stress,
         isolated_energies=isolated,
         tune=tune,
+        design_memory=config.options.design_memory * 1e9,
         tune_options={
             "validation": config.options.validation,
             "seed": config.options.seed,

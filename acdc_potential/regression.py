@@ -21,7 +21,7 @@ regularisers are tuned without recomputing kernels.
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import scipy.optimize
@@ -265,6 +265,23 @@ def _batches(structures: Sequence[Labelled], cost, budget: float) -> List[List[i
     return groups
 
 
+def design_groups(
+    structures: Sequence[Labelled], energies: bool, forces: bool, stress: bool, n_pieces: int, n_sparse: int, memory: float, seed: int = 0
+) -> List[List[int]]:
+    """Structure indices in groups whose design matrices (``n_pieces x rows x M`` float64) fit in
+    ``memory`` bytes: all in their order if they fit together, else in a random order (``seed``)
+    so that the first group, which the tuning sees, is a random sample of the data."""
+
+    def size(s: Labelled) -> float:
+        use_e, use_f, use_s = _rows_of(s, energies, forces, stress)
+        return 8.0 * n_pieces * n_sparse * (int(use_e) + (3 * s.n_atoms if use_f else 0) + (6 if use_s else 0))
+
+    if sum(size(s) for s in structures) <= memory:
+        return [list(range(len(structures)))]
+    order = torch.randperm(len(structures), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [[order[k] for k in group] for group in _batches([structures[k] for k in order], size, memory)]
+
+
 def build_design_matrix(
     structures: Sequence[Labelled],
     expansion: DensityExpansion,
@@ -425,8 +442,12 @@ def solve_projected_process(
     block]``, a tall-skinny QR), so neither ``Q`` nor the stacked matrix is ever held whole.
     """
     projection = sparse_projection(k_mm, jitter)
+    return _solution(stacked_triangle(k_nm, targets, inverse_sigma, projection, prior=True, block_rows=block_rows), projection)
+
+
+def _solution(augmented: torch.Tensor, projection: torch.Tensor) -> ProjectedProcess:
+    """The weights from the ``[r + 1, r + 1]`` triangle of :func:`stacked_triangle` (with the prior rows)."""
     rank = projection.shape[1]
-    augmented = stacked_triangle(k_nm, targets, inverse_sigma, projection, prior=True, block_rows=block_rows)
     r, rhs = augmented[:rank, :rank], augmented[:rank, rank]
     z = torch.linalg.solve_triangular(r, rhs[:, None], upper=True)[:, 0]
     return ProjectedProcess(projection @ z, projection, r)
@@ -518,15 +539,29 @@ def scaled_regularisation_predictions(
 
 
 def _fit_rows(
-    design: DesignMatrix, k_mm_pieces: torch.Tensor, piece_weights: torch.Tensor, regularisers: Regularisers, jitter: float
+    design: DesignMatrix,
+    k_mm_pieces: torch.Tensor,
+    piece_weights: torch.Tensor,
+    regularisers: Regularisers,
+    jitter: float,
+    more: Iterable[DesignMatrix] = (),
 ) -> ProjectedProcess:
-    """Projected-process solution on all rows of ``design`` for one mixing and set of regularisers."""
-    k_mm = mix_pieces(piece_weights, k_mm_pieces)
+    """Projected-process solution on all rows of ``design``, and of every design that ``more``
+    yields, for one mixing and set of regularisers. Each of ``more`` is folded into the
+    triangle of the tall-skinny QR as it comes (the R of ``[R; R_chunk]``), so they never
+    need to exist together."""
+    projection = sparse_projection(mix_pieces(piece_weights, k_mm_pieces), jitter)
 
-    def k_nm(start: int, stop: int) -> torch.Tensor:
-        return design.combine(piece_weights, slice(start, stop))
+    def triangle(rows: DesignMatrix, prior: bool) -> torch.Tensor:
+        def k_nm(start: int, stop: int) -> torch.Tensor:
+            return rows.combine(piece_weights, slice(start, stop))
 
-    return solve_projected_process(k_nm, design.targets, design.inverse_sigma(regularisers), k_mm, jitter)
+        return stacked_triangle(k_nm, rows.targets, rows.inverse_sigma(regularisers), projection, prior)
+
+    augmented = triangle(design, True)
+    for chunk in more:
+        augmented = torch.linalg.qr(torch.cat([augmented, triangle(chunk, False)]), mode="r")[1]
+    return _solution(augmented, projection)
 
 
 def validation_errors(design: DesignMatrix, predictions: torch.Tensor) -> Dict[str, Dict[str, float]]:
@@ -886,6 +921,7 @@ def fit(
     tune_options: Optional[Dict] = None,
     jitter: float = DEFAULT_JITTER,
     budget: float = 3e7,
+    design_memory: float = 4e9,
     device=None,
     verbose: bool = False,
 ) -> SparseKRRModel:
@@ -898,6 +934,11 @@ def fit(
     first that many sparse environments of each species), which updates the kernel's mixing and the
     regularisers; projected-process solve. ``verbose`` reports each step, with timings
     and a progress bar over the kernel rows.
+
+    ``design_memory`` (bytes) bounds the design matrix held at once: beyond it the tuning
+    sees the rows of a random sample of the structures that fits (:func:`design_groups`),
+    and the rows of the others are built group by group after it and folded into the
+    final solve (:func:`_fit_rows`), so the peak memory of a fit does not grow with the data.
     """
     from .correlations import power_spectrum
 
@@ -919,9 +960,15 @@ def fit(
     kernel.set_sparse(coefficients[chosen], numbers[chosen], layout)
     counts = {int(z): int((numbers[chosen] == z).sum()) for z in species}
     log(f"{len(chosen)} sparse environments by {selection} ({counts} per atomic number); building the kernel rows")
-    design = build_design_matrix(labelled, expansion, kernel, baseline, energies, forces, stress, budget, progress=verbose)
+    groups = design_groups(labelled, energies, forces, stress, kernel.n_pieces, kernel.n_sparse, design_memory, (tune_options or {}).get("seed", 0))
+
+    def rows_of(group: List[int]) -> DesignMatrix:
+        return build_design_matrix([labelled[k] for k in group], expansion, kernel, baseline, energies, forces, stress, budget, progress=verbose)
+
+    design = rows_of(groups[0])
     k_mm_pieces = kernel.sparse_block()
-    log(f"design matrix: {design.pieces.shape[1]} rows x {design.pieces.shape[2]} sparse environments")
+    streamed = f" (of {len(groups[0])} of the {len(labelled)} structures; the others' rows follow in {len(groups) - 1} groups into the final solve)" if len(groups) > 1 else ""
+    log(f"design matrix: {design.pieces.shape[1]} rows x {design.pieces.shape[2]} sparse environments{streamed}")
     report = None
     if tune:
         options = dict(tune_options or {})
@@ -935,6 +982,6 @@ def fit(
         sigmas = ", ".join(f"{k} = {v:.3g}" for k, v in dataclasses.asdict(regularisers).items())
         rescaled = f" (scaled by {report.regulariser_scale:.3g} for all {kernel.n_sparse} sparse environments)" if report.regulariser_scale != 1.0 else ""
         log(f"tuned on held-out structures ({report.evaluations} solves): {mixing}; regularisers {sigmas}{rescaled}")
-    solution = _fit_rows(design, k_mm_pieces, kernel.piece_weights(), regularisers, jitter)
+    solution = _fit_rows(design, k_mm_pieces, kernel.piece_weights(), regularisers, jitter, more=(rows_of(g) for g in groups[1:]))
     log("solved the projected-process regression")
     return SparseKRRModel(density_hypers, species, kernel, solution, baseline, regularisers, report, expansion)

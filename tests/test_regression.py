@@ -24,6 +24,7 @@ from acdc_potential.regression import (
     SparseKRRModel,
     batch_density,
     build_design_matrix,
+    design_groups,
     fit,
     select_hyperparameters,
     selection_prefix,
@@ -371,6 +372,35 @@ def test_solver_with_a_duplicated_sparse_environment_predicts_as_without_it():
     doubled = solve_projected_process(k(x_train, doubled_sparse), y, inverse_sigma, k(doubled_sparse, doubled_sparse))
     assert torch.isfinite(doubled.weights).all()
     torch.testing.assert_close(k(x_test, doubled_sparse) @ doubled.weights, k(x_test, x_sparse) @ single.weights, rtol=1e-6, atol=1e-8)
+
+
+def test_fit_with_bounded_design_memory_streams_the_rows_into_the_same_solution():
+    """A design memory smaller than one structure's rows: every structure's rows are built
+    and folded into the solve on their own; the weights are those of the fit holding them all."""
+    structures = training_set()
+    kernel = PolynomialKernel(zeta=2, mixing={"c0": 0.5, "a": 1.0})
+    whole = fit(structures, HYPERS, kernel, n_sparse=6, regularisers=Regularisers(0.01, 0.05, 0.005))
+    groups = design_groups(structures, True, True, True, kernel.n_pieces, kernel.n_sparse, memory=1.0, seed=3)
+    assert sorted(k for g in groups for k in g) == list(range(len(structures))) and all(len(g) == 1 for g in groups)
+    assert groups != [[k] for k in range(len(structures))]  # shuffled: the first group is a random sample
+    kernel = PolynomialKernel(zeta=2, mixing={"c0": 0.5, "a": 1.0})
+    streamed = fit(structures, HYPERS, kernel, n_sparse=6, regularisers=Regularisers(0.01, 0.05, 0.005), design_memory=1.0)
+    torch.testing.assert_close(streamed.weights, whole.weights, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(streamed.solution.triangular.T @ streamed.solution.triangular,
+                               whole.solution.triangular.T @ whole.solution.triangular, rtol=1e-8, atol=1e-8)
+
+
+def test_tuning_on_a_sample_of_the_structures_under_bounded_design_memory_fits():
+    structures = training_set()
+    kernel = PolynomialKernel(zeta=2, mixing={"c0": 0.5, "a": 1.0})
+    size = kernel.n_pieces * 6 * 3 * 8.0 * (1 + 3 * 5)  # bytes of the rows of about three methanes
+    groups = design_groups(structures, True, True, True, kernel.n_pieces, 3 * 6, memory=size * 3, seed=0)
+    assert len(groups) > 1
+    model = fit(structures, HYPERS, kernel, n_sparse=6, regularisers=Regularisers(0.01, 0.05, 0.005), design_memory=size * 3,
+                tune=True, tune_options={"max_evaluations": 5})
+    assert model.report is not None and torch.isfinite(model.weights).all()
+    predicted = model.predict(structures)["energy"]
+    assert torch.isfinite(predicted).all()
 
 
 def test_stacked_triangle_does_not_depend_on_the_chunking():
