@@ -539,28 +539,28 @@ def scaled_regularisation_predictions(
 
 
 def _fit_rows(
-    design: DesignMatrix,
+    designs: Iterable[DesignMatrix],
     k_mm_pieces: torch.Tensor,
     piece_weights: torch.Tensor,
     regularisers: Regularisers,
     jitter: float,
-    more: Iterable[DesignMatrix] = (),
 ) -> ProjectedProcess:
-    """Projected-process solution on all rows of ``design``, and of every design that ``more``
-    yields, for one mixing and set of regularisers. Each of ``more`` is folded into the
-    triangle of the tall-skinny QR as it comes (the R of ``[R; R_chunk]``), so they never
-    need to exist together."""
+    """Projected-process solution on all rows of the designs, for one mixing and set of
+    regularisers. Each design is folded into the triangle of the tall-skinny QR as it comes
+    (the R of ``[R; R_design]``, starting from the prior rows ``[I, 0]``) and released, so
+    that a generator of designs never holds two at once."""
     projection = sparse_projection(mix_pieces(piece_weights, k_mm_pieces), jitter)
+    rank = projection.shape[1]
+    augmented = torch.eye(rank + 1, dtype=projection.dtype, device=projection.device)
+    augmented[rank, rank] = 0.0
+    for rows in designs:
 
-    def triangle(rows: DesignMatrix, prior: bool) -> torch.Tensor:
         def k_nm(start: int, stop: int) -> torch.Tensor:
             return rows.combine(piece_weights, slice(start, stop))
 
-        return stacked_triangle(k_nm, rows.targets, rows.inverse_sigma(regularisers), projection, prior)
-
-    augmented = triangle(design, True)
-    for chunk in more:
-        augmented = torch.linalg.qr(torch.cat([augmented, triangle(chunk, False)]), mode="r")[1]
+        triangle = stacked_triangle(k_nm, rows.targets, rows.inverse_sigma(regularisers), projection, prior=False)
+        augmented = torch.linalg.qr(torch.cat([augmented, triangle]), mode="r")[1]
+        del rows, k_nm
     return _solution(augmented, projection)
 
 
@@ -695,7 +695,7 @@ def select_hyperparameters(
         predictions = torch.zeros_like(design.targets)
         for k, mask in enumerate(held_out):
             train, test = kept[k] if kept is not None else split(mask)
-            solution = _fit_rows(train, k_mm_pieces, piece_weights, regs, jitter)
+            solution = _fit_rows([train], k_mm_pieces, piece_weights, regs, jitter)
             predictions[mask] = test.combine(piece_weights) @ solution.weights
         return loss_of(predictions)
 
@@ -938,7 +938,8 @@ def fit(
     ``design_memory`` (bytes) bounds the design matrix held at once: beyond it the tuning
     sees the rows of a random sample of the structures that fits (:func:`design_groups`),
     and the rows of the others are built group by group after it and folded into the
-    final solve (:func:`_fit_rows`), so the peak memory of a fit does not grow with the data.
+    final solve one at a time (:func:`_fit_rows`), so the peak memory of a fit does not
+    grow with the data.
     """
     from .correlations import power_spectrum
 
@@ -982,6 +983,14 @@ def fit(
         sigmas = ", ".join(f"{k} = {v:.3g}" for k, v in dataclasses.asdict(regularisers).items())
         rescaled = f" (scaled by {report.regulariser_scale:.3g} for all {kernel.n_sparse} sparse environments)" if report.regulariser_scale != 1.0 else ""
         log(f"tuned on held-out structures ({report.evaluations} solves): {mixing}; regularisers {sigmas}{rescaled}")
-    solution = _fit_rows(design, k_mm_pieces, kernel.piece_weights(), regularisers, jitter, more=(rows_of(g) for g in groups[1:]))
+    held = [design]
+    del design  # from here on only `held` refers to it, so the solve can free it
+
+    def designs():
+        yield held.pop()
+        for group in groups[1:]:
+            yield rows_of(group)
+
+    solution = _fit_rows(designs(), k_mm_pieces, kernel.piece_weights(), regularisers, jitter)
     log("solved the projected-process regression")
     return SparseKRRModel(density_hypers, species, kernel, solution, baseline, regularisers, report, expansion)
