@@ -156,6 +156,12 @@ def _rows_of(structure: Labelled, energies: bool, forces: bool, stress: bool) ->
     )
 
 
+def _row_count(structure: Labelled, wanted: Tuple[bool, bool, bool]) -> int:
+    """Rows of ``structure`` for its ``wanted`` (energy, forces, stress) of :func:`_rows_of`."""
+    use_e, use_f, use_s = wanted
+    return int(use_e) + (3 * structure.n_atoms if use_f else 0) + (6 if use_s else 0)
+
+
 def _pair_contributions(
     expansion: DensityExpansion, vectors: torch.Tensor, neighbor_species: torch.Tensor
 ) -> Tuple[torch.Tensor, Layout]:
@@ -273,8 +279,7 @@ def design_groups(
     so that the first group, which the tuning sees, is a random sample of the data."""
 
     def size(s: Labelled) -> float:
-        use_e, use_f, use_s = _rows_of(s, energies, forces, stress)
-        return 8.0 * n_pieces * n_sparse * (int(use_e) + (3 * s.n_atoms if use_f else 0) + (6 if use_s else 0))
+        return 8.0 * n_pieces * n_sparse * _row_count(s, _rows_of(s, energies, forces, stress))
 
     if sum(size(s) for s in structures) <= memory:
         return [list(range(len(structures)))]
@@ -308,7 +313,7 @@ def build_design_matrix(
         kernel bounds its own intermediates (``SparseKernel.max_pairs``).
     """
     wanted = [_rows_of(s, energies, forces, stress) for s in structures]
-    counts = [int(e) + (3 * s.n_atoms if f else 0) + (6 if t else 0) for s, (e, f, t) in zip(structures, wanted)]
+    counts = [_row_count(s, w) for s, w in zip(structures, wanted)]
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int)
     n_rows, n_sparse, n_pieces = int(offsets[-1]), kernel.n_sparse, kernel.n_pieces
     if n_rows == 0:

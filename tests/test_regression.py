@@ -316,18 +316,24 @@ def test_uncertainty_is_small_on_training_environments_and_grows_away(model):
     assert float(near["energy_uncertainty"].mean()) < 0.5 * float(far["energy_uncertainty"].mean())
 
 
-@pytest.mark.parametrize("block_rows", [None, 3, 11, 1000])
-def test_solver_matches_the_closed_form_and_its_variance(block_rows):
-    """Also when the QR of the stacked system is accumulated in blocks of rows smaller than
-    the rank, straddling the data and identity rows, or in one block."""
-    generator = torch.Generator().manual_seed(0)
+def gaussian_problem(seed: int, n_test: int):
+    """Sparse, training and test points in 3D (6, 40, ``n_test``) and a Gaussian kernel."""
+    generator = torch.Generator().manual_seed(seed)
     x_sparse = torch.randn(6, 3, generator=generator, dtype=torch.float64)
     x_train = torch.randn(40, 3, generator=generator, dtype=torch.float64)
-    x_test = torch.randn(5, 3, generator=generator, dtype=torch.float64)
+    x_test = torch.randn(n_test, 3, generator=generator, dtype=torch.float64)
 
     def k(a, b):
         return torch.exp(-0.5 * torch.cdist(a, b) ** 2)
 
+    return x_sparse, x_train, x_test, k
+
+
+@pytest.mark.parametrize("block_rows", [None, 3, 11, 1000])
+def test_solver_matches_the_closed_form_and_its_variance(block_rows):
+    """Also when the QR of the stacked system is accumulated in blocks of rows smaller than
+    the rank, straddling the data and identity rows, or in one block."""
+    x_sparse, x_train, x_test, k = gaussian_problem(0, 5)
     y = torch.sin(x_train).sum(dim=1)
     inverse_sigma = torch.linspace(5.0, 20.0, 40, dtype=torch.float64)
     solution = solve_projected_process(k(x_train, x_sparse), y, inverse_sigma, k(x_sparse, x_sparse), block_rows=block_rows)
@@ -358,14 +364,7 @@ def test_sparse_projection_keeps_small_eigenvalues_and_floors_the_null_space():
 def test_solver_with_a_duplicated_sparse_environment_predicts_as_without_it():
     """A duplicated sparse environment makes K_MM singular; the fit stays finite and the
     duplicate only shares the weight of the original."""
-    generator = torch.Generator().manual_seed(3)
-    x_sparse = torch.randn(6, 3, generator=generator, dtype=torch.float64)
-    x_train = torch.randn(40, 3, generator=generator, dtype=torch.float64)
-    x_test = torch.randn(7, 3, generator=generator, dtype=torch.float64)
-
-    def k(a, b):
-        return torch.exp(-0.5 * torch.cdist(a, b) ** 2)
-
+    x_sparse, x_train, x_test, k = gaussian_problem(3, 7)
     y, inverse_sigma = torch.cos(x_train).sum(dim=1), torch.full((40,), 30.0, dtype=torch.float64)
     single = solve_projected_process(k(x_train, x_sparse), y, inverse_sigma, k(x_sparse, x_sparse))
     doubled_sparse = torch.cat([x_sparse, x_sparse[:1]])
