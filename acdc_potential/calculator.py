@@ -12,9 +12,7 @@ import numpy as np
 from metatomic.torch import ModelOutput
 from metatomic_ase import MetatomicCalculator
 
-
-class ModelFileError(ValueError):
-    """The model file is missing, unreadable, or not an exported metatomic model."""
+from .errors import ModelFileError
 
 
 class ACDCCalculator(MetatomicCalculator):

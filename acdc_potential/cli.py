@@ -35,10 +35,10 @@ def _print_errors(tables):
 
 
 def fit_command(args) -> int:
-    from .config import FitConfig, fit_from_config
+    from .config import FitConfig
     from .data import read_structures
     from .evaluation import errors, pairs_of, parity_plots, predict_with_file, predictions_of
-    from .model import build_potential, export_model
+    from .fit.driver import fit
 
     config = FitConfig.from_yaml(args.config)
     keys = _keys(config.keys, args)
@@ -47,10 +47,10 @@ def fit_command(args) -> int:
     test = read_structures(args.test, keys=keys) if args.test else None
     print(f"read {len(train)} training structures from {args.train}" + (f", {len(test)} test structures from {args.test}" if test else ""))
 
-    model = fit_from_config(train, config, verbose=True)
+    model = fit(train, config, verbose=True)
     checkpoint = Path(args.output).with_suffix(".ckpt")
     model.save(str(checkpoint))
-    export_model(build_potential(model), args.output, description=f"fitted on {args.train}")
+    model.export(args.output, description=f"fitted on {args.train}")
     print(f"wrote the model to {args.output} and the checkpoint to {checkpoint}")
 
     tables = {"train": errors(pairs_of(train, predictions_of(model, train)))}
@@ -67,6 +67,8 @@ def fit_command(args) -> int:
         parity_plots(test_pairs, str(plot), title=f"{Path(args.output).name} on {Path(args.test).name}")
         print(f"parity plots of the test set: {plot}")
     _print_errors(tables)
+    for message in model.warnings:
+        print(f"warning: {message}")
     print(f"\ntotal time {time.perf_counter() - start:.0f} s")
     return 0
 
@@ -87,12 +89,11 @@ def eval_command(args) -> int:
 def export_command(args) -> int:
     import torch
 
-    from .model import build_potential, export_model
-    from .regression import SparseKRRModel
+    from .fit.checkpoint import SparseKRRModel
 
     model = SparseKRRModel.load(args.checkpoint)
     dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
-    export_model(build_potential(model), args.output, dtype=dtype, description=f"exported from {args.checkpoint}")
+    model.export(args.output, dtype=dtype, description=f"exported from {args.checkpoint}")
     print(f"wrote {args.output} ({args.dtype})")
     return 0
 
@@ -141,7 +142,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from .neighbors import StructureError
+    from .errors import StructureError
 
     args = parser().parse_args(argv)
     try:

@@ -24,31 +24,33 @@ minutes on a laptop; none is tuned to a particular data set.
 """
 
 import dataclasses
-import itertools
-import random
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Union
 
 import ase.data
+import torch
 import yaml
 
 from .data import LabelKeys
-from .radial import DensityHypers
-from .regression import Regularisers
+from .descriptors.radial import DensityHypers
 
 
-def default_density() -> DensityHypers:
-    """Wigner-kernel density on a Laplacian-eigenstate basis (the Wigner-kernel seed's choices)."""
-    return DensityHypers(
-        cutoff=5.0,
-        smoothing=0.5,
-        max_angular=3,
-        max_radial=8,
-        basis="le",
-        density="wigner",
-        C=0.3,
-        r0=3.0,
-    )
+@dataclass
+class Regularisers:
+    """Expected errors (noise standard deviations) of the labels.
+
+    :param energy: per atom, eV (an energy row's sigma is ``energy * sqrt(N_atoms)``).
+    :param forces: eV/A.
+    :param stress: eV/A^3.
+    """
+
+    energy: float = 0.002
+    forces: float = 0.04
+    stress: float = 0.001
+
+    def of_kind(self) -> torch.Tensor:
+        """``[3]`` sigmas indexed by row kind."""
+        return torch.tensor([self.energy, self.forces, self.stress], dtype=torch.float64)
 
 
 @dataclass
@@ -162,7 +164,7 @@ class GridConfig:
 
 @dataclass
 class FitConfig:
-    density: DensityHypers = field(default_factory=default_density)
+    density: DensityHypers = field(default_factory=DensityHypers)
     kernel: KernelConfig = field(default_factory=KernelConfig)
     sparse: SparseConfig = field(default_factory=SparseConfig)
     regularisers: Regularisers = field(default_factory=Regularisers)
@@ -205,98 +207,3 @@ def atomic_number(element: Union[str, int]) -> int:
     return ase.data.atomic_numbers[element]
 
 
-def make_kernel(config: KernelConfig):
-    """The sparse kernel described by ``config`` (without sparse environments yet)."""
-    from .sparse import PolynomialKernel, WignerKernel
-    from .wigner import WignerHypers
-
-    if config.type == "wigner":
-        if not isinstance(config.nu_max, int):
-            raise ValueError(f"kernel.nu_max must be an integer here, got {config.nu_max!r} (fit_from_config resolves auto)")
-        return WignerKernel(WignerHypers(nu_max=config.nu_max, lambda_max=config.lambda_max), mixing=config.mixing or None)
-    if config.type == "polynomial":
-        return PolynomialKernel(zeta=config.zeta, mixing=config.mixing or None)
-    raise ValueError(f"unknown kernel type '{config.type}' (known: wigner, polynomial)")
-
-
-def fit_from_config(structures, config: FitConfig, verbose: bool = False):
-    """Fit a :class:`~acdc_potential.regression.SparseKRRModel` on labelled structures as
-    ``config`` says, after :func:`select_on_grid` when ``nu_max`` is ``auto`` or ``config.grid`` lists C or r0."""
-    grid = []
-    automatic = config.kernel.type == "wigner" and config.kernel.nu_max == "auto"
-    if automatic or (config.kernel.type == "wigner" and (config.grid.C or config.grid.r0)):
-        density, nu_max, grid = select_on_grid(structures, config, verbose)
-        config = dataclasses.replace(config, density=density, kernel=dataclasses.replace(config.kernel, nu_max=nu_max))
-    model = _fit(structures, config, config.sparse.n, config.options.tune, verbose)
-    if model.report is not None:
-        model.report.density_grid = grid
-    return model
-
-
-def _fit(structures, config: FitConfig, n_sparse, tune: bool, verbose: bool):
-    from .regression import fit
-
-    if isinstance(n_sparse, dict):
-        n_sparse = {atomic_number(element): int(n) for element, n in n_sparse.items()}
-    isolated = config.options.isolated_energies
-    if isolated is not None:
-        isolated = {atomic_number(element): float(e) for element, e in isolated.items()}
-    return fit(
-        structures,
-        config.density,
-        make_kernel(config.kernel),
-        n_sparse,
-        regularisers=config.regularisers,
-        selection=config.sparse.selection,
-        energies=config.options.energies,
-        forces=config.options.forces,
-        stress=config.options.stress,
-        isolated_energies=isolated,
-        tune=tune,
-        design_memory=config.options.design_memory * 1e9,
-        tune_options={
-            "validation": config.options.validation,
-            "seed": config.options.seed,
-            "sparse_per_species": config.options.tune_sparse,
-        },
-        verbose=verbose,
-    )
-
-
-def select_on_grid(structures, config: FitConfig, verbose: bool = False) -> Tuple[DensityHypers, int, List[Dict[str, float]]]:
-    """The density and ``nu_max`` of the grid point chosen as :class:`GridConfig` says, and
-    ``[{"nu_max", "C", "r0", "loss"}]`` for every point."""
-    if (config.grid.C or config.grid.r0) and config.density.density != "wigner":
-        raise ValueError("the C, r0 grid applies to the Wigner density (density: wigner)")
-    orders = config.grid.nu_max if config.kernel.nu_max == "auto" else [config.kernel.nu_max]
-    if not orders or any(not isinstance(nu, int) or nu < 1 for nu in orders):
-        raise ValueError(f"grid.nu_max must list positive integers, got {orders}")
-    structures = list(structures)
-    if len(structures) < 2:
-        # nothing to hold out: the cheapest candidate, as the tolerance rule would prefer
-        return config.density, min(orders), []
-    subset = random.Random(config.options.seed).sample(structures, min(config.grid.structures, len(structures)))
-    points = []
-    values = itertools.product(orders, config.grid.C or [config.density.C], config.grid.r0 or [config.density.r0])
-    for nu_max, C, r0 in values:
-        trial = dataclasses.replace(
-            config,
-            density=dataclasses.replace(config.density, C=float(C), r0=float(r0)),
-            kernel=dataclasses.replace(config.kernel, nu_max=int(nu_max)),
-        )
-        report = _fit(subset, trial, config.grid.sparse, True, False).report
-        points.append({"nu_max": int(nu_max), "C": float(C), "r0": float(r0), "loss": float(report.loss)})
-        if verbose:
-            print(f"grid: nu_max = {nu_max}, C = {C:g}, r0 = {r0:g} A: validation loss {report.loss:.4g}", flush=True)
-    best = choose_grid_point(points, config.grid.tolerance)
-    if verbose:
-        print(f"grid: chose nu_max = {best['nu_max']}, C = {best['C']:g}, r0 = {best['r0']:g} A", flush=True)
-    return dataclasses.replace(config.density, C=best["C"], r0=best["r0"]), best["nu_max"], points
-
-
-def choose_grid_point(points: List[Dict[str, float]], tolerance: float) -> Dict[str, float]:
-    """Among ``points`` whose ``loss`` is within ``tolerance`` (relative) of the lowest, the
-    one with the smallest ``nu_max``, then the lowest loss."""
-    lowest = min(point["loss"] for point in points)
-    candidates = [point for point in points if point["loss"] <= lowest * (1.0 + tolerance)]
-    return min(candidates, key=lambda point: (point["nu_max"], point["loss"]))

@@ -12,7 +12,7 @@ import ase.io
 import numpy as np
 from ase.stress import voigt_6_to_full_3x3_stress
 
-from .neighbors import StructureError
+from .errors import StructureError
 
 
 @dataclass
@@ -170,3 +170,8 @@ def read_structures(
 def species_of(structures: Sequence[Labelled]) -> List[int]:
     """Sorted atomic numbers present in ``structures``."""
     return sorted(set(int(z) for s in structures for z in s.atoms.numbers))
+
+
+def as_labelled(structures: Sequence) -> List[Labelled]:
+    """``structures`` (``ase.Atoms`` or :class:`Labelled`) as :class:`Labelled`, numbered by position."""
+    return [s if isinstance(s, Labelled) else labels_of(s, index=k) for k, s in enumerate(structures)]

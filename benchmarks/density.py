@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-HYPERS = dict(cutoff=5.0, smoothing=0.5, max_angular=6, max_radial=7, width=0.3)
+HYPERS = dict(cutoff=5.0, smoothing=0.5, max_angular=6, max_radial=7, density="gaussian", width=0.3)
 
 
 def structure(name):
@@ -35,9 +35,9 @@ def structure(name):
 def run_ours(atoms, repeats):
     import torch
 
-    from acdc_potential.density import DensityExpansion
-    from acdc_potential.neighbors import batch_from_atoms
-    from acdc_potential.radial import DensityHypers
+    from acdc_potential.descriptors.density import DensityExpansion
+    from acdc_potential.descriptors.neighbors import batch_from_atoms
+    from acdc_potential.descriptors.radial import DensityHypers
 
     hypers = DensityHypers(basis="gto", **HYPERS)
     expansion = DensityExpansion(hypers, sorted(set(atoms.numbers)))

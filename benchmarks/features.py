@@ -16,11 +16,11 @@ import ase.build
 import ase.io
 import torch
 
-from acdc_potential.correlations import acdc_features, power_spectrum
-from acdc_potential.density import DensityExpansion
-from acdc_potential.message_passing import batch_mp_acdc_features
-from acdc_potential.neighbors import batch_from_atoms
-from acdc_potential.radial import DensityHypers
+from acdc_potential.descriptors.acdc import acdc_features, power_spectrum
+from acdc_potential.descriptors.density import DensityExpansion
+from acdc_potential.descriptors.mpacdc import batch_mp_acdc_features
+from acdc_potential.descriptors.neighbors import batch_from_atoms
+from acdc_potential.descriptors.radial import DensityHypers
 
 ETHANOL = "/work/shared/data/ethanol_train.extxyz"
 
@@ -83,6 +83,7 @@ def main():
         max_angular=args.max_angular,
         max_radial=args.max_radial,
         basis="le",
+        density="gaussian",
         width=0.3,
     )
     copper = ase.build.bulk("Cu", cubic=True) * args.copper_repeat

@@ -53,9 +53,9 @@ def test_errors(test, predictions):
 
 def export_fitted(model, path: str) -> None:
     """Export a fitted model as one metatomic ``.pt`` file."""
-    from acdc_potential.model import build_potential, export_model
+    from acdc_potential.model.export import export_model
 
-    export_model(build_potential(model), str(path))
+    export_model(model.potential(), str(path))
 
 
 def model_tag(args) -> str:
@@ -81,7 +81,8 @@ def worker_gap(args):
 
 
 def worker_ours(args):
-    from acdc_potential.config import FitConfig, fit_from_config
+    from acdc_potential.config import FitConfig
+    from acdc_potential.fit.driver import fit
     from acdc_potential.evaluation import predictions_of
 
     train, test = read_split(Path(args.data), args.set, args.quick)
@@ -89,7 +90,7 @@ def worker_ours(args):
     if args.quick:
         config.sparse.n = QUICK["sparse"]
     start = time.perf_counter()
-    model = fit_from_config(train, config)
+    model = fit(train, config)
     fit_time = time.perf_counter() - start
     peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     if args.export_dir:

@@ -45,13 +45,14 @@ def structure(system: str, data: Path):
 
 def fit_and_export(dataset: str, data: Path, n_structures: int, path: Path) -> None:
     """Fit the default configuration on ``n_structures`` training structures of ``dataset`` and export it."""
-    from acdc_potential.config import FitConfig, fit_from_config
+    from acdc_potential.config import FitConfig
+    from acdc_potential.fit.driver import fit
     from acdc_potential.data import read_structures
     from fit import export_fitted
     from gap import subsample
 
     train = subsample(read_structures(str(data / f"{dataset}_train.extxyz")), n_structures)
-    export_fitted(fit_from_config(train, FitConfig()), path)
+    export_fitted(fit(train, FitConfig()), path)
 
 
 def our_model(dataset: str, args) -> str:

@@ -31,11 +31,13 @@ def timed(function, repeat: int = 1):
 def measure(name: str, args) -> dict:
     from acdc_potential.config import FitConfig
     from acdc_potential.data import read_structures, species_of
-    from acdc_potential.density import DensityExpansion
-    from acdc_potential.neighbors import batch_from_atoms
-    from acdc_potential.regression import batch_density, structure_jacobian, training_coefficients
-    from acdc_potential.sparse import SparseKernel, WignerKernel
-    from acdc_potential.wigner import WignerHypers
+    from acdc_potential.descriptors.density import DensityExpansion
+    from acdc_potential.descriptors.neighbors import batch_from_atoms
+    from acdc_potential.descriptors.jacobian import batch_density, structure_jacobian
+    from acdc_potential.fit.driver import training_coefficients
+    from acdc_potential.kernels.base import SparseKernel
+    from acdc_potential.kernels.wigner.kernel import WignerKernel
+    from acdc_potential.kernels.wigner.iteration import WignerHypers
 
     structures = read_structures(str(Path(args.data) / f"{name}_train.extxyz"))
     candidates, measured = structures[: args.candidates], structures[args.candidates : args.candidates + args.structures]

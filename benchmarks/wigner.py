@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from acdc_potential.wigner import WignerHypers, WignerKernels
+from acdc_potential.kernels.wigner.iteration import WignerHypers, WignerKernels
 
 
 def coefficients(n_env, l_max, n_channels, dtype, seed=0):

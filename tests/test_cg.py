@@ -6,7 +6,7 @@ import sphericart.torch
 import torch
 from conftest import random_rotation, wigner_d_real
 
-from acdc_potential.cg import ClebschGordanCache, allowed_couplings, couple, coupling_parity, real_clebsch_gordan
+from acdc_potential.descriptors.cg import ClebschGordanCache, allowed_couplings, couple, coupling_parity, real_clebsch_gordan
 
 COUPLINGS = allowed_couplings(3, 3, 4)
 

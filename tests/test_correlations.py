@@ -11,22 +11,14 @@ import pytest
 import torch
 from conftest import copper_cell, ethanol, random_rotation, wigner_d_real
 
-from acdc_potential.correlations import (
-    ACDCFeatures,
-    BlockPCA,
-    acdc_features,
-    cg_product,
-    coupling_layout,
-    density_blocks,
-    power_spectrum,
-)
-from acdc_potential.density import DensityExpansion
-from acdc_potential.neighbors import batch_from_atoms
-from acdc_potential.radial import DensityHypers
+from acdc_potential.descriptors.acdc import ACDCFeatures, BlockPCA, acdc_features, cg_product, coupling_layout, density_blocks, power_spectrum
+from acdc_potential.descriptors.density import DensityExpansion
+from acdc_potential.descriptors.neighbors import batch_from_atoms
+from acdc_potential.descriptors.radial import DensityHypers
 
 SPECIES = [1, 6, 8]
 ALL_SPECIES = SPECIES + [29]
-HYPERS = DensityHypers(cutoff=3.5, smoothing=0.5, max_angular=3, max_radial=2, basis="le", width=0.4)
+HYPERS = DensityHypers(density="gaussian", cutoff=3.5, smoothing=0.5, max_angular=3, max_radial=2, basis="le", width=0.4)
 
 
 
@@ -114,7 +106,7 @@ def test_power_spectrum_matches_featomic(structure):
     ``a1 <= a2`` only, ``a1 < a2`` scaled by ``sqrt(2)``; L2-normalised Gaussians."""
     atoms = ethanol() if structure == "ethanol" else copper_cell()
     species = SPECIES if structure == "ethanol" else [29]
-    hypers = DensityHypers(cutoff=4.0, smoothing=0.5, max_angular=3, max_radial=3, basis="gto", width=0.4)
+    hypers = DensityHypers(density="gaussian", cutoff=4.0, smoothing=0.5, max_angular=3, max_radial=3, basis="gto", width=0.4)
     n_radial = hypers.max_radial + 1
     ours = power_spectrum(DensityExpansion(hypers, species).compute(batch_from_atoms([atoms], hypers.cutoff)))
     scale = ((np.pi * hypers.width**2) ** 0.75 / (2 * np.pi * hypers.width**2) ** 1.5) ** 2
@@ -192,7 +184,7 @@ def test_degenerate_environments_are_resolved_by_bispectrum(expansion):
 
 
 def test_gradients_match_finite_differences():
-    hypers = DensityHypers(cutoff=3.0, smoothing=0.5, max_angular=2, max_radial=1, basis="le", width=0.4)
+    hypers = DensityHypers(density="gaussian", cutoff=3.0, smoothing=0.5, max_angular=2, max_radial=1, basis="le", width=0.4)
     expansion = DensityExpansion(hypers, [29])
     atoms = ase.build.bulk("Cu", "fcc", a=3.6)
     atoms.rattle(0.05, seed=1)

@@ -7,7 +7,7 @@ import pytest
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from acdc_potential.data import LabelKeys, Labelled, labels_of, read_structures, species_of, validate
-from acdc_potential.neighbors import StructureError
+from acdc_potential.descriptors.neighbors import StructureError
 
 COPPER = "../shared/data/copper_train.extxyz"
 METHANE = "../shared/data/methane_train.extxyz"

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import copper_cell, ethanol, random_rotation, wigner_d_real
 
-from acdc_potential.density import DensityExpansion
-from acdc_potential.neighbors import StructureError, batch_from_atoms
-from acdc_potential.radial import DensityHypers, radial_integrals
+from acdc_potential.descriptors.density import DensityExpansion
+from acdc_potential.descriptors.neighbors import StructureError, batch_from_atoms
+from acdc_potential.descriptors.radial import DensityHypers, radial_integrals
 
 SPECIES = [1, 6, 8]
 
@@ -19,7 +19,7 @@ SPECIES = [1, 6, 8]
 
 @pytest.fixture(scope="module")
 def expansion():
-    hypers = DensityHypers(cutoff=4.0, smoothing=0.5, max_angular=4, max_radial=5, basis="le", width=0.4)
+    hypers = DensityHypers(density="gaussian", cutoff=4.0, smoothing=0.5, max_angular=4, max_radial=5, basis="le", width=0.4)
     return DensityExpansion(hypers, SPECIES)
 
 
@@ -77,7 +77,7 @@ def featomic_reference(atoms, hypers, species):
 def test_matches_featomic(basis, structure):
     atoms = ethanol() if structure == "ethanol" else copper_cell()
     species = SPECIES if structure == "ethanol" else [29]
-    hypers = DensityHypers(cutoff=4.0, smoothing=0.5, max_angular=4, max_radial=5, basis=basis, width=0.4)
+    hypers = DensityHypers(density="gaussian", cutoff=4.0, smoothing=0.5, max_angular=4, max_radial=5, basis=basis, width=0.4)
     ours = coefficients(DensityExpansion(hypers, species), [atoms])
     reference = featomic_reference(atoms, hypers, species)
     for l, (c, ref) in enumerate(zip(ours, reference)):

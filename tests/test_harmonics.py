@@ -4,7 +4,7 @@ import pytest
 import sphericart.torch
 import torch
 
-from acdc_potential.harmonics import SphericalHarmonics
+from acdc_potential.descriptors.harmonics import SphericalHarmonics
 
 
 @pytest.mark.parametrize("l_max", [0, 1, 3, 6, 9])

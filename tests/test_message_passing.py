@@ -11,14 +11,14 @@ from conftest import random_rotation, wigner_d_real
 from conftest import copper_cell, ethanol
 from test_correlations import degenerate_pair
 
-from acdc_potential.correlations import acdc_features, cg_product, density_blocks
-from acdc_potential.density import DensityExpansion
-from acdc_potential.message_passing import MPACDCFeatures, batch_mp_acdc_features, message, pair_terms
-from acdc_potential.neighbors import batch_from_atoms
-from acdc_potential.radial import DensityHypers
+from acdc_potential.descriptors.acdc import acdc_features, cg_product, density_blocks
+from acdc_potential.descriptors.density import DensityExpansion
+from acdc_potential.descriptors.mpacdc import MPACDCFeatures, batch_mp_acdc_features, message, pair_terms
+from acdc_potential.descriptors.neighbors import batch_from_atoms
+from acdc_potential.descriptors.radial import DensityHypers
 
 SPECIES = [1, 6, 8, 29]
-HYPERS = DensityHypers(cutoff=3.5, smoothing=0.5, max_angular=2, max_radial=1, basis="le", width=0.4)
+HYPERS = DensityHypers(density="gaussian", cutoff=3.5, smoothing=0.5, max_angular=2, max_radial=1, basis="le", width=0.4)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_parity_under_inversion(expansion):
 
 @pytest.mark.parametrize("nu, nu1", [(1, 1), (1, 2), (2, 1), (2, 2)])
 def test_body_orders_are_invariant(nu, nu1):
-    hypers = DensityHypers(cutoff=3.0, smoothing=0.5, max_angular=1, max_radial=1, basis="le", width=0.4)
+    hypers = DensityHypers(density="gaussian", cutoff=3.0, smoothing=0.5, max_angular=1, max_radial=1, basis="le", width=0.4)
     expansion = DensityExpansion(hypers, [1, 6, 8])
     batch = batch_from_atoms([ethanol()], hypers.cutoff)
     options = dict(nu=nu, nu1=nu1, lambda_max=0, invariants_only=True)
@@ -119,7 +119,7 @@ def test_degenerate_environments_are_resolved(expansion):
 
 
 def test_gradients_match_finite_differences():
-    hypers = DensityHypers(cutoff=3.0, smoothing=0.5, max_angular=2, max_radial=1, basis="le", width=0.4)
+    hypers = DensityHypers(density="gaussian", cutoff=3.0, smoothing=0.5, max_angular=2, max_radial=1, basis="le", width=0.4)
     expansion = DensityExpansion(hypers, [29])
     atoms = ase.build.bulk("Cu", "fcc", a=3.6)
     atoms.rattle(0.05, seed=1)
@@ -166,7 +166,7 @@ def test_torchscript_matches_eager(expansion):
 def test_separate_pair_basis_is_equivariant(expansion):
     """Pair terms on their own basis (other l_max, radial basis and cutoff) keep the symmetry."""
     pair = DensityExpansion(
-        DensityHypers(cutoff=3.0, smoothing=0.5, max_angular=1, max_radial=2, basis="gto", width=0.3), SPECIES
+        DensityHypers(density="gaussian", cutoff=3.0, smoothing=0.5, max_angular=1, max_radial=2, basis="gto", width=0.3), SPECIES
     )
     batch = batch_of(ethanol())
     features = batch_mp_acdc_features(batch, expansion, pair, lambda_max=1)

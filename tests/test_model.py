@@ -19,16 +19,18 @@ from conftest import check_forces_and_stress, random_rotation
 from metatomic.torch import ModelOutput
 from metatomic_ase import MetatomicCalculator
 
-from acdc_potential.density import DensityExpansion
-from acdc_potential.model import AtomisticPotential, export_model
-from acdc_potential.radial import DensityHypers
+from acdc_potential.descriptors.density import DensityExpansion
+from acdc_potential.model.export import export_model
+from acdc_potential.model.potential import AtomisticPotential
+from acdc_potential.descriptors.radial import DensityHypers
+from acdc_potential.model.heads import DensityHead
 
 
-class QuadraticHead(torch.nn.Module):
+class QuadraticHead(DensityHead):
     """e_i = sum_l sum_q w_lq sum_m c[i, m, q]^2 + linear l = 0 term; variance (e_i / 10)^2 per atom."""
 
-    def __init__(self, sizes: List[int]):
-        super().__init__()
+    def __init__(self, density: DensityExpansion, sizes: List[int]):
+        super().__init__(density)
         generator = torch.Generator().manual_seed(0)
         self.weights = torch.nn.ParameterList(
             [torch.nn.Parameter(torch.randn(n, generator=generator, dtype=torch.float64), requires_grad=False) for n in sizes]
@@ -52,8 +54,8 @@ class QuadraticHead(torch.nn.Module):
 def make_potential(species):
     hypers = DensityHypers(cutoff=4.0, max_angular=3, max_radial=4, density="wigner", C=0.3, r0=2.0)
     density = DensityExpansion(hypers, species)
-    head = QuadraticHead([len(species) * n for n in density.n_radial])
-    return AtomisticPotential(density, head, torch.arange(len(species), dtype=torch.float64) - 3.0)
+    head = QuadraticHead(density, [len(species) * n for n in density.n_radial])
+    return AtomisticPotential(head, torch.arange(len(species), dtype=torch.float64) - 3.0)
 
 
 def ethanol():
@@ -166,7 +168,7 @@ def test_uncertainty_outputs(exported):
     )
     atomic = outputs["energy"].block().values[:, 0]
     sigma = outputs["energy_uncertainty"].block().values[:, 0]
-    baseline = potential.baseline[potential.density.species_index(torch.tensor(atoms.numbers))]
+    baseline = potential.baseline[potential.head.density.species_index(torch.tensor(atoms.numbers))]
     torch.testing.assert_close(sigma, 0.1 * (atomic - baseline).abs(), atol=1e-12, rtol=1e-10)
 
 

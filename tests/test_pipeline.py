@@ -23,10 +23,12 @@ from ase.md.verlet import VelocityVerlet
 from conftest import check_forces_and_stress
 
 from acdc_potential.calculator import ACDCCalculator
-from acdc_potential.config import FitConfig, choose_grid_point, fit_from_config, make_kernel
+from acdc_potential.config import FitConfig
+from acdc_potential.fit.driver import fit, make_kernel
+from acdc_potential.fit.tuning import choose_grid_point
 from acdc_potential.data import read_structures
-from acdc_potential.model import build_potential, export_model
-from acdc_potential.regression import SparseKRRModel
+from acdc_potential.model.export import export_model
+from acdc_potential.fit.checkpoint import SparseKRRModel
 
 DATA = Path(__file__).parent.parent / "examples"
 COPPER = Path(__file__).parent.parent.parent / "shared" / "data" / "copper_train.extxyz"
@@ -47,9 +49,9 @@ def small_config(kernel="wigner", n_sparse=12, cutoff=4.0):
 def ethanol_fit(tmp_path_factory):
     torch.set_num_threads(1)
     structures = read_structures(str(DATA / "ethanol_train.extxyz"), index="::4")
-    model = fit_from_config(structures, small_config(n_sparse=30, cutoff=5.0))
+    model = fit(structures, small_config(n_sparse=30, cutoff=5.0))
     path = tmp_path_factory.mktemp("fit") / "ethanol.pt"
-    export_model(build_potential(model), str(path))
+    export_model(model.potential(), str(path))
     return model, str(path)
 
 
@@ -59,9 +61,9 @@ def copper_fit(tmp_path_factory):
     if not COPPER.exists():
         pytest.skip("../shared/data is not available")
     structures = read_structures(str(COPPER), index=":8")
-    model = fit_from_config(structures, small_config(n_sparse=10))
+    model = fit(structures, small_config(n_sparse=10))
     path = tmp_path_factory.mktemp("fit") / "copper.pt"
-    export_model(build_potential(model), str(path))
+    export_model(model.potential(), str(path))
     return model, str(path), structures
 
 
@@ -75,9 +77,9 @@ def test_exported_file_reproduces_the_fitted_model(kernel, ethanol_fit, tmp_path
         config = small_config("polynomial" if kernel == "polynomial" else "wigner")
         if kernel == "wigner-nu4":
             config = dataclasses.replace(config, kernel=dataclasses.replace(config.kernel, nu_max=4))
-        model = fit_from_config(structures, config)
+        model = fit(structures, config)
         path = str(tmp_path / f"{kernel}.pt")
-        export_model(build_potential(model), path)
+        export_model(model.potential(), path)
     frames = ase.io.read(str(DATA / "ethanol_test.extxyz"), ":3")
     reference = model.predict(frames, forces=True, stress=False, uncertainty=True)
     calculator = ACDCCalculator(path, uncertainty_threshold=None)
@@ -96,7 +98,7 @@ def test_exported_file_reproduces_the_fitted_model(kernel, ethanol_fit, tmp_path
 def test_float32_export(ethanol_fit, tmp_path):
     model, path = ethanol_fit
     single = str(tmp_path / "single.pt")
-    export_model(build_potential(model), single, dtype=torch.float32)
+    export_model(model.potential(), single, dtype=torch.float32)
     atoms = ase.io.read(str(DATA / "ethanol_test.extxyz"), 0)
     energies = []
     for file in (path, single):
@@ -184,7 +186,7 @@ def test_density_grid_picks_the_lowest_validation_loss_and_stores_every_point(tm
         grid=dataclasses.replace(config.grid, C=[0.1, 1.0], r0=[3.0], structures=12, sparse=6),
         options=dataclasses.replace(config.options, tune=True),
     )
-    model = fit_from_config(structures, config)
+    model = fit(structures, config)
     points = model.report.density_grid
     assert [(p["nu_max"], p["C"], p["r0"]) for p in points] == [(3, 0.1, 3.0), (3, 1.0, 3.0)]
     assert points[0]["loss"] != points[1]["loss"]
@@ -231,6 +233,6 @@ def test_automatic_nu_max_on_a_single_structure_takes_the_cheapest_candidate():
     structures = read_structures(str(DATA / "ethanol_train.extxyz"), index=":1")
     config = small_config(n_sparse=4)
     config = dataclasses.replace(config, kernel=dataclasses.replace(config.kernel, nu_max="auto"))
-    model = fit_from_config(structures, config)
+    model = fit(structures, config)
     assert model.kernel.nu_max == 3
     assert np.isfinite(model.predict([structures[0].atoms])["energy"].numpy()).all()

@@ -10,42 +10,27 @@ import torch
 from conftest import random_rotation
 
 from acdc_potential.data import Labelled
-from acdc_potential.neighbors import StructureError, batch_from_atoms
-from acdc_potential.radial import DensityHypers
-from acdc_potential.density import DensityExpansion
-from acdc_potential.regression import (
-    ENERGY,
-    FORCES,
-    STRESS,
-    VOIGT,
-    Baseline,
-    ProjectedProcess,
-    Regularisers,
-    SparseKRRModel,
-    batch_density,
-    build_design_matrix,
-    design_groups,
-    fit,
-    select_hyperparameters,
-    selection_prefix,
-    scaled_regularisation_predictions,
-    solve_projected_process,
-    sparse_projection,
-    stacked_triangle,
-    structure_jacobian,
-)
-from acdc_potential.sparse import (
-    PolynomialKernel,
-    SparseKernel,
-    WignerKernel,
-    cur_selection,
-    farthest_point_sampling,
-    kernel_from_dict,
-    select_sparse,
-)
-from acdc_potential.wigner import WignerHypers
+from acdc_potential.descriptors.neighbors import StructureError, batch_from_atoms
+from acdc_potential.descriptors.radial import DensityHypers
+from acdc_potential.descriptors.density import DensityExpansion
+from acdc_potential.config import Regularisers
+from acdc_potential.descriptors.jacobian import batch_density, structure_jacobian
+from acdc_potential.fit.baseline import Baseline
+from acdc_potential.fit.checkpoint import SparseKRRModel
+from acdc_potential.fit.design import build_design_matrix, design_groups
+from acdc_potential.fit.driver import fit_kernel
+from acdc_potential.fit.selection import selection_prefix
+from acdc_potential.fit.solver import ProjectedProcess, scaled_regularisation_predictions, solve_projected_process, sparse_projection, stacked_triangle
+from acdc_potential.fit.targets import ENERGY, FORCES, STRESS, VOIGT
+from acdc_potential.fit.tuning import select_hyperparameters
+from acdc_potential.fit.checkpoint import kernel_from_dict
+from acdc_potential.fit.selection import cur_selection, farthest_point_sampling, select_sparse
+from acdc_potential.kernels.base import SparseKernel
+from acdc_potential.kernels.polynomial import PolynomialKernel
+from acdc_potential.kernels.wigner.kernel import WignerKernel
+from acdc_potential.kernels.wigner.iteration import WignerHypers
 
-HYPERS = DensityHypers(cutoff=3.5, smoothing=0.5, max_angular=2, max_radial=3, basis="gto", width=0.4)
+HYPERS = DensityHypers(density="gaussian", cutoff=3.5, smoothing=0.5, max_angular=2, max_radial=3, basis="gto", width=0.4)
 
 
 def methane(seed: int) -> ase.Atoms:
@@ -84,13 +69,13 @@ def training_set():
 @pytest.fixture(scope="module")
 def polynomial_model():
     kernel = PolynomialKernel(zeta=2, mixing={"c0": 0.5, "a": 1.0})
-    return fit(training_set(), HYPERS, kernel, n_sparse=6, regularisers=Regularisers(0.01, 0.05, 0.005))
+    return fit_kernel(training_set(), HYPERS, kernel, n_sparse=6, regularisers=Regularisers(0.01, 0.05, 0.005), tune=False)
 
 
 @pytest.fixture(scope="module")
 def wigner_model():
     kernel = WignerKernel(WignerHypers(nu_max=3, lambda_max=2), mixing={"c0": 0.5, "a": 1.0, "b": 0.7})
-    return fit(training_set(), HYPERS, kernel, n_sparse=6, regularisers=Regularisers(0.01, 0.05, 0.005))
+    return fit_kernel(training_set(), HYPERS, kernel, n_sparse=6, regularisers=Regularisers(0.01, 0.05, 0.005), tune=False)
 
 
 @pytest.fixture(params=["polynomial_model", "wigner_model"])
@@ -236,7 +221,7 @@ def test_target_of_the_same_kernel_class_is_recovered(model):
     ]
     kernel = kernel_from_dict({**model.kernel.to_dict(), "sparse_coefficients": None})
     tiny = Regularisers(1e-7, 1e-7, 1e-7)
-    student = fit(relabelled, HYPERS, kernel, n_sparse=6, regularisers=tiny, isolated_energies=model.baseline.energies)
+    student = fit_kernel(relabelled, HYPERS, kernel, n_sparse=6, regularisers=tiny, isolated_energies=model.baseline.energies, tune=False)
     torch.testing.assert_close(student.kernel.sparse_coefficients, model.kernel.sparse_coefficients)
     unseen = [methane(40), copper(41)]
     expected, got = teacher.predict(unseen), student.predict(unseen)
@@ -279,8 +264,8 @@ def test_duplicated_structures_with_half_weights_give_the_same_model():
     structures = training_set()
     halves = [dataclasses.replace(s, weight=0.5) for s in structures for _ in range(2)]
     regularisers = Regularisers(0.01, 0.05, 0.005)
-    single = fit(structures, HYPERS, PolynomialKernel(zeta=2), n_sparse=6, regularisers=regularisers)
-    doubled = fit(halves, HYPERS, PolynomialKernel(zeta=2), n_sparse=6, regularisers=regularisers)
+    single = fit_kernel(structures, HYPERS, PolynomialKernel(zeta=2), n_sparse=6, regularisers=regularisers, tune=False)
+    doubled = fit_kernel(halves, HYPERS, PolynomialKernel(zeta=2), n_sparse=6, regularisers=regularisers, tune=False)
     probe = [methane(50), copper(51)]
     for key, value in single.predict(probe).items():
         torch.testing.assert_close(doubled.predict(probe)[key], value, equal_nan=True, atol=1e-9, rtol=1e-8)
@@ -292,14 +277,14 @@ def test_structures_without_forces_or_energy_and_single_kind_fits():
     structures[1] = dataclasses.replace(structures[1], energy=None)
     structures[7] = dataclasses.replace(structures[7], stress=None)
     kernel = PolynomialKernel(zeta=2)
-    mixed = fit(structures, HYPERS, kernel, n_sparse=6)
+    mixed = fit_kernel(structures, HYPERS, kernel, n_sparse=6, tune=False)
     design = build_design_matrix(structures, mixed.expansion, kernel, mixed.baseline)
     assert int((design.kind == ENERGY).sum()) == 8
     assert int((design.kind == FORCES).sum()) == 3 * (sum(len(s.atoms) for s in structures) - 5)
     assert int((design.kind == STRESS).sum()) == 12
     assert torch.isfinite(mixed.weights).all()
     for energies, forces in ((True, False), (False, True)):
-        single = fit(structures, HYPERS, PolynomialKernel(zeta=2), n_sparse=6, energies=energies, forces=forces, stress=False)
+        single = fit_kernel(structures, HYPERS, PolynomialKernel(zeta=2), n_sparse=6, energies=energies, forces=forces, stress=False, tune=False)
         assert torch.isfinite(single.weights).all()
         assert torch.isfinite(single.predict([methane(60)])["forces"]).all()
 
@@ -378,12 +363,12 @@ def test_fit_with_bounded_design_memory_streams_the_rows_into_the_same_solution(
     and folded into the solve on their own; the weights are those of the fit holding them all."""
     structures = training_set()
     kernel = PolynomialKernel(zeta=2, mixing={"c0": 0.5, "a": 1.0})
-    whole = fit(structures, HYPERS, kernel, n_sparse=6, regularisers=Regularisers(0.01, 0.05, 0.005))
+    whole = fit_kernel(structures, HYPERS, kernel, n_sparse=6, regularisers=Regularisers(0.01, 0.05, 0.005), tune=False)
     groups = design_groups(structures, True, True, True, kernel.n_pieces, kernel.n_sparse, memory=1.0, seed=3)
     assert sorted(k for g in groups for k in g) == list(range(len(structures))) and all(len(g) == 1 for g in groups)
     assert groups != [[k] for k in range(len(structures))]  # shuffled: the first group is a random sample
     kernel = PolynomialKernel(zeta=2, mixing={"c0": 0.5, "a": 1.0})
-    streamed = fit(structures, HYPERS, kernel, n_sparse=6, regularisers=Regularisers(0.01, 0.05, 0.005), design_memory=1.0)
+    streamed = fit_kernel(structures, HYPERS, kernel, n_sparse=6, regularisers=Regularisers(0.01, 0.05, 0.005), design_memory=1.0, tune=False)
     torch.testing.assert_close(streamed.weights, whole.weights, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(streamed.solution.triangular.T @ streamed.solution.triangular,
                                whole.solution.triangular.T @ whole.solution.triangular, rtol=1e-8, atol=1e-8)
@@ -395,7 +380,7 @@ def test_tuning_on_a_sample_of_the_structures_under_bounded_design_memory_fits()
     size = kernel.n_pieces * 6 * 3 * 8.0 * (1 + 3 * 5)  # bytes of the rows of about three methanes
     groups = design_groups(structures, True, True, True, kernel.n_pieces, 3 * 6, memory=size * 3, seed=0)
     assert len(groups) > 1
-    model = fit(structures, HYPERS, kernel, n_sparse=6, regularisers=Regularisers(0.01, 0.05, 0.005), design_memory=size * 3,
+    model = fit_kernel(structures, HYPERS, kernel, n_sparse=6, regularisers=Regularisers(0.01, 0.05, 0.005), design_memory=size * 3,
                 tune=True, tune_options={"max_evaluations": 5})
     assert model.report is not None and torch.isfinite(model.weights).all()
     predicted = model.predict(structures)["energy"]

@@ -10,24 +10,15 @@ import sphericart.torch
 import torch
 from conftest import random_rotation, wigner_d_real
 
-from acdc_potential.correlations import acdc_features
-from acdc_potential.density import DensityExpansion
-from acdc_potential.neighbors import batch_from_atoms
-from acdc_potential.radial import DensityHypers
-from acdc_potential.wigner import (
-    WignerHypers,
-    WignerKernels,
-    equivariant_kernels,
-    exponential_kernel,
-    invariant_kernels,
-    kernel_scale,
-    matched_invariant_kernels,
-    nu1_kernels,
-    wigner_iteration,
-)
+from acdc_potential.descriptors.acdc import acdc_features
+from acdc_potential.descriptors.density import DensityExpansion
+from acdc_potential.descriptors.neighbors import batch_from_atoms
+from acdc_potential.descriptors.radial import DensityHypers
+from acdc_potential.kernels.wigner.features import OrderFeatures
+from acdc_potential.kernels.wigner.iteration import WignerHypers, WignerKernels, equivariant_kernels, exponential_kernel, invariant_kernels, kernel_scale, matched_invariant_kernels, nu1_kernels, wigner_iteration
 
 SPECIES = [1, 6, 8]
-DENSITY = DensityHypers(cutoff=3.5, smoothing=0.5, max_angular=3, max_radial=3, width=0.4)
+DENSITY = DensityHypers(density="gaussian", cutoff=3.5, smoothing=0.5, max_angular=3, max_radial=3, width=0.4)
 
 
 def molecule(name, seed, transform=None):
@@ -111,7 +102,7 @@ def test_invariant_only_path_equals_full_path(l_max, lambda_max, nu_max):
     """Both paths truncate every intermediate kernel at lambda_max; recoupling the final
     lambda = 0 contraction maps one set of truncations onto the other, so they agree for
     every nu, not only where the truncation is inactive."""
-    hypers = DensityHypers(cutoff=3.5, smoothing=0.5, max_angular=l_max, max_radial=3, width=0.4)
+    hypers = DensityHypers(density="gaussian", cutoff=3.5, smoothing=0.5, max_angular=l_max, max_radial=3, width=0.4)
     a, sa = densities(molecule("CH3CH2OH", 0), hypers)
     b, sb = densities(molecule("CH3OH", 1), hypers)
     full = invariant_kernels(a, sa, b, sb, WignerHypers(nu_max, lambda_max, invariant_only=False))
@@ -166,7 +157,7 @@ def test_nu1_kernel_equals_basis_free_gaussian_overlaps():
     expected = gaussian_overlap_kernels(neighbors[0], neighbors[1], sigma, lambda_max)
 
     def errors(max_radial):
-        hypers = DensityHypers(cutoff=5.0, smoothing=0.5, max_angular=lambda_max, max_radial=max_radial, width=sigma)
+        hypers = DensityHypers(density="gaussian", cutoff=5.0, smoothing=0.5, max_angular=lambda_max, max_radial=max_radial, width=sigma)
         expansion = DensityExpansion(hypers, [1, 6])
         coefficients = []
         for environment_neighbors in neighbors:
@@ -199,7 +190,7 @@ def test_kernels_are_scalar_products_of_acdc_features(nu, l_max, lambda_max):
     (3, 2, 4) keeps every intermediate lambda (2 l_max = lambda_max), i.e. the untruncated
     identity; (3, 2, 2) truncates the intermediate nu = 2 kernels and features alike.
     """
-    hypers = DensityHypers(cutoff=3.0, smoothing=0.5, max_angular=l_max, max_radial=1, width=0.4)
+    hypers = DensityHypers(density="gaussian", cutoff=3.0, smoothing=0.5, max_angular=l_max, max_radial=1, width=0.4)
     a, sa = densities(molecule("CH4", 0), hypers)
     b, sb = densities(molecule("CH4", 1), hypers)
     kernels = equivariant_kernels(a, sa, b, sb, WignerHypers(nu, lambda_max))[nu]
@@ -337,8 +328,9 @@ def test_collapsed_sums_equal_the_weighted_kernel_sum_also_scripted(nu_max, lamb
     weights = torch.randn(nu_max + 1, len(sb), dtype=torch.float64, generator=torch.Generator().manual_seed(nu_max))
     leaves = [c.detach().requires_grad_() for c in a]
     expected = module.weighted_sum(leaves, sa, b, sb, weights)
+    collapsed = OrderFeatures(module).collapse(b, sb, weights, 3)
     for implementation in (module, torch.jit.script(module)):
-        energy = implementation.collapsed_energy(leaves, sa, implementation.collapse(b, sb, weights, 3))
+        energy = implementation.collapsed_energy(leaves, sa, collapsed)
         torch.testing.assert_close(energy, expected, rtol=1e-12, atol=1e-12 * float(expected.detach().abs().max()))
         if nu_max == 0:
             continue
@@ -352,15 +344,15 @@ def test_collapsed_sums_equal_the_weighted_kernel_sum_also_scripted(nu_max, lamb
 
 @pytest.mark.parametrize("nu_max", [1, 2, 3, 4])
 @pytest.mark.parametrize("lambda_max", [1, 3])
-def test_order_features_are_the_kernels_as_scalar_products_also_scripted(nu_max, lambda_max):
+def test_order_features_are_the_kernels_as_scalar_products(nu_max, lambda_max):
     a, b, module, expected = ethanol_methanol_kernels(nu_max, lambda_max)
-    for implementation in (module, torch.jit.script(module)):
-        phi_a, phi_b = implementation.order_features(a), implementation.order_features(b)
-        assert len(phi_a) == nu_max
-        for nu in range(nu_max):
-            torch.testing.assert_close(phi_a[nu] @ phi_b[nu].T, expected[nu], rtol=1e-11, atol=1e-11 * float(expected[nu].abs().max()))
+    features = OrderFeatures(module)
+    phi_a, phi_b = features.order_features(a), features.order_features(b)
+    assert len(phi_a) == nu_max
+    for nu in range(nu_max):
+        torch.testing.assert_close(phi_a[nu] @ phi_b[nu].T, expected[nu], rtol=1e-11, atol=1e-11 * float(expected[nu].abs().max()))
     with pytest.raises(ValueError, match="orders above 4"):
-        WignerKernels(WignerHypers(nu_max=5)).order_features(a)
+        OrderFeatures(WignerKernels(WignerHypers(nu_max=5))).order_features(a)
 
 
 @pytest.mark.parametrize("lambda_max, widths", [(1, [2, 3]), (2, [4, 3, 2]), (3, [3, 3, 3, 3]), (3, [4, 3, 2, 2])])
@@ -369,7 +361,7 @@ def test_shortened_order_three_invariants_keep_the_scalar_products(lambda_max, w
     gives the same k^3 as every ordering of Phi^3, with about a third of its entries."""
     generator = torch.Generator().manual_seed(sum(widths))
     a = [torch.randn(5, 2 * l + 1, q, generator=generator, dtype=torch.float64) for l, q in enumerate(widths)]
-    module = WignerKernels(WignerHypers(nu_max=3, lambda_max=lambda_max))
+    module = OrderFeatures(WignerKernels(WignerHypers(nu_max=3, lambda_max=lambda_max)))
     phi = module.order_features(a)[2]
     index, weight = module.order3_reduction(widths)
     short = phi[:, index] * weight
@@ -381,4 +373,4 @@ def test_shortened_order_three_invariants_keep_the_scalar_products(lambda_max, w
 def test_orders_above_three_do_not_collapse():
     a, sa = densities(molecule("CH3OH", 1))
     with pytest.raises(ValueError, match="do not collapse"):
-        WignerKernels(WignerHypers(nu_max=4)).collapse(a, sa, torch.ones(5, len(sa), dtype=torch.float64), 3)
+        OrderFeatures(WignerKernels(WignerHypers(nu_max=4))).collapse(a, sa, torch.ones(5, len(sa), dtype=torch.float64), 3)

@@ -25,14 +25,17 @@ it with cubic splines in torch, so values and derivatives are consistent.
 """
 
 import math
+import warnings
 from dataclasses import dataclass
-from typing import List, Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
-import scipy.interpolate
-import scipy.optimize
-import scipy.special
 import torch
+
+from ..errors import SplineAccuracyWarning
+
+# scipy is imported by the functions that tabulate (at fit and export time only), so that
+# the deployable model (acdc_potential.model) imports without it
 
 
 def spherical_bessel_zeros(l_max: int, n_zeros: int) -> np.ndarray:
@@ -41,6 +44,9 @@ def spherical_bessel_zeros(l_max: int, n_zeros: int) -> np.ndarray:
     The zeros of ``j_l`` and ``j_{l+1}`` interlace, so each zero of ``j_{l+1}`` is
     bracketed by two consecutive zeros of ``j_l``.
     """
+    import scipy.optimize
+    import scipy.special
+
     n_total = n_zeros + l_max + 1
     zeros = np.zeros((l_max + 1, n_total))
     zeros[0] = np.pi * np.arange(1, n_total + 1)
@@ -89,6 +95,8 @@ class LaplacianEigenstateBasis:
 
     def evaluate(self, l: int, r: np.ndarray) -> np.ndarray:
         """``R_nl`` at points ``r`` (any shape), returns shape ``r.shape + [n_radial[l]]``."""
+        import scipy.special
+
         z = self.zeros[l, : self.n_radial[l]]
         norm = np.sqrt(2.0 / self.cutoff**3) / np.abs(scipy.special.spherical_jn(l + 1, z))
         return norm * scipy.special.spherical_jn(l, np.asarray(r)[..., None] * z / self.cutoff)
@@ -106,6 +114,8 @@ class GtoBasis:
     """
 
     def __init__(self, cutoff: float, n_radial: List[int]):
+        import scipy.special
+
         self.cutoff = float(cutoff)
         self.n_radial = list(n_radial)
         self.integration_radius = 5.0 * self.cutoff
@@ -141,6 +151,9 @@ class GtoBasis:
 class DensityHypers:
     """Hyperparameters of the density expansion (all lengths in Angstrom).
 
+    The defaults are the Wigner-kernel seed's choices (a Laplacian-eigenstate basis, the
+    width growing with distance), those of ``acdc-potential fit``.
+
     :param cutoff: radius of the atomic environments.
     :param smoothing: width of the shifted-cosine switch before ``cutoff``.
     :param max_angular: largest ``l`` (ignored when ``max_radial`` is a list).
@@ -163,10 +176,10 @@ class DensityHypers:
     cutoff: float = 5.0
     smoothing: float = 0.5
     max_angular: int = 3
-    max_radial: Union[int, List[int]] = 6
+    max_radial: Union[int, List[int]] = 8
     basis: str = "le"
     laplacian_truncation: bool = False
-    density: str = "gaussian"
+    density: str = "wigner"
     width: float = 0.3
     C: float = 0.3
     r0: float = 3.0
@@ -216,6 +229,8 @@ def _quadrature(radius: float, panel: float, order: int = 10):
 
 def radial_integrals(hypers: DensityHypers, distances: np.ndarray) -> List[np.ndarray]:
     """``I_nl(d)`` of the module docstring by quadrature; one ``[len(d), n_radial[l]]`` per ``l``."""
+    import scipy.special
+
     basis = hypers.radial_basis()
     sigma, weight = hypers.sigma_and_weight(distances)
     # the Gaussian factor kills the integrand beyond d + 12 sigma
@@ -237,39 +252,64 @@ def radial_integrals(hypers: DensityHypers, distances: np.ndarray) -> List[np.nd
     return result
 
 
+# the finest grid tried: 65537 points per function
+MAX_INTERVALS = 2**16
+
+
+def tabulate_radial_integrals(hypers: DensityHypers, max_intervals: int = MAX_INTERVALS) -> Tuple[np.ndarray, float, int, float]:
+    """Cubic-spline coefficients of every ``I_nl`` on a uniform grid of ``[0, cutoff]``.
+
+    The grid is doubled from 64 intervals until the spline error at the interval mid-points
+    is below ``hypers.spline_accuracy`` relative to each function's largest value, up to
+    ``max_intervals``; if that is not enough, a :class:`SplineAccuracyWarning` gives
+    the accuracy reached.
+
+    :return: ``table [n_intervals, 4, n_functions]`` (coefficients of ``1, t, t^2, t^3`` in
+        the local coordinate ``t = (r - r_i) / step``), ``step``, ``n_intervals`` and the
+        largest relative error at the mid-points.
+    """
+    import scipy.interpolate
+
+    hypers.validate()
+    n_intervals = 64
+    while True:
+        grid = np.linspace(0.0, hypers.cutoff, n_intervals + 1)
+        values = np.concatenate(radial_integrals(hypers, grid), axis=1)
+        spline = scipy.interpolate.CubicSpline(grid, values, axis=0)
+        mid = 0.5 * (grid[1:] + grid[:-1])
+        exact = np.concatenate(radial_integrals(hypers, mid), axis=1)
+        scale = np.maximum(np.abs(values).max(axis=0), 1e-300)
+        error = float(np.max(np.abs(spline(mid) - exact) / scale))
+        if error < hypers.spline_accuracy or n_intervals >= max_intervals:
+            break
+        n_intervals *= 2
+    if error >= hypers.spline_accuracy:
+        warnings.warn(
+            f"the radial integrals are tabulated to a relative error of {error:.2g}, not the requested "
+            f"spline_accuracy {hypers.spline_accuracy:.2g}, with the finest grid ({n_intervals} intervals over "
+            f"{hypers.cutoff} A); narrow Gaussians and many radial functions need finer grids",
+            SplineAccuracyWarning,
+            stacklevel=3,
+        )
+    step = float(grid[1] - grid[0])
+    # spline.c[k, i, f] multiplies (r - grid[i])^(3 - k); store it in powers of t as [i, k, f]
+    c = spline.c
+    table = np.stack([c[3], c[2] * step, c[1] * step**2, c[0] * step**3], axis=1)
+    return table, step, n_intervals, error
+
+
 class RadialSpline(torch.nn.Module):
     """Cubic-spline table of all ``I_nl`` on a uniform grid of ``[0, cutoff]``.
 
     ``forward(r)`` takes distances ``[n_pairs]`` and returns ``[n_pairs, sum_l
     n_radial[l]]``, functions ordered by ``l`` then ``n``. It is differentiable with
     respect to ``r``, TorchScript-compatible and device-agnostic (the table is a buffer).
-    The grid is refined until the spline error at the interval mid-points is below
-    ``hypers.spline_accuracy`` relative to each function's largest value.
+    The table comes from :func:`tabulate_radial_integrals`.
     """
 
     def __init__(self, hypers: DensityHypers):
         super().__init__()
-        hypers.validate()
-        n_intervals = 64
-        while True:
-            grid = np.linspace(0.0, hypers.cutoff, n_intervals + 1)
-            values = np.concatenate(radial_integrals(hypers, grid), axis=1)
-            spline = scipy.interpolate.CubicSpline(grid, values, axis=0)
-            mid = 0.5 * (grid[1:] + grid[:-1])
-            exact = np.concatenate(radial_integrals(hypers, mid), axis=1)
-            scale = np.maximum(np.abs(values).max(axis=0), 1e-300)
-            error = np.max(np.abs(spline(mid) - exact) / scale)
-            if error < hypers.spline_accuracy or n_intervals >= 2**16:
-                break
-            n_intervals *= 2
-        self.spline_error = float(error)
-        self.n_intervals = n_intervals
-        self.step = float(grid[1] - grid[0])
-        # spline.c[k, i, f] multiplies (r - grid[i])^(3 - k); store it in powers of
-        # the local coordinate t = (r - grid[i]) / step, as [i, k, f] with k = 0..3
-        h = self.step
-        c = spline.c
-        table = np.stack([c[3], c[2] * h, c[1] * h**2, c[0] * h**3], axis=1)
+        table, self.step, self.n_intervals, self.spline_error = tabulate_radial_integrals(hypers)
         self.register_buffer("table", torch.tensor(table, dtype=torch.float64))
 
     def forward(self, r: torch.Tensor) -> torch.Tensor:

@@ -12,13 +12,28 @@ integral of :mod:`acdc_potential.radial` and ``f_cut`` the shifted cosine switch
 The central atom does not contribute to its own density.
 """
 
-from typing import List, Tuple
+from typing import List, NamedTuple, Sequence, Tuple
 
 import torch
 
 from .harmonics import SphericalHarmonics
-from .neighbors import AtomsBatch, StructureError
+from ..errors import StructureError
+from .neighbors import AtomsBatch
 from .radial import DensityHypers, RadialSpline
+
+
+class Pairs(NamedTuple):
+    """The neighbour pairs of a batch of atoms (one or several structures), as models see them.
+
+    ``vectors [P, 3]``: ``r_ji = x_j - x_i`` (plus the cell shift) from centre to neighbour,
+    differentiable; ``centers [P]`` and ``neighbors [P]``: atom indices ``i`` and ``j`` in the
+    batch; ``species [N]``: the species index (position in the model's species) of every atom.
+    """
+
+    vectors: torch.Tensor
+    centers: torch.Tensor
+    neighbors: torch.Tensor
+    species: torch.Tensor
 
 
 def shifted_cosine(r: torch.Tensor, cutoff: float, width: float) -> torch.Tensor:
@@ -108,6 +123,10 @@ class DensityExpansion(torch.nn.Module):
             start += n
         return coefficients
 
+    def from_pairs(self, pairs: Pairs) -> List[torch.Tensor]:
+        """Density coefficients of every atom of a batch of :class:`Pairs` (see :meth:`forward`)."""
+        return self.forward(pairs.vectors, pairs.centers, pairs.species[pairs.neighbors], pairs.species.shape[0])
+
     def compute(self, batch: AtomsBatch) -> List[torch.Tensor]:
         """Density coefficients of every atom of ``batch`` (see :meth:`forward`)."""
         try:
@@ -118,3 +137,36 @@ class DensityExpansion(torch.nn.Module):
             raise StructureError(f"structure {structure}: {error}") from None
         species = self.species_index(batch.numbers)
         return self.forward(batch.pair_vectors(), batch.centers, species[batch.neighbors], batch.n_atoms)
+
+
+class Layout:
+    """Shapes ``[(2l + 1, Q_l)]`` of the coefficient list, to flatten and unflatten it."""
+
+    def __init__(self, shapes: Sequence[Tuple[int, int]]):
+        self.shapes = [(int(a), int(b)) for a, b in shapes]
+        self.sizes = [a * b for a, b in self.shapes]
+        self.size = sum(self.sizes)
+
+    @classmethod
+    def of(cls, coefficients: List[torch.Tensor]) -> "Layout":
+        return cls([tuple(c.shape[1:]) for c in coefficients])
+
+    def flatten(self, coefficients: List[torch.Tensor]) -> torch.Tensor:
+        """List over ``l`` of ``[n, 2l + 1, Q_l]`` -> ``[n, D]``."""
+        return torch.cat([c.reshape(c.shape[0], -1) for c in coefficients], dim=1)
+
+    def unflatten(self, flat: torch.Tensor) -> List[torch.Tensor]:
+        """``[n, D]`` -> list over ``l`` of ``[n, 2l + 1, Q_l]``."""
+        return unflatten(flat, [list(shape) for shape in self.shapes])
+
+
+def unflatten(flat: torch.Tensor, shapes: List[List[int]]) -> List[torch.Tensor]:
+    """Flat coefficients ``[n, D]`` back to the list over ``l`` of ``[n, 2l + 1, Q_l]``
+    (``shapes[l] = [2l + 1, Q_l]``); TorchScript-compatible, used by exported models."""
+    out: List[torch.Tensor] = []
+    start = 0
+    for shape in shapes:
+        size = shape[0] * shape[1]
+        out.append(flat[:, start : start + size].reshape(-1, shape[0], shape[1]))
+        start += size
+    return out

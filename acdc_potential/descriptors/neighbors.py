@@ -13,9 +13,7 @@ import numpy as np
 import torch
 import vesin
 
-
-class StructureError(ValueError):
-    """A structure the package cannot handle, with the structure's index in the message."""
+from ..errors import StructureError
 
 
 @dataclass

@@ -271,6 +271,11 @@ def acdc_features(
     return dict(zip(module.keys, module.to(coefficients[0].device)(coefficients)))
 
 
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` divided by their norm (zero rows, atoms without neighbours, stay zero)."""
+    return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-150)
+
+
 def power_spectrum(coefficients: List[torch.Tensor]) -> torch.Tensor:
     """SOAP power spectrum, the ``nu = 2`` invariants (eq. 6-7), by a direct sum over ``m``.
 

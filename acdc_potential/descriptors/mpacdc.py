@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .cg import real_clebsch_gordan
-from .correlations import ACDCFeatures, Blocks, CGProduct, Key, couplings
+from .acdc import ACDCFeatures, Blocks, CGProduct, Key, couplings
 from .density import DensityExpansion
 from .neighbors import AtomsBatch
 

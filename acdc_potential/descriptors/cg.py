@@ -111,3 +111,21 @@ def allowed_couplings(
         for l2 in range(l_max_b + 1)
         for L in range(abs(l1 - l2), min(l1 + l2, L_max) + 1)
     ]
+
+
+def block_key(lam: int, sigma: int) -> int:
+    """Integer key ``2 lambda + (sigma < 0)`` of a ``(lambda, sigma)`` block."""
+    return 2 * lam + int(sigma < 0)
+
+
+def key_lambda(key: int) -> int:
+    return key // 2
+
+
+def key_sigma(key: int) -> int:
+    return 1 - 2 * (key % 2)
+
+
+def parity_sign(n: int) -> int:
+    """``(-1)^n`` as an integer."""
+    return 1 - 2 * (n % 2)

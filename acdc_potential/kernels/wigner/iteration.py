@@ -66,7 +66,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .cg import ClebschGordanCache
+from ...descriptors.cg import ClebschGordanCache, block_key, key_lambda, key_sigma, parity_sign
 
 
 @dataclass
@@ -102,24 +102,6 @@ class WignerHypers:
 def kernel_scale(l: int) -> float:
     """``8 pi^2 / (2l + 1)``: the rotation integral of ``D^l D^l`` (WK eq. B1)."""
     return 8.0 * math.pi**2 / (2 * l + 1)
-
-
-def block_key(lam: int, sigma: int) -> int:
-    """Integer key ``2 lambda + (sigma < 0)`` of a ``(lambda, sigma)`` block."""
-    return 2 * lam + int(sigma < 0)
-
-
-def key_lambda(key: int) -> int:
-    return key // 2
-
-
-def key_sigma(key: int) -> int:
-    return 1 - 2 * (key % 2)
-
-
-def parity_sign(n: int) -> int:
-    """``(-1)^n`` as an integer."""
-    return 1 - 2 * (n % 2)
 
 
 class WignerKernels(torch.nn.Module):
@@ -406,252 +388,6 @@ class WignerKernels(torch.nn.Module):
                 if block_key(l, 1) in features:
                     orders.append(l)
         return orders
-
-    @torch.jit.export
-    def order_features(self, a: List[torch.Tensor]) -> List[torch.Tensor]:
-        """Per-atom invariants whose scalar products are the kernels: ``k^{nu, 0+}(i, j) =
-        <Phi^nu_i, Phi^nu_j>`` for ``nu = 1..nu_max <= 4`` (no central-species delta).
-
-        With ``F`` the features of :meth:`nu2_features` and ``kappa_l = 8 pi^2 / (2l + 1)``:
-        ``Phi^1 = kappa_0^(1/2) a^0``, ``Phi^2 = F^{0+}``, ``Phi^3 = (kappa_l / (2l + 1))^(1/2)
-        F^{l+ T} a^l`` over ``l`` (``k^3 = <k^2, k^1>``: ``F^T a`` contracts ``mu``) and
-        ``Phi^4 = (2 lambda + 1)^(-1/2) F^{lambda sigma T} F^{lambda sigma}`` over the blocks
-        (``k^4 = <k^2, k^2>``; the upper triangle of the symmetric ``[D, D]`` Gram matrix,
-        off-diagonal entries times ``sqrt 2``). Sizes grow as ``Q^3`` (``nu = 3``) and ``D^2``
-        (``nu = 4``): meant for few species or radial channels.
-
-        :param a: density coefficients ``[n, 2l + 1, Q_l]`` per ``l``.
-        :return: ``[n, d_nu]`` per ``nu``.
-        """
-        if self.nu_max > 4:
-            raise ValueError("orders above 4 are not scalar products of per-atom invariants")
-        n = a[0].shape[0]
-        out: List[torch.Tensor] = []
-        if self.nu_max >= 1:
-            out.append(a[0][:, 0, :] * math.sqrt(kernel_scale(0)))
-        if self.nu_max >= 2:
-            features = self.nu2_features(a)
-            out.append(features[block_key(0, 1)][:, 0, :])
-            if self.nu_max >= 3:
-                orders = self._collapsed_orders(a, features)
-                sizes: List[int] = [features[block_key(l, 1)].shape[2] * a[l].shape[2] for l in orders]
-                # filled in place: for many environments this is the largest tensor of a fit
-                phi = a[0].new_empty((n, sum(sizes)))
-                offset = 0
-                for l, size in zip(orders, sizes):
-                    scaled = a[l] * math.sqrt(kernel_scale(l) / (2 * l + 1))
-                    phi[:, offset : offset + size] = torch.bmm(features[block_key(l, 1)].transpose(1, 2), scaled).view(n, size)
-                    offset += size
-                out.append(phi)
-            if self.nu_max >= 4:
-                parts = []
-                for key in sorted(features.keys()):
-                    gram = torch.bmm(features[key].transpose(1, 2), features[key])
-                    parts.append(self._triangle(gram.unsqueeze(1), 0)[:, 0, :] / math.sqrt(2 * key_lambda(key) + 1))
-                out.append(torch.cat(parts, dim=1))
-        return out
-
-    def order_feature_sums(
-        self, a: List[torch.Tensor], tangents: List[torch.Tensor], sums: List[torch.Tensor], derivatives: List[torch.Tensor]
-    ) -> None:
-        """``sum_i Phi^nu_i`` and its derivatives along ``K`` directions over all atoms of ``a``,
-        written into ``sums[nu - 1]`` ``[d_nu]`` and ``derivatives[nu - 1]`` ``[K, d_nu]``
-        (views of the caller's buffers: at ``[K, d] ~ 27 x 8e4`` for ethanol, fresh
-        allocations per structure cost more in page faults than the arithmetic). ``Phi^3``
-        is the shortened one of :meth:`order3_reduction`.
-
-        :param a: density coefficients of the atoms (one structure), ``[n, 2l + 1, Q_l]`` per ``l``.
-        :param tangents: their derivatives along ``K`` directions, ``[n, K, 2l + 1, Q_l]`` per ``l``.
-
-        The invariants of :meth:`order_features` are multilinear in the coefficients:
-        ``Phi^2 = F(a, a)``, ``Phi^3 = F(a, a)^T a``, ``Phi^4 = F^T F``. Their derivatives
-        are sums over the slots, and the sum over atoms of each slot's term is one GEMM
-        whose inner dimension runs over atoms and ``m`` together
-        (:meth:`_pair_tangent_sums`); no per-atom derivative of a feature is formed.
-        """
-        if self.nu_max == 0:
-            return
-        n_k = tangents[0].shape[1]
-        root = math.sqrt(kernel_scale(0))
-        torch.sum(a[0][:, 0, :], dim=0, out=sums[0]).mul_(root)
-        torch.sum(tangents[0][:, :, 0, :], dim=0, out=derivatives[0]).mul_(root)
-        if self.nu_max == 1:
-            return
-        features = self.nu2_features(a)
-        ones = a[0].new_ones((a[0].shape[0], 1, 1))
-        torch.sum(features[block_key(0, 1)][:, 0, :], dim=0, out=sums[1])
-        self._feature_tangent_sums(a, tangents, 0, 1, ones, derivatives[1].unsqueeze(2))
-        widths = [x.shape[2] for x in a]
-        if self.nu_max >= 3:
-            offset = 0
-            for l1, l2, l3, columns, keep, weight in self._order3_layout(tuple(widths)):
-                # the scale of Phi^3 rides on the small factors, not on the [K, D, Q] products
-                scale = math.sqrt(kernel_scale(l3) / (2 * l3 + 1))
-                f = features[block_key(l3, 1)][:, :, columns[0] : columns[1]]
-                b = a[l3] * scale
-                block = self._pair_tangent_sums(a, tangents, l1, l2, l3, b)
-                block.add_(torch.einsum("nud,nkuq->kdq", f, tangents[l3] * scale))
-                value = torch.einsum("nud,nuq->dq", f, b).flatten()
-                block = block.reshape(n_k, -1)
-                if keep is not None:
-                    value, block = value[keep], block[:, keep]
-                size = value.shape[0]
-                torch.mul(value, weight.to(value), out=sums[2][offset : offset + size])
-                derivatives[2][:, offset : offset + size] = block * weight.to(block)
-                offset += size
-        if self.nu_max >= 4:
-            offset = 0
-            for key in sorted(features.keys()):
-                f = features[key]
-                scaled = f / math.sqrt(2 * key_lambda(key) + 1)
-                d = f.shape[2]
-                size = d * (d + 1) // 2
-                gram = torch.einsum("nud,nue->de", f, scaled)
-                d_gram = f.new_empty((n_k, d, d))
-                self._feature_tangent_sums(a, tangents, key_lambda(key), key_sigma(key), scaled, d_gram)
-                sums[3][offset : offset + size] = self._triangle(gram[None, None], 0)[0, 0]
-                derivatives[3][:, offset : offset + size] = self._triangle((d_gram + d_gram.transpose(1, 2)).unsqueeze(1), 0)[:, 0]
-                offset += size
-
-    def _pairs_of_block(self, lam: int, sigma: int, widths: List[int]) -> List[Tuple[int, int, int, int]]:
-        """``(l1, l2, first, last)``: the columns of the ``(l1, l2)`` part of the
-        :meth:`nu2_features` block ``(lambda, sigma)``, in its order."""
-        out: List[Tuple[int, int, int, int]] = []
-        start = 0
-        l_top = min(len(widths) - 1, self.lambda_max)
-        for l1 in range(l_top + 1):
-            for l2 in range(l1, l_top + 1):
-                if lam not in self.coupling_lambdas[l1 * (self.lambda_max + 1) + l2] or parity_sign(l1 + l2 + lam) != sigma:
-                    continue
-                if l1 < l2:
-                    size = widths[l1] * widths[l2]
-                else:
-                    size = widths[l1] * (widths[l1] + 1) // 2 if lam % 2 == 0 else widths[l1] * (widths[l1] - 1) // 2
-                out.append((l1, l2, start, start + size))
-                start += size
-        return out
-
-    def _feature_tangent_sums(
-        self, a: List[torch.Tensor], tangents: List[torch.Tensor], lam: int, sigma: int, b: torch.Tensor, out: torch.Tensor
-    ) -> None:
-        """``out[k, d, e] = sum_i sum_mu (dF^{lambda sigma}_i[mu, d] / dc_i . t_ik) b_i[mu, e]``
-        for a whole block of :meth:`nu2_features` (``out`` ``[K, D, E]``), pair by pair."""
-        for l1, l2, first, last in self._pairs_of_block(lam, sigma, [x.shape[2] for x in a]):
-            out[:, first:last] = self._pair_tangent_sums(a, tangents, l1, l2, lam, b)
-
-    def _pair_tangent_sums(
-        self, a: List[torch.Tensor], tangents: List[torch.Tensor], l1: int, l2: int, lam: int, b: torch.Tensor
-    ) -> torch.Tensor:
-        """``sum_i sum_mu (dF_i[mu, d] / dc_i . t_ik) b_i[mu, e]`` ``[K, D, E]`` for the ``(l1, l2)``
-        part of the ``lambda`` block of :meth:`nu2_features` (same storage of ``d``).
-
-        :param a: coefficients ``[n, 2l + 1, Q_l]`` per ``l``; :param tangents:
-            ``[n, K, 2l + 1, Q_l]`` per ``l``; :param b: ``[n, 2 lambda + 1, E]`` per atom.
-
-        ``F[mu, (q r)] = sum C_{m1 m2 mu} a~[m1, q] a~[m2, r]``; its derivative has one term
-        per slot, e.g. the first ``sum_{i m1} da~_i[k, m1, q] U_i[m1, r, e]`` with ``U_i =
-        sum_{m2 mu} C a~_i[m2, r] b_i[mu, e]``: a GEMM over ``(i, m1)``.
-        """
-        n_k = tangents[0].shape[1]
-        cg = self._cg_block(l1, l2, lam)
-        s1 = math.sqrt(kernel_scale(l1))
-        s2 = math.sqrt(kernel_scale(l2))
-        # the storage factor sqrt 2 of l1 < l2 rides on the small factor C b
-        cb = torch.einsum("xyu,nue->nxye", cg, b * (math.sqrt(2.0) if l1 < l2 else 1.0))
-        x = torch.einsum("nkxq,nxre->kqre", tangents[l1] * s1, torch.einsum("nyr,nxye->nxre", a[l2] * s2, cb))
-        x.add_(torch.einsum("nkyr,nyqe->kqre", tangents[l2] * s2, torch.einsum("nxq,nxye->nyqe", a[l1] * s1, cb)))
-        if l1 < l2:
-            return x.view(n_k, x.shape[1] * x.shape[2], x.shape[3])
-        return self._triangle(x.permute(0, 3, 1, 2), lam % 2).transpose(1, 2)
-
-    def order3_reduction(self, widths: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Entries and weights of a shorter ``Phi^3`` with the same scalar products.
-
-        :param widths: ``Q_l`` per ``l`` of the coefficients.
-        :return: ``index`` ``[d']`` into ``Phi^3`` of :meth:`order_features` and ``weight``
-            ``[d']``: ``<Phi^3_i[index] w, Phi^3_j[index] w> = k^3(i, j)``.
-
-        ``k^3`` sums, over every ordering ``(l1, l2 | l3)`` of each set of three ``l``, the
-        same 3j-coupled invariant ``I[q, r, s]`` (``Phi^3`` keeps the orderings as separate
-        blocks, with the index orders permuted; ``C^{l1 l2 l3}`` is ``sqrt(2 l3 + 1)`` times
-        the 3j symbol): ``k^3 = sum_{l1 l2 l3 ordered} kappa_1 kappa_2 kappa_3 <I, I'>``.
-        One block per set (``l1 <= l2 <= l3``) weighted by the number of orderings carries
-        it all, and where ``l``'s are equal ``I`` is symmetric in their indices, so only
-        ``r <= s`` (``l2 = l3``) or ``q <= r <= s`` (all equal) are kept, weighted by their
-        multiplicity. About three times shorter (ethanol: 2.3e5 -> 7.8e4 entries).
-        """
-        index: List[torch.Tensor] = []
-        weight: List[torch.Tensor] = []
-        offsets: Dict[Tuple[int, int, int], int] = {}
-        offset = 0
-        for l3 in range(min(len(widths) - 1, self.lambda_max) + 1):
-            pairs = self._pairs_of_block(l3, 1, widths)
-            for l1, l2, first, _ in pairs:
-                offsets[(l1, l2, l3)] = offset + first * widths[l3]
-            offset += pairs[-1][3] * widths[l3]
-        for l1, l2, l3, columns, keep, w in self._order3_layout(tuple(widths)):
-            local = torch.arange((columns[1] - columns[0]) * widths[l3]) if keep is None else keep
-            index.append(offsets[(l1, l2, l3)] + local)
-            weight.append(w)
-        return torch.cat(index), torch.cat(weight)
-
-    @lru_cache(maxsize=16)
-    def _order3_layout(self, widths: Tuple[int, ...]):
-        """The blocks ``(l1 <= l2 <= l3)`` of the shortened ``Phi^3`` (:meth:`order3_reduction`),
-        in its order: ``(l1, l2, l3, (first, last)`` columns of the :meth:`nu2_features` block
-        ``(l3, +)``, kept entries of the ``[D, Q_l3]`` block (``None``: all), their weights).
-        Kept per ``widths``: the rows of every structure read it."""
-        blocks = []
-        for l3 in range(min(len(widths) - 1, self.lambda_max) + 1):
-            q3 = widths[l3]
-            for l1, l2, first, last in self._pairs_of_block(l3, 1, list(widths)):
-                if l2 > l3:
-                    continue
-                q1, q2 = widths[l1], widths[l2]
-                if l1 == l2:
-                    q, r = torch.triu_indices(q1, q1, 0)
-                else:
-                    q = torch.arange(q1).repeat_interleave(q2)
-                    r = torch.arange(q2).repeat(q1)
-                q, r, s = q.repeat_interleave(q3), r.repeat_interleave(q3), torch.arange(q3).repeat(q.shape[0])
-                one = torch.ones(q.shape, dtype=torch.float64)
-                if l1 < l2 == l3:
-                    keep = torch.nonzero(r <= s).flatten()
-                    w = (1.5 * torch.where(r < s, 2.0 * one, one)).sqrt()[keep]
-                elif l1 == l2 == l3:
-                    keep = torch.nonzero(r <= s).flatten()
-                    distinct = (q != r).to(torch.float64) + (r != s).to(torch.float64)
-                    permutations = torch.where(distinct == 2, 6.0 * one, torch.where(distinct == 1, 3.0 * one, one))
-                    w = (permutations / torch.where(q < r, 2.0 * one, one)).sqrt()[keep]
-                else:
-                    keep = None
-                    w = (3.0 * one).sqrt()
-                blocks.append((l1, l2, l3, (first, last), keep, w))
-        return tuple(blocks)
-
-    @torch.jit.export
-    def collapse(self, b: List[torch.Tensor], species_b: torch.Tensor, weights: torch.Tensor, n_species: int) -> List[torch.Tensor]:
-        """``sum_j weights[nu, j] k^nu(., b_j)`` for ``nu <= 3`` folded into per-species tensors (design.md s. 7).
-
-        Every order is a scalar product ``<Phi^nu_i, Phi^nu_j>`` (:meth:`order_features`), so
-        its weighted sum over ``j`` is one fixed vector ``W^nu = sum_j weights[nu, j] Phi^nu_j``
-        per central species. Order 4 would fold too, but its ``Phi^4`` is too large to keep
-        for a model of several species, so exported models of order 4 keep the sum.
-
-        :param b: environments (e.g. sparse), ``[n_b, 2l + 1, Q_l]`` per ``l``.
-        :param species_b: ``[n_b]`` central species index in ``0..n_species-1``.
-        :param weights: ``[nu_max + 1, n_b]``.
-        :return: per species ``s`` (leading dimension), ``[sum_j weights[0, j]]``, then
-            ``W^nu [d_nu]`` for ``nu = 1..nu_max`` (:meth:`collapsed_energy`).
-        """
-        if self.nu_max > 3:
-            raise ValueError("orders above 3 do not collapse onto per-atom quantities")
-        one_hot = torch.zeros((n_species, species_b.shape[0]), dtype=b[0].dtype, device=b[0].device)
-        one_hot[species_b, torch.arange(species_b.shape[0], device=b[0].device)] = 1.0
-        out: List[torch.Tensor] = [one_hot @ weights[0]]
-        for nu, phi in enumerate(self.order_features(b)):
-            out.append((one_hot * weights[nu + 1]) @ phi)
-        return out
 
     @torch.jit.export
     def collapsed_energy(self, a: List[torch.Tensor], species: torch.Tensor, collapsed: List[torch.Tensor]) -> torch.Tensor:
@@ -1083,8 +819,9 @@ def exponential_weights(nu_max: int, c0, a, b, like: torch.Tensor) -> torch.Tens
     ``[nu_max + 1]`` on the dtype and device of ``like``; ``c0, a, b`` floats or scalar
     tensors (differentiable)."""
     nu = torch.arange(nu_max + 1, dtype=like.dtype, device=like.device)
+    factorials = torch.tensor([float(math.factorial(n)) for n in range(nu_max + 1)], dtype=like.dtype, device=like.device)
     b = torch.as_tensor(b, dtype=like.dtype, device=like.device)
-    weights = a * b**nu / torch.exp(torch.lgamma(nu + 1))
+    weights = a * b**nu / factorials
     return torch.cat([torch.as_tensor(c0, dtype=like.dtype, device=like.device).reshape(1), weights[1:]])
 
 

@@ -1,0 +1,214 @@
+"""The fitted model and its checkpoint: a plain dict of tensors, numbers and strings.
+
+Nothing read from a checkpoint chooses code to run: the kernel is named by a key of
+:data:`~acdc_potential.kernels.KERNELS` (and a polynomial kernel's features by a key of
+:data:`~acdc_potential.kernels.FEATURES`); anything else is refused with a
+:class:`~acdc_potential.errors.CheckpointError` before any object is built. Files are read
+with ``torch.load(weights_only=True)``, which unpickles tensors and plain containers only.
+
+Format history (``version``; :func:`upgrade` brings older files to the current one):
+
+1. ``format: acdc-potential/sparse-krr/1`` (the first layout of the package): the kernel
+   named Python objects by ``module:name`` (the Wigner hyperparameter class, the
+   polynomial kernel's feature function). Those of the package are mapped to registry
+   names; any other name is refused.
+2. ``format: acdc-potential/sparse-krr``, ``version: 2``: registry names only.
+"""
+
+import dataclasses
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ..config import Regularisers
+from ..descriptors.density import DensityExpansion, Layout
+from ..descriptors.radial import DensityHypers
+from ..errors import CheckpointError
+from ..inference import predict
+from ..kernels import KERNELS
+from ..kernels.base import SparseKernel
+from ..model.export import export_model
+from ..model.heads import PolynomialHead, WignerHead
+from ..model.potential import AtomisticPotential
+from ..model.references import metatomic_references
+from ..model.uncertainty import SparseState
+from .baseline import Baseline
+from .solver import ProjectedProcess
+from .tuning import HyperparameterReport
+
+FORMAT = "acdc-potential/sparse-krr"
+VERSION = 2
+# version 1 named these objects by their qualified Python name; nothing else is accepted
+_VERSION_1_NAMES = {
+    "acdc_potential.wigner:WignerHypers": "wigner",
+    "acdc_potential.correlations:power_spectrum": "power_spectrum",
+}
+
+
+def upgrade(state: Dict) -> Dict:
+    """The checkpoint dict ``state`` in the current format (a new dict; ``state`` is not changed)."""
+    if state.get("format") == FORMAT and state.get("version") == VERSION:
+        return state
+    if state.get("format") != "acdc-potential/sparse-krr/1":
+        found = state.get("format"), state.get("version")
+        raise CheckpointError(f"not an acdc-potential checkpoint of a known version (format {found[0]!r}, version {found[1]!r})")
+    kernel = dict(state["kernel"])
+    hypers = dict(kernel["hypers"])
+    if kernel["kind"] == "wigner":
+        if _VERSION_1_NAMES.get(hypers.get("class")) != "wigner":
+            raise CheckpointError(f"the checkpoint names an unknown class {hypers.get('class')!r} for its Wigner hyperparameters")
+        hypers = {"wigner": dict(hypers["fields"]), "species_scale": hypers["species_scale"]}
+    elif kernel["kind"] == "polynomial":
+        features = _VERSION_1_NAMES.get(hypers.get("features"))
+        if features != "power_spectrum":
+            raise CheckpointError(f"the checkpoint names an unknown feature function {hypers.get('features')!r}")
+        hypers = {"zeta": hypers["zeta"], "features": features}
+    kernel["hypers"] = hypers
+    return {**state, "format": FORMAT, "version": VERSION, "kernel": kernel}
+
+
+def kernel_to_dict(kernel: SparseKernel) -> Dict:
+    """Plain-data state of a kernel with its sparse environments."""
+    return {
+        "kind": kernel.kind,
+        "hypers": kernel.hypers(),
+        "mixing": dict(kernel.mixing),
+        "layout": [list(s) for s in kernel.layout.shapes] if kernel.layout is not None else None,
+        "sparse_coefficients": kernel.sparse_coefficients,
+        "sparse_species": kernel.sparse_species,
+    }
+
+
+def kernel_from_dict(state: Dict) -> SparseKernel:
+    """Rebuild a kernel (with its sparse environments) from :func:`kernel_to_dict`; refuses
+    kinds outside :data:`~acdc_potential.kernels.KERNELS`."""
+    if state["kind"] not in KERNELS:
+        raise CheckpointError(f"the checkpoint names an unknown kernel {state['kind']!r} (known: {sorted(KERNELS)})")
+    kernel = KERNELS[state["kind"]].from_hypers(state["hypers"], state["mixing"])
+    if state["sparse_coefficients"] is not None:
+        kernel.set_sparse(state["sparse_coefficients"], state["sparse_species"], Layout(state["layout"]))
+    return kernel
+
+
+class SparseKRRModel:
+    """A fitted sparse KRR potential: density, kernel with sparse set, weights, baseline.
+
+    :param density_hypers: the density expansion's hyperparameters.
+    :param species: atomic numbers the model knows (density channels and central species).
+    :param kernel: the kernel, with its sparse environments and mixing coefficients.
+    :param solution: the projected-process solution (weights and variance factors).
+    :param baseline: per-species energies.
+    :param regularisers: the regularisers used.
+    :param report: the hyperparameter selection report, if any.
+    :param expansion: an already built ``DensityExpansion(density_hypers, species)``
+        (tabulating the radial integrals takes seconds).
+    :param warnings: what the fit warned about (:class:`~acdc_potential.errors.AccuracyWarning`:
+        fewer sparse environments than asked, radial integrals less accurate than asked).
+
+    :meth:`potential` is the deployable module; :meth:`predict` runs it (scripted, as the
+    exported file) on structures in memory.
+    """
+
+    def __init__(
+        self,
+        density_hypers: DensityHypers,
+        species: Sequence[int],
+        kernel: SparseKernel,
+        solution: ProjectedProcess,
+        baseline: Baseline,
+        regularisers: Regularisers,
+        report: Optional[HyperparameterReport] = None,
+        expansion: Optional[DensityExpansion] = None,
+        warnings: Optional[List[str]] = None,
+    ):
+        self.density_hypers = density_hypers
+        self.species = [int(z) for z in species]
+        self.expansion = expansion if expansion is not None else DensityExpansion(density_hypers, self.species)
+        self.kernel = kernel
+        self.solution = solution
+        self.baseline = baseline
+        self.regularisers = regularisers
+        self.report = report
+        self.warnings = list(warnings or [])
+        self._scripted: Optional[torch.jit.ScriptModule] = None
+
+    @property
+    def weights(self) -> torch.Tensor:
+        return self.solution.weights
+
+    def potential(self) -> AtomisticPotential:
+        """The deployable :class:`~acdc_potential.model.potential.AtomisticPotential`."""
+        state = SparseState(self.kernel, self.solution.weights, self.solution.projection, self.solution.triangular, self.species)
+        if self.kernel.kind == "wigner":
+            head = WignerHead(self.expansion, self.kernel, state, self.species)
+        elif self.kernel.kind == "polynomial":
+            head = PolynomialHead(self.expansion, self.kernel, state)
+        else:
+            raise ValueError(f"cannot export a '{self.kernel.kind}' kernel")
+        baseline = torch.tensor([self.baseline.energies.get(z, 0.0) for z in self.species], dtype=torch.float64)
+        return AtomisticPotential(head, baseline)
+
+    def references(self) -> Dict[str, List[str]]:
+        """The references of the methods this model uses (for the exported metadata)."""
+        return metatomic_references(self.kernel.kind, self.density_hypers.density, self.density_hypers.basis)
+
+    def export(self, path: str, dtype: torch.dtype = torch.float64, description: str = "") -> None:
+        """Write the deployable model as one metatomic TorchScript file (:func:`~acdc_potential.model.export.export_model`)."""
+        export_model(self.potential(), path, dtype=dtype, description=description, references=self.references())
+
+    def predict(self, structures: Sequence, forces: bool = True, stress: bool = True, uncertainty: bool = False, batch_size: int = 16):
+        """:func:`acdc_potential.inference.predict` with the scripted :meth:`potential` (the
+        exported module, in float64)."""
+        if self._scripted is None:
+            self._scripted = torch.jit.script(self.potential().eval())
+        return predict(self._scripted, self.species, structures, forces, stress, uncertainty, batch_size)
+
+    def to_dict(self) -> Dict:
+        """Plain-dict checkpoint (tensors, numbers, strings), loadable with ``weights_only=True``."""
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "density_hypers": dataclasses.asdict(self.density_hypers),
+            "species": list(self.species),
+            "kernel": kernel_to_dict(self.kernel),
+            "weights": self.solution.weights,
+            "projection": self.solution.projection,
+            "triangular": self.solution.triangular,
+            "baseline": {int(z): float(e) for z, e in self.baseline.energies.items()},
+            "regularisers": dataclasses.asdict(self.regularisers),
+            "report": None if self.report is None else self.report.to_dict(),
+            "warnings": list(self.warnings),
+        }
+
+    def save(self, path: str) -> None:
+        torch.save(self.to_dict(), path)
+
+    @classmethod
+    def from_dict(cls, state: Dict) -> "SparseKRRModel":
+        state = upgrade(state)
+        report = state["report"]
+        if report is not None:
+            report = HyperparameterReport(**{**report, "regularisers": Regularisers(**report["regularisers"])})
+        return cls(
+            DensityHypers(**state["density_hypers"]),
+            state["species"],
+            kernel_from_dict(state["kernel"]),
+            ProjectedProcess(state["weights"], state["projection"], state["triangular"]),
+            Baseline({int(z): e for z, e in state["baseline"].items()}),
+            Regularisers(**state["regularisers"]),
+            report,
+            warnings=state.get("warnings", []),
+        )
+
+    @classmethod
+    def load(cls, path: str, map_location=None) -> "SparseKRRModel":
+        """Read a checkpoint written by :meth:`save` (any known format version)."""
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as error:
+            raise CheckpointError(f"'{path}' is not a readable checkpoint ({type(error).__name__}: {str(error).splitlines()[0]})") from None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"'{path}' is not an acdc-potential checkpoint")
+        return cls.from_dict(state)

@@ -1,0 +1,241 @@
+"""The fit, as a list of named steps (as gap_fit reads).
+
+:func:`fit_kernel` fits one sparse-KRR potential for a given density and kernel:
+validate the structures; fit the baseline; density coefficients of every atom; choose the
+sparse environments; build the design matrix; tune the mixing and regularisers on
+held-out structures; solve the projected process. :func:`fit` does the same from a
+:class:`~acdc_potential.config.FitConfig`, after the grid of
+:func:`~acdc_potential.fit.tuning.select_on_grid` when the configuration asks for one.
+"""
+
+import contextlib
+import dataclasses
+import itertools
+import random
+import time
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ..config import FitConfig, FitOptions, KernelConfig, Regularisers, SparseConfig, atomic_number
+from ..data import Labelled, as_labelled, species_of, validate
+from ..descriptors.acdc import power_spectrum
+from ..descriptors.density import DensityExpansion
+from ..descriptors.jacobian import batch_density
+from ..descriptors.neighbors import batch_from_atoms
+from ..descriptors.radial import DensityHypers
+from ..errors import AccuracyWarning
+from ..kernels import PolynomialKernel, SparseKernel, WignerKernel
+from ..kernels.wigner.iteration import WignerHypers
+from .baseline import Baseline
+from .checkpoint import SparseKRRModel
+from .design import DesignMatrix, build_design_matrix, design_groups
+from .selection import select_sparse, selection_prefix
+from .solver import DEFAULT_JITTER, _fit_rows
+from .tuning import choose_grid_point, select_hyperparameters
+
+
+@contextlib.contextmanager
+def recording(messages: List[str]):
+    """Append the message of every :class:`~acdc_potential.errors.AccuracyWarning` raised inside
+    to ``messages`` (they are shown as usual, once the block is done)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", AccuracyWarning)
+        yield
+    for warning in caught:
+        if issubclass(warning.category, AccuracyWarning):
+            messages.append(str(warning.message))
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
+def training_coefficients(structures: Sequence[Labelled], expansion: DensityExpansion, batch_size: int = 64, device=None):
+    """Flat coefficients ``[N, D]``, atomic numbers ``[N]`` and layout of every atom of ``structures``."""
+    coefficients, numbers, layout = [], [], None
+    for start in range(0, len(structures), batch_size):
+        members = structures[start : start + batch_size]
+        batch = batch_from_atoms([s.atoms for s in members], expansion.cutoff, device=device, first_index=start)
+        c, layout = batch_density(expansion, batch)
+        coefficients.append(c)
+        numbers.append(batch.numbers)
+    return torch.cat(coefficients), torch.cat(numbers), layout
+
+
+def fit_kernel(
+    structures: Sequence,
+    density_hypers: DensityHypers,
+    kernel: SparseKernel,
+    n_sparse: Union[int, Dict[int, int]] = SparseConfig.n,
+    regularisers: Optional[Regularisers] = None,
+    selection: str = SparseConfig.selection,
+    energies: bool = FitOptions.energies,
+    forces: bool = FitOptions.forces,
+    stress: bool = FitOptions.stress,
+    isolated_energies: Optional[Dict[int, float]] = None,
+    species: Optional[Sequence[int]] = None,
+    tune: bool = FitOptions.tune,
+    tune_options: Optional[Dict] = None,
+    jitter: float = DEFAULT_JITTER,
+    budget: float = 3e7,
+    design_memory: float = FitOptions.design_memory * 1e9,
+    device=None,
+    verbose: bool = False,
+) -> SparseKRRModel:
+    """Fit a sparse KRR potential for one density and kernel on labelled structures
+    (ase.Atoms or :class:`Labelled`). Defaults are those of :class:`~acdc_potential.config.FitConfig`
+    (``regularisers``: :class:`~acdc_potential.config.Regularisers`).
+
+    Steps: validate; baseline; density coefficients of every atom; sparse environments per
+    species (``selection`` = ``"fps"`` | ``"cur"`` on the power spectrum); design matrix
+    (energies/forces/stress as enabled and present); optionally :func:`select_hyperparameters`
+    (``tune_options`` are its keyword arguments, and ``sparse_per_species``: tune with the
+    first that many sparse environments of each species), which updates the kernel's mixing and the
+    regularisers; projected-process solve. ``verbose`` reports each step, with timings
+    and a progress bar over the kernel rows.
+
+    ``design_memory`` (bytes) bounds the design matrix held at once: beyond it the tuning
+    sees the rows of a random sample of the structures that fits (:func:`design_groups`),
+    and the rows of the others are built group by group after it and folded into the
+    final solve one at a time (:func:`_fit_rows`), so the peak memory of a fit does not
+    grow with the data.
+    """
+    recorded: List[str] = []
+    with recording(recorded):
+        regularisers = regularisers if regularisers is not None else Regularisers()
+        start = time.perf_counter()
+
+        def log(message: str) -> None:
+            if verbose:
+                print(f"[{time.perf_counter() - start:7.1f} s] {message}", flush=True)
+
+        labelled = as_labelled(structures)
+        species = sorted(int(z) for z in species) if species is not None else species_of(labelled)
+        validate(labelled, species=species)
+        log(f"tabulating the radial integrals ({len(labelled)} structures, species {species})")
+        expansion = DensityExpansion(density_hypers, species)
+        baseline = Baseline.fit(labelled, species, isolated_energies)
+        log("density coefficients of every atom")
+        coefficients, numbers, layout = training_coefficients(labelled, expansion, device=device)
+        chosen = select_sparse(power_spectrum(layout.unflatten(coefficients)), numbers, n_sparse, selection)
+        kernel.set_sparse(coefficients[chosen], numbers[chosen], layout)
+        counts = {int(z): int((numbers[chosen] == z).sum()) for z in species}
+        log(f"{len(chosen)} sparse environments by {selection} ({counts} per atomic number); building the kernel rows")
+        groups = design_groups(labelled, energies, forces, stress, kernel.n_pieces, kernel.n_sparse, design_memory, (tune_options or {}).get("seed", 0))
+
+        def rows_of(group: List[int]) -> DesignMatrix:
+            return build_design_matrix([labelled[k] for k in group], expansion, kernel, baseline, energies, forces, stress, budget, progress=verbose)
+
+        design = rows_of(groups[0])
+        k_mm_pieces = kernel.sparse_block()
+        streamed = f" (of {len(groups[0])} of the {len(labelled)} structures; the others' rows follow in {len(groups) - 1} groups into the final solve)" if len(groups) > 1 else ""
+        log(f"design matrix: {design.pieces.shape[1]} rows x {design.pieces.shape[2]} sparse environments{streamed}")
+        report = None
+        if tune:
+            options = dict(tune_options or {})
+            per_species = options.pop("sparse_per_species", None)
+            if per_species is not None and per_species > 0:
+                options["sparse"] = selection_prefix(kernel.sparse_species, int(per_species))
+            report = select_hyperparameters(design, k_mm_pieces, kernel, regularisers, jitter=jitter, **options)
+            kernel.mixing = dict(report.mixing)
+            regularisers = report.regularisers
+            mixing = ", ".join(f"{k} = {v:.4g}" for k, v in report.mixing.items())
+            sigmas = ", ".join(f"{k} = {v:.3g}" for k, v in dataclasses.asdict(regularisers).items())
+            rescaled = f" (scaled by {report.regulariser_scale:.3g} for all {kernel.n_sparse} sparse environments)" if report.regulariser_scale != 1.0 else ""
+            log(f"tuned on held-out structures ({report.evaluations} solves): {mixing}; regularisers {sigmas}{rescaled}")
+        held = [design]
+        del design  # from here on only `held` refers to it, so the solve can free it
+
+        def designs():
+            yield held.pop()
+            for group in groups[1:]:
+                yield rows_of(group)
+
+        solution = _fit_rows(designs(), k_mm_pieces, kernel.piece_weights(), regularisers, jitter)
+        log("solved the projected-process regression")
+    return SparseKRRModel(density_hypers, species, kernel, solution, baseline, regularisers, report, expansion, recorded)
+
+
+def make_kernel(config: KernelConfig) -> SparseKernel:
+    """The sparse kernel described by ``config`` (without sparse environments yet)."""
+    if config.type == "wigner":
+        if not isinstance(config.nu_max, int):
+            raise ValueError(f"kernel.nu_max must be an integer here, got {config.nu_max!r} (fit_from_config resolves auto)")
+        return WignerKernel(WignerHypers(nu_max=config.nu_max, lambda_max=config.lambda_max), mixing=config.mixing or None)
+    if config.type == "polynomial":
+        return PolynomialKernel(zeta=config.zeta, mixing=config.mixing or None)
+    raise ValueError(f"unknown kernel type '{config.type}' (known: wigner, polynomial)")
+
+
+def fit(structures: Sequence, config: Optional[FitConfig] = None, verbose: bool = False) -> SparseKRRModel:
+    """Fit a :class:`~acdc_potential.fit.checkpoint.SparseKRRModel` on labelled structures as
+    ``config`` (default :class:`~acdc_potential.config.FitConfig`, what the command line uses)
+    says, after :func:`select_on_grid` when ``nu_max`` is ``auto`` or ``config.grid`` lists C or r0."""
+    config = config if config is not None else FitConfig()
+    grid = []
+    automatic = config.kernel.type == "wigner" and config.kernel.nu_max == "auto"
+    if automatic or (config.kernel.type == "wigner" and (config.grid.C or config.grid.r0)):
+        density, nu_max, grid = select_on_grid(structures, config, verbose)
+        config = dataclasses.replace(config, density=density, kernel=dataclasses.replace(config.kernel, nu_max=nu_max))
+    model = _fit(structures, config, config.sparse.n, config.options.tune, verbose)
+    if model.report is not None:
+        model.report.density_grid = grid
+    return model
+
+
+def _fit(structures, config: FitConfig, n_sparse, tune: bool, verbose: bool):
+    if isinstance(n_sparse, dict):
+        n_sparse = {atomic_number(element): int(n) for element, n in n_sparse.items()}
+    isolated = config.options.isolated_energies
+    if isolated is not None:
+        isolated = {atomic_number(element): float(e) for element, e in isolated.items()}
+    return fit_kernel(
+        structures,
+        config.density,
+        make_kernel(config.kernel),
+        n_sparse,
+        regularisers=config.regularisers,
+        selection=config.sparse.selection,
+        energies=config.options.energies,
+        forces=config.options.forces,
+        stress=config.options.stress,
+        isolated_energies=isolated,
+        tune=tune,
+        design_memory=config.options.design_memory * 1e9,
+        tune_options={
+            "validation": config.options.validation,
+            "seed": config.options.seed,
+            "sparse_per_species": config.options.tune_sparse,
+        },
+        verbose=verbose,
+    )
+
+
+def select_on_grid(structures, config: FitConfig, verbose: bool = False) -> Tuple[DensityHypers, int, List[Dict[str, float]]]:
+    """The density and ``nu_max`` of the grid point chosen as :class:`GridConfig` says, and
+    ``[{"nu_max", "C", "r0", "loss"}]`` for every point."""
+    if (config.grid.C or config.grid.r0) and config.density.density != "wigner":
+        raise ValueError("the C, r0 grid applies to the Wigner density (density: wigner)")
+    orders = config.grid.nu_max if config.kernel.nu_max == "auto" else [config.kernel.nu_max]
+    if not orders or any(not isinstance(nu, int) or nu < 1 for nu in orders):
+        raise ValueError(f"grid.nu_max must list positive integers, got {orders}")
+    structures = list(structures)
+    if len(structures) < 2:
+        # nothing to hold out: the cheapest candidate, as the tolerance rule would prefer
+        return config.density, min(orders), []
+    subset = random.Random(config.options.seed).sample(structures, min(config.grid.structures, len(structures)))
+    points = []
+    values = itertools.product(orders, config.grid.C or [config.density.C], config.grid.r0 or [config.density.r0])
+    for nu_max, C, r0 in values:
+        trial = dataclasses.replace(
+            config,
+            density=dataclasses.replace(config.density, C=float(C), r0=float(r0)),
+            kernel=dataclasses.replace(config.kernel, nu_max=int(nu_max)),
+        )
+        report = _fit(subset, trial, config.grid.sparse, True, False).report
+        points.append({"nu_max": int(nu_max), "C": float(C), "r0": float(r0), "loss": float(report.loss)})
+        if verbose:
+            print(f"grid: nu_max = {nu_max}, C = {C:g}, r0 = {r0:g} A: validation loss {report.loss:.4g}", flush=True)
+    best = choose_grid_point(points, config.grid.tolerance)
+    if verbose:
+        print(f"grid: chose nu_max = {best['nu_max']}, C = {best['C']:g}, r0 = {best['r0']:g} A", flush=True)
+    return dataclasses.replace(config.density, C=best["C"], r0=best["r0"]), best["nu_max"], points

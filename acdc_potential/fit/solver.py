@@ -1,0 +1,190 @@
+"""The projected-process solve (subset of regressors, as in GAP), by a tall-skinny QR.
+
+    min_w || Lambda^{-1/2} (y - K_NM w) ||^2 + w^T K_MM w
+
+(docs/equations.md, "Sparse kernel ridge regression"), never by inverting a matrix.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+
+from ..config import Regularisers
+from ..model.uncertainty import projected_variance
+from .design import DesignMatrix, mix_pieces
+
+# floor of the eigenvalues of K_MM relative to the largest (sparse_projection): ~500 machine epsilons
+DEFAULT_JITTER = 1e-13
+
+
+@dataclass
+class ProjectedProcess:
+    """Solution of the projected-process regression.
+
+    With ``K_MM = U diag(lambda) U^T`` (eigenvalues raised to at least ``jitter * lambda_max``:
+    ``K_MM`` plus a small ridge where it is numerically singular), ``P = U lambda^{-1/2}``
+    ``[M, r]`` (``r = M``) and ``w = P z``, the problem becomes ridge
+    regression on ``Phi = K_NM P`` with ``|z|^2`` as penalty, solved by QR of
+    ``[Lambda^{-1/2} Phi; I]`` = ``Q R``; no matrix is inverted.
+
+    :param weights: ``[M]`` ``w``.
+    :param projection: ``[M, r]`` ``P``.
+    :param triangular: ``[r, r]`` ``R``, with ``R^T R = Phi^T Lambda^{-1} Phi + I``.
+    """
+
+    weights: torch.Tensor
+    projection: torch.Tensor
+    triangular: torch.Tensor
+
+    def variance(self, k_xm: torch.Tensor, k_xx: torch.Tensor) -> torch.Tensor:
+        """Predictive variance ``k_xx - k_xM K_MM^+ k_Mx + k_xM Sigma k_Mx`` of the projected process.
+
+        :param k_xm: ``[n, M]`` kernel rows (atoms, or sums over a structure's atoms);
+        :param k_xx: ``[n]`` the matching ``k(x, x)``. Returns ``[n]`` (eV^2 when the
+            regularisers are in eV).
+        """
+        return projected_variance(k_xm, k_xx, self.projection, self.triangular)
+
+
+def solve_projected_process(
+    k_nm: Union[torch.Tensor, Callable[[int, int], torch.Tensor]],
+    targets: torch.Tensor,
+    inverse_sigma: torch.Tensor,
+    k_mm: torch.Tensor,
+    jitter: float = DEFAULT_JITTER,
+    block_rows: Optional[int] = None,
+) -> ProjectedProcess:
+    """Minimise ``|Lambda^{-1/2} (y - K_NM w)|^2 + w^T K_MM w`` (see :class:`ProjectedProcess`).
+
+    :param k_nm: ``[R, M]``, or a function ``(start, stop)`` giving its rows ``start:stop``
+        (so that the whole ``K_NM`` need not exist, :meth:`DesignMatrix.combine`).
+    :param targets: ``[R]``; :param inverse_sigma: ``[R]`` ``Lambda^{-1/2}``;
+    :param k_mm: ``[M, M]``.
+    :param block_rows: rows of the stacked system factorised at once (default ``4 (r + 1)``).
+
+    The R of the QR of ``[Lambda^{-1/2} K_NM P, Lambda^{-1/2} y; I, 0]`` holds ``R`` and, in
+    its last column, ``Q^T y``; it is accumulated block by block (the R of ``[R_previous;
+    block]``, a tall-skinny QR), so neither ``Q`` nor the stacked matrix is ever held whole.
+    """
+    projection = sparse_projection(k_mm, jitter)
+    return _solution(stacked_triangle(k_nm, targets, inverse_sigma, projection, prior=True, block_rows=block_rows), projection)
+
+
+def _solution(augmented: torch.Tensor, projection: torch.Tensor) -> ProjectedProcess:
+    """The weights from the ``[r + 1, r + 1]`` triangle of :func:`stacked_triangle` (with the prior rows)."""
+    rank = projection.shape[1]
+    r, rhs = augmented[:rank, :rank], augmented[:rank, rank]
+    z = torch.linalg.solve_triangular(r, rhs[:, None], upper=True)[:, 0]
+    return ProjectedProcess(projection @ z, projection, r)
+
+
+def sparse_projection(k_mm: torch.Tensor, jitter: float = DEFAULT_JITTER) -> torch.Tensor:
+    """``P = U lambda^{-1/2}`` ``[M, M]`` of ``K_MM = U diag(lambda) U^T`` ``[M, M]``, every
+    eigenvalue raised to at least ``jitter * lambda_max`` (see :class:`ProjectedProcess`).
+
+    The eigen-directions of small ``lambda`` are kept, not dropped: they are smooth in
+    the sparse environments but not in the forces, and dropping those below 1e-10 of the
+    largest (half of them for 1000 ethanol environments per species) cost 40% of the force
+    accuracy. The floor only keeps the problem well posed where ``K_MM`` is singular to
+    working precision (duplicate environments), like GAP's sparse jitter.
+    """
+    eigenvalues, vectors = torch.linalg.eigh(0.5 * (k_mm + k_mm.T))
+    floor = jitter * eigenvalues.max().clamp_min(1e-300)
+    return vectors / eigenvalues.clamp_min(floor).sqrt()
+
+
+def stacked_triangle(
+    k_nm: Union[torch.Tensor, Callable[[int, int], torch.Tensor]],
+    targets: torch.Tensor,
+    inverse_sigma: torch.Tensor,
+    projection: torch.Tensor,
+    prior: bool = True,
+    block_rows: Optional[int] = None,
+    chunk_rows: int = 2048,
+) -> torch.Tensor:
+    """``[r + 1, r + 1]`` R factor of ``[Lambda^{-1/2} K_NM P, Lambda^{-1/2} y; I, 0]`` (without
+    the ``[I, 0]`` rows unless ``prior``): its ``[:r, :r]`` is ``R`` and its ``[:r, r]`` is ``Q^T y``.
+
+    Accumulated block by block (the R of ``[R_previous; block]``, a tall-skinny QR), so neither
+    ``Q`` nor the stacked matrix is ever held whole; ``k_nm`` is asked for at most
+    ``chunk_rows`` rows at a time. Arguments as :func:`solve_projected_process`.
+    """
+    rank = projection.shape[1]
+    n_rows = targets.shape[0]
+    total = n_rows + (rank if prior else 0)
+    rows_of = k_nm if callable(k_nm) else (lambda start, stop: k_nm[start:stop])
+    step = block_rows or 4 * (rank + 1)
+    augmented = targets.new_zeros((0, rank + 1))
+    for start in range(0, total, step):
+        stop = min(start + step, total)
+        block = targets.new_zeros((stop - start, rank + 1))
+        data = min(stop, n_rows) - start  # rows of K_NM in this block (the rest: the identity)
+        for first in range(0, data, chunk_rows):
+            last = min(first + chunk_rows, data)
+            weight = inverse_sigma[start + first : start + last, None]
+            block[first:last, :rank] = rows_of(start + first, start + last) @ projection * weight
+            block[first:last, rank] = targets[start + first : start + last] * weight[:, 0]
+        identity = torch.arange(max(start, n_rows), max(stop, n_rows), device=block.device)
+        block[identity - start, identity - n_rows] = 1.0
+        augmented = torch.linalg.qr(torch.cat([augmented, block]), mode="r")[1]
+    # fewer rows than columns (tiny problems without the prior): complete with zero rows
+    return torch.cat([augmented, augmented.new_zeros((rank + 1 - augmented.shape[0], rank + 1))])
+
+
+def scaled_regularisation_predictions(
+    design: DesignMatrix,
+    k_mm_pieces: torch.Tensor,
+    piece_weights: torch.Tensor,
+    regularisers: Regularisers,
+    train: torch.Tensor,
+    held_out: torch.Tensor,
+    scales: torch.Tensor,
+    jitter: float = DEFAULT_JITTER,
+) -> torch.Tensor:
+    """Predictions ``[n_scales, n_held]`` on the rows ``held_out`` of the model fitted on the
+    rows ``train`` (indices) with every regulariser multiplied by each of ``scales``.
+
+    With ``A = Lambda^{-1/2} K_NM P = Q U diag(s_k) V^T`` (one QR of the training rows, one SVD
+    of its ``R``) and ``b = Lambda^{-1/2} y``, scaling every ``sigma`` by ``s`` gives
+    ``z(s) = V diag(s_k / (s_k^2 + s^2)) U^T Q^T b``: the whole path for the price of one fit.
+    """
+    projection = sparse_projection(mix_pieces(piece_weights, k_mm_pieces), jitter)
+    rank = projection.shape[1]
+
+    def rows_of(start: int, stop: int) -> torch.Tensor:
+        return design.combine(piece_weights, train[start:stop])
+
+    triangle = stacked_triangle(
+        rows_of, design.targets[train], design.inverse_sigma(regularisers)[train], projection, prior=False
+    )
+    u, singular, vh = torch.linalg.svd(triangle[:rank, :rank])
+    projected = singular * (u.T @ triangle[:rank, rank])
+    held = design.combine(piece_weights, held_out) @ projection @ vh.T  # [n_held, r]
+    return (projected / (singular**2 + scales[:, None] ** 2)) @ held.T
+
+
+def _fit_rows(
+    designs: Iterable[DesignMatrix],
+    k_mm_pieces: torch.Tensor,
+    piece_weights: torch.Tensor,
+    regularisers: Regularisers,
+    jitter: float,
+) -> ProjectedProcess:
+    """Projected-process solution on all rows of the designs, for one mixing and set of
+    regularisers. Each design is folded into the triangle of the tall-skinny QR as it comes
+    (the R of ``[R; R_design]``, starting from the prior rows ``[I, 0]``) and released, so
+    that a generator of designs never holds two at once."""
+    projection = sparse_projection(mix_pieces(piece_weights, k_mm_pieces), jitter)
+    rank = projection.shape[1]
+    augmented = torch.eye(rank + 1, dtype=projection.dtype, device=projection.device)
+    augmented[rank, rank] = 0.0
+    for rows in designs:
+
+        def k_nm(start: int, stop: int) -> torch.Tensor:
+            return rows.combine(piece_weights, slice(start, stop))
+
+        triangle = stacked_triangle(k_nm, rows.targets, rows.inverse_sigma(regularisers), projection, prior=False)
+        augmented = torch.linalg.qr(torch.cat([augmented, triangle]), mode="r")[1]
+        del rows, k_nm
+    return _solution(augmented, projection)

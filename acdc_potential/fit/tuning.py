@@ -1,0 +1,188 @@
+"""Hyperparameters on held-out structures: the kernel's mixing and the regularisers
+(Nelder-Mead over one design matrix, no kernel recomputed), and the small grid over
+``nu_max`` and the Wigner density's ``C, r0``."""
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import scipy.optimize
+import torch
+
+from ..config import FitOptions, Regularisers
+from ..kernels.base import SparseKernel
+from .design import DesignMatrix
+from .solver import DEFAULT_JITTER, _fit_rows, scaled_regularisation_predictions
+from .targets import ENERGY, KIND_NAMES
+
+
+def validation_errors(design: DesignMatrix, predictions: torch.Tensor) -> Dict[str, Dict[str, float]]:
+    """MAE and RMSE per kind (energies per atom) of ``predictions`` ``[R]`` against ``design.targets``."""
+    errors = {}
+    for kind in design.kinds_present():
+        mask = design.kind == kind
+        residual = predictions[mask] - design.targets[mask]
+        if kind == ENERGY:
+            residual = residual / design.n_atoms[mask]
+        errors[KIND_NAMES[kind]] = {"mae": float(residual.abs().mean()), "rmse": float(residual.pow(2).mean().sqrt())}
+    return errors
+
+
+@dataclass
+class HyperparameterReport:
+    """Chosen mixing coefficients and regularisers, with the validation loss and errors.
+
+    ``validation_errors`` maps each kind (``energy`` per atom, ``forces``, ``stress``) to
+    its ``mae`` and ``rmse`` on the held-out structures; ``tuned`` names the parameters
+    that were optimised, ``evaluations`` and ``seconds`` the cost of the search;
+    ``density_grid`` the validation loss of every point (``nu_max``, ``C``, ``r0``) of the
+    grid of ``acdc_potential.config.select_on_grid``, if one ran; ``regulariser_scale`` the
+    factor applied to every regulariser tuned on a prefix of the sparse set, chosen on the
+    same held-out structures with all of it (1 when tuned on all of it).
+    """
+
+    mixing: Dict[str, float]
+    regularisers: Regularisers
+    loss: float
+    validation_errors: Dict[str, Dict[str, float]]
+    evaluations: int
+    seconds: float
+    tuned: List[str] = field(default_factory=list)
+    density_grid: List[Dict[str, float]] = field(default_factory=list)
+    regulariser_scale: float = 1.0
+
+    def to_dict(self) -> Dict:
+        return {**dataclasses.asdict(self), "regularisers": dataclasses.asdict(self.regularisers)}
+
+
+def _splits(structures: torch.Tensor, folds: int, validation: float, seed: int) -> List[torch.Tensor]:
+    """Validation masks over structures ``[S]``: ``folds`` folds, or one random split."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(structures), generator=generator)
+    if folds >= 2:
+        return [torch.isin(structures, structures[order[f::folds]]) for f in range(folds)]
+    n_validation = max(1, int(round(validation * len(structures))))
+    return [torch.isin(structures, structures[order[:n_validation]])]
+
+
+def select_hyperparameters(
+    design: DesignMatrix,
+    k_mm_pieces: torch.Tensor,
+    kernel: SparseKernel,
+    regularisers: Regularisers,
+    tune: Optional[Sequence[str]] = None,
+    folds: int = 0,
+    validation: float = FitOptions.validation,
+    loss_weights: Optional[Dict[str, float]] = None,
+    max_evaluations: int = 60,
+    subsample: Optional[int] = None,
+    sparse: Optional[torch.Tensor] = None,
+    seed: int = FitOptions.seed,
+    jitter: float = DEFAULT_JITTER,
+) -> HyperparameterReport:
+    """Tune mixing coefficients and regularisers on held-out structures (Nelder-Mead in log space).
+
+    :param tune: names among ``kernel.mixing_names`` and ``energy, forces, stress``; default:
+        every mixing coefficient except ``a`` (redundant with the regularisers' scale) and
+        the regularisers of the kinds present.
+    :param folds: ``k >= 2`` for k-fold cross-validation over structures, else one split
+        with a ``validation`` fraction of the structures.
+    :param loss_weights: weight of each kind's RMSE (each divided by the spread of its
+        targets); default 1 for every kind present.
+    :param max_evaluations: budget of the Nelder-Mead search (each evaluation is one
+        projected-process solve per split, ``O(R M^2)``).
+    :param subsample: tune on the rows of this many randomly chosen structures only, which
+        makes each evaluation proportionally cheaper on large training sets.
+    :param sparse: tune with these sparse environments only (indices into ``M``); each
+        evaluation costs ``O(R M^2)``, so a subset makes tuning large models affordable
+        (:func:`selection_prefix`). The regularisers found are then multiplied by the factor
+        (among 121 from 10^-3 to 10^3) that minimises the same validation loss with all
+        ``M`` (:func:`scaled_regularisation_predictions`: one QR and one SVD per split).
+    """
+    start = time.perf_counter()
+    k_mm_all = k_mm_pieces
+    if sparse is not None:
+        k_mm_pieces = k_mm_pieces[:, sparse][:, :, sparse]
+    rows = torch.ones_like(design.targets, dtype=torch.bool)
+    if subsample is not None and subsample < len(torch.unique(design.structure)):
+        everything = torch.unique(design.structure)
+        chosen = everything[torch.randperm(len(everything), generator=torch.Generator().manual_seed(seed))[:subsample]]
+        rows = torch.isin(design.structure, chosen)
+    kinds = sorted(set(design.kind[rows].tolist()))
+    present = [KIND_NAMES[k] for k in kinds]
+    names = list(tune) if tune is not None else [n for n in kernel.mixing_names if n != "a"] + present
+    weights = {name: 1.0 for name in present} if loss_weights is None else loss_weights
+    structures = torch.unique(design.structure[rows])
+    if len(structures) < 2:
+        raise ValueError("hyperparameter selection needs at least two structures")
+    held_out = [torch.isin(design.structure, structures[v]) & rows for v in _splits(structures, folds, validation, seed)]
+    any_held_out = torch.stack(held_out).any(dim=0)
+    # the held-out labels (no sparse column: the errors need targets and kinds only)
+    labels = design.subset(any_held_out, torch.zeros(0, dtype=torch.long, device=design.targets.device))
+
+    def split(mask: torch.Tensor) -> Tuple[DesignMatrix, DesignMatrix]:
+        return design.subset(rows & ~mask, sparse), design.subset(mask, sparse)
+
+    # one split is copied once; k folds would hold k - 1 copies of the rows, so they are copied per solve
+    kept = [split(mask) for mask in held_out] if len(held_out) == 1 else None
+    spread = {}
+    for kind in kinds:
+        mask = rows & (design.kind == kind)
+        values = design.targets[mask] / (design.n_atoms[mask] if kind == ENERGY else 1)
+        spread[KIND_NAMES[kind]] = float(values.std()) if values.numel() > 1 else 1.0
+    initial = {**kernel.mixing, **dataclasses.asdict(regularisers)}
+
+    def unpack(theta) -> Tuple[Dict[str, float], Regularisers]:
+        values = {**initial, **{n: float(np.exp(t)) for n, t in zip(names, theta)}}
+        mixing = {n: values[n] for n in kernel.mixing_names}
+        return mixing, Regularisers(values["energy"], values["forces"], values["stress"])
+
+    def loss_of(predictions: torch.Tensor) -> Tuple[float, Dict[str, Dict[str, float]]]:
+        errors = validation_errors(labels, predictions[any_held_out])
+        return sum(weights.get(k, 0.0) * e["rmse"] / max(spread[k], 1e-300) for k, e in errors.items()), errors
+
+    def evaluate(theta):
+        mixing, regs = unpack(theta)
+        piece_weights = kernel.piece_weights(mixing)
+        predictions = torch.zeros_like(design.targets)
+        for k, mask in enumerate(held_out):
+            train, test = kept[k] if kept is not None else split(mask)
+            solution = _fit_rows([train], k_mm_pieces, piece_weights, regs, jitter)
+            predictions[mask] = test.combine(piece_weights) @ solution.weights
+        return loss_of(predictions)
+
+    theta0 = np.log([initial[n] for n in names])
+    # the simplex starts one factor of 3 away from the initial values in every direction
+    simplex = np.vstack([theta0, theta0 + np.log(3.0) * np.eye(len(names))])
+    options = {"maxfev": max_evaluations, "xatol": 1e-2, "fatol": 1e-4, "initial_simplex": simplex}
+    result = scipy.optimize.minimize(lambda t: evaluate(t)[0], theta0, method="Nelder-Mead", options=options)
+    loss, errors = evaluate(result.x)
+    mixing, regs = unpack(result.x)
+    scale = 1.0
+    if sparse is not None and sparse.numel() < design.pieces.shape[2]:
+        # the regularisers that suit a prefix of the sparse set are too small for all of it
+        # (more sparse environments, more freedom): rescale them all, on the same split
+        kept = None  # the copies of the prefix's rows are done with
+        scales = torch.logspace(-3.0, 3.0, 121, dtype=torch.float64, device=design.targets.device)
+        piece_weights = kernel.piece_weights(mixing)
+        predictions = torch.zeros((scales.numel(), design.targets.shape[0]), dtype=torch.float64, device=design.targets.device)
+        for mask in held_out:
+            train, test = torch.nonzero(rows & ~mask).flatten(), torch.nonzero(mask).flatten()
+            path = scaled_regularisation_predictions(design, k_mm_all, piece_weights, regs, train, test, scales, jitter)
+            predictions[:, test] = path
+        losses = [loss_of(p) for p in predictions]
+        best = min(range(len(losses)), key=lambda k: losses[k][0])
+        scale, (loss, errors) = float(scales[best]), losses[best]
+        regs = Regularisers(*(scale * value for value in dataclasses.astuple(regs)))
+    seconds = time.perf_counter() - start
+    return HyperparameterReport(mixing, regs, float(loss), errors, int(result.nfev), seconds, names, regulariser_scale=scale)
+
+
+def choose_grid_point(points: List[Dict[str, float]], tolerance: float) -> Dict[str, float]:
+    """Among ``points`` whose ``loss`` is within ``tolerance`` (relative) of the lowest, the
+    one with the smallest ``nu_max``, then the lowest loss."""
+    lowest = min(point["loss"] for point in points)
+    candidates = [point for point in points if point["loss"] <= lowest * (1.0 + tolerance)]
+    return min(candidates, key=lambda point: (point["nu_max"], point["loss"]))

@@ -1,0 +1,238 @@
+"""The sparse-kernel interface: kernel rows against a sparse set, and their derivatives.
+
+A *sparse kernel* holds the density coefficients of a set of sparse environments
+``M_m`` (chosen per central species by :func:`~acdc_potential.fit.selection.select_sparse`)
+and maps the density coefficients of atoms to kernel rows ``k(A_i, M_m)``, resolved into
+*pieces* (body orders for the Wigner kernel) that are mixed linearly:
+
+    k(i, m) = sum_p omega_p(mixing) k_p(i, m),     k_p = 0 unless a_i = a_m
+
+(docs/equations.md, "Exponential kernel"; WK eq. E4). Because every row of the design
+matrix is linear in the pieces, the fitter stores them separately and re-mixes them while
+tuning ``c0, a, b`` without recomputing any kernel.
+
+Coefficients travel in two forms: the list over ``l`` of ``[n, 2l + 1, Q_l]`` of
+:mod:`~acdc_potential.descriptors.density`, and a flat ``[n, D]`` described by a
+:class:`~acdc_potential.descriptors.density.Layout`.
+
+A kernel names itself in checkpoints by its registry name ``kind`` (:data:`acdc_potential.kernels.KERNELS`)
+and plain-data ``hypers()``; :meth:`SparseKernel.from_hypers` rebuilds it from them.
+"""
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from ..descriptors.density import Layout
+
+
+def sum_by_structure(x: torch.Tensor, owner: torch.Tensor, n_structures: int) -> torch.Tensor:
+    """Sum ``[n_pieces, n, ...]`` over the atoms of each structure -> ``[n_pieces, n_structures, ...]``."""
+    out = x.new_zeros((x.shape[0], n_structures) + tuple(x.shape[2:]))
+    return out.index_add(1, owner, x)
+
+
+class SparseKernel:
+    """Base class: sparse state, species blocks and gradients; subclasses define :meth:`pairs`.
+
+    Subclasses set ``mixing_names`` and implement :meth:`pairs` (all pairs of two sets of
+    environments, plain differentiable torch, so that ``torch.func`` can vmap it) and
+    :meth:`piece_weights`. ``max_pairs`` bounds the (atom, sparse environment) pairs whose
+    gradients are computed at once.
+    """
+
+    kind = ""
+    mixing_names: Tuple[str, ...] = ()
+
+    def __init__(self, n_pieces: int, mixing: Dict[str, float]):
+        self.n_pieces = n_pieces
+        unknown = set(mixing) - set(self.mixing_names)
+        if unknown:
+            raise ValueError(f"unknown mixing parameters {sorted(unknown)}; expected {self.mixing_names}")
+        self.mixing = {name: float(mixing[name]) for name in self.mixing_names}
+        self.layout: Optional[Layout] = None
+        self.sparse_coefficients: Optional[torch.Tensor] = None
+        self.sparse_species: Optional[torch.Tensor] = None
+        self.max_pairs = 4096
+
+    def pairs(
+        self, a: List[torch.Tensor], species_a: torch.Tensor, b: List[torch.Tensor], species_b: torch.Tensor
+    ) -> torch.Tensor:
+        """Kernel pieces between all pairs, ``[n_pieces, n_a, n_b]``; ``a, b`` coefficient lists."""
+        raise NotImplementedError
+
+    def piece_weights(self, mixing: Optional[Dict[str, float]] = None) -> torch.Tensor:
+        """``[n_pieces]`` weights ``omega_p`` of the pieces for ``mixing`` (default: the stored one)."""
+        raise NotImplementedError
+
+    def hypers(self) -> Dict:
+        """Constructor arguments other than ``mixing``, as plain data (for checkpoints)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_hypers(cls, hypers: Dict, mixing: Dict[str, float]) -> "SparseKernel":
+        """The kernel of :meth:`hypers` and ``mixing`` (without sparse environments)."""
+        raise NotImplementedError
+
+    def set_sparse(self, coefficients: torch.Tensor, species: torch.Tensor, layout: Layout) -> None:
+        """Store the sparse environments: flat coefficients ``[M, D]`` and atomic numbers ``[M]``."""
+        self.sparse_coefficients = coefficients.detach()
+        self.sparse_species = species.detach().to(torch.long)
+        self.layout = layout
+
+    @property
+    def n_sparse(self) -> int:
+        return 0 if self.sparse_coefficients is None else self.sparse_coefficients.shape[0]
+
+    def sparse_of(self, z: int) -> torch.Tensor:
+        """Indices of the sparse environments of central species ``z``; raises if there are none."""
+        if self.sparse_coefficients is None:
+            raise RuntimeError("the kernel has no sparse environments; call set_sparse first")
+        sparse = torch.nonzero(self.sparse_species == z).flatten()
+        if sparse.numel() == 0:
+            raise ValueError(f"no sparse environment has central species {z}: the model was not fitted on it")
+        return sparse
+
+    def check_species(self, species: torch.Tensor) -> None:
+        """Raise ``ValueError`` if some central species ``[n]`` has no sparse environment."""
+        for z in torch.unique(species).tolist():
+            self.sparse_of(z)
+
+    def _blocks(self, species: torch.Tensor):
+        """``(atom indices, sparse indices)`` for every central species of ``species``."""
+        for z in torch.unique(species).tolist():
+            yield torch.nonzero(species == z).flatten(), self.sparse_of(z)
+
+    def rows(self, coefficients: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
+        """Kernel pieces against the sparse set, ``[n_pieces, n, M]`` (differentiable).
+
+        :param coefficients: ``[n, D]`` flat density coefficients.
+        :param species: ``[n]`` atomic numbers of the central atoms.
+        """
+        out = coefficients.new_zeros((self.n_pieces, coefficients.shape[0], self.n_sparse))
+        for atoms, sparse in self._blocks(species):
+            block = self.pairs(
+                self.layout.unflatten(coefficients[atoms]),
+                species[atoms],
+                self.layout.unflatten(self.sparse_coefficients[sparse]),
+                self.sparse_species[sparse],
+            )
+            pieces = torch.arange(self.n_pieces, device=out.device)[:, None, None]
+            out = out.index_put((pieces, atoms[None, :, None], sparse[None, None, :]), block)
+        return out
+
+    def paired(
+        self, a: List[torch.Tensor], species_a: torch.Tensor, b: List[torch.Tensor], species_b: torch.Tensor
+    ) -> torch.Tensor:
+        """Kernel pieces of matched rows, ``k_p(a_r, b_r)``, ``[n_pieces, P]`` (``a, b`` with ``P`` rows).
+
+        The default vmaps :meth:`pairs` over the rows; kernels override it when a direct
+        evaluation on pair lists is cheaper.
+        """
+
+        def one(a_row: List[torch.Tensor], z_a: torch.Tensor, b_row: List[torch.Tensor], z_b: torch.Tensor) -> torch.Tensor:
+            return self.pairs([x[None] for x in a_row], z_a[None], [x[None] for x in b_row], z_b[None])[:, 0, 0]
+
+        return torch.func.vmap(one, out_dims=1)(a, species_a, b, species_b)
+
+    def paired_pieces(
+        self, a: List[torch.Tensor], species_a: torch.Tensor, b: List[torch.Tensor], species_b: torch.Tensor
+    ) -> List[torch.Tensor]:
+        """:meth:`paired` as one ``[P]`` tensor per piece; kernels whose pieces have separate
+        graphs override it, so that each piece's reverse pass traverses its own graph only."""
+        return list(self.paired(a, species_a, b, species_b).unbind(0))
+
+    def structure_derivatives(
+        self,
+        coefficients: torch.Tensor,
+        species: torch.Tensor,
+        tangents: torch.Tensor,
+        structure: torch.Tensor,
+        n_structures: int,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Kernel pieces summed over each structure's atoms, and their directional derivatives.
+
+        :param coefficients: ``[n, D]`` flat density coefficients of the atoms.
+        :param species: ``[n]`` central atomic numbers.
+        :param tangents: ``[n, K, D]`` derivatives of each atom's coefficients along ``K``
+            directions (positions and strain of its structure).
+        :param structure: ``[n]`` structure index of each atom, in ``0..n_structures-1``.
+        :return: ``sum_{i in S} k_p(i, m)`` ``[n_pieces, n_structures, M]`` and
+            ``sum_{i in S} d k_p(i, m) / d c_i . tangents[i, k]`` ``[n_pieces, n_structures, M, K]``.
+
+        The per-atom kernel depends on positions only through ``c_i``, so giving every
+        (atom, sparse environment) pair its own copy of ``c_i`` yields every
+        ``d k_p(i, m) / d c_i`` from one reverse pass per piece (:meth:`paired` on the pair
+        list), instead of one pass per sparse environment; sparse environments are processed
+        in chunks of at most ``max_pairs`` pairs.
+        """
+        coefficients = coefficients.detach()
+        n_k = tangents.shape[1]
+        values = coefficients.new_zeros((self.n_pieces, n_structures, self.n_sparse))
+        derivatives = coefficients.new_zeros((self.n_pieces, n_structures, self.n_sparse, n_k))
+        for atoms, sparse in self._blocks(species):
+            n = atoms.numel()
+            step = max(1, self.max_pairs // n)
+            for start in range(0, sparse.numel(), step):
+                columns = sparse[start : start + step]
+                m = columns.numel()
+                copies = coefficients[atoms].repeat_interleave(m, dim=0).requires_grad_()
+                with torch.enable_grad():
+                    pieces = self.paired_pieces(
+                        self.layout.unflatten(copies),
+                        species[atoms].repeat_interleave(m),
+                        self.layout.unflatten(self.sparse_coefficients[columns].repeat(n, 1)),
+                        self.sparse_species[columns].repeat(n),
+                    )
+                gradient = torch.stack([self._gradient(k, copies, p + 1 < self.n_pieces) for p, k in enumerate(pieces)])
+                directional = torch.einsum("pimd,ikd->pimk", gradient.view(self.n_pieces, n, m, -1), tangents[atoms])
+                owner = structure[atoms]
+                k = torch.stack([piece.detach() for piece in pieces])
+                values[:, :, columns] += sum_by_structure(k.view(self.n_pieces, n, m), owner, n_structures)
+                derivatives[:, :, columns] += sum_by_structure(directional, owner, n_structures)
+        return values, derivatives
+
+    @staticmethod
+    def _gradient(piece: torch.Tensor, copies: torch.Tensor, retain: bool) -> torch.Tensor:
+        """``d piece[r] / d copies[r]`` ``[P, D]`` (each row of ``piece`` depends on its own copy only)."""
+        if not piece.requires_grad:
+            return torch.zeros_like(copies)
+        (gradient,) = torch.autograd.grad(piece.sum(), copies, retain_graph=retain, allow_unused=True)
+        return torch.zeros_like(copies) if gradient is None else gradient
+
+    def clear_cache(self) -> None:
+        """Free what the kernel keeps between calls while rows are built (nothing here)."""
+
+    def sparse_block(self) -> torch.Tensor:
+        """``K_MM`` per piece, ``[n_pieces, M, M]``."""
+        return self.rows(self.sparse_coefficients, self.sparse_species)
+
+    def self_kernel(self, coefficients: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
+        """``k_p(i, i)`` for every atom, ``[n_pieces, n]``."""
+        a = self.layout.unflatten(coefficients)
+        return self.paired(a, species, a, species)
+
+    def within(self, coefficients: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
+        """``sum_{i, j} k_p(i, j)`` over all atom pairs of one structure, ``[n_pieces]``."""
+        total = coefficients.new_zeros(self.n_pieces)
+        for z in torch.unique(species).tolist():
+            a = self.layout.unflatten(coefficients[species == z])
+            z_a = species[species == z]
+            total = total + self.pairs(a, z_a, a, z_a).sum(dim=(1, 2))
+        return total
+
+    def to_dict(self) -> Dict:
+        return {
+            "kind": self.kind,
+            "hypers": self.hypers(),
+            "mixing": dict(self.mixing),
+            "layout": [list(s) for s in self.layout.shapes] if self.layout is not None else None,
+            "sparse_coefficients": self.sparse_coefficients,
+            "sparse_species": self.sparse_species,
+        }
+
+
+def _species_delta(species_a: torch.Tensor, species_b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return (species_a[:, None] == species_b[None, :]).to(like.dtype)
+
+

@@ -1,0 +1,70 @@
+"""Export of an :class:`~acdc_potential.model.potential.AtomisticPotential` as one metatomic TorchScript file.
+
+The file carries the model's metadata: the name ``acdc-potential`` (engines append
+"model"), its authors, and the references of the methods it uses
+(:func:`~acdc_potential.model.references.metatomic_references`; docs/references.md).
+"""
+
+import copy
+from typing import Dict, List, Optional
+
+import torch
+from metatomic.torch import AtomisticModel, ModelCapabilities, ModelMetadata, ModelOutput
+
+from .potential import AtomisticPotential
+from .references import IMPLEMENTATION_REFERENCES
+
+def model_metadata(description: str = "", references: Optional[Dict[str, List[str]]] = None) -> ModelMetadata:
+    """Name, authors and ``references`` (default: the implementation's only)."""
+    return ModelMetadata(
+        name="acdc-potential",
+        description=description,
+        authors=["the acdc-potential developers"],
+        references=references if references is not None else {"implementation": list(IMPLEMENTATION_REFERENCES), "architecture": [], "model": []},
+    )
+
+
+def export_model(
+    potential: AtomisticPotential,
+    path: str,
+    dtype: torch.dtype = torch.float64,
+    description: str = "",
+    references: Optional[Dict[str, List[str]]] = None,
+    extensions_directory: Optional[str] = None,
+) -> AtomisticModel:
+    """Wrap ``potential`` in metatomic's ``AtomisticModel`` and save it as one TorchScript file.
+
+    ``dtype`` float64 (default) or float32; ``references`` as
+    :func:`~acdc_potential.model.references.metatomic_references` gives them. Supported
+    devices are declared as cpu and cuda; the cuda path is untested (no GPU on the
+    development machines).
+    """
+    model = atomistic_model(potential, dtype, description, references)
+    model.save(path, collect_extensions=extensions_directory)
+    return model
+
+
+def atomistic_model(
+    potential: AtomisticPotential,
+    dtype: torch.dtype = torch.float64,
+    description: str = "",
+    references: Optional[Dict[str, List[str]]] = None,
+) -> AtomisticModel:
+    """``potential`` (a copy, in ``dtype``, caches cleared) in metatomic's ``AtomisticModel``."""
+    potential = copy.deepcopy(potential).to(dtype).eval()
+    clear_cache = getattr(potential.head, "clear_cache", None)
+    if clear_cache is not None:
+        clear_cache()
+    outputs = {
+        "energy": ModelOutput(unit="eV", sample_kind="atom"),
+        "energy_uncertainty": ModelOutput(unit="eV", sample_kind="atom"),
+    }
+    capabilities = ModelCapabilities(
+        outputs=outputs,
+        atomic_types=potential.species,
+        interaction_range=potential.cutoff,
+        length_unit="angstrom",
+        supported_devices=["cpu", "cuda"],
+        dtype="float64" if dtype == torch.float64 else "float32",
+    )
+    return AtomisticModel(potential, model_metadata(description, references), capabilities)

@@ -1,0 +1,186 @@
+"""Energy heads of fitted sparse-KRR models, in TorchScript (what ships in the ``.pt`` file).
+
+A head maps the neighbour pairs of a batch to per-atom energies and variances, in two steps
+so that energies and uncertainties share one environment computation:
+
+- ``environments(pairs: Pairs) -> List[Tensor]``: the per-atom representation (here the
+  density coefficients; a message-passing head may use neighbours' environments);
+- ``forward(environments, species) -> Tensor`` ``[n_atoms]``: atomic energies (eV);
+- ``variance(environments, species, group, n_groups, per_atom) -> Tensor``: the
+  predictive variance (eV^2) of each atomic energy (``[n_atoms]``) or of the sum over the
+  atoms of each group (``[n_groups]``; ``group[i]`` the group of atom ``i``).
+
+Everything about the sparse environments that does not depend on the atom is precomputed
+at construction (docs/equations.md, "Collapsed energies").
+"""
+
+from typing import Dict, List, Optional
+
+import torch
+
+from ..descriptors.acdc import power_spectrum, unit_rows
+from ..descriptors.density import DensityExpansion, Pairs, unflatten
+from ..kernels.polynomial import FEATURES, polynomial_pieces
+from ..kernels.wigner.features import OrderFeatures
+from ..kernels.wigner.iteration import WignerKernels
+from .uncertainty import SparseState
+
+
+class DensityHead(torch.nn.Module):
+    """A head whose atomic environments are the density coefficients of its own expansion."""
+
+    def __init__(self, density: DensityExpansion):
+        super().__init__()
+        self.density = density
+
+    def environments(self, pairs: Pairs) -> List[torch.Tensor]:
+        return self.density.from_pairs(pairs)
+
+
+class WignerHead(DensityHead):
+    """``e_i = sum_m w_m sum_nu omega_nu k^nu(A_i, M_m) / s_{a nu}``, the exponential Wigner kernel (WK eq. E4).
+
+    ``s_{a nu}`` is the per-species scale of each order (see
+    :class:`~acdc_potential.kernels.wigner.kernel.WignerKernel`). With the weights
+    ``omega_nu w_m / s_{a_m nu}`` precomputed, energies and forces go, for ``nu_max <= 3``,
+    through per-species tensors into which the sum over sparse environments folds exactly
+    (:meth:`OrderFeatures.collapse`, cost independent of their number), and above through
+    :meth:`WignerKernels.weighted_sum` (bounded memory, one pass); the variance, only when
+    asked, through the kernel rows without gradients.
+
+    :param density: the density expansion. :param kernel: the fitted
+        :class:`~acdc_potential.kernels.wigner.kernel.WignerKernel`. :param state: its
+        :class:`~acdc_potential.model.uncertainty.SparseState`. :param species: the model's
+        atomic numbers.
+    """
+
+    sparse_features: Dict[int, torch.Tensor]
+    collapsed_shapes: List[List[int]]
+
+    def __init__(self, density: DensityExpansion, kernel, state: SparseState, species: List[int]):
+        super().__init__(density)
+        self.state = state
+        self.kernels = WignerKernels(kernel.wigner_hypers)
+        self.register_buffer("inverse_scale", 1.0 / kernel.order_scales(species))
+        order_weights = self.state.piece_weights[:, None] * self.inverse_scale[self.state.sparse_species].T
+        self.register_buffer("pair_weights", order_weights * self.state.weights[None, :])
+        # nu <= 3: the weighted sums over sparse environments fold into per-species tensors
+        # (OrderFeatures.collapse), so an MD step costs the same for any number of them
+        self.collapsed = self.kernels.nu_max <= 3
+        self.collapsed_shapes = []
+        flat = torch.zeros((len(species), 0), dtype=torch.float64)
+        if self.collapsed:
+            sparse = unflatten(self.state.sparse, self.state.shapes)
+            parts = OrderFeatures(self.kernels).collapse(sparse, self.state.sparse_species, self.pair_weights, len(species))
+            self.collapsed_shapes = [list(part.shape[1:]) for part in parts]
+            flat = torch.cat([part.reshape(len(species), -1) for part in parts], dim=1)
+        self.register_buffer("collapsed_flat", flat)
+        # nu = 2 features of the sparse environments (WignerKernels.nu2_features), for the
+        # MD path of nu = 4 and for the variance: hundreds of MB for large models, so
+        # computed on the first call (in the caller's dtype and device), not stored
+        self.sparse_features = {}
+
+    def clear_cache(self):
+        self.sparse_features = {}
+
+    def _sparse_features(self, sparse: List[torch.Tensor]) -> Dict[int, torch.Tensor]:
+        """:meth:`WignerKernels.nu2_features` of the sparse environments, computed once."""
+        if not self.kernels.use_features(sparse[0].dtype) or self.kernels.nu_max < 2:
+            return {}
+        stale = True
+        for value in self.sparse_features.values():
+            stale = value.dtype != sparse[0].dtype or value.device != sparse[0].device
+            break
+        if stale:
+            with torch.no_grad():
+                self.sparse_features = self.kernels.nu2_features(sparse)
+        return self.sparse_features
+
+    def _collapsed_parts(self, dtype: torch.dtype) -> List[torch.Tensor]:
+        parts: List[torch.Tensor] = []
+        start = 0
+        flat = self.collapsed_flat.to(dtype)
+        for shape in self.collapsed_shapes:
+            size = 1
+            for n in shape:
+                size *= n
+            parts.append(flat[:, start : start + size].reshape([flat.shape[0]] + shape))
+            start += size
+        return parts
+
+    def forward(self, coefficients: List[torch.Tensor], species: torch.Tensor) -> torch.Tensor:
+        if self.collapsed:
+            return self.kernels.collapsed_energy(coefficients, species, self._collapsed_parts(coefficients[0].dtype))
+        sparse = unflatten(self.state.sparse.to(coefficients[0].dtype), self.state.shapes)
+        weights = self.pair_weights.to(coefficients[0].dtype)
+        features = self._sparse_features(sparse)
+        return self.kernels.weighted_sum(coefficients, species, sparse, self.state.sparse_species, weights, features)
+
+    def kernel(
+        self,
+        a: List[torch.Tensor],
+        species_a: torch.Tensor,
+        b: List[torch.Tensor],
+        species_b: torch.Tensor,
+        b_features: Optional[Dict[int, torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        """Mixed kernel ``[n_a, n_b]`` (all pieces, scaled and weighted)."""
+        inverse_scale = self.inverse_scale.to(a[0].dtype)[species_a].T
+        pieces = self.kernels(a, species_a, b, species_b, b_features) * inverse_scale[:, :, None]
+        return torch.einsum("p,pnm->nm", self.state.piece_weights.to(a[0].dtype), pieces)
+
+    def variance(
+        self, coefficients: List[torch.Tensor], species: torch.Tensor, group: torch.Tensor, n_groups: int, per_atom: bool
+    ) -> torch.Tensor:
+        with torch.no_grad():
+            a = [c.detach() for c in coefficients]
+            sparse = unflatten(self.state.sparse.to(a[0].dtype), self.state.shapes)
+            k_xm = self.kernel(a, species, sparse, self.state.sparse_species, self._sparse_features(sparse))
+            if per_atom:
+                inverse_scale = self.inverse_scale.to(a[0].dtype)[species].T
+                piece_weights = self.state.piece_weights.to(a[0].dtype)
+                k_xx = piece_weights[0] + piece_weights[1:] @ (self.kernels.invariant_matched(a, a) * inverse_scale[1:])
+                return self.state.variance(k_xm, k_xx)
+            return self.state.group_variance(k_xm, self.kernel(a, species, a, species), group, n_groups)
+
+
+class PolynomialHead(DensityHead):
+    """``e_i = sum_m w_m [c0 delta(a_i, a_m) + a delta(a_i, a_m) (x^_i . x^_m)^zeta]`` on unit
+    invariant features (:func:`~acdc_potential.kernels.polynomial.polynomial_pieces`).
+
+    :param density: the density expansion. :param kernel: the fitted
+        :class:`~acdc_potential.kernels.polynomial.PolynomialKernel`. :param state: its
+        :class:`~acdc_potential.model.uncertainty.SparseState`.
+    """
+
+    def __init__(self, density: DensityExpansion, kernel, state: SparseState):
+        super().__init__(density)
+        if kernel.feature_name != "power_spectrum":
+            raise ValueError("only polynomial kernels on the power spectrum can be exported")
+        self.state = state
+        self.zeta = int(kernel.zeta)
+        features = FEATURES[kernel.feature_name](unflatten(self.state.sparse, self.state.shapes))
+        self.register_buffer("sparse_features", unit_rows(features))
+
+    def unit_features(self, coefficients: List[torch.Tensor]) -> torch.Tensor:
+        return unit_rows(power_spectrum(coefficients))
+
+    def kernel(self, x: torch.Tensor, species_x: torch.Tensor, y: torch.Tensor, species_y: torch.Tensor) -> torch.Tensor:
+        """Mixed kernel ``[n_x, n_y]`` between unit feature rows."""
+        pieces = polynomial_pieces(x, species_x, y, species_y, self.zeta)
+        return torch.einsum("p,pnm->nm", self.state.piece_weights.to(x.dtype), pieces)
+
+    def forward(self, coefficients: List[torch.Tensor], species: torch.Tensor) -> torch.Tensor:
+        unit = self.unit_features(coefficients)
+        k_xm = self.kernel(unit, species, self.sparse_features.to(unit.dtype), self.state.sparse_species)
+        return k_xm @ self.state.weights.to(unit.dtype)
+
+    def variance(
+        self, coefficients: List[torch.Tensor], species: torch.Tensor, group: torch.Tensor, n_groups: int, per_atom: bool
+    ) -> torch.Tensor:
+        with torch.no_grad():
+            unit = self.unit_features([c.detach() for c in coefficients])
+            k_xm = self.kernel(unit, species, self.sparse_features.to(unit.dtype), self.state.sparse_species)
+            if per_atom:
+                return self.state.variance(k_xm, self.kernel(unit, species, unit, species).diagonal())
+            return self.state.group_variance(k_xm, self.kernel(unit, species, unit, species), group, n_groups)

@@ -1,0 +1,230 @@
+"""The package's structure: behaviour kept across the restructuring, the deployable model apart
+from fitting, safe checkpoints, one set of defaults."""
+
+import ast
+import inspect
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from acdc_potential.calculator import ACDCCalculator
+from acdc_potential.cli import main
+from acdc_potential.config import FitConfig, FitOptions, Regularisers, SparseConfig
+from acdc_potential.descriptors.radial import DensityHypers
+from acdc_potential.errors import CheckpointError
+from acdc_potential.fit import driver, tuning
+from acdc_potential.fit.checkpoint import SparseKRRModel
+from acdc_potential.model.export import export_model
+
+DATA = Path(__file__).parent / "data"
+REFERENCES = ["ethanol_wigner3", "copper_wigner4", "ethanol_polynomial"]
+# what only fitting needs; none of it may reach the exported file or the model package
+FIT_ONLY = [
+    "order_feature_sums",
+    "_pair_tangent_sums",
+    "_feature_tangent_sums",
+    "order3_reduction",
+    "order_features",
+    "structure_derivatives",
+    "select_hyperparameters",
+    "build_design_matrix",
+]
+
+
+def reference(stem):
+    return SparseKRRModel.load(str(DATA / f"{stem}.ckpt")), ase.io.read(str(DATA / f"{stem}.extxyz"), ":"), np.load(DATA / f"{stem}.npz")
+
+
+def close(got, expected, tolerance=1e-10):
+    """Equal to ``tolerance`` relative to the largest value of ``expected`` (NaN where it is NaN)."""
+    got, expected = np.asarray(got, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    assert got.shape == expected.shape
+    assert np.array_equal(np.isnan(got), np.isnan(expected))
+    if np.isnan(expected).all():
+        return
+    scale = max(float(np.nanmax(np.abs(expected))), 1.0)
+    assert float(np.nanmax(np.abs(got - expected))) <= tolerance * scale, float(np.nanmax(np.abs(got - expected)))
+
+
+@pytest.mark.parametrize("stem", REFERENCES)
+def test_old_checkpoints_predict_as_the_old_exported_files(stem):
+    """Checkpoints written by the first layout, loaded by this one, predict what the old
+    exported files predicted (energies, forces, stress, uncertainties) to 1e-10."""
+    model, frames, old = reference(stem)
+    result = model.predict(frames, uncertainty=True)
+    close(result["energy"], old["file_energy"])
+    close(result["forces"], old["file_forces"])
+    close(result["stress"], old["file_stress"])
+    close(result["energy_uncertainty"], old["file_energy_uncertainty"])
+    close(result["atom_uncertainty"], old["file_atom_uncertainty"])
+
+
+@pytest.mark.parametrize("stem", REFERENCES)
+def test_old_checkpoints_export_files_that_predict_as_before(stem, tmp_path):
+    model, frames, old = reference(stem)
+    path = str(tmp_path / "model.pt")
+    export_model(model.potential(), path)
+    calculator = ACDCCalculator(path, uncertainty_threshold=None)
+    for k, atoms in enumerate(frames):
+        atoms.calc = calculator
+        close(atoms.get_potential_energy(), old["file_energy"][k])
+        close(calculator.get_uncertainty(atoms), old["file_energy_uncertainty"][k])
+    close(np.concatenate([a.get_potential_energies() for a in frames]), old["file_energies"])
+    close(np.concatenate([a.get_forces() for a in frames]), old["file_forces"])
+
+
+def test_the_model_package_imports_without_fitting_code():
+    """A fresh interpreter that imports what ships in the .pt file loads no fitting module,
+    nor ase, scipy or tqdm. metatomic itself imports ase and tqdm, so what counts is what the
+    model package adds to what metatomic, metatensor and vesin load."""
+    code = textwrap.dedent(
+        """
+        import sys
+        import metatensor.torch, metatomic.torch, vesin
+        before = set(sys.modules)
+        import acdc_potential.model.export, acdc_potential.model.heads, acdc_potential.model.potential
+        import acdc_potential.model.uncertainty
+        added = set(sys.modules) - before
+        assert "acdc_potential.model.heads" in added
+        print(",".join(sorted(m for m in added if m.startswith("acdc_potential.fit") or m.split(".")[0] in ("ase", "scipy", "tqdm"))))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "", result.stdout
+
+
+def test_model_descriptor_and_kernel_sources_never_import_fit():
+    package = Path(__file__).parent.parent / "acdc_potential"
+    sources = [*(package / "model").glob("*.py"), *(package / "descriptors").glob("*.py"), *(package / "kernels").rglob("*.py")]
+    assert len(sources) > 10
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = "." * node.level + (node.module or "")
+                assert not module.lstrip(".").startswith("fit") and not module.startswith("acdc_potential.fit"), (path, module)
+            if isinstance(node, ast.Import):
+                assert not any(alias.name.startswith("acdc_potential.fit") for alias in node.names), path
+
+
+@pytest.mark.parametrize("stem", REFERENCES)
+def test_exported_code_holds_no_fit_only_function(stem, tmp_path):
+    model, _, _ = reference(stem)
+    path = tmp_path / "model.pt"
+    export_model(model.potential(), str(path))
+    with zipfile.ZipFile(path) as archive:
+        code = "\n".join(archive.read(name).decode() for name in archive.namelist() if name.endswith(".py"))
+    assert "WignerKernels" in code or "PolynomialHead" in code  # the archive's code was read
+    for name in FIT_ONLY:
+        assert f"def {name}(" not in code, name
+    assert "acdc_potential.fit" not in code
+
+
+def crafted_checkpoint(tmp_path, change):
+    state = torch.load(DATA / "ethanol_wigner3.ckpt", weights_only=True)
+    change(state)
+    path = tmp_path / "crafted.ckpt"
+    torch.save(state, path)
+    return str(path)
+
+
+def write_marker(path="marker"):
+    """Would leave a file behind if a checkpoint could make the loader call it."""
+    Path(path).write_text("called")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda s: s["kernel"]["hypers"].update({"class": "subprocess:run"}), "unknown class 'subprocess:run'"),
+        (lambda s: s["kernel"]["hypers"].update({"class": "test_layout:write_marker"}), "unknown class"),
+        (lambda s: s["kernel"].update({"kind": "test_layout:write_marker"}), "unknown kernel"),
+        (lambda s: s.update({"format": "acdc-potential/sparse-krr", "version": 99}), "known version"),
+    ],
+)
+def test_crafted_checkpoints_are_refused_and_run_nothing(tmp_path, monkeypatch, change, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=message):
+        SparseKRRModel.load(crafted_checkpoint(tmp_path, change))
+    assert not (tmp_path / "marker").exists()
+
+
+def test_crafted_version_two_checkpoint_naming_features_is_refused(tmp_path):
+    state = SparseKRRModel.load(str(DATA / "ethanol_polynomial.ckpt")).to_dict()
+    state["kernel"]["hypers"]["features"] = "os:system"
+    torch.save(state, tmp_path / "crafted.ckpt")
+    with pytest.raises(ValueError, match="unknown features 'os:system'"):
+        SparseKRRModel.load(str(tmp_path / "crafted.ckpt"))
+
+
+class Payload:
+    def __reduce__(self):
+        return (write_marker, (str(Path.cwd() / "marker"),))
+
+
+def test_pickled_objects_in_a_checkpoint_are_not_unpickled(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"format": "acdc-potential/sparse-krr", "version": 2, "payload": Payload()}, tmp_path / "evil.ckpt")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        SparseKRRModel.load(str(tmp_path / "evil.ckpt"))
+    assert not (tmp_path / "marker").exists()
+
+
+def test_checkpoints_round_trip_in_the_current_version(tmp_path):
+    model, frames, _ = reference("copper_wigner4")
+    model.save(str(tmp_path / "again.ckpt"))
+    state = torch.load(tmp_path / "again.ckpt", weights_only=True)
+    assert (state["format"], state["version"]) == ("acdc-potential/sparse-krr", 2)
+    again = SparseKRRModel.load(str(tmp_path / "again.ckpt"))
+    for key, value in model.predict(frames[:1], uncertainty=True).items():
+        torch.testing.assert_close(again.predict(frames[:1], uncertainty=True)[key], value, equal_nan=True, rtol=0, atol=0)
+
+
+def test_library_defaults_are_the_command_line_defaults(tmp_path, capsys):
+    config = FitConfig()
+    assert config.density == DensityHypers()
+    assert config.regularisers == Regularisers()
+    signature = inspect.signature(driver.fit_kernel).parameters
+    options, sparse = FitOptions(), SparseConfig()
+    for name in ("energies", "forces", "stress", "tune"):
+        assert signature[name].default == getattr(options, name), name
+    assert signature["design_memory"].default == options.design_memory * 1e9
+    assert signature["n_sparse"].default == sparse.n and signature["selection"].default == sparse.selection
+    tuning_signature = inspect.signature(tuning.select_hyperparameters).parameters
+    assert tuning_signature["validation"].default == options.validation and tuning_signature["seed"].default == options.seed
+    assert inspect.signature(driver.fit).parameters["config"].default is None  # None means FitConfig()
+    # what `acdc-potential config` prints is the same configuration
+    assert main(["config"]) == 0
+    assert FitConfig.from_dict(yaml.safe_load(capsys.readouterr().out)).to_dict() == config.to_dict()
+
+
+def test_exported_metadata_names_the_package_and_the_methods(tmp_path):
+    from metatomic.torch import load_atomistic_model
+
+    for stem, method in [("ethanol_wigner3", "Wigner kernels"), ("ethanol_polynomial", "On representing chemical environments")]:
+        model, _, _ = reference(stem)
+        path = str(tmp_path / f"{stem}.pt")
+        model.export(path)
+        metadata = load_atomistic_model(path).metadata()
+        assert metadata.name == "acdc-potential"
+        assert any(method in r for r in metadata.references["architecture"])
+        assert any("Gaussian Approximation Potentials" in r for r in metadata.references["architecture"])
+        assert any("acdc-potential" in r for r in metadata.references["implementation"])
+
+
+def test_float32_export_gives_energies_and_uncertainties(tmp_path):
+    model, frames, old = reference("ethanol_wigner3")
+    path = str(tmp_path / "model32.pt")
+    export_model(model.potential(), path, dtype=torch.float32)
+    calculator = ACDCCalculator(path)  # requests the uncertainty at every call (the warning)
+    atoms = frames[0]
+    atoms.calc = calculator
+    assert abs(atoms.get_potential_energy() - old["file_energy"][0]) < 1e-4 * abs(old["file_energy"][0])
+    assert np.isfinite(calculator.get_uncertainty(atoms))

@@ -1,0 +1,67 @@
+"""Accuracy that could degrade silently is warned about, and a fit records the warnings."""
+
+import ase.build
+import pytest
+import torch
+
+from acdc_potential.config import Regularisers
+from acdc_potential.descriptors.radial import DensityHypers, tabulate_radial_integrals
+from acdc_potential.errors import SparseSelectionWarning, SplineAccuracyWarning
+from acdc_potential.fit.checkpoint import SparseKRRModel
+from acdc_potential.fit.driver import fit_kernel
+from acdc_potential.fit.selection import select_sparse
+from acdc_potential.kernels.polynomial import PolynomialKernel
+
+HYPERS = DensityHypers(cutoff=3.0, max_angular=1, max_radial=2, density="gaussian", width=0.4)
+
+
+def test_spline_accuracy_not_reached_is_a_warning_with_the_numbers():
+    hypers = DensityHypers(cutoff=3.0, max_angular=0, max_radial=1, spline_accuracy=1e-13)
+    with pytest.warns(SplineAccuracyWarning, match=r"relative error of [0-9.e+-]+, not the requested spline_accuracy 1e-13, with the finest grid \(128 intervals"):
+        _, _, n_intervals, error = tabulate_radial_integrals(hypers, max_intervals=128)
+    assert n_intervals == 128 and error > 1e-13
+
+
+def test_spline_accuracy_reached_is_silent(recwarn):
+    _, _, _, error = tabulate_radial_integrals(DensityHypers(cutoff=3.0, max_angular=0, max_radial=1, spline_accuracy=1e-6))
+    assert error < 1e-6
+    assert not [w for w in recwarn if issubclass(w.category, SplineAccuracyWarning)]
+
+
+def test_fewer_candidates_than_asked_is_a_warning_naming_the_species():
+    features = torch.randn(7, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    species = torch.tensor([1, 1, 1, 1, 1, 8, 8])
+    with pytest.warns(SparseSelectionWarning, match="2 sparse environments of O instead of the 4 asked: the training set has only 2"):
+        chosen = select_sparse(features, species, 4)
+    assert len(chosen) == 4 + 2
+
+
+@pytest.mark.parametrize("method", ["fps", "cur"])
+def test_duplicate_environments_stop_the_selection_with_a_warning(method):
+    distinct = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    features = distinct.repeat(4, 1)
+    species = torch.full((12,), 6)
+    with pytest.warns(SparseSelectionWarning, match="3 sparse environments of C instead of the 8 asked: only 3 of its 12"):
+        chosen = select_sparse(features, species, 8, method)
+    assert len(torch.unique(features[chosen], dim=0)) == len(chosen) == 3
+
+
+def test_cur_of_rank_zero_warns_instead_of_returning_one_point_silently():
+    features = torch.zeros(6, 3, dtype=torch.float64)
+    with pytest.warns(SparseSelectionWarning, match="1 sparse environments of H instead of the 4 asked: only 1 of its 6"):
+        chosen = select_sparse(features, torch.ones(6, dtype=torch.long), 4, "cur")
+    assert len(chosen) == 1
+
+
+def test_a_fit_records_its_warnings_in_the_model_and_checkpoint(tmp_path):
+    structures = []
+    for seed in range(3):
+        atoms = ase.build.molecule("H2O")
+        atoms.rattle(0.05, seed=seed)
+        atoms.info["energy"] = -1.0 - 0.01 * seed
+        structures.append(atoms)
+    with pytest.warns(SparseSelectionWarning):
+        model = fit_kernel(structures, HYPERS, PolynomialKernel(zeta=2), n_sparse=5, regularisers=Regularisers(), tune=False, forces=False)
+    assert any("sparse environments of O instead of the 5 asked" in message for message in model.warnings)
+    model.save(str(tmp_path / "model.ckpt"))
+    assert SparseKRRModel.load(str(tmp_path / "model.ckpt")).warnings == model.warnings
