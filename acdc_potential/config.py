@@ -61,10 +61,11 @@ class KernelConfig:
         ``polynomial`` (``(x . x')^zeta`` on the normalised power spectrum, the GAP form).
     :param nu_max: largest correlation order of the Wigner kernel (body order ``nu_max + 1``),
         or ``auto`` (default): the candidates of ``grid.nu_max`` (3 and 4) are compared on
-        held-out structures (:func:`select_on_grid`) and the cheapest within
-        ``grid.tolerance`` of the best is kept. ``nu_max <= 3`` is what an exported model
-        evaluates at a cost independent of the number of sparse environments
-        (``WignerKernels.collapse``); 4 adds five-body correlations (much better for gold
+        held-out structures (:func:`~acdc_potential.fit.driver.select_on_grid`) and the
+        cheapest within ``grid.tolerance`` of the best is kept. ``nu_max <= 3`` is what an
+        exported model evaluates at a cost independent of the number of sparse environments
+        (:meth:`~acdc_potential.kernels.wigner.features.OrderFeatures.collapse`; docs/equations.md,
+        "Collapsed energies"); 4 adds five-body correlations (much better for gold
         clusters in our tests, no better for molecules or bulk copper) at a cost per MD
         step proportional to that number.
     :param lambda_max: angular truncation of the Wigner iterations.
@@ -111,7 +112,7 @@ class FitOptions:
         affordable; the final solve uses them all. More sparse environments leave the model
         more freedom than the subset had, so the regularisers found are then multiplied by the
         one factor that minimises the same validation loss with all of them (one QR and one
-        SVD, ``acdc_potential.regression.scaled_regularisation_predictions``).
+        SVD, :func:`~acdc_potential.fit.solver.scaled_regularisation_predictions`).
     :param isolated_energies: per-element energies of isolated atoms (eV) to use as the
         baseline instead of a least-squares fit on composition.
     :param seed: seed of the validation split (and of the tuning sample, below).
@@ -119,7 +120,7 @@ class FitOptions:
         rows x M`` float64 numbers). A training set whose rows need more is tuned on a random
         sample of its structures that fits, and the rows of the others are built group by
         group afterwards and folded into the final solve: the peak memory of a fit then
-        stays bounded as the data grow (``acdc_potential.regression.design_groups``).
+        stays bounded as the data grow (:func:`~acdc_potential.fit.design.design_groups`).
     """
 
     energies: bool = True

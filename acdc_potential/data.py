@@ -1,7 +1,8 @@
 """Labelled reference structures: reading extxyz files and validating their labels.
 
-Units and signs follow ASE (design.md section 3): energies in eV, forces in eV/A,
-stress in eV/A^3 with ``stress = (1 / V) dE / d epsilon`` and ``virial = -stress * V``.
+Units and signs follow ASE (docs/conventions.md, "Units" and "Stress sign and Voigt
+order"): energies in eV, forces in eV/A, stress in eV/A^3 with
+``stress = (1 / V) dE / d epsilon`` and ``virial = -stress * V``.
 A structure may lack forces or energy; the fit then simply has no rows for them.
 """
 

@@ -1,7 +1,8 @@
 """Errors of predictions against reference labels: tables and parity plots.
 
 Predictions come as a dict of numpy arrays, one entry per structure, from either a
-fitted model in memory (:meth:`SparseKRRModel.predict`) or an exported file
+fitted model in memory (:func:`predictions_of`, through
+:meth:`~acdc_potential.fit.checkpoint.SparseKRRModel.predict`) or an exported file
 (:func:`predict_with_file`), so that ``fit`` and ``eval`` report the same numbers.
 Units of the table: energy per atom in meV/atom, forces in meV/A, stress in meV/A^3.
 """

@@ -27,7 +27,8 @@ def predict(
     uncertainty: bool = False,
     batch_size: int = 16,
 ) -> Dict[str, torch.Tensor]:
-    """Energies and, on request, forces, stress and uncertainties of ``ase.Atoms`` or :class:`Labelled`.
+    """Energies and, on request, forces, stress and uncertainties of ``ase.Atoms`` or
+    :class:`~acdc_potential.data.Labelled`.
 
     :param module: an :class:`~acdc_potential.model.potential.AtomisticPotential` (scripted
         or not). :param species: the atomic numbers it knows (checked before it runs).

@@ -51,12 +51,6 @@ def test_errors(test, predictions):
     return errors(pairs_of(test, predictions))
 
 
-def export_fitted(model, path: str) -> None:
-    """Export a fitted model as one metatomic ``.pt`` file."""
-    from acdc_potential.model.export import export_model
-
-    export_model(model.potential(), str(path))
-
 
 def model_tag(args) -> str:
     """File name stem of the models of one set: quick fits never overwrite full ones."""
@@ -95,7 +89,7 @@ def worker_ours(args):
     peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     if args.export_dir:
         Path(args.export_dir).mkdir(parents=True, exist_ok=True)
-        export_fitted(model, Path(args.export_dir) / f"{model_tag(args)}.pt")
+        model.export(str(Path(args.export_dir) / f"{model_tag(args)}.pt"))
     predictions = predictions_of(model, test)
     chosen = {"kernel": model.kernel.kind, "nu_max": getattr(model.kernel, "nu_max", None)}
     return {"fit_time": fit_time, "peak_memory": peak_memory, "reused": False, "errors": test_errors(test, predictions), **chosen}

@@ -48,11 +48,10 @@ def fit_and_export(dataset: str, data: Path, n_structures: int, path: Path) -> N
     from acdc_potential.config import FitConfig
     from acdc_potential.fit.driver import fit
     from acdc_potential.data import read_structures
-    from fit import export_fitted
     from gap import subsample
 
     train = subsample(read_structures(str(data / f"{dataset}_train.extxyz")), n_structures)
-    export_fitted(fit(train, FitConfig()), path)
+    fit(train, FitConfig()).export(str(path))
 
 
 def our_model(dataset: str, args) -> str:

@@ -2,12 +2,12 @@
 
 Equivariant features are dictionaries of blocks ``{(lambda, sigma): tensor}``; each
 tensor has shape ``[n_atoms, 2 lambda + 1, n_features]`` with ``mu`` stored at
-``mu + lambda`` (sphericart's order, as in :mod:`acdc_potential.density`). ``sigma = +1``
+``mu + lambda`` (sphericart's order, as in :mod:`acdc_potential.descriptors.density`). ``sigma = +1``
 marks true tensors, ``sigma = -1`` pseudo-tensors: under inversion a block picks up
 ``sigma (-1)^lambda``.
 
 - :func:`density_blocks`: the ``nu = 1`` features, the density coefficients themselves.
-- :func:`cg_product`: one CG iteration of two feature sets (MP-ACDC seed, eq. 5).
+- :func:`cg_product`: one CG iteration of two feature sets (MP-ACDC eq. 5).
 - :func:`acdc_features`: ``nu``-fold correlations by repeated coupling with the density.
 - :func:`power_spectrum`: the ``nu = 2`` invariants (SOAP, eq. 6-7) by a direct sum over ``m``.
 - :class:`BlockPCA`: data-driven contraction of each block (eq. 24).
@@ -94,7 +94,7 @@ def couple_to_invariant(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``lambda = 0`` coupling of two blocks of the same ``l``, without a CG tensor.
 
     ``a``: ``[n, 2l + 1, p]``, ``b``: ``[n, 2l + 1, q]``; returns ``[n, 1, p * q]``, equal to
-    :func:`acdc_potential.cg.couple` with the real CG ``C^{l l 0}_{m m' 0} = delta_{m m'}
+    :func:`acdc_potential.descriptors.cg.couple` with the real CG ``C^{l l 0}_{m m' 0} = delta_{m m'}
     (-1)^l / sqrt(2l + 1)``.
     """
     l = (a.shape[1] - 1) // 2
@@ -107,7 +107,7 @@ def couple_with(a: torch.Tensor, b: torch.Tensor, cg: torch.Tensor) -> torch.Ten
     """Couple ``a`` ``[n, 2 l1 + 1, p]`` and ``b`` ``[n, 2 l2 + 1, q]`` with ``cg`` ``[2 l1 + 1, 2 l2 + 1, 2L + 1]``.
 
     ``out[s, M, i * q + j] = sum_{m1 m2} C^{l1 l2 L}_{m1 m2 M} a[s, m1, i] b[s, m2, j]`` (eq. 5),
-    shape ``[n, 2L + 1, p * q]``, as :func:`acdc_potential.cg.couple` but without building
+    shape ``[n, 2L + 1, p * q]``, as :func:`acdc_potential.descriptors.cg.couple` but without building
     the ``[n, m1, m2, p, q]`` intermediate of a three-operand einsum.
     """
     n, p, q, size = a.shape[0], a.shape[2], b.shape[2], cg.shape[2]
@@ -164,7 +164,7 @@ class CGProduct(torch.nn.Module):
 
 
 def cg_product(a_blocks: Blocks, b_blocks: Blocks, lambda_max: int, invariants_only: bool = False) -> Blocks:
-    """One CG iteration (MP-ACDC seed, eq. 5) of two equivariant feature sets.
+    """One CG iteration (MP-ACDC eq. 5) of two equivariant feature sets.
 
     Couples every block ``(l1, s1)`` of ``a_blocks`` with every ``(l2, s2)`` of
     ``b_blocks`` (same atoms, same first dimension) to each ``lambda`` in

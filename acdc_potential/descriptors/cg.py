@@ -8,7 +8,7 @@ Wikipedia convention) are ``Y^real_l = U_l Y^complex_l`` with the unitary ``U_l`
     C^real[a, b, c] = sum_{i j k} U_l1[a, i] U_l2[b, j] conj(U_L[c, k]) C[i, j, k].
 
 For even ``l1 + l2 + L`` this is real; for odd ``l1 + l2 + L`` it is purely imaginary
-(MP-ACDC seed, eq. 5 and the discussion after it) and we keep its imaginary part, so
+(MP-ACDC eq. 5 and the discussion after it) and we keep its imaginary part, so
 that coupling two real equivariants always gives a real equivariant. The odd
 couplings are the pseudo-tensor (sigma = -1) channels.
 
@@ -64,7 +64,7 @@ def real_clebsch_gordan(l1: int, l2: int, L: int) -> np.ndarray:
 
 
 def coupling_parity(l1: int, s1: int, l2: int, s2: int, L: int) -> int:
-    """Parity ``sigma = s1 s2 (-1)^(l1 + l2 + L)`` of a coupled block (seed eq. 5)."""
+    """Parity ``sigma = s1 s2 (-1)^(l1 + l2 + L)`` of a coupled block (MP-ACDC eq. 5)."""
     return s1 * s2 * (-1) ** (l1 + l2 + L)
 
 

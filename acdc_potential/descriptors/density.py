@@ -7,8 +7,9 @@ model's ``species`` list) and radial index ``n``; ``m`` is stored at ``m + l``.
 
     c_i[a n l m] = sum_{j in A_i, a_j = a} f_cut(r_ji) I_nl(r_ji) Y_lm(r_ji / r_ji)
 
-(WK seed eq. 4 and design.md section 2), where ``I_nl`` is the tabulated radial
-integral of :mod:`acdc_potential.radial` and ``f_cut`` the shifted cosine switch.
+(WK eq. 4; docs/equations.md, "Neighbour density" and "Density coefficients"), where
+``I_nl`` is the tabulated radial integral of :mod:`acdc_potential.descriptors.radial` and
+``f_cut`` the shifted cosine switch.
 The central atom does not contribute to its own density.
 """
 
@@ -47,11 +48,11 @@ def shifted_cosine(r: torch.Tensor, cutoff: float, width: float) -> torch.Tensor
 class DensityExpansion(torch.nn.Module):
     """Expansion of the neighbour density on ``R_nl(r) Y_lm(r^)``.
 
-    :param hypers: the density and basis (:class:`~acdc_potential.radial.DensityHypers`).
+    :param hypers: the density and basis (:class:`~acdc_potential.descriptors.radial.DensityHypers`).
     :param species: atomic numbers of the neighbour-species channels, in order.
 
     ``forward`` is TorchScript-compatible; :meth:`compute` is the convenience entry
-    point for an :class:`~acdc_potential.neighbors.AtomsBatch`.
+    point for an :class:`~acdc_potential.descriptors.neighbors.AtomsBatch`.
     """
 
     def __init__(self, hypers: DensityHypers, species: List[int]):

@@ -1,8 +1,8 @@
-"""Message-passing ACDC features ``[nu <- nu1]`` (MP-ACDC seed, eq. 12, 21-23).
+"""Message-passing ACDC features ``[nu <- nu1]`` (MP-ACDC eq. 12, 21-23; docs/equations.md, "MP-ACDC features").
 
 Every atom ``i`` is a centre. For each ordered pair ``(i, j)`` of the neighbour list the
 pair term ``|r_ji; l2 m2>`` is the expansion of a Gaussian at ``r_ji`` on the ``R_nl Y_lm``
-basis of a :class:`~acdc_potential.density.DensityExpansion`, with the species of ``j`` as
+basis of a :class:`~acdc_potential.descriptors.density.DensityExpansion`, with the species of ``j`` as
 channel: the density of the single neighbour ``j`` (:func:`pair_terms`).
 
 1. message (eq. 21, 23): ``|rho_i^{[0 <- nu1]}> = sum_j |rho_j^{nu1}> (x) |r_ji>``, coupled to
@@ -10,7 +10,7 @@ channel: the density of the single neighbour ``j`` (:func:`pair_terms`).
 2. interaction (eq. 22): ``|rho_i^{[nu <- nu1]}> = |rho_i^{nu}> (x) |rho_i^{[0 <- nu1]}>``.
 
 Features are blocks ``{(lambda, sigma): [n_atoms, 2 lambda + 1, n_features]}`` as in
-:mod:`acdc_potential.correlations`. The neighbour sum is done without materialising the
+:mod:`acdc_potential.descriptors.acdc`. The neighbour sum is done without materialising the
 per-pair tensor product: the pair term factorises into ``Y_lm(r^_ji)`` and a radial and species
 part, so the CG contraction is done per pair on the node features and ``Y`` only, and the sum
 over neighbours of the outer product with the radial part is one batched matrix product.

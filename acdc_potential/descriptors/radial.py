@@ -1,7 +1,7 @@
 """Radial bases, neighbour densities and their tabulated radial integrals.
 
-The density of neighbours of species ``a`` around a centre ``i`` is (Wigner-kernel seed,
-eq. 4, E1, E2)
+The density of neighbours of species ``a`` around a centre ``i`` is (WK eq. 4, E1, E2;
+docs/equations.md, "Neighbour density" and "Radial basis and radial integral")
 
     rho_i^a(x) = sum_{j in A_i, a_j = a} f_cut(r_ji) f(r_ji) g_{sigma(r_ji)}(x - r_ji)
 
@@ -12,7 +12,7 @@ exp(-x^2 / 2 sigma^2)``. Two densities are available:
 - ``wigner``: ``sigma(r) = C exp(r / r0)`` and ``f(r) = exp(-r / r0)`` (WK eq. E1, E2).
 
 ``f_cut`` is the shifted cosine over the last ``smoothing`` Angstrom before the cutoff
-(applied in :mod:`acdc_potential.density`, not here). Expanding ``rho`` on
+(applied in :mod:`acdc_potential.descriptors.density`, not here). Expanding ``rho`` on
 ``R_nl(r) Y_lm(x / |x|)`` gives ``c_i[a n l m] = sum_j f_cut(r_ji) I_nl(r_ji)
 Y_lm(r_ji / r_ji)``, with the radial integral (plane-wave expansion of the Gaussian)
 
@@ -151,8 +151,9 @@ class GtoBasis:
 class DensityHypers:
     """Hyperparameters of the density expansion (all lengths in Angstrom).
 
-    The defaults are the Wigner-kernel seed's choices (a Laplacian-eigenstate basis, the
-    width growing with distance), those of ``acdc-potential fit``.
+    The defaults are the choices of the Wigner-kernel paper (WK: a Laplacian-eigenstate
+    basis, the width growing with distance as in eq. E1, E2; docs/equations.md, "Neighbour
+    density"), those of ``acdc-potential fit``.
 
     :param cutoff: radius of the atomic environments.
     :param smoothing: width of the shifted-cosine switch before ``cutoff``.

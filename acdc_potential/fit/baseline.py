@@ -4,7 +4,6 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
 
 import numpy as np
-import torch
 
 from ..data import Labelled
 
@@ -40,11 +39,3 @@ class Baseline:
 
     def structure_energy(self, numbers: np.ndarray) -> float:
         return float(sum(self.energies[int(z)] for z in numbers))
-
-    def atom_energies(self, numbers: torch.Tensor) -> torch.Tensor:
-        """``[n]`` baseline energy of each atom from its atomic number ``[n]``."""
-        table = torch.zeros(max(self.energies) + 1, dtype=torch.float64, device=numbers.device)
-        table[torch.tensor(list(self.energies), device=numbers.device)] = torch.tensor(
-            list(self.energies.values()), dtype=torch.float64, device=numbers.device
-        )
-        return table[numbers]

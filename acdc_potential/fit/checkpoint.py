@@ -67,20 +67,8 @@ def upgrade(state: Dict) -> Dict:
     return {**state, "format": FORMAT, "version": VERSION, "kernel": kernel}
 
 
-def kernel_to_dict(kernel: SparseKernel) -> Dict:
-    """Plain-data state of a kernel with its sparse environments."""
-    return {
-        "kind": kernel.kind,
-        "hypers": kernel.hypers(),
-        "mixing": dict(kernel.mixing),
-        "layout": [list(s) for s in kernel.layout.shapes] if kernel.layout is not None else None,
-        "sparse_coefficients": kernel.sparse_coefficients,
-        "sparse_species": kernel.sparse_species,
-    }
-
-
 def kernel_from_dict(state: Dict) -> SparseKernel:
-    """Rebuild a kernel (with its sparse environments) from :func:`kernel_to_dict`; refuses
+    """Rebuild a kernel (with its sparse environments) from :meth:`SparseKernel.to_dict`; refuses
     kinds outside :data:`~acdc_potential.kernels.KERNELS`."""
     if state["kind"] not in KERNELS:
         raise CheckpointError(f"the checkpoint names an unknown kernel {state['kind']!r} (known: {sorted(KERNELS)})")
@@ -170,7 +158,7 @@ class SparseKRRModel:
             "version": VERSION,
             "density_hypers": dataclasses.asdict(self.density_hypers),
             "species": list(self.species),
-            "kernel": kernel_to_dict(self.kernel),
+            "kernel": self.kernel.to_dict(),
             "weights": self.solution.weights,
             "projection": self.solution.projection,
             "triangular": self.solution.triangular,

@@ -18,9 +18,8 @@ from tqdm import tqdm
 from ..config import Regularisers
 from ..data import Labelled
 from ..descriptors.density import DensityExpansion
-from ..descriptors.jacobian import batch_density, structure_jacobian
 from ..descriptors.neighbors import batch_from_atoms
-from ..kernels.base import SparseKernel, sum_by_structure
+from ..kernels.base import SparseKernel
 from .baseline import Baseline
 from .targets import ENERGY, FORCES, STRESS, _row_count, _rows_of, _voigt
 
@@ -173,17 +172,10 @@ def build_design_matrix(
             bar.update(len(group))
             if centres.numel() == 0:
                 continue
-            c, _ = batch_density(expansion, batch, centres)
-            owner = batch.structure[centres]
-            if any(wanted[k][1] or wanted[k][2] for k in group):
-                jacobian = structure_jacobian(expansion, batch, centres=centres)
-                n_max = (jacobian.shape[1] - 9) // 3
-                if not any(wanted[k][2] for k in group):
-                    # no stress rows: the strain directions would only cost time
-                    jacobian = jacobian[:, : 3 * n_max]
-                values, derivatives = kernel.structure_derivatives(c, batch.numbers[centres], jacobian, owner, len(group))
-            else:
-                values = sum_by_structure(kernel.rows(c, batch.numbers[centres]), owner, len(group))
+            forces_or_stress = any(wanted[k][1] or wanted[k][2] for k in group)
+            strain = any(wanted[k][2] for k in group)
+            values, derivatives = kernel.structure_rows(expansion, batch, centres, forces_or_stress, strain)
+            n_max = int(batch.atoms_per_structure().max())
             values = values[:, :, columns]
             for t, k in enumerate(group):
                 s, (use_e, use_f, use_s) = structures[k], wanted[k]

@@ -5,7 +5,7 @@ validate the structures; fit the baseline; density coefficients of every atom; c
 sparse environments; build the design matrix; tune the mixing and regularisers on
 held-out structures; solve the projected process. :func:`fit` does the same from a
 :class:`~acdc_potential.config.FitConfig`, after the grid of
-:func:`~acdc_potential.fit.tuning.select_on_grid` when the configuration asks for one.
+:func:`select_on_grid` when the configuration asks for one.
 """
 
 import contextlib
@@ -159,7 +159,7 @@ def make_kernel(config: KernelConfig) -> SparseKernel:
     """The sparse kernel described by ``config`` (without sparse environments yet)."""
     if config.type == "wigner":
         if not isinstance(config.nu_max, int):
-            raise ValueError(f"kernel.nu_max must be an integer here, got {config.nu_max!r} (fit_from_config resolves auto)")
+            raise ValueError(f"kernel.nu_max must be an integer here, got {config.nu_max!r} (fit resolves auto)")
         return WignerKernel(WignerHypers(nu_max=config.nu_max, lambda_max=config.lambda_max), mixing=config.mixing or None)
     if config.type == "polynomial":
         return PolynomialKernel(zeta=config.zeta, mixing=config.mixing or None)
@@ -211,8 +211,9 @@ def _fit(structures, config: FitConfig, n_sparse, tune: bool, verbose: bool):
 
 
 def select_on_grid(structures, config: FitConfig, verbose: bool = False) -> Tuple[DensityHypers, int, List[Dict[str, float]]]:
-    """The density and ``nu_max`` of the grid point chosen as :class:`GridConfig` says, and
-    ``[{"nu_max", "C", "r0", "loss"}]`` for every point."""
+    """The density and ``nu_max`` of the grid point chosen as
+    :class:`~acdc_potential.config.GridConfig` says, and ``[{"nu_max", "C", "r0", "loss"}]``
+    for every point."""
     if (config.grid.C or config.grid.r0) and config.density.density != "wigner":
         raise ValueError("the C, r0 grid applies to the Wigner density (density: wigner)")
     orders = config.grid.nu_max if config.kernel.nu_max == "auto" else [config.kernel.nu_max]

@@ -38,9 +38,10 @@ class HyperparameterReport:
     its ``mae`` and ``rmse`` on the held-out structures; ``tuned`` names the parameters
     that were optimised, ``evaluations`` and ``seconds`` the cost of the search;
     ``density_grid`` the validation loss of every point (``nu_max``, ``C``, ``r0``) of the
-    grid of ``acdc_potential.config.select_on_grid``, if one ran; ``regulariser_scale`` the
-    factor applied to every regulariser tuned on a prefix of the sparse set, chosen on the
-    same held-out structures with all of it (1 when tuned on all of it).
+    grid of :func:`~acdc_potential.fit.driver.select_on_grid`, if one ran;
+    ``regulariser_scale`` the factor applied to every regulariser tuned on a prefix of the
+    sparse set, chosen on the same held-out structures with all of it (1 when tuned on all
+    of it).
     """
 
     mixing: Dict[str, float]
@@ -97,9 +98,10 @@ def select_hyperparameters(
         makes each evaluation proportionally cheaper on large training sets.
     :param sparse: tune with these sparse environments only (indices into ``M``); each
         evaluation costs ``O(R M^2)``, so a subset makes tuning large models affordable
-        (:func:`selection_prefix`). The regularisers found are then multiplied by the factor
-        (among 121 from 10^-3 to 10^3) that minimises the same validation loss with all
-        ``M`` (:func:`scaled_regularisation_predictions`: one QR and one SVD per split).
+        (:func:`~acdc_potential.fit.selection.selection_prefix`). The regularisers found are
+        then multiplied by the factor (among 121 from 10^-3 to 10^3) that minimises the same
+        validation loss with all ``M`` (:func:`~acdc_potential.fit.solver.scaled_regularisation_predictions`:
+        one QR and one SVD per split).
     """
     start = time.perf_counter()
     k_mm_all = k_mm_pieces

@@ -23,7 +23,9 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..descriptors.density import Layout
+from ..descriptors.density import DensityExpansion, Layout
+from ..descriptors.jacobian import batch_density, structure_jacobian
+from ..descriptors.neighbors import AtomsBatch
 
 
 def sum_by_structure(x: torch.Tensor, owner: torch.Tensor, n_structures: int) -> torch.Tensor:
@@ -142,6 +144,34 @@ class SparseKernel:
         graphs override it, so that each piece's reverse pass traverses its own graph only."""
         return list(self.paired(a, species_a, b, species_b).unbind(0))
 
+    def structure_rows(
+        self, expansion: DensityExpansion, batch: AtomsBatch, centres: torch.Tensor, gradients: bool, strain: bool
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Kernel pieces summed over the atoms ``centres`` of each structure of ``batch``, and
+        (``gradients``) their derivatives along the structure's positions and (``strain``) strain.
+
+        :param expansion: the density expansion of the model's environments.
+        :param batch: structures with their neighbour pairs. :param centres: ``[n]`` atom indices.
+        :return: ``[n_pieces, S, M]`` and ``[n_pieces, S, M, K]`` (``None`` without ``gradients``)
+            with ``K = 3 n_max`` position directions (``n_max`` the largest structure of the
+            batch; column ``3 j + alpha`` for atom ``j`` of the structure), then the 9 strain
+            components ``3 alpha + beta`` when ``strain``.
+
+        Here an atom's kernel depends on its own density coefficients only: their Jacobian,
+        from the batch's pairs (:func:`~acdc_potential.descriptors.jacobian.structure_jacobian`),
+        meets :meth:`structure_derivatives`. A kernel whose atoms see their neighbours'
+        environments (message passing) overrides this method and works from the pairs.
+        """
+        c, _ = batch_density(expansion, batch, centres)
+        owner = batch.structure[centres]
+        if not gradients:
+            return sum_by_structure(self.rows(c, batch.numbers[centres]), owner, batch.n_structures), None
+        jacobian = structure_jacobian(expansion, batch, centres=centres)
+        if not strain:
+            # no stress rows: the strain directions would only cost time
+            jacobian = jacobian[:, : jacobian.shape[1] - 9]
+        return self.structure_derivatives(c, batch.numbers[centres], jacobian, owner, batch.n_structures)
+
     def structure_derivatives(
         self,
         coefficients: torch.Tensor,
@@ -207,20 +237,6 @@ class SparseKernel:
         """``K_MM`` per piece, ``[n_pieces, M, M]``."""
         return self.rows(self.sparse_coefficients, self.sparse_species)
 
-    def self_kernel(self, coefficients: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
-        """``k_p(i, i)`` for every atom, ``[n_pieces, n]``."""
-        a = self.layout.unflatten(coefficients)
-        return self.paired(a, species, a, species)
-
-    def within(self, coefficients: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
-        """``sum_{i, j} k_p(i, j)`` over all atom pairs of one structure, ``[n_pieces]``."""
-        total = coefficients.new_zeros(self.n_pieces)
-        for z in torch.unique(species).tolist():
-            a = self.layout.unflatten(coefficients[species == z])
-            z_a = species[species == z]
-            total = total + self.pairs(a, z_a, a, z_a).sum(dim=(1, 2))
-        return total
-
     def to_dict(self) -> Dict:
         return {
             "kind": self.kind,
@@ -230,9 +246,3 @@ class SparseKernel:
             "sparse_coefficients": self.sparse_coefficients,
             "sparse_species": self.sparse_species,
         }
-
-
-def _species_delta(species_a: torch.Tensor, species_b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return (species_a[:, None] == species_b[None, :]).to(like.dtype)
-
-

@@ -39,7 +39,7 @@ class OrderFeatures:
         """Per-atom invariants whose scalar products are the kernels: ``k^{nu, 0+}(i, j) =
         <Phi^nu_i, Phi^nu_j>`` for ``nu = 1..nu_max <= 4`` (no central-species delta).
 
-        With ``F`` the features of :meth:`nu2_features` and ``kappa_l = 8 pi^2 / (2l + 1)``:
+        With ``F`` the features of :meth:`WignerKernels.nu2_features` and ``kappa_l = 8 pi^2 / (2l + 1)``:
         ``Phi^1 = kappa_0^(1/2) a^0``, ``Phi^2 = F^{0+}``, ``Phi^3 = (kappa_l / (2l + 1))^(1/2)
         F^{l+ T} a^l`` over ``l`` (``k^3 = <k^2, k^1>``: ``F^T a`` contracts ``mu``) and
         ``Phi^4 = (2 lambda + 1)^(-1/2) F^{lambda sigma T} F^{lambda sigma}`` over the blocks
@@ -79,7 +79,8 @@ class OrderFeatures:
         return out
 
     def collapse(self, b: List[torch.Tensor], species_b: torch.Tensor, weights: torch.Tensor, n_species: int) -> List[torch.Tensor]:
-        """``sum_j weights[nu, j] k^nu(., b_j)`` for ``nu <= 3`` folded into per-species tensors (design.md s. 7).
+        """``sum_j weights[nu, j] k^nu(., b_j)`` for ``nu <= 3`` folded into per-species tensors
+        (docs/equations.md, "Collapsed energies").
 
         Every order is a scalar product ``<Phi^nu_i, Phi^nu_j>`` (:meth:`order_features`), so
         its weighted sum over ``j`` is one fixed vector ``W^nu = sum_j weights[nu, j] Phi^nu_j``
@@ -90,7 +91,7 @@ class OrderFeatures:
         :param species_b: ``[n_b]`` central species index in ``0..n_species-1``.
         :param weights: ``[nu_max + 1, n_b]``.
         :return: per species ``s`` (leading dimension), ``[sum_j weights[0, j]]``, then
-            ``W^nu [d_nu]`` for ``nu = 1..nu_max`` (:meth:`collapsed_energy`).
+            ``W^nu [d_nu]`` for ``nu = 1..nu_max`` (:meth:`WignerKernels.collapsed_energy`).
         """
         if self.nu_max > 3:
             raise ValueError("orders above 3 do not collapse onto per-atom quantities")
@@ -135,7 +136,7 @@ class OrderFeatures:
     @lru_cache(maxsize=16)
     def _order3_layout(self, widths: Tuple[int, ...]):
         """The blocks ``(l1 <= l2 <= l3)`` of the shortened ``Phi^3`` (:meth:`order3_reduction`),
-        in its order: ``(l1, l2, l3, (first, last)`` columns of the :meth:`nu2_features` block
+        in its order: ``(l1, l2, l3, (first, last)`` columns of the :meth:`WignerKernels.nu2_features` block
         ``(l3, +)``, kept entries of the ``[D, Q_l3]`` block (``None``: all), their weights).
         Kept per ``widths``: the rows of every structure read it."""
         blocks = []
@@ -168,7 +169,7 @@ class OrderFeatures:
 
     def _pairs_of_block(self, lam: int, sigma: int, widths: List[int]) -> List[Tuple[int, int, int, int]]:
         """``(l1, l2, first, last)``: the columns of the ``(l1, l2)`` part of the
-        :meth:`nu2_features` block ``(lambda, sigma)``, in its order."""
+        :meth:`WignerKernels.nu2_features` block ``(lambda, sigma)``, in its order."""
         out: List[Tuple[int, int, int, int]] = []
         start = 0
         l_top = min(len(widths) - 1, self.lambda_max)

@@ -86,7 +86,8 @@ class OrderFeatureGradients(OrderFeatures):
         self, a: List[torch.Tensor], tangents: List[torch.Tensor], lam: int, sigma: int, b: torch.Tensor, out: torch.Tensor
     ) -> None:
         """``out[k, d, e] = sum_i sum_mu (dF^{lambda sigma}_i[mu, d] / dc_i . t_ik) b_i[mu, e]``
-        for a whole block of :meth:`nu2_features` (``out`` ``[K, D, E]``), pair by pair."""
+        for a whole block of :meth:`~acdc_potential.kernels.wigner.iteration.WignerKernels.nu2_features`
+        (``out`` ``[K, D, E]``), pair by pair."""
         for l1, l2, first, last in self._pairs_of_block(lam, sigma, [x.shape[2] for x in a]):
             out[:, first:last] = self._pair_tangent_sums(a, tangents, l1, l2, lam, b)
 
@@ -94,7 +95,8 @@ class OrderFeatureGradients(OrderFeatures):
         self, a: List[torch.Tensor], tangents: List[torch.Tensor], l1: int, l2: int, lam: int, b: torch.Tensor
     ) -> torch.Tensor:
         """``sum_i sum_mu (dF_i[mu, d] / dc_i . t_ik) b_i[mu, e]`` ``[K, D, E]`` for the ``(l1, l2)``
-        part of the ``lambda`` block of :meth:`nu2_features` (same storage of ``d``).
+        part of the ``lambda`` block of :meth:`~acdc_potential.kernels.wigner.iteration.WignerKernels.nu2_features`
+        (same storage of ``d``).
 
         :param a: coefficients ``[n, 2l + 1, Q_l]`` per ``l``; :param tangents:
             ``[n, K, 2l + 1, Q_l]`` per ``l``; :param b: ``[n, 2 lambda + 1, E]`` per atom.

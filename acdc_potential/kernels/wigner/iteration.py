@@ -1,8 +1,10 @@
 """Wigner kernels: body-ordered equivariant kernels by iteration in kernel space.
 
-Notation (Wigner-kernel seed, WK). ``a`` and ``b`` are density coefficients of two sets
-of environments in the layout of :mod:`acdc_potential.density`: a list over ``l`` of
-``[n_env, 2l + 1, Q_l]`` tensors, ``m`` stored at ``m + l``. A *pair* is one environment
+Notation (WK, the Wigner-kernel paper, cited by equation number as docs/README.md explains;
+the formulas are in docs/equations.md, "nu = 1 Wigner kernel" to "Exponential kernel"). ``a``
+and ``b`` are density coefficients of two sets of environments in the layout of
+:mod:`acdc_potential.descriptors.density`: a list over ``l`` of ``[n_env, 2l + 1, Q_l]``
+tensors, ``m`` stored at ``m + l``. A *pair* is one environment
 of ``a`` with one of ``b``. An equivariant kernel between pairs is a set of blocks
 ``k^{nu, lambda sigma}_{mu mu'}``, one ``[..., 2 lambda + 1, 2 lambda + 1]`` matrix per
 pair, ``mu`` indexing the side of ``a`` and ``mu'`` that of ``b``.
@@ -15,7 +17,7 @@ pair, ``mu`` indexing the side of ``a`` and ``mu'`` that of ``b``.
   ``k^{lambda sigma}_{mu mu'} = sum C^{l1 l2 lambda}_{m1 m2 mu} C^{l1 l2 lambda}_{m1' m2' mu'}
   x^{l1 s1}_{m1 m1'} y^{l2 s2}_{m2 m2'}`` over ``sigma = s1 s2 (-1)^(l1 + l2 + lambda)``,
   every block truncated at ``lambda <= lambda_max`` (``nu = 1`` blocks included), with
-  the real CG of :mod:`acdc_potential.cg`. ``k^{nu+1} = iterate(k^nu, k^1)``.
+  the real CG of :mod:`acdc_potential.descriptors.cg`. ``k^{nu+1} = iterate(k^nu, k^1)``.
 - Invariant contraction: the ``(0, +1)`` block of an iteration only needs ``l1 = l2``,
   ``s1 = s2`` and ``C^{l l 0}_{m m' 0} = +-delta_{m m'} / sqrt(2l + 1)``, so it is a
   Frobenius product ``sum_{l s} <x^{l s}, y^{l s}> / (2l + 1)``.
@@ -23,16 +25,17 @@ pair, ``mu`` indexing the side of ``a`` and ``mu'`` that of ``b``.
   ``k^{nu, 0+} = contract(k^{ceil(nu/2)}, k^{floor(nu/2)})``. Recoupling the final
   ``lambda = 0`` contraction maps the truncation of the intermediate ``k^{ceil(nu/2)}``
   onto that of the full path's partial products, so both paths give the same kernels
-  for every ``nu`` (the tests check it; the seed expected small differences). The full
+  for every ``nu`` (the tests check it; WK expected small differences). The full
   path is kept because it also yields the equivariant blocks.
 - Exponential kernel (WK eq. E4): :func:`exponential_kernel`, :func:`exponential_weights`.
 
 Normalisation: with the ``8 pi^2 / (2l + 1)`` of B1 in ``k^1`` and the plain C1 iteration,
 ``k^{nu, lambda sigma}`` is the scalar product of the ``nu``-body ACDC features
-(full tensor product, as :func:`acdc_potential.correlations.acdc_features`) built from the
+(full tensor product, as :func:`acdc_potential.descriptors.acdc.acdc_features`) built from the
 rescaled coefficients ``sqrt(8 pi^2 / (2l + 1)) c[q l m]`` (WK eq. B1, B2). For
-``lambda = 0`` this is design.md section 7: ``k^{2,0} = sum_l kappa_l^2 / (2l + 1)
-<P_l(a), P_l(b)>`` with ``kappa_l = 8 pi^2 / (2l + 1)``.
+``lambda = 0``: ``k^{2,0} = sum_l kappa_l^2 / (2l + 1) <P_l(a), P_l(b)>`` with
+``kappa_l = 8 pi^2 / (2l + 1)`` (docs/equations.md, "Kernels as scalar products of ACDC
+features (appendix B)" and "Normalisation of the nu = 1 kernel: what the code does today").
 
 Cost (WK appendix D): the radial-chemical index ``q`` appears only in ``k^1``. Each
 ``(l1, l2)`` coupling is evaluated for all its ``lambda`` at once as three GEMM-shaped
@@ -47,7 +50,14 @@ invariant-only contractions need nothing beyond ``k^1`` and ``k^2``. Evaluated t
 all pairs of a set of atoms with a set of environments cost one large GEMM per block,
 which runs an order of magnitude closer to the machine's peak than the small per-pair
 products of the iterations, at more flops per pair (``~(2 lambda + 1)^2 Q^2`` per
-coupling); exported models keep the features of their sparse environments.
+coupling); exported models compute the features of their sparse environments once and keep
+them. Built on these features, outside this module and outside TorchScript: the per-atom
+invariants ``Phi^nu`` whose scalar products are the invariant kernels, and the collapse of
+the weighted sums of a ``nu_max <= 3`` model onto per-species tensors
+(:mod:`~acdc_potential.kernels.wigner.features`); their derivatives summed over a
+structure's atoms, for the fit (:mod:`~acdc_potential.kernels.wigner.gradients`). This
+module keeps :meth:`WignerKernels.collapsed_energy`, which evaluates a collapsed model in
+the exported file.
 
 Gradients with respect to ``a``: plain autograd keeps every chunk's intermediates (about
 25 kB per pair at ``lambda_max = 3``), so outside TorchScript each chunk is checkpointed
@@ -55,8 +65,10 @@ Gradients with respect to ``a``: plain autograd keeps every chunk's intermediate
 second set (energies of a sparse model), :meth:`WignerKernels.weighted_sum` differentiates
 chunk by chunk instead, in bounded memory without recomputation and also in TorchScript.
 
-Blocks are keyed inside :class:`WignerKernels` (TorchScript) by ``2 lambda + (sigma < 0)``
-and by ``(lambda, sigma)`` in the Python-level functions.
+Blocks are keyed by the package's one key convention, the integer ``2 lambda + (sigma < 0)``
+of :func:`~acdc_potential.descriptors.cg.block_key` (TorchScript has no tuple-keyed
+dictionaries). The tuple ``(lambda, sigma)`` is only how the Python-level helper functions
+(:func:`wigner_iteration`, :func:`equivariant_kernels`) present their blocks.
 """
 
 import math
@@ -392,7 +404,8 @@ class WignerKernels(torch.nn.Module):
     @torch.jit.export
     def collapsed_energy(self, a: List[torch.Tensor], species: torch.Tensor, collapsed: List[torch.Tensor]) -> torch.Tensor:
         """``[n]`` energies ``e_i = sum_j sum_nu weights[nu, j] k^nu(a_i, b_j)`` (same species) from
-        :meth:`collapse`: cost per atom independent of the number of environments ``b_j``.
+        :meth:`~acdc_potential.kernels.wigner.features.OrderFeatures.collapse`: cost per atom
+        independent of the number of environments ``b_j``.
 
         ``<Phi^3_i, W^3>`` is evaluated as ``sum_l <F^{l+}_i, a^l_i W^3_l^T>`` (``W^3_l`` the
         ``[D_l, Q_l]`` part of ``W^3``), which never builds ``Phi^3`` of the atoms."""
@@ -745,20 +758,6 @@ def matched_invariant_rows(
         return [delta]
     module = wigner_module(hypers, a[0])
     return [delta] + [row * delta for row in module.invariant_rows_from_nu1(module.nu1_matched(a, b))]
-
-
-def weighted_kernel_sum(
-    a: List[torch.Tensor],
-    species_a: torch.Tensor,
-    b: List[torch.Tensor],
-    species_b: torch.Tensor,
-    weights: torch.Tensor,
-    hypers: WignerHypers,
-) -> torch.Tensor:
-    """``e_i = sum_nu sum_j weights[nu, j] k^{nu, 0+}(a_i, b_j)`` ``[n_a]`` with first
-    derivatives with respect to ``a`` in memory bounded by the chunk size, no recomputation
-    (see :meth:`WignerKernels.weighted_sum`). ``weights``: ``[nu_max + 1, n_b]``."""
-    return wigner_module(hypers, a[0]).weighted_sum(a, species_a, b, species_b, weights)
 
 
 def _to_int_keys(blocks: Dict[Tuple[int, int], torch.Tensor], n_pairs: int) -> Dict[int, torch.Tensor]:

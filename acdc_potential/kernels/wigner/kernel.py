@@ -15,16 +15,16 @@ class WignerKernel(SparseKernel):
     """Exponential Wigner kernel ``c0 k^0 + a sum_{nu=1}^{nu_max} b^nu / nu! k^nu / s_{a nu}`` (WK eq. E4).
 
     The pieces are the invariant body-ordered kernels ``k^nu``, ``nu = 0..nu_max``, of
-    :mod:`acdc_potential.wigner` (``k^0`` the species delta), each divided by ``s_{a nu}``,
-    the mean ``k^nu(m, m)`` over the sparse environments of the central species ``a``.
+    :mod:`~acdc_potential.kernels.wigner.iteration` (``k^0`` the species delta), each divided by
+    ``s_{a nu}``, the mean ``k^nu(m, m)`` over the sparse environments of the central species ``a``.
     Raw ``k^nu`` differ by orders of magnitude between orders and species, so that without
     this no single ``b`` mixes the body orders of every species sensibly; with it each
     piece has unit mean self-similarity and ``b^nu / nu!`` is the weight of order ``nu``.
 
-    :meth:`rows` uses the chunked :func:`~acdc_potential.wigner.invariant_kernels`,
+    :meth:`rows` uses the chunked :func:`~acdc_potential.kernels.wigner.iteration.invariant_kernels`,
     :meth:`paired` the iterations on matched pair lists (for gradients).
 
-    :param hypers: :class:`~acdc_potential.wigner.WignerHypers` (``nu_max``, ``lambda_max``, ...).
+    :param hypers: :class:`~acdc_potential.kernels.wigner.iteration.WignerHypers` (``nu_max``, ``lambda_max``, ...).
     :param mixing: ``c0``, ``a``, ``b``.
     :param species_scale: ``{atomic number: [s_{a 1}, ..., s_{a nu_max}]}``; by default
         computed by :meth:`set_sparse`.
@@ -89,7 +89,8 @@ class WignerKernel(SparseKernel):
         return torch.cat([delta[None], higher]) * self._order_scale(species_a, a[0])[:, :, None]
 
     def paired(self, a, species_a, b, species_b):
-        """Pieces of matched rows ``(a[p], b[p])``, ``[nu_max + 1, P]`` (see :meth:`WignerKernels.invariant_matched`)."""
+        """Pieces of matched rows ``(a[p], b[p])``, ``[nu_max + 1, P]`` (see
+        :func:`~acdc_potential.kernels.wigner.iteration.matched_invariant_rows`)."""
         return torch.stack(self.paired_pieces(a, species_a, b, species_b))
 
     def paired_pieces(self, a, species_a, b, species_b):
@@ -98,7 +99,8 @@ class WignerKernel(SparseKernel):
         return [row * scale[nu] for nu, row in enumerate(rows)]
 
     def _order_features(self, flat: torch.Tensor) -> List[torch.Tensor]:
-        """:meth:`WignerKernels.order_features` ``[n, d_nu]`` per ``nu`` of flat coefficients ``[n, D]``."""
+        """:meth:`~acdc_potential.kernels.wigner.features.OrderFeatures.order_features` ``[n, d_nu]``
+        per ``nu`` of flat coefficients ``[n, D]``."""
         return order_features_of(self.wigner_hypers, flat).order_features(self.layout.unflatten(flat))
 
     def feature_sizes(self) -> Optional[List[int]]:
@@ -115,7 +117,8 @@ class WignerKernel(SparseKernel):
         self._sparse_invariants = {}
 
     def _reduce(self, phi: List[torch.Tensor]) -> List[torch.Tensor]:
-        """``Phi^3`` (last dimension) shortened by :meth:`WignerKernels.order3_reduction`, same
+        """``Phi^3`` (last dimension) shortened by
+        :meth:`~acdc_potential.kernels.wigner.features.OrderFeatures.order3_reduction`, same
         scalar products; the other orders unchanged."""
         if len(phi) < 3:
             return phi
@@ -127,14 +130,14 @@ class WignerKernel(SparseKernel):
         ``Phi^nu`` when their size is at most ``max_feature_dimension``.
 
         Every order is a scalar product ``k^nu(i, m) = <Phi^nu_i, Phi^nu_m>``
-        (:meth:`WignerKernels.order_features`), so a structure's kernel sums and their
-        derivatives along its ``K`` directions are ``<sum_i Phi_i, Phi_m>`` and
-        ``<sum_i dPhi_i / dc_i . t_ik, Phi_m>``: the derivatives of the invariants of
-        each structure's atoms summed *before* the sparse environments enter
-        (:meth:`WignerKernels.order_feature_sums`), then one GEMM per order. The cost per
-        structure is ``K d M`` instead of ``n_atoms M`` reverse passes through the kernel
-        iterations (``Phi^3`` shortened by :meth:`WignerKernels.order3_reduction`; ``d ~ 3e3``
-        for Cu at ``nu_max = 3``, ``1.6e5`` at 4, ``8e4`` for ethanol's three species at 3).
+        (:meth:`~acdc_potential.kernels.wigner.features.OrderFeatures.order_features`), so a
+        structure's kernel sums and their derivatives along its ``K`` directions are
+        ``<sum_i Phi_i, Phi_m>`` and ``<sum_i dPhi_i / dc_i . t_ik, Phi_m>``: the derivatives of
+        the invariants of each structure's atoms summed *before* the sparse environments enter
+        (:meth:`~acdc_potential.kernels.wigner.gradients.OrderFeatureGradients.order_feature_sums`),
+        then one GEMM per order. The cost per structure is ``K d M`` instead of ``n_atoms M``
+        reverse passes through the kernel iterations (``Phi^3`` shortened by :meth:`_reduce`;
+        ``d ~ 3e3`` for Cu at ``nu_max = 3``, ``1.6e5`` at 4, ``8e4`` for ethanol's three species at 3).
         Beyond ``max_feature_dimension`` the per-pair path is cheaper. The summed derivatives
         of a group of structures are bounded by ``feature_budget`` entries, as are the chunks
         in which the invariants of the sparse environments are computed; those of one species
