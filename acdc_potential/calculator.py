@@ -2,17 +2,23 @@
 
 A thin layer over metatomic's ``MetatomicCalculator``, which does the work (neighbour
 lists, energy, forces and stress by autograd, per-atom energies, the uncertainty
-warning); this class adds clear errors for missing, corrupt or foreign files and the
+warning); this class adds the package's validation of structures (one clear
+:class:`~acdc_potential.errors.StructureError` for an empty structure, non-finite
+positions, overlapping atoms or an element the model does not know), clear errors for
+missing, corrupt or foreign files, the thread choice of the command line, and the
 uncertainties as ASE results.
 """
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from metatomic.torch import ModelOutput
 from metatomic_ase import MetatomicCalculator
 
+from .data import Labelled, validate
 from .errors import ModelFileError
+from .runtime import default_threads, use_threads
 
 
 class ACDCCalculator(MetatomicCalculator):
@@ -27,9 +33,12 @@ class ACDCCalculator(MetatomicCalculator):
     :param device: torch device to run on (default: the best one the model supports).
     :param uncertainty_threshold: warn when an atomic energy uncertainty exceeds this
         (eV); ``None`` disables the check.
+    :param threads: torch threads (default: :func:`~acdc_potential.runtime.default_threads`
+        of each structure, one below 100 atoms, else every available core: what
+        ``acdc-potential eval`` uses).
     """
 
-    def __init__(self, path, device=None, uncertainty_threshold=0.1):
+    def __init__(self, path, device=None, uncertainty_threshold=0.1, threads: Optional[int] = None):
         path = Path(path)
         if not path.is_file():
             raise ModelFileError(f"model file '{path}' does not exist")
@@ -40,6 +49,24 @@ class ACDCCalculator(MetatomicCalculator):
                 f"'{path}' is not a usable exported model ({type(error).__name__}: {str(error).splitlines()[0]}); "
                 "export one with `acdc-potential export` or `acdc-potential fit`"
             ) from None
+        self.threads = threads
+        self.species = [int(z) for z in self._model.capabilities().atomic_types]
+
+    def _prepare(self, atoms) -> None:
+        """Validate ``atoms`` (one or a list) and set the threads for them."""
+        frames = atoms if isinstance(atoms, list) else [atoms]
+        # the structures only: their labels, if any, are this calculator's own results
+        validate([Labelled(a, index=k) for k, a in enumerate(frames)], species=self.species)
+        use_threads(self.threads if self.threads is not None else default_threads(max(len(a) for a in frames)))
+
+    def calculate(self, atoms=None, properties=None, system_changes=None):
+        if atoms is not None:
+            self._prepare(atoms)
+        return super().calculate(atoms, properties, system_changes)
+
+    def run_model(self, atoms, outputs, selected_atoms=None):
+        self._prepare(atoms)
+        return super().run_model(atoms, outputs, selected_atoms)
 
     def get_uncertainty(self, atoms, per_atom: bool = False):
         """Predictive standard deviation of the energy (eV), of the structure or of each atom."""

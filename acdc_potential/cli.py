@@ -3,7 +3,12 @@
     acdc-potential fit TRAIN.extxyz -o MODEL.pt [--test TEST.extxyz] [--config CONFIG.yaml]
     acdc-potential eval MODEL.pt DATA.extxyz [--plot PARITY.png]
     acdc-potential export CHECKPOINT.ckpt -o MODEL.pt [--dtype float32]
-    acdc-potential config                  # print every option with its default
+    acdc-potential config [-o CONFIG.yaml]    # every option, its meaning and its default
+
+``fit`` writes, beside MODEL.pt: MODEL.ckpt (the checkpoint), MODEL.log (what it printed),
+MODEL.report.yaml (errors, chosen hyperparameters, grid, timings, memory, versions, data
+fingerprints, the configuration used), MODEL.config.yaml (that configuration, to refit) and,
+with --test, MODEL.test-parity.png. ``eval`` adds its errors to MODEL.report.yaml when it is there.
 
 Units: A, eV, eV/A, eV/A^3 (ASE's stress sign). Labels are read from the extxyz keys
 ``energy``, ``forces``, ``stress`` (or ``virial``); other names through the ``keys``
@@ -12,10 +17,12 @@ section of the configuration or ``--energy-key`` and friends.
 
 import argparse
 import sys
-import time
+import warnings
 from pathlib import Path
 
 import yaml
+
+from . import __version__
 
 
 def _keys(keys, args):
@@ -27,62 +34,114 @@ def _keys(keys, args):
     return keys
 
 
-def _print_errors(tables):
-    from .evaluation import format_table
+def _threads(args, n_atoms, log) -> int:
+    """Set the threads ``--threads`` asks for, or the default for structures of ``n_atoms``, and say so."""
+    from .runtime import available_cores, default_threads, use_threads
 
-    print()
-    print(format_table(tables))
+    if args.threads is not None:
+        threads, why = args.threads, "--threads"
+    else:
+        threads = default_threads(n_atoms)
+        why = f"the default: one for structures of fewer than 100 atoms, else all {available_cores()} available cores"
+    log(f"using {use_threads(threads)} thread(s) ({why})")
+    return threads
 
 
-def fit_command(args) -> int:
-    from .config import FitConfig
-    from .data import read_structures
+def _tables(model, train, test, test_path, output):
+    """Errors on the training set (in memory), the validation split and the test set (the exported file)."""
     from .evaluation import errors, pairs_of, parity_plots, predict_with_file, predictions_of
-    from .fit.driver import fit
-
-    config = FitConfig.from_yaml(args.config)
-    keys = _keys(config.keys, args)
-    start = time.perf_counter()
-    train = read_structures(args.train, keys=keys)
-    test = read_structures(args.test, keys=keys) if args.test else None
-    print(f"read {len(train)} training structures from {args.train}" + (f", {len(test)} test structures from {args.test}" if test else ""))
-
-    model = fit(train, config, verbose=True)
-    checkpoint = Path(args.output).with_suffix(".ckpt")
-    model.save(str(checkpoint))
-    model.export(args.output, description=f"fitted on {args.train}")
-    print(f"wrote the model to {args.output} and the checkpoint to {checkpoint}")
 
     tables = {"train": errors(pairs_of(train, predictions_of(model, train)))}
     if model.report is not None and model.report.validation_errors:
         # the tuning report is in eV (per atom), eV/A and eV/A^3
         tables["validation"] = {
-            quantity: {name: 1000.0 * value for name, value in values.items()}
+            quantity: {name: value if name == "count" else 1000.0 * value for name, value in values.items()}
             for quantity, values in model.report.validation_errors.items()
         }
     if test:
-        test_pairs = pairs_of(test, predict_with_file(args.output, test))
+        test_pairs = pairs_of(test, predict_with_file(output, test))
         tables["test"] = errors(test_pairs)
-        plot = Path(args.output).with_suffix(".test-parity.png")
-        parity_plots(test_pairs, str(plot), title=f"{Path(args.output).name} on {Path(args.test).name}")
+        plot = Path(output).with_suffix(".test-parity.png")
+        parity_plots(test_pairs, str(plot), title=f"{Path(output).name} on {Path(test_path).name}")
         print(f"parity plots of the test set: {plot}")
-    _print_errors(tables)
-    for message in model.warnings:
-        print(f"warning: {message}")
-    print(f"\ntotal time {time.perf_counter() - start:.0f} s")
+    return tables
+
+
+def fit_command(args) -> int:
+    import dataclasses
+
+    from .config import FitConfig
+    from .data import check_labels, read_structures
+    from .evaluation import format_table
+    from .fit.driver import fit
+    from .fit.report import FitLog, fingerprint, fit_report, write_report
+
+    config = FitConfig.from_yaml(args.config)
+    options = {name: False for name in ("energies", "forces", "stress") if getattr(args, f"no_{name}")}
+    if args.seed is not None:
+        options["seed"] = args.seed
+    config = dataclasses.replace(config, keys=_keys(config.keys, args), options=dataclasses.replace(config.options, **options))
+    train = read_structures(args.train, keys=config.keys)
+    check_labels(train, args.train, config.keys, config.options.energies, config.options.forces, config.options.stress)
+    test = read_structures(args.test, keys=config.keys) if args.test else None
+    output = Path(args.output)
+    log = FitLog(verbose=True, path=str(output.with_suffix(".log")))
+    log(f"acdc-potential {__version__}: read {len(train)} training structures from {args.train}"
+        + (f", {len(test)} test structures from {args.test}" if test else ""))
+    threads = _threads(args, None, log)
+    # warnings as lines of the log, when they happen (the report lists them again)
+    warnings.showwarning = lambda message, category, *where, **options: log(f"warning: {message}")
+
+    model = fit(train, config, log=log, device=args.device)
+    model.save(str(output.with_suffix(".ckpt")))
+    model.export(str(output), description=f"fitted on {args.train}")
+    log(f"wrote the model to {output} and the checkpoint to {output.with_suffix('.ckpt')}")
+    with log.stage("errors"):
+        tables = _tables(model, train, test, args.test, str(output))
+    print("\n" + format_table(tables))
+
+    used = model_config(config, model)
+    with open(output.with_suffix(".config.yaml"), "w") as file:
+        yaml.safe_dump(used, file, sort_keys=False)
+    data = {"train": {**fingerprint(args.train), "structures": len(train)}}
+    if test:
+        data["test"] = {**fingerprint(args.test), "structures": len(test)}
+    write_report(str(output.with_suffix(".report.yaml")), fit_report(model, used, data, tables, log, sys.argv, threads))
+    if model.warnings:
+        log(f"{len(model.warnings)} warning(s), listed in the report")
+    log(f"report: {output.with_suffix('.report.yaml')}, log: {output.with_suffix('.log')}, configuration used: {output.with_suffix('.config.yaml')}")
+    log.close()
     return 0
 
 
-def eval_command(args) -> int:
-    from .data import LabelKeys, read_structures
-    from .evaluation import errors, pairs_of, parity_plots, predict_with_file
+def model_config(config, model) -> dict:
+    """``config`` as a dict with what the fit chose in place of ``auto`` (the grid's density and ``nu_max``)."""
+    used = config.to_dict()
+    if model.kernel.kind == "wigner":
+        used["kernel"]["nu_max"] = int(model.kernel.nu_max)
+        used["density"] = dict(vars(model.density_hypers))
+    return used
 
-    structures = read_structures(args.data, keys=_keys(LabelKeys(), args))
-    pairs = pairs_of(structures, predict_with_file(args.model, structures))
+
+def eval_command(args) -> int:
+    from .data import LabelKeys, check_labels, read_structures
+    from .evaluation import errors, format_table, pairs_of, parity_plots, predict_with_file
+    from .fit.report import extend_report
+
+    keys = _keys(LabelKeys(), args)
+    structures = read_structures(args.data, keys=keys)
+    check_labels(structures, args.data, keys, not args.no_energies, not args.no_forces, not args.no_stress)
+    _threads(args, max(s.n_atoms for s in structures), print)
+    pairs = pairs_of(structures, predict_with_file(args.model, structures, device=args.device, threads=args.threads))
     plot = args.plot or str(Path(args.data).with_suffix(".parity.png").name)
     parity_plots(pairs, plot, title=f"{Path(args.model).name} on {Path(args.data).name}")
-    _print_errors({Path(args.data).stem: errors(pairs)})
+    table = errors(pairs)
+    print("\n" + format_table({Path(args.data).stem: table}))
     print(f"\nparity plots: {plot}")
+    report = Path(args.model).with_suffix(".report.yaml")
+    if report.is_file():
+        extend_report(str(report), Path(args.data).stem, args.data, table)
+        print(f"added to the report {report}")
     return 0
 
 
@@ -101,33 +160,50 @@ def export_command(args) -> int:
 def config_command(args) -> int:
     from .config import FitConfig
 
-    print(yaml.safe_dump(FitConfig().to_dict(), sort_keys=False))
+    text = FitConfig.template()
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote the configuration template to {args.output}")
+    else:
+        print(text, end="")
     return 0
 
 
-def _add_keys(parser):
+def _add_labels(parser):
     parser.add_argument("--energy-key", help="extxyz key of the energy (default: energy)")
     parser.add_argument("--forces-key", help="extxyz key of the forces (default: forces)")
     parser.add_argument("--stress-key", help="extxyz key of the stress (default: stress; virial is read when stress is absent)")
+    parser.add_argument("--no-energies", action="store_true", help="use no energies (fit or compare forces only)")
+    parser.add_argument("--no-forces", action="store_true", help="use no forces (fit or compare energies only)")
+    parser.add_argument("--no-stress", action="store_true", help="use no stress")
+
+
+def _add_runtime(parser):
+    parser.add_argument("--threads", type=int, help="torch threads (default: one for structures of fewer than 100 atoms, else every available core; a fit uses every core)")
+    parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu; cuda is untested: no GPU was available)")
 
 
 def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog="acdc-potential", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    main.add_argument("--version", action="version", version=version_line())
     commands = main.add_subparsers(dest="command", required=True)
 
-    fit = commands.add_parser("fit", help="fit a potential and export it", description="Fit a sparse-KRR potential on TRAIN and export it as one metatomic TorchScript file; also writes MODEL.ckpt (the checkpoint) and, with --test, parity plots.")
+    fit = commands.add_parser("fit", help="fit a potential and export it", description="Fit a sparse-KRR potential on TRAIN and export it as one metatomic TorchScript file; also writes MODEL.ckpt, MODEL.log, MODEL.report.yaml, MODEL.config.yaml and, with --test, parity plots.")
     fit.add_argument("train", help="training structures (extxyz)")
     fit.add_argument("-o", "--output", required=True, help="exported model file (.pt)")
     fit.add_argument("--test", help="test structures (extxyz), evaluated with the exported file")
-    fit.add_argument("--config", help="YAML configuration; `acdc-potential config` prints every option")
-    _add_keys(fit)
+    fit.add_argument("--config", help="YAML configuration; `acdc-potential config` writes every option with its meaning")
+    fit.add_argument("--seed", type=int, help="seed of the validation split and samples (default: options.seed, 0)")
+    _add_labels(fit)
+    _add_runtime(fit)
     fit.set_defaults(run=fit_command)
 
     evaluate = commands.add_parser("eval", help="errors and parity plots of an exported model on a data set")
     evaluate.add_argument("model", help="exported model file (.pt)")
     evaluate.add_argument("data", help="labelled structures (extxyz)")
     evaluate.add_argument("--plot", help="parity-plot PNG (default: DATA.parity.png in the current directory)")
-    _add_keys(evaluate)
+    _add_labels(evaluate)
+    _add_runtime(evaluate)
     evaluate.set_defaults(run=eval_command)
 
     export = commands.add_parser("export", help="export a checkpoint as a model file")
@@ -136,18 +212,31 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", choices=["float64", "float32"], default="float64", help="precision of the exported model (default float64)")
     export.set_defaults(run=export_command)
 
-    config = commands.add_parser("config", help="print the default configuration (YAML)")
+    config = commands.add_parser("config", help="write the configuration template: every option, its meaning and its default (YAML)")
+    config.add_argument("-o", "--output", help="file to write (default: print it)")
     config.set_defaults(run=config_command)
     return main
 
 
+def version_line() -> str:
+    from importlib import metadata
+
+    found = []
+    for name in ("torch", "metatomic-torch", "metatensor-torch"):
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name} missing")
+    return f"acdc-potential {__version__} ({', '.join(found)})"
+
+
 def main(argv=None) -> int:
-    from .errors import StructureError
+    from .errors import CheckpointError, DataFileError, ModelFileError, StructureError
 
     args = parser().parse_args(argv)
     try:
         return args.run(args)
-    except (StructureError, FileNotFoundError, ValueError) as error:
+    except (StructureError, DataFileError, CheckpointError, ModelFileError, FileNotFoundError, ValueError) as error:
         print(f"acdc-potential {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -20,12 +20,18 @@ A YAML file given with ``--config`` overrides any subset; unknown names are erro
       energy: REF_energy
 
 The defaults aim at a good model of a molecular or condensed-phase data set in
-minutes on a laptop; none is tuned to a particular data set.
+minutes on a laptop; none is tuned to a particular data set. :meth:`FitConfig.template`
+(``acdc-potential config``) writes every option with its default and its meaning; a value
+of the wrong type or out of range is a :class:`ConfigError` naming the option.
 """
 
 import dataclasses
+import math
+import re
+import textwrap
+import typing
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import ase.data
 import torch
@@ -33,6 +39,14 @@ import yaml
 
 from .data import LabelKeys
 from .descriptors.radial import DensityHypers
+
+# an element as YAML may give it: a symbol or an atomic number (see :func:`atomic_number`)
+Element = Union[str, int]
+
+
+class ConfigError(ValueError):
+    """A configuration that names an unknown section or option, or gives an option a value
+    of the wrong type or range; the message names the option (``section.option``)."""
 
 
 @dataclass
@@ -93,7 +107,7 @@ class SparseConfig:
     :param selection: ``fps`` (farthest point sampling) or ``cur``, on the power spectrum.
     """
 
-    n: Union[int, Dict[str, int]] = 1000
+    n: Union[int, Dict[Element, int]] = 1000
     selection: str = "fps"
 
 
@@ -129,7 +143,7 @@ class FitOptions:
     tune: bool = True
     validation: float = 0.1
     tune_sparse: int = 300
-    isolated_energies: Optional[Dict[str, float]] = None
+    isolated_energies: Optional[Dict[Element, float]] = None
     seed: int = 0
     design_memory: float = 4.0
 
@@ -165,6 +179,9 @@ class GridConfig:
 
 @dataclass
 class FitConfig:
+    """Every option of a fit, in sections; :meth:`template` writes them all with their
+    defaults and meanings, :meth:`from_yaml` reads a file that overrides any subset."""
+
     density: DensityHypers = field(default_factory=DensityHypers)
     kernel: KernelConfig = field(default_factory=KernelConfig)
     sparse: SparseConfig = field(default_factory=SparseConfig)
@@ -175,17 +192,11 @@ class FitConfig:
 
     @classmethod
     def from_dict(cls, values: Optional[Dict]) -> "FitConfig":
+        """The defaults with the overrides ``{section: {option: value}}`` of ``values``
+        (as YAML reads them); a :class:`ConfigError` names the first unknown or ill-typed one."""
         config = cls()
-        for section, overrides in (values or {}).items():
-            if not hasattr(config, section):
-                known = ", ".join(f.name for f in dataclasses.fields(cls))
-                raise ValueError(f"unknown configuration section '{section}' (known: {known})")
-            current = getattr(config, section)
-            names = {f.name for f in dataclasses.fields(current)}
-            unknown = set(overrides or {}) - names
-            if unknown:
-                raise ValueError(f"unknown option(s) {sorted(unknown)} in section '{section}' (known: {sorted(names)})")
-            setattr(config, section, dataclasses.replace(current, **(overrides or {})))
+        for name, overrides in _mapping(values, "the configuration", "sections").items():
+            setattr(config, name, _overridden(_section(config, name), name, _mapping(overrides, name, "options")))
         return config
 
     @classmethod
@@ -193,10 +204,265 @@ class FitConfig:
         if path is None:
             return cls()
         with open(path) as file:
-            return cls.from_dict(yaml.safe_load(file))
+            try:
+                values = yaml.safe_load(file)
+            except yaml.YAMLError as error:
+                raise ConfigError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
+        return cls.from_dict(values)
 
     def to_dict(self) -> Dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def template(cls) -> str:
+        """The whole configuration as commented YAML (what ``acdc-potential config`` prints):
+        each section and option with its default and, in comments, its meaning from the
+        docstrings of the sections' dataclasses. It reads back as the defaults."""
+        defaults = cls()
+        sections = [_section_template(f.name, getattr(defaults, f.name)) for f in dataclasses.fields(cls)]
+        return "\n".join([_TEMPLATE_HEADER, *sections])
+
+
+# ---- type and range checks of from_dict
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The numbers ``low < x < high``, or ``low <= x < high`` when ``inclusive``."""
+
+    low: float
+    high: float = math.inf
+    inclusive: bool = False
+
+    def __contains__(self, x: float) -> bool:
+        return (x >= self.low if self.inclusive else x > self.low) and x < self.high
+
+    def __str__(self) -> str:
+        if self.high < math.inf:
+            return f"in {'[' if self.inclusive else '('}{self.low:g}, {self.high:g})"
+        return f"{'>=' if self.inclusive else '>'} {self.low:g}"
+
+
+POSITIVE = Bounds(0.0)
+NON_NEGATIVE = Bounds(0.0, inclusive=True)
+FRACTION = Bounds(0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What an option's value must be beyond its type: its strings among ``choices``, its
+    numbers (also those in its lists and mappings) within ``bounds``."""
+
+    choices: Tuple[str, ...] = ()
+    bounds: Optional[Bounds] = None
+
+
+ANY = Rule()
+
+# the strings and ranges the fit accepts (the code checks the same choices where it uses
+# them: DensityHypers.validate, fit.driver.make_kernel, fit.selection.select_sparse);
+# mixing coefficients are tuned in log space, hence positive
+RULES: Dict[Tuple[str, str], Rule] = {
+    ("density", "cutoff"): Rule(bounds=POSITIVE),
+    ("density", "smoothing"): Rule(bounds=NON_NEGATIVE),
+    ("density", "max_angular"): Rule(bounds=NON_NEGATIVE),
+    ("density", "max_radial"): Rule(bounds=NON_NEGATIVE),
+    ("density", "basis"): Rule(choices=("le", "gto")),
+    ("density", "density"): Rule(choices=("gaussian", "wigner")),
+    ("density", "width"): Rule(bounds=POSITIVE),
+    ("density", "C"): Rule(bounds=POSITIVE),
+    ("density", "r0"): Rule(bounds=POSITIVE),
+    ("density", "spline_accuracy"): Rule(bounds=POSITIVE),
+    ("kernel", "type"): Rule(choices=("wigner", "polynomial")),
+    ("kernel", "nu_max"): Rule(choices=("auto",), bounds=NON_NEGATIVE),
+    ("kernel", "lambda_max"): Rule(bounds=NON_NEGATIVE),
+    ("kernel", "zeta"): Rule(bounds=POSITIVE),
+    ("kernel", "mixing"): Rule(bounds=POSITIVE),
+    ("sparse", "n"): Rule(bounds=POSITIVE),
+    ("sparse", "selection"): Rule(choices=("fps", "cur")),
+    ("regularisers", "energy"): Rule(bounds=POSITIVE),
+    ("regularisers", "forces"): Rule(bounds=POSITIVE),
+    ("regularisers", "stress"): Rule(bounds=POSITIVE),
+    ("grid", "nu_max"): Rule(bounds=NON_NEGATIVE),
+    ("grid", "C"): Rule(bounds=POSITIVE),
+    ("grid", "r0"): Rule(bounds=POSITIVE),
+    ("grid", "structures"): Rule(bounds=POSITIVE),
+    ("grid", "sparse"): Rule(bounds=POSITIVE),
+    ("grid", "tolerance"): Rule(bounds=NON_NEGATIVE),
+    ("options", "validation"): Rule(bounds=FRACTION),
+    ("options", "tune_sparse"): Rule(bounds=NON_NEGATIVE),
+    ("options", "design_memory"): Rule(bounds=POSITIVE),
+}
+
+
+def _mapping(value: Any, where: str, of: str) -> Dict:
+    """``value`` if it is a mapping (``{}`` for ``None``, an empty YAML section)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping of {of}, got {value!r}")
+    return value
+
+
+def _section(config: FitConfig, name: Any):
+    known = [f.name for f in dataclasses.fields(config)]
+    if name not in known:
+        raise ConfigError(f"unknown configuration section '{name}' (known: {', '.join(known)})")
+    return getattr(config, name)
+
+
+def _overridden(current, section: str, overrides: Dict):
+    """The dataclass ``current`` of ``section`` with ``overrides``, each checked against
+    the annotation of its field and its :data:`RULES`."""
+    names = [f.name for f in dataclasses.fields(current)]
+    unknown = set(overrides) - set(names)
+    if unknown:
+        raise ConfigError(f"unknown option(s) {sorted(unknown, key=str)} in section '{section}' (known: {sorted(names)})")
+    hints = typing.get_type_hints(type(current))
+    checked = {
+        name: _checked(value, hints[name], f"{section}.{name}", RULES.get((section, name), ANY))
+        for name, value in overrides.items()
+    }
+    return dataclasses.replace(current, **checked)
+
+
+def _checked(value: Any, annotation, where: str, rule: Rule = ANY) -> Any:
+    """``value`` if it fits ``annotation`` and ``rule`` (an int made a float where a float is
+    expected, lists and mappings checked item by item), else a :class:`ConfigError` at ``where``."""
+    arm = _matching_arm(value, annotation)
+    if arm is None:
+        raise ConfigError(f"{where}: expected {_phrase(annotation, rule)}, got {value!r}{_hint(value, annotation)}")
+    origin = typing.get_origin(arm)
+    if origin is list:
+        (item,) = typing.get_args(arm)
+        return [_checked(x, item, f"{where}[{i}]", rule) for i, x in enumerate(value)]
+    if origin is dict:
+        key, item = typing.get_args(arm)
+        return {_checked(k, key, f"{where} (key {k!r})"): _checked(v, item, f"{where}.{k}", rule) for k, v in value.items()}
+    if not _obeys(value, arm, rule):
+        raise ConfigError(f"{where}: expected {_phrase(annotation, rule)}, got {value!r}")
+    return float(value) if arm is float else value
+
+
+def _matching_arm(value: Any, annotation):
+    """The first type of the union ``annotation`` (or ``annotation`` itself) that ``value``
+    has the shape of, without looking into lists and mappings; ``None`` if none."""
+    arms = typing.get_args(annotation) if typing.get_origin(annotation) is Union else (annotation,)
+    return next((arm for arm in arms if _has_shape(value, arm)), None)
+
+
+def _has_shape(value: Any, annotation) -> bool:
+    """Whether ``value`` is of the (unparametrised) type of ``annotation``: YAML's ``true``
+    and ``false`` are neither integers nor numbers, and an integer is a number."""
+    kind = typing.get_origin(annotation) or annotation
+    if kind in (int, float) and isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float) if kind is float else kind)
+
+
+def _obeys(value: Any, kind: type, rule: Rule) -> bool:
+    """Whether the scalar ``value`` of type ``kind`` is among the choices or bounds of ``rule``."""
+    if kind is str and rule.choices:
+        return value in rule.choices
+    if kind in (int, float) and rule.bounds is not None:
+        return value in rule.bounds
+    return True
+
+
+_NOUNS = {
+    bool: ("true or false", "true or false"),
+    int: ("an integer", "integers"),
+    float: ("a number", "numbers"),
+    str: ("a string", "strings"),
+    type(None): ("null", "null"),
+}
+
+
+def _phrase(annotation, rule: Rule = ANY, plural: bool = False) -> str:
+    """What ``annotation`` under ``rule`` accepts, in words: "an integer >= 0 or 'auto'"."""
+    origin = typing.get_origin(annotation)
+    if origin is Union:
+        arms = sorted(typing.get_args(annotation), key=lambda arm: arm is not type(None))  # "null or ..."
+        return " or ".join(_phrase(arm, rule, plural) for arm in arms)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return f"{'lists' if plural else 'a list'} of {_phrase(item, rule, plural=True)}"
+    if origin is dict:
+        key, item = typing.get_args(annotation)
+        keys = "elements" if key == Element else _phrase(key, plural=True)  # the mappings' only Union[str, int]
+        return f"{'mappings' if plural else 'a mapping'} from {keys} to {_phrase(item, rule, plural=True)}"
+    if annotation is str and rule.choices:
+        quoted = ", ".join(repr(choice) for choice in rule.choices)
+        return quoted if len(rule.choices) == 1 else f"one of {quoted}"
+    noun = _NOUNS[annotation][plural]
+    return f"{noun} {rule.bounds}" if annotation in (int, float) and rule.bounds is not None else noun
+
+
+# a number that YAML 1.1 (PyYAML) reads as a string: an exponent without a decimal point or sign
+_STRING_NUMBER = re.compile(r"[-+]?(\d+[eE][-+]?|[\d.]+[eE])\d+")
+
+
+def _hint(value: Any, annotation) -> str:
+    """Why a number written as ``1e-8`` or ``1.0e8`` arrived as a string, when one is expected."""
+    if not isinstance(value, str) or not _STRING_NUMBER.fullmatch(value) or _matching_arm(0.5, annotation) is None:
+        return ""
+    return "; YAML reads a number in exponent notation only with a decimal point and a signed exponent: 1.0e-8, 1.0e+3"
+
+
+# ---- the commented YAML template
+
+_TEMPLATE_HEADER = """\
+# Configuration of an acdc-potential fit: every option, with its default value and its meaning.
+# Written by `acdc-potential config > config.yaml`; edit, then
+#
+#     acdc-potential fit train.extxyz -o model.pt --config config.yaml
+#
+# Any subset of the sections and options may be given: the others keep these defaults. Unknown
+# names, and values of the wrong type or out of range, are errors. Units: lengths in A (Angstrom),
+# energies in eV.
+"""
+
+_COMMENT_WIDTH = 100
+_PARAM = re.compile(r":param\s+(\w+):")
+
+
+def _section_template(name: str, section) -> str:
+    """One section of :meth:`FitConfig.template`: a comment naming it, then each option."""
+    kind = type(section)
+    meanings = _params(kind.__doc__)
+    lines = [*_comment(f"{name} ({kind.__name__}): {_summary(kind.__doc__)}", ""), f"{name}:"]
+    for option in dataclasses.fields(section):
+        lines += [*_comment(meanings[option.name], "  "), "  " + _yaml_entry(option.name, getattr(section, option.name))]
+    return "\n".join(lines) + "\n"
+
+
+def _params(docstring: str) -> Dict[str, str]:
+    """The ``:param name: text`` entries of ``docstring``, each text on one line."""
+    parts = _PARAM.split(" ".join(docstring.split()))
+    return {name: _plain(text) for name, text in zip(parts[1::2], parts[2::2])}
+
+
+def _summary(docstring: str) -> str:
+    """The first paragraph of ``docstring``, on one line."""
+    return _plain(" ".join(docstring.strip().split("\n\n")[0].split()))
+
+
+def _plain(text: str) -> str:
+    """reST made plain: ``:func:`~a.b.name``` -> ``name``, ``:data:`NAME``` -> ``NAME``,
+    double backquotes -> single."""
+    text = re.sub(r":\w+:`~[\w.]*?(\w+)`", r"\1", text)
+    text = re.sub(r":\w+:`([^`]+)`", r"\1", text)
+    return text.replace("``", "`").strip()
+
+
+def _comment(text: str, indent: str) -> List[str]:
+    prefix = indent + "# "
+    return textwrap.wrap(text, _COMMENT_WIDTH, initial_indent=prefix, subsequent_indent=prefix, break_long_words=False, break_on_hyphens=False)
+
+
+def _yaml_entry(name: str, value: Any) -> str:
+    """``name: value`` on one line of YAML, nested values in flow style (``[3, 4]``, ``{}``, ``null``)."""
+    return yaml.safe_dump({name: value}, default_flow_style=True, width=math.inf, sort_keys=False).strip()[1:-1]
 
 
 def atomic_number(element: Union[str, int]) -> int:

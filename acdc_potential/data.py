@@ -11,17 +11,25 @@ from typing import List, Optional, Sequence
 
 import ase.io
 import numpy as np
+from ase.data import chemical_symbols
 from ase.stress import voigt_6_to_full_3x3_stress
 
-from .errors import StructureError
+from .descriptors.neighbors import MIN_DISTANCE, overlap
+from .errors import DataFileError, StructureError
+
 
 
 @dataclass
 class LabelKeys:
     """Names of the labels in ``atoms.info`` / ``atoms.arrays`` (or the ASE calculator).
 
-    ``virial`` is read only when ``stress`` is absent, and converted to a stress.
-    ``weight`` names an optional per-structure weight in ``atoms.info``.
+    :param energy: name of the total energy (eV) in atoms.info (or of the attached calculator's energy).
+    :param forces: name of the forces (eV/A) in atoms.arrays (or of the attached calculator's forces).
+    :param stress: name of the stress (eV/A^3, ASE sign) in atoms.info (or of the calculator's stress).
+    :param virial: name of the virial (eV) in atoms.info, read only when the stress is absent, and
+        converted to a stress.
+    :param weight: name of an optional per-structure weight in atoms.info (multiplies 1 / sigma^2 of
+        all rows of the structure; default 1).
     """
 
     energy: str = "energy"
@@ -109,9 +117,11 @@ def validate(
 ) -> None:
     """Check every structure; raise :class:`StructureError` naming the first bad one.
 
-    Checks: finite positions and cell, labels finite and of the right shape, stress only
-    on fully periodic cells with a non-zero volume, positive finite weight, every
-    atomic number among ``species`` (when given), energy/forces present when required.
+    The one validation of every entry point (fit, eval, the calculator). Checks: at least
+    one atom, finite positions and cell, every atomic number among ``species`` (when
+    given), no two atoms closer than :data:`MIN_DISTANCE`, labels finite and of the right
+    shape, stress only on fully periodic cells with a non-zero volume, positive finite
+    weight, energy/forces present when required.
     """
     allowed = None if species is None else set(int(s) for s in species)
     for structure in structures:
@@ -125,7 +135,15 @@ def validate(
         if allowed is not None:
             unknown = sorted(set(int(z) for z in atoms.numbers) - allowed)
             if unknown:
-                raise StructureError(f"{name}: atomic numbers {unknown} are not among the species {sorted(allowed)}")
+                raise StructureError(
+                    f"{name}: atomic numbers {unknown} ({element_list(unknown)}) are not among the model's species "
+                    f"{sorted(allowed)} ({element_list(sorted(allowed))})"
+                )
+        if np.any(atoms.pbc) and abs(np.linalg.det(atoms.cell.array)) < 1e-12:
+            raise StructureError(f"{name}: periodic with a degenerate cell")
+        overlapping = overlap(atoms, MIN_DISTANCE)
+        if overlapping is not None:
+            raise StructureError(f"{name}: {overlapping}")
         if structure.energy is None and require_energy:
             raise StructureError(f"{name}: missing energy")
         if structure.energy is not None and not np.isfinite(structure.energy):
@@ -160,12 +178,72 @@ def read_structures(
 
     Structures are numbered from 0 in file order (the numbers used in error messages).
     """
-    frames = ase.io.read(path, index=index)
-    if not isinstance(frames, list):
-        frames = [frames]
+    frames = read_frames(path, index)
     structures = [labels_of(atoms, keys, k) for k, atoms in enumerate(frames)]
     validate(structures, species, require_energy, require_forces)
     return structures
+
+
+def read_frames(path: str, index: str = ":") -> List:
+    """The ``ase.Atoms`` of an extxyz (or other ASE-readable) file; a :class:`DataFileError`
+    naming the file says what is wrong with it (missing, empty, truncated, not extxyz)."""
+    try:
+        frames = ase.io.read(path, index=index)
+    except FileNotFoundError:
+        raise DataFileError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DataFileError(f"{path}: is a directory, not a data file") from None
+    except UnicodeDecodeError:
+        raise DataFileError(f"{path}: not a text file (extxyz expected)") from None
+    except StopIteration:
+        raise DataFileError(f"{path}: no structure in the file") from None
+    except Exception as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if message.startswith("Empty file"):
+            raise DataFileError(f"{path}: the file is empty") from None
+        if "Frame has" in message:
+            message += " (the file may be truncated)"
+        raise DataFileError(f"{path}: not a readable extxyz file: {message.replace('ase.io.extxyz: ', '')}") from None
+    frames = frames if isinstance(frames, list) else [frames]
+    if not frames:
+        raise DataFileError(f"{path}: no structure in the file")
+    return frames
+
+
+def element_list(numbers: Sequence[int]) -> str:
+    """``"H, O"`` for atomic numbers."""
+    return ", ".join(chemical_symbols[z] if 0 < z < len(chemical_symbols) else f"element {z}" for z in numbers)
+
+
+def check_labels(structures: Sequence[Labelled], path: str, keys: LabelKeys, energies: bool, forces: bool, stress: bool) -> None:
+    """A :class:`DataFileError` when a kind of label that is to be used is absent from every
+    structure of the file ``path`` (energies; forces; stress when the file has fully periodic
+    cells), listing the keys the file does have and the option that drops that kind of row."""
+    wanted = [
+        ("energy", energies, lambda s: s.energy is not None, "options: {energies: false} (fit on forces only)"),
+        ("forces", forces, lambda s: s.forces is not None, "options: {forces: false} (fit on energies only)"),
+        ("stress", stress and any(s.periodic for s in structures), lambda s: s.stress is not None, "options: {stress: false}"),
+    ]
+    for kind, used, present, option in wanted:
+        if used and not any(present(s) for s in structures):
+            name = getattr(keys, kind) if kind != "stress" else f"{keys.stress}' or '{keys.virial}"
+            raise DataFileError(
+                f"{path}: no structure has {kind} under the key '{name}'; the file has {available_keys(structures)}. "
+                f"Name the key (--{kind}-key or keys: {{{kind}: NAME}}) or set {option}"
+            )
+
+
+def available_keys(structures: Sequence[Labelled]) -> str:
+    """The per-structure (info) and per-atom (arrays) keys of ``structures`` and their calculators' results."""
+    info, arrays = set(), set()
+    for structure in structures:
+        atoms = structure.atoms
+        info.update(atoms.info)
+        arrays.update(k for k in atoms.arrays if k not in ("numbers", "positions"))
+        calc = getattr(atoms, "calc", None)
+        info.update(k for k, v in getattr(calc, "results", {}).items() if np.ndim(v) < 2)
+        arrays.update(k for k, v in getattr(calc, "results", {}).items() if np.ndim(v) == 2)
+    return f"per-structure keys {sorted(info) or 'none'} and per-atom keys {sorted(arrays) or 'none'}"
 
 
 def species_of(structures: Sequence[Labelled]) -> List[int]:

@@ -6,6 +6,10 @@ class StructureError(ValueError):
     """A structure the package cannot handle, with the structure's index in the message."""
 
 
+class DataFileError(ValueError):
+    """A data file that is missing, empty, truncated or not extxyz, or lacks the labels asked for."""
+
+
 class CheckpointError(ValueError):
     """A checkpoint that is unreadable, of an unknown version, or names anything outside the registries."""
 
@@ -27,4 +31,8 @@ class SparseSelectionWarning(AccuracyWarning):
     """Fewer sparse environments were selected than asked."""
 
 
-__all__ = ["AccuracyWarning", "CheckpointError", "ModelFileError", "SparseSelectionWarning", "SplineAccuracyWarning", "StructureError"]
+class BaselineWarning(AccuracyWarning):
+    """The per-species baseline is not tied to isolated-atom energies, so isolated atoms are extrapolations."""
+
+
+__all__ = ["AccuracyWarning", "BaselineWarning", "CheckpointError", "DataFileError", "ModelFileError", "SparseSelectionWarning", "SplineAccuracyWarning", "StructureError"]

@@ -89,13 +89,15 @@ def parity_plots(pairs: Dict[str, np.ndarray], path: str, title: Optional[str] =
     plt.close(figure)
 
 
-def predict_with_file(path: str, structures: Sequence[Labelled], progress: bool = True) -> Dict[str, List[np.ndarray]]:
+def predict_with_file(
+    path: str, structures: Sequence[Labelled], progress: bool = True, device=None, threads: Optional[int] = None
+) -> Dict[str, List[np.ndarray]]:
     """Energy, forces and (periodic structures) stress of every structure from an exported file."""
     from tqdm import tqdm
 
     from .calculator import ACDCCalculator
 
-    calculator = ACDCCalculator(path, uncertainty_threshold=None)
+    calculator = ACDCCalculator(path, device=device, uncertainty_threshold=None, threads=threads)
     predictions: Dict[str, List[np.ndarray]] = {"energy": [], "forces": [], "stress": []}
     for structure in tqdm(structures, desc="evaluating", unit="structure", disable=not progress):
         atoms = structure.atoms.copy()

@@ -15,6 +15,9 @@ import vesin
 
 from ..errors import StructureError
 
+# atoms closer than this (A) are overlapping: no reference method labels such a structure sensibly
+MIN_DISTANCE = 0.1
+
 
 @dataclass
 class AtomsBatch:
@@ -75,12 +78,29 @@ def _pairs_of(atoms, cutoff: float, index: int):
     return i, j, shifts, distances, cell, pbc
 
 
+def _overlap_message(i: int, j: int, distance: float, min_distance: float) -> str:
+    return f"atoms {i} and {j} are {distance:.3g} A apart (overlapping atoms; minimum is {min_distance} A)"
+
+
+def overlap(atoms, min_distance: float) -> Optional[str]:
+    """What is wrong if two atoms of ``atoms`` (``ase.Atoms`` with finite positions and, if
+    periodic, a non-degenerate cell; periodic images included) are closer than
+    ``min_distance`` (A), else ``None``."""
+    if len(atoms) == 0:
+        return None
+    i, j, _, d, _, _ = _pairs_of(atoms, min_distance, 0)
+    if d.size == 0:
+        return None
+    p = int(np.argmin(d))
+    return _overlap_message(int(i[p]), int(j[p]), float(d[p]), min_distance)
+
+
 def batch_from_atoms(
     frames: Sequence,
     cutoff: float,
     dtype: torch.dtype = torch.float64,
     device: Optional[torch.device] = None,
-    min_distance: float = 0.1,
+    min_distance: float = MIN_DISTANCE,
     first_index: int = 0,
 ) -> AtomsBatch:
     """Build an :class:`AtomsBatch` from ``ase.Atoms`` frames with vesin.
@@ -99,10 +119,7 @@ def batch_from_atoms(
         too_close = d < min_distance
         if np.any(too_close):
             p = int(np.argmax(too_close))
-            raise StructureError(
-                f"structure {index} ({atoms.get_chemical_formula()}): atoms {i[p]} and {j[p]} "
-                f"are {d[p]:.3g} A apart (overlapping atoms; minimum is {min_distance} A)"
-            )
+            raise StructureError(f"structure {index} ({atoms.get_chemical_formula()}): {_overlap_message(i[p], j[p], d[p], min_distance)}")
         positions.append(np.asarray(atoms.positions, dtype=np.float64))
         cells.append(cell if np.any(pbc) else np.zeros((3, 3)))
         numbers.append(np.asarray(atoms.numbers, dtype=np.int64))

@@ -18,11 +18,14 @@ class Baseline:
     def fit(
         cls, structures: Sequence[Labelled], species: Sequence[int], isolated: Optional[Dict[int, float]] = None
     ) -> "Baseline":
-        """Given isolated-atom energies, or least squares of the energies on composition.
+        """Isolated-atom energies where known, least squares of the energies on composition for
+        the other species.
 
-        Compositions that do not determine every species (one molecule type) get the
-        minimum-norm solution; the kernel's species piece absorbs what remains. Without
-        any energy the baseline is zero.
+        Isolated-atom energies are those given (``isolated``, which must cover every species),
+        else those of the single-atom, non-periodic structures of ``structures`` (the other
+        species are then fitted on the remaining energy). Compositions that do not determine
+        every fitted species (one molecule type) get the minimum-norm solution; the kernel's
+        species piece absorbs what remains. Without any energy the baseline is zero.
         """
         if isolated is not None:
             missing = sorted(set(species) - set(int(z) for z in isolated))
@@ -30,12 +33,16 @@ class Baseline:
                 raise ValueError(f"no isolated-atom energy given for species {missing}")
             return cls({int(z): float(isolated[z]) for z in species})
         labelled = [s for s in structures if s.energy is not None]
-        if not labelled:
-            return cls({int(z): 0.0 for z in species})
-        counts = np.array([[np.sum(s.atoms.numbers == z) for z in species] for s in labelled], dtype=np.float64)
-        energies = np.array([s.energy for s in labelled])
-        solution = np.linalg.lstsq(counts, energies, rcond=None)[0]
-        return cls({int(z): float(e) for z, e in zip(species, solution)})
+        known = {
+            int(s.atoms.numbers[0]): float(s.energy) for s in labelled if s.n_atoms == 1 and not s.atoms.pbc.any()
+        }
+        free = [int(z) for z in species if int(z) not in known]
+        energies = {z: known.get(int(z), 0.0) for z in species}
+        if free and labelled:
+            counts = np.array([[np.sum(s.atoms.numbers == z) for z in free] for s in labelled], dtype=np.float64)
+            remainder = np.array([s.energy - sum(known.get(int(z), 0.0) for z in s.atoms.numbers) for s in labelled])
+            energies.update(zip(free, np.linalg.lstsq(counts, remainder, rcond=None)[0]))
+        return cls({int(z): float(e) for z, e in energies.items()})
 
     def structure_energy(self, numbers: np.ndarray) -> float:
         return float(sum(self.energies[int(z)] for z in numbers))

