@@ -220,16 +220,17 @@ def check_labels(structures: Sequence[Labelled], path: str, keys: LabelKeys, ene
     structure of the file ``path`` (energies; forces; stress when the file has fully periodic
     cells), listing the keys the file does have and the option that drops that kind of row."""
     wanted = [
-        ("energy", energies, lambda s: s.energy is not None, "options: {energies: false} (fit on forces only)"),
-        ("forces", forces, lambda s: s.forces is not None, "options: {forces: false} (fit on energies only)"),
-        ("stress", stress and any(s.periodic for s in structures), lambda s: s.stress is not None, "options: {stress: false}"),
+        ("energy", "energies", energies, lambda s: s.energy is not None, " (forces only)"),
+        ("forces", "forces", forces, lambda s: s.forces is not None, " (energies only)"),
+        ("stress", "stress", stress and any(s.periodic for s in structures), lambda s: s.stress is not None, ""),
     ]
-    for kind, used, present, option in wanted:
+    for kind, plural, used, present, only in wanted:
         if used and not any(present(s) for s in structures):
             name = getattr(keys, kind) if kind != "stress" else f"{keys.stress}' or '{keys.virial}"
             raise DataFileError(
                 f"{path}: no structure has {kind} under the key '{name}'; the file has {available_keys(structures)}. "
-                f"Name the key (--{kind}-key or keys: {{{kind}: NAME}}) or set {option}"
+                f"Name the key (--{kind}-key, or keys: {{{kind}: NAME}} in the configuration) or leave out the "
+                f"{kind}{only} (--no-{plural}, or options: {{{plural}: false}})"
             )
 
 

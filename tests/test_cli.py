@@ -102,7 +102,7 @@ def test_bad_training_files_are_one_line_and_write_nothing(files, capsys, tmp_pa
 def test_renamed_forces_are_named_too(files, capsys, tmp_path):
     code, _, err = run(["fit", str(files / "renamed.extxyz"), "-o", str(tmp_path / "m.pt"), "--energy-key", "REF_energy"], capsys)
     assert code == 2 and "no structure has forces under the key 'forces'" in err and "'REF_forces'" in err
-    assert "options: {forces: false}" in err
+    assert "leave out the forces (energies only) (--no-forces, or options: {forces: false})" in err
 
 
 def test_renamed_keys_fit_when_named(files, capsys, tmp_path):
@@ -115,7 +115,7 @@ def test_forces_only_is_an_explicit_option(files, capsys, tmp_path):
     frames = [relabelled(a, None, "forces") for a in ase.io.read(str(files / "train.extxyz"), ":")]
     ase.io.write(str(tmp_path / "forces.extxyz"), frames)
     code, _, err = run(["fit", str(tmp_path / "forces.extxyz"), "-o", str(tmp_path / "m.pt")], capsys)
-    assert code == 2 and "options: {energies: false} (fit on forces only)" in err
+    assert code == 2 and "leave out the energy (forces only) (--no-energies, or options: {energies: false})" in err
     code, _, _ = run(["fit", str(tmp_path / "forces.extxyz"), "-o", str(tmp_path / "m.pt"), "--config", str(files / "small.yaml"),
                       "--no-energies"], capsys)
     assert code == 0

@@ -24,7 +24,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from .cg import coupling_parity, real_clebsch_gordan
+from .cg import couple, coupled_lambdas, coupling_parity, real_clebsch_gordan
 
 Key = Tuple[int, int]
 Blocks = Dict[Key, torch.Tensor]
@@ -67,7 +67,7 @@ def couplings(
     result = []
     for l1, s1 in sorted(a_keys):
         for l2, s2 in sorted(b_keys):
-            for L in range(abs(l1 - l2), min(l1 + l2, lambda_max) + 1):
+            for L in coupled_lambdas(l1, l2, lambda_max):
                 sigma = coupling_parity(l1, s1, l2, s2, L)
                 if not invariants_only or (L, sigma) == (0, 1):
                     result.append(Coupling(l1, s1, l2, s2, L, sigma))
@@ -101,19 +101,6 @@ def couple_to_invariant(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     scale = (-1.0) ** l / (2.0 * l + 1.0) ** 0.5
     out = torch.bmm(a.transpose(1, 2), b) * scale
     return out.reshape(a.shape[0], 1, a.shape[2] * b.shape[2])
-
-
-def couple_with(a: torch.Tensor, b: torch.Tensor, cg: torch.Tensor) -> torch.Tensor:
-    """Couple ``a`` ``[n, 2 l1 + 1, p]`` and ``b`` ``[n, 2 l2 + 1, q]`` with ``cg`` ``[2 l1 + 1, 2 l2 + 1, 2L + 1]``.
-
-    ``out[s, M, i * q + j] = sum_{m1 m2} C^{l1 l2 L}_{m1 m2 M} a[s, m1, i] b[s, m2, j]`` (eq. 5),
-    shape ``[n, 2L + 1, p * q]``, as :func:`acdc_potential.descriptors.cg.couple` but without building
-    the ``[n, m1, m2, p, q]`` intermediate of a three-operand einsum.
-    """
-    n, p, q, size = a.shape[0], a.shape[2], b.shape[2], cg.shape[2]
-    bc = torch.einsum("sbj,abM->saMj", b, cg).reshape(n, a.shape[1], size * q)
-    out = torch.bmm(a.transpose(1, 2), bc)  # [n, p, M * q]
-    return out.reshape(n, p, size, q).transpose(1, 2).reshape(n, size, p * q)
 
 
 class CGProduct(torch.nn.Module):
@@ -159,7 +146,7 @@ class CGProduct(torch.nn.Module):
             else:
                 size = x.shape[1] * y.shape[1] * (2 * L + 1)
                 cg = self.cg[self.cg_start[k] : self.cg_start[k] + size].to(x.dtype)
-                pieces[self.out_index[k]].append(couple_with(x, y, cg.reshape(x.shape[1], y.shape[1], 2 * L + 1)))
+                pieces[self.out_index[k]].append(couple(x, y, cg.reshape(x.shape[1], y.shape[1], 2 * L + 1)))
         return [torch.cat(p, dim=2) for p in pieces]
 
 

@@ -88,29 +88,33 @@ class ClebschGordanCache:
 
 
 def couple(a: torch.Tensor, b: torch.Tensor, cg: torch.Tensor) -> torch.Tensor:
-    """Couple two equivariants with CG coefficients, full tensor product of channels.
+    """Couple two equivariants with CG coefficients, full tensor product of channels (MP-ACDC eq. 5).
 
     ``a``: ``[n, 2 l1 + 1, p]``, ``b``: ``[n, 2 l2 + 1, q]``, ``cg``: ``[2 l1 + 1,
     2 l2 + 1, 2 L + 1]``. Returns ``[n, 2 L + 1, p * q]`` with channel index
     ``i * q + j`` for channel ``i`` of ``a`` and ``j`` of ``b``::
 
         out[s, M, (i, j)] = sum_{m1 m2} C[m1, m2, M] a[s, m1, i] b[s, m2, j]
+
+    as two contractions (``b`` with the CG, then a batched product with ``a``), never building
+    the ``[n, m1, m2, p, q]`` intermediate of a three-operand einsum.
     """
-    n = a.shape[0]
-    out = torch.einsum("abM,sai,sbj->sMij", cg, a, b)
-    return out.reshape(n, cg.shape[2], a.shape[2] * b.shape[2])
+    n, p, q, size = a.shape[0], a.shape[2], b.shape[2], cg.shape[2]
+    bc = torch.einsum("sbj,abM->saMj", b, cg).reshape(n, a.shape[1], size * q)
+    out = torch.bmm(a.transpose(1, 2), bc)  # [n, p, M * q]
+    return out.reshape(n, p, size, q).transpose(1, 2).reshape(n, size, p * q)
+
+
+def coupled_lambdas(l1: int, l2: int, lambda_max: int) -> List[int]:
+    """The ``lambda`` of the coupling of ``l1`` and ``l2``: ``|l1 - l2| .. min(l1 + l2, lambda_max)``."""
+    return list(range(abs(l1 - l2), min(l1 + l2, lambda_max) + 1))
 
 
 def allowed_couplings(
     l_max_a: int, l_max_b: int, L_max: int
 ) -> List[Tuple[int, int, int]]:
     """All ``(l1, l2, L)`` with ``l1 <= l_max_a``, ``l2 <= l_max_b``, ``L <= L_max``."""
-    return [
-        (l1, l2, L)
-        for l1 in range(l_max_a + 1)
-        for l2 in range(l_max_b + 1)
-        for L in range(abs(l1 - l2), min(l1 + l2, L_max) + 1)
-    ]
+    return [(l1, l2, L) for l1 in range(l_max_a + 1) for l2 in range(l_max_b + 1) for L in coupled_lambdas(l1, l2, L_max)]
 
 
 def block_key(lam: int, sigma: int) -> int:

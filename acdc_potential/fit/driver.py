@@ -282,8 +282,10 @@ def select_on_grid(structures, config: FitConfig, log: Optional[FitLog] = None) 
 
 def step_cost(model: SparseKRRModel, structure, repeats: int = 3) -> float:
     """Microseconds per atom of energy and forces of ``structure`` with ``model`` (scripted,
-    as exported; the best of ``repeats`` calls after one warm-up)."""
-    model.predict([structure], forces=True, stress=False)
+    as exported; the best of ``repeats`` calls after three warm-up calls: TorchScript profiles
+    the first two calls and optimises the module on the second, which is the slowest)."""
+    for _ in range(3):
+        model.predict([structure], forces=True, stress=False)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()

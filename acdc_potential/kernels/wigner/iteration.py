@@ -78,7 +78,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ...descriptors.cg import ClebschGordanCache, block_key, key_lambda, key_sigma, parity_sign
+from ...descriptors.cg import ClebschGordanCache, block_key, coupled_lambdas, key_lambda, key_sigma, parity_sign
 
 
 @dataclass
@@ -147,7 +147,7 @@ class WignerKernels(torch.nn.Module):
         left_offsets: List[List[int]] = []
         for l1 in range(self.lambda_max + 1):
             for l2 in range(self.lambda_max + 1):
-                lambdas = list(range(abs(l1 - l2), min(l1 + l2, self.lambda_max) + 1))
+                lambdas = coupled_lambdas(l1, l2, self.lambda_max)
                 cgs = [cache[(l1, l2, lam)] for lam in lambdas]
                 right = torch.cat(cgs, dim=2).reshape(2 * l1 + 1, -1)
                 coupling_lambdas.append(lambdas)
