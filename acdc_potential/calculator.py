@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
 from metatomic.torch import ModelOutput
 from metatomic_ase import MetatomicCalculator
 
 from .data import Labelled, validate
-from .errors import ModelFileError
+from .errors import ModelFileError, StructureError
 from .runtime import default_threads, use_threads
 
 
@@ -52,17 +53,32 @@ class ACDCCalculator(MetatomicCalculator):
         self.threads = threads
         self.species = [int(z) for z in self._model.capabilities().atomic_types]
 
-    def _prepare(self, atoms) -> None:
-        """Validate ``atoms`` (one or a list) and set the threads for them."""
+    def _prepare(self, atoms, positions_only: bool = False) -> None:
+        """Validate ``atoms`` (one or a list) and set the threads for them. When only positions
+        changed (an MD or optimisation step) only their finiteness is checked here: the
+        exported model itself refuses overlapping atoms, and the full check costs about as much
+        as a step of a small molecule."""
         frames = atoms if isinstance(atoms, list) else [atoms]
-        # the structures only: their labels, if any, are this calculator's own results
-        validate([Labelled(a, index=k) for k, a in enumerate(frames)], species=self.species)
+        if positions_only:
+            for atoms in frames:
+                if not np.all(np.isfinite(atoms.positions)):
+                    raise StructureError(f"structure 0 ({atoms.get_chemical_formula()}): positions contain NaN or infinity")
+        else:
+            # the structures only: their labels, if any, are this calculator's own results
+            validate([Labelled(a, index=k) for k, a in enumerate(frames)], species=self.species)
         use_threads(self.threads if self.threads is not None else default_threads(max(len(a) for a in frames)))
 
     def calculate(self, atoms=None, properties=None, system_changes=None):
         if atoms is not None:
-            self._prepare(atoms)
-        return super().calculate(atoms, properties, system_changes)
+            self._prepare(atoms, positions_only=system_changes is not None and set(system_changes) <= {"positions"})
+        try:
+            return super().calculate(atoms, properties, system_changes)
+        except torch.jit.Error as error:
+            # the exported model's own checks (overlapping or non-finite atoms): its message, not the TorchScript trace
+            last = str(error).strip().splitlines()[-1]
+            if last.startswith("builtins.ValueError: system "):
+                raise StructureError(last[len("builtins.ValueError: ") :]) from None
+            raise
 
     def run_model(self, atoms, outputs, selected_atoms=None):
         self._prepare(atoms)

@@ -217,7 +217,7 @@ def test_the_exported_file_refuses_overlapping_and_non_finite_atoms_itself(fitte
     calculator = MetatomicCalculator(str(fitted))
     atoms = ase.Atoms("OH2", positions=[[0, 0, 0], [0.96, 0, 0], [0.97, 0.0, 0.0]])
     atoms.calc = calculator
-    with pytest.raises(Exception, match="system 0: two atoms are 0.01.* A apart"):
+    with pytest.raises(Exception, match=r"system 0: two atoms are 0.01 A apart"):
         atoms.get_potential_energy()
 
 
@@ -245,3 +245,16 @@ def test_without_isolated_atoms_a_warning_gives_the_baseline_and_what_isolated_a
         model = fit(read_structures(str(files / "train.extxyz")), FitConfig.from_dict(SMALL))
     isolated = model.predict([ase.Atoms("H")], forces=False, stress=False)["energy"].item()
     assert f"H {isolated:.4f}" in model.warnings[-1]
+
+
+def test_atoms_moved_onto_each_other_during_a_run_are_refused(fitted):
+    """After the first call, a step that only moves atoms is checked by the exported model itself."""
+    atoms = ase.io.read(str(EXAMPLES / "ethanol_test.extxyz"), 0)
+    atoms.calc = ACDCCalculator(str(fitted), uncertainty_threshold=None)
+    atoms.get_potential_energy()
+    atoms.positions[1] = atoms.positions[0] + [0.01, 0.0, 0.0]
+    with pytest.raises(StructureError, match=r"^system 0: two atoms are 0.01 A apart \(overlapping atoms"):
+        atoms.get_potential_energy()
+    atoms.positions[1, 0] = np.nan
+    with pytest.raises(StructureError, match="positions contain NaN or infinity"):
+        atoms.get_potential_energy()

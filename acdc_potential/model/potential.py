@@ -33,7 +33,8 @@ def check_system(index: int, positions: torch.Tensor, vectors: torch.Tensor, min
         closest = float(torch.linalg.vector_norm(vectors.detach(), dim=1).min())
         if closest < min_distance:
             raise ValueError(
-                "system " + str(index) + ": two atoms are " + str(closest) + " A apart (overlapping atoms; minimum is " + str(min_distance) + " A)"
+                "system " + str(index) + ": two atoms are " + str(round(closest * 1e4) / 1e4)
+                + " A apart (overlapping atoms; minimum is " + str(min_distance) + " A)"
             )
 
 
