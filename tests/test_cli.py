@@ -258,3 +258,22 @@ def test_atoms_moved_onto_each_other_during_a_run_are_refused(fitted):
     atoms.positions[1, 0] = np.nan
     with pytest.raises(StructureError, match="positions contain NaN or infinity"):
         atoms.get_potential_energy()
+
+
+def test_eval_refuses_bad_structures_with_one_line(files, fitted, capsys, tmp_path):
+    code, _, err = run(["eval", str(fitted), str(files / "overlapping.extxyz"), "--plot", str(tmp_path / "p.png")], capsys)
+    assert code == 2 and "structure 2 (C2H6O): atoms 0 and 3 are 0.02 A apart" in err and len(err.strip().splitlines()) == 1
+    chlorine = ase.build.molecule("CH3Cl")
+    chlorine.info["energy"] = -1.0
+    ase.io.write(str(tmp_path / "chlorine.extxyz"), [chlorine])
+    code, _, err = run(["eval", str(fitted), str(tmp_path / "chlorine.extxyz"), "--no-forces", "--plot", str(tmp_path / "p.png")], capsys)
+    assert code == 2 and "atomic numbers [17] (Cl) are not among the model's species [1, 6, 8] (H, C, O)" in err
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_the_report_round_trips(fitted, tmp_path):
+    from acdc_potential.fit.report import write_report
+
+    report = read_report(str(fitted.with_suffix(".report.yaml")))
+    write_report(str(tmp_path / "again.yaml"), report)
+    assert read_report(str(tmp_path / "again.yaml")) == report

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import ase
 import torch
 from ase.data import chemical_symbols
+from tqdm import tqdm
 
 from ..config import FitConfig, FitOptions, KernelConfig, Regularisers, SparseConfig, atomic_number
 from ..data import Labelled, as_labelled, species_of, validate
@@ -52,10 +53,14 @@ def recording(messages: List[str]):
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
-def training_coefficients(structures: Sequence[Labelled], expansion: DensityExpansion, batch_size: int = 64, device=None):
-    """Flat coefficients ``[N, D]``, atomic numbers ``[N]`` and layout of every atom of ``structures``."""
+def training_coefficients(
+    structures: Sequence[Labelled], expansion: DensityExpansion, batch_size: int = 64, device=None, progress: bool = False
+):
+    """Flat coefficients ``[N, D]``, atomic numbers ``[N]`` and layout of every atom of ``structures``
+    (``progress``: a progress bar over batches of structures)."""
     coefficients, numbers, layout = [], [], None
-    for start in range(0, len(structures), batch_size):
+    starts = range(0, len(structures), batch_size)
+    for start in tqdm(starts, desc="density coefficients", unit="batch", disable=not progress):
         members = structures[start : start + batch_size]
         batch = batch_from_atoms([s.atoms for s in members], expansion.cutoff, device=device, first_index=start)
         c, layout = batch_density(expansion, batch)
@@ -117,7 +122,7 @@ def fit_kernel(
         baseline = Baseline.fit(labelled, species, isolated_energies)
         log("density coefficients of every atom")
         with log.stage("density coefficients and sparse selection"):
-            coefficients, numbers, layout = training_coefficients(labelled, expansion, device=device)
+            coefficients, numbers, layout = training_coefficients(labelled, expansion, device=device, progress=log.verbose)
             chosen = select_sparse(power_spectrum(layout.unflatten(coefficients)), numbers, n_sparse, selection)
         kernel.set_sparse(coefficients[chosen], numbers[chosen], layout)
         counts = {int(z): int((numbers[chosen] == z).sum()) for z in species}
@@ -140,7 +145,7 @@ def fit_kernel(
             if per_species is not None and per_species > 0:
                 options["sparse"] = selection_prefix(kernel.sparse_species, int(per_species))
             with log.stage("tuning"):
-                report = select_hyperparameters(design, k_mm_pieces, kernel, regularisers, jitter=jitter, **options)
+                report = select_hyperparameters(design, k_mm_pieces, kernel, regularisers, jitter=jitter, progress=log.verbose, **options)
             kernel.mixing = dict(report.mixing)
             regularisers = report.regularisers
             mixing = ", ".join(f"{k} = {v:.4g}" for k, v in report.mixing.items())

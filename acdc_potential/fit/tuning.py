@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import scipy.optimize
 import torch
+from tqdm import tqdm
 
 from ..config import FitOptions, Regularisers
 from ..kernels.base import SparseKernel
@@ -82,6 +83,7 @@ def select_hyperparameters(
     sparse: Optional[torch.Tensor] = None,
     seed: int = FitOptions.seed,
     jitter: float = DEFAULT_JITTER,
+    progress: bool = False,
 ) -> HyperparameterReport:
     """Tune mixing coefficients and regularisers on held-out structures (Nelder-Mead in log space).
 
@@ -102,6 +104,7 @@ def select_hyperparameters(
         then multiplied by the factor (among 121 from 10^-3 to 10^3) that minimises the same
         validation loss with all ``M`` (:func:`~acdc_potential.fit.solver.scaled_regularisation_predictions`:
         one QR and one SVD per split).
+    :param progress: show a progress bar over the solves.
     """
     start = time.perf_counter()
     k_mm_all = k_mm_pieces
@@ -159,7 +162,14 @@ def select_hyperparameters(
     # the simplex starts one factor of 3 away from the initial values in every direction
     simplex = np.vstack([theta0, theta0 + np.log(3.0) * np.eye(len(names))])
     options = {"maxfev": max_evaluations, "xatol": 1e-2, "fatol": 1e-4, "initial_simplex": simplex}
-    result = scipy.optimize.minimize(lambda t: evaluate(t)[0], theta0, method="Nelder-Mead", options=options)
+    bar = tqdm(total=max_evaluations, desc="tuning (at most)", unit="solve", disable=not progress)
+
+    def objective(theta) -> float:
+        bar.update(1)
+        return evaluate(theta)[0]
+
+    result = scipy.optimize.minimize(objective, theta0, method="Nelder-Mead", options=options)
+    bar.close()
     loss, errors = evaluate(result.x)
     mixing, regs = unpack(result.x)
     scale = 1.0
