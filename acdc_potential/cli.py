@@ -36,18 +36,18 @@ def _keys(keys, args):
 
 def _threads(args, n_atoms, log) -> int:
     """Set the threads ``--threads`` asks for, or the default for structures of ``n_atoms``, and say so."""
-    from .runtime import available_cores, default_threads, use_threads
+    from .runtime import SMALL_SYSTEM, available_cores, default_threads, use_threads
 
     if args.threads is not None:
         threads, why = args.threads, "--threads"
     else:
         threads = default_threads(n_atoms)
-        why = f"the default: one for structures of fewer than 100 atoms, else all {available_cores()} available cores"
+        why = f"the default: one for structures of fewer than {SMALL_SYSTEM} atoms, else all {available_cores()} available cores"
     log(f"using {use_threads(threads)} thread(s) ({why})")
     return threads
 
 
-def _tables(model, train, test, test_path, output):
+def _tables(model, train, test, test_path, output, threads):
     """Errors on the training set (in memory), the validation split and the test set (the exported file)."""
     from .evaluation import errors, pairs_of, parity_plots, predict_with_file, predictions_of
 
@@ -59,7 +59,9 @@ def _tables(model, train, test, test_path, output):
             for quantity, values in model.report.validation_errors.items()
         }
     if test:
-        test_pairs = pairs_of(test, predict_with_file(output, test))
+        from .calculator import ACDCCalculator
+
+        test_pairs = pairs_of(test, predict_with_file(ACDCCalculator(output, uncertainty_threshold=None, threads=threads), test))
         tables["test"] = errors(test_pairs)
         plot = Path(output).with_suffix(".test-parity.png")
         parity_plots(test_pairs, str(plot), title=f"{Path(output).name} on {Path(test_path).name}")
@@ -71,10 +73,8 @@ def fit_command(args) -> int:
     import dataclasses
 
     from .config import FitConfig
-    from .data import check_labels, read_structures
-    from .evaluation import format_table
-    from .fit.driver import fit
-    from .fit.report import FitLog, fingerprint, fit_report, write_report
+    from .data import check_labels, read_structures, species_of
+    from .fit.report import FitLog
 
     config = FitConfig.from_yaml(args.config)
     options = {name: False for name in ("energies", "forces", "stress") if getattr(args, f"no_{name}")}
@@ -83,21 +83,38 @@ def fit_command(args) -> int:
     config = dataclasses.replace(config, keys=_keys(config.keys, args), options=dataclasses.replace(config.options, **options))
     train = read_structures(args.train, keys=config.keys)
     check_labels(train, args.train, config.keys, config.options.energies, config.options.forces, config.options.stress)
-    test = read_structures(args.test, keys=config.keys) if args.test else None
+    test = None
+    if args.test:
+        # checked now, not after the fit: the test structures must be of the training species and labelled
+        test = read_structures(args.test, keys=config.keys, species=species_of(train))
+        check_labels(test, args.test, config.keys, config.options.energies, config.options.forces, config.options.stress)
     output = Path(args.output)
     log = FitLog(verbose=True, path=str(output.with_suffix(".log")))
+    shown = warnings.showwarning
+    # warnings as lines of the log (the report lists them again)
+    warnings.showwarning = lambda message, category, *where, **options: log(f"warning: {message}")
+    try:
+        return _fit_and_report(args, config, train, test, output, log)
+    finally:
+        warnings.showwarning = shown
+        log.close()
+
+
+def _fit_and_report(args, config, train, test, output: Path, log) -> int:
+    """The fit of ``fit_command`` once its inputs are checked: model, checkpoint, errors, report."""
+    from .evaluation import format_table
+    from .fit.driver import fit
+    from .fit.report import fingerprint, fit_report, write_report
+
     log(f"acdc-potential {__version__}: read {len(train)} training structures from {args.train}"
         + (f", {len(test)} test structures from {args.test}" if test else ""))
     threads = _threads(args, None, log)
-    # warnings as lines of the log, when they happen (the report lists them again)
-    warnings.showwarning = lambda message, category, *where, **options: log(f"warning: {message}")
-
-    model = fit(train, config, log=log, device=args.device)
+    model = fit(train, config, log=log)
     model.save(str(output.with_suffix(".ckpt")))
     model.export(str(output), description=f"fitted on {args.train}")
     log(f"wrote the model to {output} and the checkpoint to {output.with_suffix('.ckpt')}")
     with log.stage("errors"):
-        tables = _tables(model, train, test, args.test, str(output))
+        tables = _tables(model, train, test, args.test, str(output), threads)
     print("\n" + format_table(tables))
 
     used = model_config(config, model)
@@ -106,11 +123,11 @@ def fit_command(args) -> int:
     data = {"train": {**fingerprint(args.train), "structures": len(train)}}
     if test:
         data["test"] = {**fingerprint(args.test), "structures": len(test)}
-    write_report(str(output.with_suffix(".report.yaml")), fit_report(model, used, data, tables, log, sys.argv, threads))
+    report = fit_report(model, used, data, tables, log, ["acdc-potential", *args.argv], threads)
+    write_report(str(output.with_suffix(".report.yaml")), report)
     if model.warnings:
         log(f"{len(model.warnings)} warning(s), listed in the report")
     log(f"report: {output.with_suffix('.report.yaml')}, log: {output.with_suffix('.log')}, configuration used: {output.with_suffix('.config.yaml')}")
-    log.close()
     return 0
 
 
@@ -124,15 +141,21 @@ def model_config(config, model) -> dict:
 
 
 def eval_command(args) -> int:
+    from .calculator import ACDCCalculator
     from .data import LabelKeys, check_labels, read_structures
     from .evaluation import errors, format_table, pairs_of, parity_plots, predict_with_file
     from .fit.report import extend_report
 
+    device = _device(args.device)
+    calculator = ACDCCalculator(args.model, device=device, uncertainty_threshold=None)
     keys = _keys(LabelKeys(), args)
-    structures = read_structures(args.data, keys=keys)
-    check_labels(structures, args.data, keys, not args.no_energies, not args.no_forces, not args.no_stress)
-    _threads(args, max(s.n_atoms for s in structures), print)
-    pairs = pairs_of(structures, predict_with_file(args.model, structures, device=args.device, threads=args.threads))
+    # validated against the model's species here, so that errors name structures by their place in the file
+    structures = read_structures(args.data, keys=keys, species=calculator.species)
+    used = {"energy": not args.no_energies, "forces": not args.no_forces, "stress": not args.no_stress}
+    check_labels(structures, args.data, keys, used["energy"], used["forces"], used["stress"])
+    calculator.threads = _threads(args, max(s.n_atoms for s in structures), print)
+    predictions = predict_with_file(calculator, structures)
+    pairs = {kind: values for kind, values in pairs_of(structures, predictions).items() if used[kind]}
     plot = args.plot or str(Path(args.data).with_suffix(".parity.png").name)
     parity_plots(pairs, plot, title=f"{Path(args.model).name} on {Path(args.data).name}")
     table = errors(pairs)
@@ -178,9 +201,23 @@ def _add_labels(parser):
     parser.add_argument("--no-stress", action="store_true", help="use no stress")
 
 
-def _add_runtime(parser):
+def _add_threads(parser):
     parser.add_argument("--threads", type=int, help="torch threads (default: one for structures of fewer than 100 atoms, else every available core; a fit uses every core)")
-    parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu; cuda is untested: no GPU was available)")
+
+
+def _device(name):
+    """The torch device ``name`` (``None``: the model's best); an error saying why when it cannot be used here."""
+    import torch
+
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return name
 
 
 def parser() -> argparse.ArgumentParser:
@@ -195,7 +232,7 @@ def parser() -> argparse.ArgumentParser:
     fit.add_argument("--config", help="YAML configuration; `acdc-potential config` writes every option with its meaning")
     fit.add_argument("--seed", type=int, help="seed of the validation split and samples (default: options.seed, 0)")
     _add_labels(fit)
-    _add_runtime(fit)
+    _add_threads(fit)
     fit.set_defaults(run=fit_command)
 
     evaluate = commands.add_parser("eval", help="errors and parity plots of an exported model on a data set")
@@ -203,7 +240,8 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("data", help="labelled structures (extxyz)")
     evaluate.add_argument("--plot", help="parity-plot PNG (default: DATA.parity.png in the current directory)")
     _add_labels(evaluate)
-    _add_runtime(evaluate)
+    _add_threads(evaluate)
+    evaluate.add_argument("--device", help="torch device to run the model on, e.g. cpu or cuda (default: the best the model supports; CUDA is untested: no GPU was available)")
     evaluate.set_defaults(run=eval_command)
 
     export = commands.add_parser("export", help="export a checkpoint as a model file")
@@ -219,21 +257,17 @@ def parser() -> argparse.ArgumentParser:
 
 
 def version_line() -> str:
-    from importlib import metadata
+    from .fit.report import versions
 
-    found = []
-    for name in ("torch", "metatomic-torch", "metatensor-torch"):
-        try:
-            found.append(f"{name} {metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            found.append(f"{name} missing")
-    return f"acdc-potential {__version__} ({', '.join(found)})"
+    found = versions()
+    return f"acdc-potential {__version__} (" + ", ".join(f"{name} {found.get(name, 'missing')}" for name in ("torch", "metatomic-torch", "metatensor-torch")) + ")"
 
 
 def main(argv=None) -> int:
     from .errors import CheckpointError, DataFileError, ModelFileError, StructureError
 
     args = parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.run(args)
     except (StructureError, DataFileError, CheckpointError, ModelFileError, FileNotFoundError, ValueError) as error:

@@ -203,11 +203,15 @@ class FitConfig:
     def from_yaml(cls, path: Optional[str]) -> "FitConfig":
         if path is None:
             return cls()
-        with open(path) as file:
-            try:
+        try:
+            with open(path) as file:
                 values = yaml.safe_load(file)
-            except yaml.YAMLError as error:
-                raise ConfigError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such configuration file") from None
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot be read ({error.strerror})") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
         return cls.from_dict(values)
 
     def to_dict(self) -> Dict:
@@ -246,6 +250,7 @@ class Bounds:
 POSITIVE = Bounds(0.0)
 NON_NEGATIVE = Bounds(0.0, inclusive=True)
 FRACTION = Bounds(0.0, 1.0)
+AT_LEAST_ONE = Bounds(1.0, inclusive=True)
 
 
 @dataclass(frozen=True)
@@ -283,7 +288,7 @@ RULES: Dict[Tuple[str, str], Rule] = {
     ("regularisers", "energy"): Rule(bounds=POSITIVE),
     ("regularisers", "forces"): Rule(bounds=POSITIVE),
     ("regularisers", "stress"): Rule(bounds=POSITIVE),
-    ("grid", "nu_max"): Rule(bounds=NON_NEGATIVE),
+    ("grid", "nu_max"): Rule(bounds=AT_LEAST_ONE),
     ("grid", "C"): Rule(bounds=POSITIVE),
     ("grid", "r0"): Rule(bounds=POSITIVE),
     ("grid", "structures"): Rule(bounds=POSITIVE),

@@ -120,7 +120,7 @@ def validate(
     The one validation of every entry point (fit, eval, the calculator). Checks: at least
     one atom, finite positions and cell, every atomic number among ``species`` (when
     given), no two atoms closer than :data:`MIN_DISTANCE`, labels finite and of the right
-    shape, stress only on fully periodic cells with a non-zero volume, positive finite
+    shape, stress only on fully periodic cells, positive finite
     weight, energy/forces present when required.
     """
     allowed = None if species is None else set(int(s) for s in species)
@@ -158,8 +158,6 @@ def validate(
         if structure.stress is not None:
             if not structure.periodic:
                 raise StructureError(f"{name}: stress given for a structure that is not periodic in all directions")
-            if abs(atoms.get_volume()) < 1e-12:
-                raise StructureError(f"{name}: stress given but the cell has zero volume")
             if not np.all(np.isfinite(structure.stress)):
                 raise StructureError(f"{name}: stress contains NaN or infinity")
         if not (np.isfinite(structure.weight) and structure.weight > 0):

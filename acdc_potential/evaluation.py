@@ -89,15 +89,15 @@ def parity_plots(pairs: Dict[str, np.ndarray], path: str, title: Optional[str] =
     plt.close(figure)
 
 
-def predict_with_file(
-    path: str, structures: Sequence[Labelled], progress: bool = True, device=None, threads: Optional[int] = None
-) -> Dict[str, List[np.ndarray]]:
-    """Energy, forces and (periodic structures) stress of every structure from an exported file."""
+def predict_with_file(calculator, structures: Sequence[Labelled], progress: bool = True) -> Dict[str, List[np.ndarray]]:
+    """Energy, forces and (periodic structures) stress of every structure from an exported file:
+    ``calculator`` is its :class:`~acdc_potential.calculator.ACDCCalculator`, or the file's path."""
     from tqdm import tqdm
 
     from .calculator import ACDCCalculator
 
-    calculator = ACDCCalculator(path, device=device, uncertainty_threshold=None, threads=threads)
+    if not isinstance(calculator, ACDCCalculator):
+        calculator = ACDCCalculator(calculator, uncertainty_threshold=None)
     predictions: Dict[str, List[np.ndarray]] = {"energy": [], "forces": [], "stress": []}
     for structure in tqdm(structures, desc="evaluating", unit="structure", disable=not progress):
         atoms = structure.atoms.copy()

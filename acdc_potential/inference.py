@@ -42,7 +42,7 @@ def predict(
     outputs: Dict[str, List[torch.Tensor]] = {}
     for start in range(0, len(labelled), batch_size):
         members = [s.atoms for s in labelled[start : start + batch_size]]
-        for key, value in _predict_batch(module, members, forces, stress, uncertainty).items():
+        for key, value in run_module(module, members, forces, stress, uncertainty).items():
             outputs.setdefault(key, []).append(value)
     return {key: torch.cat(values) for key, values in outputs.items()}
 
@@ -69,7 +69,8 @@ def _systems(module: torch.nn.Module, frames: List, dtype: torch.dtype, device: 
     return systems, positions, strains
 
 
-def _predict_batch(module: torch.nn.Module, frames: List, forces: bool, stress: bool, uncertainty: bool) -> Dict[str, torch.Tensor]:
+def run_module(module: torch.nn.Module, frames: List, forces: bool, stress: bool, uncertainty: bool) -> Dict[str, torch.Tensor]:
+    """One call of ``module`` on ``frames`` (``ase.Atoms``, not validated), as :func:`predict` describes its results."""
     buffer = next(module.buffers())
     dtype, device = buffer.dtype, buffer.device
     systems, positions, strains = _systems(module, frames, dtype, device, forces, stress)

@@ -277,3 +277,31 @@ def test_the_report_round_trips(fitted, tmp_path):
     report = read_report(str(fitted.with_suffix(".report.yaml")))
     write_report(str(tmp_path / "again.yaml"), report)
     assert read_report(str(tmp_path / "again.yaml")) == report
+
+
+def test_a_bad_test_file_stops_the_fit_before_it_starts(files, capsys, tmp_path):
+    code, _, err = run(["fit", str(files / "train.extxyz"), "-o", str(tmp_path / "m.pt"), "--test", str(files / "unlabelled.extxyz"),
+                        "--config", str(files / "small.yaml")], capsys)
+    assert code == 2 and "unlabelled.extxyz: no structure has energy" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_names_the_structure_by_its_place_in_the_file(files, fitted, capsys, tmp_path):
+    frames = ase.io.read(str(files / "test.extxyz"), ":")
+    nitrogen = ase.build.molecule("CH3CN")
+    nitrogen.info["energy"] = -1.0
+    ase.io.write(str(tmp_path / "mixed.extxyz"), frames[:2] + [nitrogen])
+    code, _, err = run(["eval", str(fitted), str(tmp_path / "mixed.extxyz"), "--no-forces", "--plot", str(tmp_path / "p.png")], capsys)
+    assert code == 2 and "structure 2 (C2H3N): atomic numbers [7] (N)" in err
+
+
+def test_eval_leaves_out_what_it_is_told_to(files, fitted, capsys, tmp_path):
+    code, out, _ = run(["eval", str(fitted), str(files / "test.extxyz"), "--no-forces", "--plot", str(tmp_path / "p.png")], capsys)
+    rows = [line.split()[1] for line in out.splitlines() if line.startswith("test ")]
+    assert code == 0 and rows == ["energy"]
+
+
+def test_the_report_records_the_command_it_was_given(fitted):
+    report = read_report(str(fitted.with_suffix(".report.yaml")))
+    assert report["command"][:3] == ["acdc-potential", "fit", str(fitted.parent / "train.extxyz")]
+    assert "--threads" in report["command"]

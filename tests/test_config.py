@@ -151,7 +151,8 @@ def test_nu_max_takes_an_integer_or_auto():
 
 def test_a_list_option_takes_a_list_of_its_items():
     assert "grid.C: expected a list of numbers > 0, got 0.3" in rejected({"grid": {"C": 0.3}})
-    assert "grid.nu_max[1]: expected an integer >= 0, got 'four'" in rejected({"grid": {"nu_max": [3, "four"]}})
+    assert "grid.nu_max[1]: expected an integer >= 1, got 'four'" in rejected({"grid": {"nu_max": [3, "four"]}})
+    assert "grid.nu_max[0]: expected an integer >= 1, got 0" in rejected({"grid": {"nu_max": [0, 3]}})
     assert "density.max_radial[0]: expected an integer >= 0, got 4.5" in rejected({"density": {"max_radial": [4.5, 3]}})
     assert FitConfig.from_dict({"density": {"max_radial": [6, 5, 4]}}).density.max_radial == [6, 5, 4]
 

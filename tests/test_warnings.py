@@ -65,3 +65,9 @@ def test_a_fit_records_its_warnings_in_the_model_and_checkpoint(tmp_path):
     assert any("sparse environments of O instead of the 5 asked" in message for message in model.warnings)
     model.save(str(tmp_path / "model.ckpt"))
     assert SparseKRRModel.load(str(tmp_path / "model.ckpt")).warnings == model.warnings
+
+
+def test_duplicates_among_too_few_candidates_are_named_as_duplicates():
+    features = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+    with pytest.warns(SparseSelectionWarning, match="2 sparse environments of C instead of the 8 asked: only 2 of its 4"):
+        select_sparse(features, torch.full((4,), 6), 8)

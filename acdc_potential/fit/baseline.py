@@ -33,9 +33,7 @@ class Baseline:
                 raise ValueError(f"no isolated-atom energy given for species {missing}")
             return cls({int(z): float(isolated[z]) for z in species})
         labelled = [s for s in structures if s.energy is not None]
-        known = {
-            int(s.atoms.numbers[0]): float(s.energy) for s in labelled if s.n_atoms == 1 and not s.atoms.pbc.any()
-        }
+        known = isolated_atom_energies(structures)
         free = [int(z) for z in species if int(z) not in known]
         energies = {z: known.get(int(z), 0.0) for z in species}
         if free and labelled:
@@ -46,3 +44,12 @@ class Baseline:
 
     def structure_energy(self, numbers: np.ndarray) -> float:
         return float(sum(self.energies[int(z)] for z in numbers))
+
+
+def isolated_atom_energies(structures: Sequence[Labelled]) -> Dict[int, float]:
+    """Energies of the single-atom, non-periodic structures of ``structures`` that have one, by atomic number."""
+    return {
+        int(s.atoms.numbers[0]): float(s.energy)
+        for s in structures
+        if s.n_atoms == 1 and not s.atoms.pbc.any() and s.energy is not None
+    }

@@ -2,8 +2,9 @@
 
 Nothing read from a checkpoint chooses code to run: the kernel is named by a key of
 :data:`~acdc_potential.kernels.KERNELS` (and a polynomial kernel's features by a key of
-:data:`~acdc_potential.kernels.FEATURES`); anything else is refused with a
-:class:`~acdc_potential.errors.CheckpointError` before any object is built. Files are read
+:data:`~acdc_potential.kernels.FEATURES`); anything else is refused, with a
+:class:`~acdc_potential.errors.CheckpointError` (a ``ValueError`` from the kernel for unknown
+features), before any object of the model is built. Files are read
 with ``torch.load(weights_only=True)``, which unpickles tensors and plain containers only.
 
 Format history (``version``; :func:`upgrade` brings older files to the current one):
@@ -46,7 +47,8 @@ _VERSION_1_NAMES = {
 
 
 def upgrade(state: Dict) -> Dict:
-    """The checkpoint dict ``state`` in the current format (a new dict; ``state`` is not changed)."""
+    """The checkpoint dict ``state`` in the current format (``state`` itself when it is; else a new
+    dict, ``state`` is not changed)."""
     if state.get("format") == FORMAT and state.get("version") == VERSION:
         return state
     if state.get("format") != "acdc-potential/sparse-krr/1":
@@ -147,9 +149,13 @@ class SparseKRRModel:
     def predict(self, structures: Sequence, forces: bool = True, stress: bool = True, uncertainty: bool = False, batch_size: int = 16):
         """:func:`acdc_potential.inference.predict` with the scripted :meth:`potential` (the
         exported module, in float64)."""
+        return predict(self.scripted(), self.species, structures, forces, stress, uncertainty, batch_size)
+
+    def scripted(self) -> torch.jit.ScriptModule:
+        """:meth:`potential`, scripted as in the exported file (built once)."""
         if self._scripted is None:
             self._scripted = torch.jit.script(self.potential().eval())
-        return predict(self._scripted, self.species, structures, forces, stress, uncertainty, batch_size)
+        return self._scripted
 
     def to_dict(self) -> Dict:
         """Plain-dict checkpoint (tensors, numbers, strings), loadable with ``weights_only=True``."""
@@ -173,7 +179,13 @@ class SparseKRRModel:
 
     @classmethod
     def from_dict(cls, state: Dict) -> "SparseKRRModel":
-        state = upgrade(state)
+        try:
+            return cls._from_state(upgrade(state))
+        except (KeyError, TypeError, AttributeError) as error:
+            raise CheckpointError(f"the checkpoint is incomplete or malformed ({type(error).__name__}: {error})") from None
+
+    @classmethod
+    def _from_state(cls, state: Dict) -> "SparseKRRModel":
         report = state["report"]
         if report is not None:
             report = HyperparameterReport(**{**report, "regularisers": Regularisers(**report["regularisers"])})

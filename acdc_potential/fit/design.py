@@ -173,8 +173,8 @@ def build_design_matrix(
             if centres.numel() == 0:
                 continue
             forces_or_stress = any(wanted[k][1] or wanted[k][2] for k in group)
-            strain = any(wanted[k][2] for k in group)
-            values, derivatives = kernel.structure_rows(expansion, batch, centres, forces_or_stress, strain)
+            with_stress = any(wanted[k][2] for k in group)
+            values, derivatives = kernel.structure_rows(expansion, batch, centres, forces_or_stress, with_stress)
             n_max = int(batch.atoms_per_structure().max())
             values = values[:, :, columns]
             for t, k in enumerate(group):

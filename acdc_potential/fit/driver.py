@@ -31,7 +31,8 @@ from ..descriptors.radial import DensityHypers
 from ..errors import AccuracyWarning, BaselineWarning
 from ..kernels import PolynomialKernel, SparseKernel, WignerKernel
 from ..kernels.wigner.iteration import WignerHypers
-from .baseline import Baseline
+from ..inference import run_module
+from .baseline import Baseline, isolated_atom_energies
 from .checkpoint import SparseKRRModel
 from .report import FitLog
 from .design import DesignMatrix, build_design_matrix, design_groups
@@ -177,47 +178,50 @@ def make_kernel(config: KernelConfig) -> SparseKernel:
     raise ValueError(f"unknown kernel type '{config.type}' (known: wigner, polynomial)")
 
 
-def fit(
-    structures: Sequence, config: Optional[FitConfig] = None, verbose: bool = False, log: Optional[FitLog] = None, device=None
-) -> SparseKRRModel:
+def fit(structures: Sequence, config: Optional[FitConfig] = None, verbose: bool = False, log: Optional[FitLog] = None) -> SparseKRRModel:
     """Fit a :class:`~acdc_potential.fit.checkpoint.SparseKRRModel` on labelled structures as
     ``config`` (default :class:`~acdc_potential.config.FitConfig`, what the command line uses)
     says, after :func:`select_on_grid` when ``nu_max`` is ``auto`` or ``config.grid`` lists C or r0.
-    ``log`` (default: printing when ``verbose``) reports every step on one clock; ``device``
-    is the torch device of the fit (default CPU; CUDA is untested)."""
+    ``log`` (default: printing when ``verbose``) reports every step on one clock."""
     config = config if config is not None else FitConfig()
     log = log if log is not None else FitLog(verbose)
+    # validated once, numbered by position, before any trial fit of the grid
+    labelled = as_labelled(structures)
+    validate(labelled)
     grid = []
     automatic = config.kernel.type == "wigner" and config.kernel.nu_max == "auto"
     if automatic or (config.kernel.type == "wigner" and (config.grid.C or config.grid.r0)):
         with log.stage("grid"):
-            density, nu_max, grid = select_on_grid(structures, config, log)
+            density, nu_max, grid = select_on_grid(labelled, config, log)
         config = dataclasses.replace(config, density=density, kernel=dataclasses.replace(config.kernel, nu_max=nu_max))
-    model = _fit(structures, config, config.sparse.n, config.options.tune, log, device)
+    model = _fit(labelled, config, config.sparse.n, config.options.tune, log)
     if model.report is not None:
         model.report.density_grid = grid
-    if config.options.isolated_energies is None and not any(s.n_atoms == 1 and s.energy is not None for s in as_labelled(structures)):
-        warn_isolated_atoms(model)
+    if config.options.isolated_energies is None:
+        missing = [z for z in model.species if z not in isolated_atom_energies(labelled)]
+        if missing:
+            warn_isolated_atoms(model, missing)
     return model
 
 
-def warn_isolated_atoms(model: SparseKRRModel) -> None:
-    """Say what the baseline is and what the model gives isolated atoms, when no isolated-atom
-    energy tied it down (a :class:`~acdc_potential.errors.BaselineWarning`, recorded in the model)."""
-    atoms = [ase.Atoms(chemical_symbols[z]) for z in model.species]
+def warn_isolated_atoms(model: SparseKRRModel, species: List[int]) -> None:
+    """Say what the baseline of ``species`` is and what the model gives their isolated atoms, when no
+    isolated-atom energy tied them down (a :class:`~acdc_potential.errors.BaselineWarning`, recorded in the model)."""
+    atoms = [ase.Atoms(chemical_symbols[z]) for z in species]
     predicted = model.predict(atoms, forces=False, stress=False)["energy"].tolist()
-    baseline = ", ".join(f"{chemical_symbols[z]} {model.baseline.energies[z]:.4f}" for z in model.species)
-    isolated = ", ".join(f"{chemical_symbols[z]} {e:.4f}" for z, e in zip(model.species, predicted))
+    baseline = ", ".join(f"{chemical_symbols[z]} {model.baseline.energies[z]:.4f}" for z in species)
+    isolated = ", ".join(f"{chemical_symbols[z]} {e:.4f}" for z, e in zip(species, predicted))
     message = (
-        f"no isolated-atom energies (options.isolated_energies, or single-atom structures in the training file): "
-        f"the baseline is a least-squares fit on composition ({baseline} eV) and an isolated atom gets {isolated} eV, "
-        "an extrapolation; give isolated-atom energies of the reference method to tie them down"
+        f"no isolated-atom energies for {', '.join(chemical_symbols[z] for z in species)} (options.isolated_energies, or "
+        f"single-atom structures in the training file): the baseline is a least-squares fit on composition ({baseline} eV) "
+        f"and an isolated atom gets {isolated} eV, an extrapolation; give isolated-atom energies of the reference method "
+        "to tie them down"
     )
     warnings.warn(message, BaselineWarning, stacklevel=3)
     model.warnings.append(message)
 
 
-def _fit(structures, config: FitConfig, n_sparse, tune: bool, log: Optional[FitLog], device=None):
+def _fit(structures, config: FitConfig, n_sparse, tune: bool, log: Optional[FitLog]):
     if isinstance(n_sparse, dict):
         n_sparse = {atomic_number(element): int(n) for element, n in n_sparse.items()}
     isolated = config.options.isolated_energies
@@ -242,7 +246,6 @@ def _fit(structures, config: FitConfig, n_sparse, tune: bool, log: Optional[FitL
             "sparse_per_species": config.options.tune_sparse,
         },
         log=log,
-        device=device,
     )
 
 
@@ -286,17 +289,18 @@ def select_on_grid(structures, config: FitConfig, log: Optional[FitLog] = None) 
 
 
 def step_cost(model: SparseKRRModel, structure, repeats: int = 3) -> float:
-    """Microseconds per atom of energy and forces of ``structure`` with ``model`` (scripted,
-    as exported; the best of ``repeats`` calls after three warm-up calls: TorchScript profiles
-    the first two calls and optimises the module on the second, which is the slowest)."""
-    for _ in range(3):
-        model.predict([structure], forces=True, stress=False)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model.predict([structure], forces=True, stress=False)
-        best = min(best, time.perf_counter() - start)
+    """Microseconds per atom of energy and forces of ``structure`` with ``model``: the scripted
+    module as exported, on a metatomic system with its neighbour list, as an engine runs it (the
+    best of ``repeats`` calls after three warm-up calls: TorchScript profiles the first two calls
+    and optimises the module on the second, which is the slowest)."""
     atoms = structure.atoms if isinstance(structure, Labelled) else structure
+    module = model.scripted()
+    best = float("inf")
+    for call in range(3 + repeats):
+        start = time.perf_counter()
+        run_module(module, [atoms], forces=True, stress=False, uncertainty=False)
+        if call >= 3:
+            best = min(best, time.perf_counter() - start)
     return 1e6 * best / len(atoms)
 
 

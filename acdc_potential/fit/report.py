@@ -20,6 +20,8 @@ from typing import Dict, List, Optional, TextIO
 
 import yaml
 
+from ..errors import DataFileError
+
 # the distributions whose versions a report records
 DEPENDENCIES = (
     "acdc-potential", "torch", "numpy", "scipy", "ase", "metatensor-core", "metatensor-operations", "metatensor-learn",
@@ -61,7 +63,7 @@ class FitLog:
 
 
 def fingerprint(path: str) -> Dict[str, object]:
-    """SHA-256, size and modification time of a data file."""
+    """Absolute path, SHA-256 and size of a data file."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):
@@ -136,8 +138,15 @@ def write_report(path: str, report: Dict) -> None:
 
 
 def read_report(path: str) -> Dict:
-    with open(path) as file:
-        return yaml.safe_load(file)
+    """The report ``path`` (a :class:`~acdc_potential.errors.DataFileError` if it is not one)."""
+    try:
+        with open(path) as file:
+            report = yaml.safe_load(file)
+    except (OSError, yaml.YAMLError) as error:
+        raise DataFileError(f"{path}: not a readable report ({type(error).__name__})") from None
+    if not isinstance(report, dict) or report.get("acdc-potential") != "fit report":
+        raise DataFileError(f"{path}: not an acdc-potential fit report")
+    return report
 
 
 def extend_report(path: str, name: str, data_file: str, errors: Dict[str, Dict[str, float]]) -> None:

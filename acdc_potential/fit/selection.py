@@ -96,7 +96,7 @@ def shortfall(symbol: str, features: torch.Tensor, selected: int, count: int, me
     """Why ``selected`` sparse environments of ``symbol`` were chosen instead of ``count``,
     from the candidates' unit ``features`` ``[n, F]``."""
     n = features.shape[0]
-    if n < count:
+    if n < count and selected == n:
         why = f"the training set has only {n} environments of {symbol}, all used"
     else:
         distinct = torch.unique(features, dim=0).shape[0]

@@ -36,7 +36,7 @@ class HyperparameterReport:
     """Chosen mixing coefficients and regularisers, with the validation loss and errors.
 
     ``validation_errors`` maps each kind (``energy`` per atom, ``forces``, ``stress``) to
-    its ``mae`` and ``rmse`` on the held-out structures; ``tuned`` names the parameters
+    its ``mae``, ``rmse`` and ``count`` on the held-out structures; ``tuned`` names the parameters
     that were optimised, ``evaluations`` and ``seconds`` the cost of the search;
     ``density_grid`` the validation loss of every point (``nu_max``, ``C``, ``r0``) of the
     grid of :func:`~acdc_potential.fit.driver.select_on_grid`, if one ran;
