@@ -123,7 +123,7 @@ def fit_kernel(
         baseline = Baseline.fit(labelled, species, isolated_energies)
         log("density coefficients of every atom")
         with log.stage("density coefficients and sparse selection"):
-            coefficients, numbers, layout = training_coefficients(labelled, expansion, device=device, progress=log.verbose)
+            coefficients, numbers, layout = training_coefficients(labelled, expansion, device=device, progress=log.progress)
             chosen = select_sparse(power_spectrum(layout.unflatten(coefficients)), numbers, n_sparse, selection)
         kernel.set_sparse(coefficients[chosen], numbers[chosen], layout)
         counts = {int(z): int((numbers[chosen] == z).sum()) for z in species}
@@ -133,7 +133,7 @@ def fit_kernel(
         def rows_of(group: List[int]) -> DesignMatrix:
             with log.stage("design matrix"):
                 rows = [labelled[k] for k in group]
-                return build_design_matrix(rows, expansion, kernel, baseline, energies, forces, stress, budget, progress=log.verbose)
+                return build_design_matrix(rows, expansion, kernel, baseline, energies, forces, stress, budget, progress=log.progress)
 
         design = rows_of(groups[0])
         k_mm_pieces = kernel.sparse_block()
@@ -146,7 +146,7 @@ def fit_kernel(
             if per_species is not None and per_species > 0:
                 options["sparse"] = selection_prefix(kernel.sparse_species, int(per_species))
             with log.stage("tuning"):
-                report = select_hyperparameters(design, k_mm_pieces, kernel, regularisers, jitter=jitter, progress=log.verbose, **options)
+                report = select_hyperparameters(design, k_mm_pieces, kernel, regularisers, jitter=jitter, progress=log.progress, **options)
             kernel.mixing = dict(report.mixing)
             regularisers = report.regularisers
             mixing = ", ".join(f"{k} = {v:.4g}" for k, v in report.mixing.items())
@@ -274,15 +274,17 @@ def select_on_grid(structures, config: FitConfig, log: Optional[FitLog] = None) 
             density=dataclasses.replace(config.density, C=float(C), r0=float(r0)),
             kernel=dataclasses.replace(config.kernel, nu_max=int(nu_max)),
         )
+        log(f"grid point {k + 1}/{len(values)}: nu_max = {nu_max}, C = {C:g}, r0 = {r0:g} A, trial fit")
         start = time.perf_counter()
-        model = _fit(subset, trial, config.grid.sparse, True, FitLog(False))
+        # the trial fit's own lines would drown the grid's; its progress bars show
+        model = _fit(subset, trial, config.grid.sparse, True, FitLog(False, progress=log.progress))
         seconds = time.perf_counter() - start
         step = step_cost(model, subset[0])
         points.append({"nu_max": int(nu_max), "C": float(C), "r0": float(r0), "loss": float(model.report.loss),
                        "seconds": round(seconds, 2), "step_us_per_atom": round(step, 1)})
         left = (len(values) - k - 1) * (log.elapsed() / (k + 1))
-        log(f"grid point {k + 1}/{len(values)}: nu_max = {nu_max}, C = {C:g}, r0 = {r0:g} A: validation loss "
-            f"{model.report.loss:.4g}, {seconds:.0f} s, MD step {step:.0f} us/atom (about {left:.0f} s left)")
+        log(f"grid point {k + 1}/{len(values)}: validation loss {model.report.loss:.4g}, {seconds:.0f} s, "
+            f"MD step {step:.0f} us/atom (about {left:.0f} s left in the grid)")
     best = choose_grid_point(points, config.grid.tolerance)
     log(f"grid: chose {describe_choice(best, points, config.grid.tolerance, config.grid.sparse)}")
     return dataclasses.replace(config.density, C=best["C"], r0=best["r0"]), best["nu_max"], points

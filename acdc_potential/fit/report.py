@@ -30,11 +30,13 @@ DEPENDENCIES = (
 
 
 class FitLog:
-    """Timestamped messages on one clock, printed (when ``verbose``) and written to ``path``."""
+    """Timestamped messages on one clock, printed (when ``verbose``) and written to ``path``;
+    ``progress`` (default: ``verbose``) shows the progress bars of long steps."""
 
-    def __init__(self, verbose: bool = True, path: Optional[str] = None):
+    def __init__(self, verbose: bool = True, path: Optional[str] = None, progress: Optional[bool] = None):
         self.start = time.perf_counter()
         self.verbose = verbose
+        self.progress = verbose if progress is None else progress
         self.file: Optional[TextIO] = open(path, "w") if path is not None else None
         self.timings: Dict[str, float] = {}
 
