@@ -81,6 +81,37 @@ def test_old_checkpoints_export_files_that_predict_as_before(stem, tmp_path):
     close(np.concatenate([a.get_forces() for a in frames]), old["file_forces"])
 
 
+@pytest.mark.parametrize("stem", REFERENCES)
+def test_exported_fitted_models_run_without_the_package_with_consistency_checks(stem, tmp_path):
+    """The files the new code exports from the old checkpoints run in a process that never imports
+    acdc_potential, with metatomic's check_consistency on, and predict what the old files did."""
+    model, _, old = reference(stem)
+    path = str(tmp_path / "model.pt")
+    model.export(path)
+    script = textwrap.dedent(
+        f"""
+        import sys, json, ase.io, numpy as np
+        from metatomic_ase import MetatomicCalculator
+        calculator = MetatomicCalculator({path!r}, check_consistency=True)
+        energies, forces, stress = [], [], []
+        for atoms in ase.io.read({str(DATA / f"{stem}.extxyz")!r}, ":"):
+            atoms.calc = calculator
+            energies.append(atoms.get_potential_energy())
+            forces.append(atoms.get_forces().tolist())
+            stress.append(atoms.get_stress(voigt=False).tolist() if atoms.pbc.all() else None)
+        imported = any(m.startswith("acdc_potential") for m in sys.modules)
+        print(json.dumps({{"energy": energies, "forces": forces, "stress": stress, "imported": imported}}))
+        """
+    )
+    output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd="/")
+    result = __import__("json").loads(output.stdout.strip().splitlines()[-1])
+    assert not result["imported"]
+    close(result["energy"], old["file_energy"])
+    close(np.concatenate([np.asarray(f) for f in result["forces"]]), old["file_forces"])
+    if all(s is not None for s in result["stress"]):
+        close(np.asarray(result["stress"]), old["file_stress"])
+
+
 def test_the_model_package_imports_without_fitting_code():
     """A fresh interpreter that imports what ships in the .pt file loads no fitting module,
     nor ase, scipy or tqdm. metatomic itself imports ase and tqdm, so what counts is what the

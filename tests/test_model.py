@@ -100,7 +100,7 @@ def test_file_runs_without_the_package_and_matches_memory(exported):
         from metatomic_ase import MetatomicCalculator
         atoms = ase.build.molecule("CH3CH2OH")
         atoms.rattle(0.05, seed=4)
-        atoms.calc = MetatomicCalculator({exported[("ethanol", torch.float64)]!r})
+        atoms.calc = MetatomicCalculator({exported[("ethanol", torch.float64)]!r}, check_consistency=True)
         result = {{"energy": atoms.get_potential_energy(), "forces": atoms.get_forces().tolist(),
                    "energies": atoms.get_potential_energies().tolist(),
                    "imported": any(m.startswith("acdc_potential") for m in sys.modules)}}
