@@ -83,6 +83,10 @@ class KernelConfig:
         clusters in our tests, no better for molecules or bulk copper) at a cost per MD
         step proportional to that number.
     :param lambda_max: angular truncation of the Wigner iterations.
+    :param channel_weights: scale of each angular channel ``l`` of the ``nu = 1`` Wigner
+        kernel: ``uniform`` (default; the kernels of WK eq. 5, B1) or ``inverse_dimension``
+        (``8 pi^2 / (2l + 1)``, what models of earlier versions were fitted with: weights low
+        ``l`` more at every ``nu >= 2``; see :class:`~acdc_potential.kernels.wigner.iteration.WignerHypers`).
     :param zeta: exponent of the polynomial kernel.
     :param mixing: starting values of the mixing coefficients (``c0``, ``a``, ``b`` for
         ``wigner``; ``c0``, ``a`` for ``polynomial``); tuned when ``options.tune``.
@@ -91,6 +95,7 @@ class KernelConfig:
     type: str = "wigner"
     nu_max: Union[int, str] = "auto"
     lambda_max: int = 3
+    channel_weights: str = "uniform"
     zeta: int = 4
     mixing: Dict[str, float] = field(default_factory=dict)
 
@@ -281,6 +286,7 @@ RULES: Dict[Tuple[str, str], Rule] = {
     ("kernel", "type"): Rule(choices=("wigner", "polynomial")),
     ("kernel", "nu_max"): Rule(choices=("auto",), bounds=NON_NEGATIVE),
     ("kernel", "lambda_max"): Rule(bounds=NON_NEGATIVE),
+    ("kernel", "channel_weights"): Rule(choices=("uniform", "inverse_dimension")),
     ("kernel", "zeta"): Rule(bounds=POSITIVE),
     ("kernel", "mixing"): Rule(bounds=POSITIVE),
     ("sparse", "n"): Rule(bounds=POSITIVE),

@@ -212,10 +212,28 @@ def test_checkpoints_round_trip_in_the_current_version(tmp_path):
     model, frames, _ = reference("copper_wigner4")
     model.save(str(tmp_path / "again.ckpt"))
     state = torch.load(tmp_path / "again.ckpt", weights_only=True)
-    assert (state["format"], state["version"]) == ("acdc-potential/sparse-krr", 2)
+    assert (state["format"], state["version"]) == ("acdc-potential/sparse-krr", 3)
     again = SparseKRRModel.load(str(tmp_path / "again.ckpt"))
     for key, value in model.predict(frames[:1], uncertainty=True).items():
         torch.testing.assert_close(again.predict(frames[:1], uncertainty=True)[key], value, equal_nan=True, rtol=0, atol=0)
+
+
+def test_version_2_checkpoints_keep_the_channel_weights_they_were_fitted_with(tmp_path):
+    """Format 2 had no ``channel_weights``: its Wigner models used ``8 pi^2 / (2l + 1)``."""
+    model, frames, old = reference("copper_wigner4")
+    assert model.kernel.wigner_hypers.channel_weights == "inverse_dimension"  # from format 1
+    model.save(str(tmp_path / "current.ckpt"))
+    state = torch.load(tmp_path / "current.ckpt", weights_only=True)
+    del state["kernel"]["hypers"]["wigner"]["channel_weights"]
+    torch.save({**state, "version": 2}, tmp_path / "version2.ckpt")
+    loaded = SparseKRRModel.load(str(tmp_path / "version2.ckpt"))
+    assert loaded.kernel.wigner_hypers.channel_weights == "inverse_dimension"
+    torch.testing.assert_close(loaded.predict(frames[:1])["energy"], model.predict(frames[:1])["energy"], rtol=0, atol=0)
+    # the same model read with today's default weights would predict something else
+    state["kernel"]["hypers"]["wigner"]["channel_weights"] = "uniform"
+    torch.save(state, tmp_path / "uniform.ckpt")
+    uniform = SparseKRRModel.load(str(tmp_path / "uniform.ckpt"))
+    assert abs(float(uniform.predict(frames[:1])["energy"][0] - model.predict(frames[:1])["energy"][0])) > 1e-3
 
 
 def test_library_defaults_are_the_command_line_defaults(tmp_path, capsys):

@@ -15,7 +15,7 @@ from acdc_potential.descriptors.density import DensityExpansion
 from acdc_potential.descriptors.neighbors import batch_from_atoms
 from acdc_potential.descriptors.radial import DensityHypers
 from acdc_potential.kernels.wigner.features import OrderFeatures
-from acdc_potential.kernels.wigner.iteration import WignerHypers, WignerKernels, equivariant_kernels, exponential_kernel, invariant_kernels, kernel_scale, matched_invariant_kernels, nu1_kernels, wigner_iteration
+from acdc_potential.kernels.wigner.iteration import WignerHypers, WignerKernels, equivariant_kernels, exponential_kernel, invariant_kernels, matched_invariant_kernels, nu1_kernels, wigner_iteration
 
 SPECIES = [1, 6, 8]
 DENSITY = DensityHypers(density="gaussian", cutoff=3.5, smoothing=0.5, max_angular=3, max_radial=3, width=0.4)
@@ -140,7 +140,7 @@ def gaussian_overlap_kernels(neighbors_a, neighbors_b, sigma, lambda_max):
                 scipy.special.spherical_in(lam, z)
             )
             total = total + ya.T @ radial @ yb
-        out.append(kernel_scale(lam) * 4 * math.pi * (4 * math.pi * sigma**2) ** -1.5 * total)
+        out.append(4 * math.pi * (4 * math.pi * sigma**2) ** -1.5 * total)
     return out
 
 
@@ -178,13 +178,15 @@ def feature_kernels(features_a, features_b):
     return {key: torch.einsum("imf,jnf->ijmn", block, features_b[key]) for key, block in features_a.items()}
 
 
-def scaled(coefficients):
-    """``sqrt(8 pi^2 / (2l + 1)) c``: the normalisation that makes B1 + C1 a feature scalar product."""
-    return [math.sqrt(kernel_scale(l)) * c for l, c in enumerate(coefficients)]
+def scaled(coefficients, hypers):
+    """``kappa_l^(1/2) c``: the channel scales that make B1 + C1 a feature scalar product."""
+    kappa = hypers.channel_scales()
+    return [math.sqrt(kappa[l]) * c for l, c in enumerate(coefficients)]
 
 
+@pytest.mark.parametrize("channel_weights", ["uniform", "inverse_dimension"])
 @pytest.mark.parametrize("nu, l_max, lambda_max", [(2, 3, 3), (3, 2, 4), (3, 2, 2)])
-def test_kernels_are_scalar_products_of_acdc_features(nu, l_max, lambda_max):
+def test_kernels_are_scalar_products_of_acdc_features(nu, l_max, lambda_max, channel_weights):
     """WK appendix B: k^{nu, lambda sigma} = <rho^{nu}; lambda sigma mu | rho^{nu}; lambda sigma mu'>.
 
     (3, 2, 4) keeps every intermediate lambda (2 l_max = lambda_max), i.e. the untruncated
@@ -193,10 +195,11 @@ def test_kernels_are_scalar_products_of_acdc_features(nu, l_max, lambda_max):
     hypers = DensityHypers(density="gaussian", cutoff=3.0, smoothing=0.5, max_angular=l_max, max_radial=1, width=0.4)
     a, sa = densities(molecule("CH4", 0), hypers)
     b, sb = densities(molecule("CH4", 1), hypers)
-    kernels = equivariant_kernels(a, sa, b, sb, WignerHypers(nu, lambda_max))[nu]
+    wigner = WignerHypers(nu, lambda_max, channel_weights=channel_weights)
+    kernels = equivariant_kernels(a, sa, b, sb, wigner)[nu]
     options = dict(intermediate_lambda_max=lambda_max) if lambda_max < nu * l_max - l_max else {}
     expected = feature_kernels(
-        acdc_features(scaled(a), nu, lambda_max, **options), acdc_features(scaled(b), nu, lambda_max, **options)
+        acdc_features(scaled(a, wigner), nu, lambda_max, **options), acdc_features(scaled(b, wigner), nu, lambda_max, **options)
     )
     same = (sa.unsqueeze(1) == sb.unsqueeze(0)).to(torch.float64)[:, :, None, None]
     assert set(kernels) == set(expected)
@@ -319,7 +322,7 @@ def test_torchscript_module_matches_eager():
     assert scripted(a, sa, b, sb).requires_grad
 
 
-@pytest.mark.parametrize("nu_max", [0, 1, 2, 3])
+@pytest.mark.parametrize("nu_max", [0, 1, 2, 3, 4])
 @pytest.mark.parametrize("lambda_max", [1, 3])
 def test_collapsed_sums_equal_the_weighted_kernel_sum_also_scripted(nu_max, lambda_max):
     a, sa = densities(molecule("CH3CH2OH", 0))
@@ -370,7 +373,7 @@ def test_shortened_order_three_invariants_keep_the_scalar_products(lambda_max, w
     torch.testing.assert_close(short @ short.T, expected, rtol=1e-13, atol=1e-13 * float(expected.abs().max()))
 
 
-def test_orders_above_three_do_not_collapse():
+def test_orders_above_four_do_not_collapse():
     a, sa = densities(molecule("CH3OH", 1))
     with pytest.raises(ValueError, match="do not collapse"):
-        OrderFeatures(WignerKernels(WignerHypers(nu_max=4))).collapse(a, sa, torch.ones(5, len(sa), dtype=torch.float64), 3)
+        OrderFeatures(WignerKernels(WignerHypers(nu_max=5))).collapse(a, sa, torch.ones(6, len(sa), dtype=torch.float64), 3)

@@ -38,7 +38,7 @@ from .solver import ProjectedProcess
 from .tuning import HyperparameterReport
 
 FORMAT = "acdc-potential/sparse-krr"
-VERSION = 2
+VERSION = 3
 # version 1 named these objects by their qualified Python name; nothing else is accepted
 _VERSION_1_NAMES = {
     "acdc_potential.wigner:WignerHypers": "wigner",
@@ -51,6 +51,8 @@ def upgrade(state: Dict) -> Dict:
     dict, ``state`` is not changed)."""
     if state.get("format") == FORMAT and state.get("version") == VERSION:
         return state
+    if state.get("format") == FORMAT and state.get("version") == 2:
+        return _upgrade_from_2(state)
     if state.get("format") != "acdc-potential/sparse-krr/1":
         found = state.get("format"), state.get("version")
         raise CheckpointError(f"not an acdc-potential checkpoint of a known version (format {found[0]!r}, version {found[1]!r})")
@@ -66,7 +68,18 @@ def upgrade(state: Dict) -> Dict:
             raise CheckpointError(f"the checkpoint names an unknown feature function {hypers.get('features')!r}")
         hypers = {"zeta": hypers["zeta"], "features": features}
     kernel["hypers"] = hypers
-    return {**state, "format": FORMAT, "version": VERSION, "kernel": kernel}
+    return _upgrade_from_2({**state, "format": FORMAT, "version": 2, "kernel": kernel})
+
+
+def _upgrade_from_2(state: Dict) -> Dict:
+    """Version 2 -> 3: Wigner kernels gained ``channel_weights``; earlier ones were fitted with
+    ``inverse_dimension`` (``8 pi^2 / (2l + 1)``), the new default is ``uniform``."""
+    kernel = dict(state["kernel"])
+    if kernel["kind"] == "wigner":
+        hypers = dict(kernel["hypers"])
+        hypers["wigner"] = {**hypers["wigner"], "channel_weights": "inverse_dimension"}
+        kernel["hypers"] = hypers
+    return {**state, "version": VERSION, "kernel": kernel}
 
 
 def kernel_from_dict(state: Dict) -> SparseKernel:
@@ -126,11 +139,13 @@ class SparseKRRModel:
     def weights(self) -> torch.Tensor:
         return self.solution.weights
 
-    def potential(self) -> AtomisticPotential:
-        """The deployable :class:`~acdc_potential.model.potential.AtomisticPotential`."""
+    def potential(self, route: str = "auto") -> AtomisticPotential:
+        """The deployable :class:`~acdc_potential.model.potential.AtomisticPotential`; ``route``
+        chooses how a Wigner head sums over its sparse environments
+        (:class:`~acdc_potential.model.heads.WignerHead`)."""
         state = SparseState(self.kernel, self.solution.weights, self.solution.projection, self.solution.triangular, self.species)
         if self.kernel.kind == "wigner":
-            head = WignerHead(self.expansion, self.kernel, state, self.species)
+            head = WignerHead(self.expansion, self.kernel, state, self.species, route)
         elif self.kernel.kind == "polynomial":
             head = PolynomialHead(self.expansion, self.kernel, state)
         else:

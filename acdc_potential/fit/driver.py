@@ -172,7 +172,8 @@ def make_kernel(config: KernelConfig) -> SparseKernel:
     if config.type == "wigner":
         if not isinstance(config.nu_max, int):
             raise ValueError(f"kernel.nu_max must be an integer here, got {config.nu_max!r} (fit resolves auto)")
-        return WignerKernel(WignerHypers(nu_max=config.nu_max, lambda_max=config.lambda_max), mixing=config.mixing or None)
+        hypers = WignerHypers(nu_max=config.nu_max, lambda_max=config.lambda_max, channel_weights=config.channel_weights)
+        return WignerKernel(hypers, mixing=config.mixing or None)
     if config.type == "polynomial":
         return PolynomialKernel(zeta=config.zeta, mixing=config.mixing or None)
     raise ValueError(f"unknown kernel type '{config.type}' (known: wigner, polynomial)")

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..descriptors.acdc import power_spectrum, unit_rows
+from ..descriptors.cg import key_lambda
 from ..descriptors.density import DensityExpansion, Pairs, unflatten
 from ..kernels.polynomial import FEATURES, polynomial_pieces
 from ..kernels.wigner.features import OrderFeatures
@@ -42,35 +43,47 @@ class WignerHead(DensityHead):
 
     ``s_{a nu}`` is the per-species scale of each order (see
     :class:`~acdc_potential.kernels.wigner.kernel.WignerKernel`). With the weights
-    ``omega_nu w_m / s_{a_m nu}`` precomputed, energies and forces go, for ``nu_max <= 3``,
-    through per-species tensors into which the sum over sparse environments folds exactly
-    (:meth:`OrderFeatures.collapse`, cost independent of their number), and above through
-    :meth:`WignerKernels.weighted_sum` (bounded memory, one pass); the variance, only when
-    asked, through the kernel rows without gradients.
+    ``omega_nu w_m / s_{a_m nu}`` precomputed, energies and forces go through one of two routes:
+
+    - *collapsed*: per-species tensors into which the sum over sparse environments folds
+      exactly (:meth:`OrderFeatures.collapse`), at a cost per atom independent of their number;
+      always for ``nu_max <= 3``, and for ``nu_max = 4`` when its ``[D, D]`` matrices per block and
+      species fit in :data:`GRAM_BUDGET` entries and cost fewer operations per atom than the pairs
+      (:func:`collapse_order_four`);
+    - *pairs*: :meth:`WignerKernels.weighted_sum` over the sparse environments (bounded memory,
+      one pass), for ``nu_max >= 5`` and large ``nu = 4`` models of several species.
+
+    The variance, only when asked, goes through the kernel rows without gradients.
 
     :param density: the density expansion. :param kernel: the fitted
         :class:`~acdc_potential.kernels.wigner.kernel.WignerKernel`. :param state: its
         :class:`~acdc_potential.model.uncertainty.SparseState`. :param species: the model's
-        atomic numbers.
+        atomic numbers. :param route: ``auto`` (default, :func:`collapse_order_four`),
+        ``collapsed`` or ``pairs``; the routes give the same energies and forces.
     """
 
     sparse_features: Dict[int, torch.Tensor]
     collapsed_shapes: List[List[int]]
 
-    def __init__(self, density: DensityExpansion, kernel, state: SparseState, species: List[int]):
+    def __init__(self, density: DensityExpansion, kernel, state: SparseState, species: List[int], route: str = "auto"):
         super().__init__(density)
+        if route not in ROUTES:
+            raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
         self.state = state
         self.kernels = WignerKernels(kernel.wigner_hypers)
         self.register_buffer("inverse_scale", 1.0 / kernel.order_scales(species))
         order_weights = self.state.piece_weights[:, None] * self.inverse_scale[self.state.sparse_species].T
         self.register_buffer("pair_weights", order_weights * self.state.weights[None, :])
-        # nu <= 3: the weighted sums over sparse environments fold into per-species tensors
-        # (OrderFeatures.collapse), so an MD step costs the same for any number of them
-        self.collapsed = self.kernels.nu_max <= 3
+        sparse = unflatten(self.state.sparse, self.state.shapes)
+        if route == "auto":
+            self.collapsed = collapse_order_four(self.kernels, [x.shape[2] for x in sparse], self.state.sparse_species, len(species))
+        else:
+            self.collapsed = route == "collapsed"
+            if self.collapsed and self.kernels.nu_max > 4:
+                raise ValueError("orders above 4 do not collapse: use route 'pairs'")
         self.collapsed_shapes = []
         flat = torch.zeros((len(species), 0), dtype=torch.float64)
         if self.collapsed:
-            sparse = unflatten(self.state.sparse, self.state.shapes)
             parts = OrderFeatures(self.kernels).collapse(sparse, self.state.sparse_species, self.pair_weights, len(species))
             self.collapsed_shapes = [list(part.shape[1:]) for part in parts]
             flat = torch.cat([part.reshape(len(species), -1) for part in parts], dim=1)
@@ -142,6 +155,37 @@ class WignerHead(DensityHead):
                 k_xx = piece_weights[0] + piece_weights[1:] @ (self.kernels.invariant_matched(a, a) * inverse_scale[1:])
                 return self.state.variance(k_xm, k_xx)
             return self.state.group_variance(k_xm, self.kernel(a, species, a, species), group, n_groups)
+
+
+ROUTES = ("auto", "collapsed", "pairs")
+# entries (all species) of the nu = 4 matrices a collapsed model may keep: 160 MB in float64
+GRAM_BUDGET = 20_000_000
+
+
+def collapse_order_four(kernels: WignerKernels, widths: List[int], sparse_species: torch.Tensor, n_species: int) -> bool:
+    """Whether a model collapses its sparse environments (see :class:`WignerHead`).
+
+    ``nu_max <= 3``: always. ``nu_max = 4``: when the matrices ``W^{4, lambda sigma}`` of every
+    species fit in :data:`GRAM_BUDGET` entries and ``<F_i W, F_i>``, ``2 sum_blocks (2 lambda + 1)
+    D^2`` operations per atom, is cheaper than ``F_i F_m^T`` with each of the ``M_a`` sparse
+    environments of the atom's species, ``2 M_a sum_blocks (2 lambda + 1)^2 D``; both also pay
+    for the atom's own ``nu = 2`` features, and autograd doubles both alike.
+
+    :param widths: ``Q_l`` per ``l`` of the density coefficients. :param sparse_species:
+        ``[M]`` species index of the sparse environments.
+    """
+    if kernels.nu_max <= 3:
+        return True
+    if kernels.nu_max > 4:
+        return False
+    sizes = OrderFeatures(kernels).nu2_sizes(widths)
+    if n_species * sum(d * d for d in sizes.values()) > GRAM_BUDGET:
+        return False
+    per_species = torch.bincount(sparse_species, minlength=n_species)
+    smallest = int(per_species[per_species > 0].min()) if bool((per_species > 0).any()) else 0
+    gram = sum((2 * key_lambda(key) + 1) * d * d for key, d in sizes.items())
+    pairs = smallest * sum((2 * key_lambda(key) + 1) ** 2 * d for key, d in sizes.items())
+    return gram < pairs
 
 
 class PolynomialHead(DensityHead):

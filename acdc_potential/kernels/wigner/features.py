@@ -19,7 +19,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from ...descriptors.cg import block_key, key_lambda, parity_sign
-from .iteration import WignerHypers, WignerKernels, kernel_scale, wigner_module
+from .iteration import WignerHypers, WignerKernels, wigner_module
 
 
 class OrderFeatures:
@@ -39,7 +39,7 @@ class OrderFeatures:
         """Per-atom invariants whose scalar products are the kernels: ``k^{nu, 0+}(i, j) =
         <Phi^nu_i, Phi^nu_j>`` for ``nu = 1..nu_max <= 4`` (no central-species delta).
 
-        With ``F`` the features of :meth:`WignerKernels.nu2_features` and ``kappa_l = 8 pi^2 / (2l + 1)``:
+        With ``F`` the features of :meth:`WignerKernels.nu2_features` and ``kappa_l`` the channel scales of ``k^1``:
         ``Phi^1 = kappa_0^(1/2) a^0``, ``Phi^2 = F^{0+}``, ``Phi^3 = (kappa_l / (2l + 1))^(1/2)
         F^{l+ T} a^l`` over ``l`` (``k^3 = <k^2, k^1>``: ``F^T a`` contracts ``mu``) and
         ``Phi^4 = (2 lambda + 1)^(-1/2) F^{lambda sigma T} F^{lambda sigma}`` over the blocks
@@ -55,7 +55,7 @@ class OrderFeatures:
         n = a[0].shape[0]
         out: List[torch.Tensor] = []
         if self.nu_max >= 1:
-            out.append(a[0][:, 0, :] * math.sqrt(kernel_scale(0)))
+            out.append(a[0][:, 0, :] * math.sqrt(self.kernels.channel_scales[0]))
         if self.nu_max >= 2:
             features = self.kernels.nu2_features(a)
             out.append(features[block_key(0, 1)][:, 0, :])
@@ -66,7 +66,7 @@ class OrderFeatures:
                 phi = a[0].new_empty((n, sum(sizes)))
                 offset = 0
                 for l, size in zip(orders, sizes):
-                    scaled = a[l] * math.sqrt(kernel_scale(l) / (2 * l + 1))
+                    scaled = a[l] * math.sqrt(self.kernels.channel_scales[l] / (2 * l + 1))
                     phi[:, offset : offset + size] = torch.bmm(features[block_key(l, 1)].transpose(1, 2), scaled).view(n, size)
                     offset += size
                 out.append(phi)
@@ -79,27 +79,71 @@ class OrderFeatures:
         return out
 
     def collapse(self, b: List[torch.Tensor], species_b: torch.Tensor, weights: torch.Tensor, n_species: int) -> List[torch.Tensor]:
-        """``sum_j weights[nu, j] k^nu(., b_j)`` for ``nu <= 3`` folded into per-species tensors
+        """``sum_j weights[nu, j] k^nu(., b_j)`` for ``nu <= 4`` folded into per-species tensors
         (docs/equations.md, "Collapsed energies").
 
         Every order is a scalar product ``<Phi^nu_i, Phi^nu_j>`` (:meth:`order_features`), so
         its weighted sum over ``j`` is one fixed vector ``W^nu = sum_j weights[nu, j] Phi^nu_j``
-        per central species. Order 4 would fold too, but its ``Phi^4`` is too large to keep
-        for a model of several species, so exported models of order 4 keep the sum.
+        per central species. For ``nu = 4`` the vector is kept as the symmetric matrices it
+        stands for, ``W^{4, lambda sigma} = sum_j weights[4, j] F_j^T F_j / (2 lambda + 1)``
+        per block of :meth:`WignerKernels.nu2_features` (``k^4(i, j) = sum_blocks ||F_i F_j^T||^2
+        / (2 lambda + 1) = sum_blocks <F_i^T F_i, F_j^T F_j> / (2 lambda + 1)``), built without
+        ``Phi^4`` of the environments; :meth:`gram_entries` says how large they are.
 
         :param b: environments (e.g. sparse), ``[n_b, 2l + 1, Q_l]`` per ``l``.
         :param species_b: ``[n_b]`` central species index in ``0..n_species-1``.
         :param weights: ``[nu_max + 1, n_b]``.
         :return: per species ``s`` (leading dimension), ``[sum_j weights[0, j]]``, then
-            ``W^nu [d_nu]`` for ``nu = 1..nu_max`` (:meth:`WignerKernels.collapsed_energy`).
+            ``W^nu [d_nu]`` for ``nu = 1..min(nu_max, 3)``, then for ``nu_max = 4`` one
+            ``W^{4, lambda sigma} [D, D]`` per block in the order of the sorted block keys
+            (:meth:`WignerKernels.collapsed_energy`).
         """
-        if self.nu_max > 3:
-            raise ValueError("orders above 3 do not collapse onto per-atom quantities")
+        if self.nu_max > 4:
+            raise ValueError("orders above 4 do not collapse onto per-atom quantities")
         one_hot = torch.zeros((n_species, species_b.shape[0]), dtype=b[0].dtype, device=b[0].device)
         one_hot[species_b, torch.arange(species_b.shape[0], device=b[0].device)] = 1.0
         out: List[torch.Tensor] = [one_hot @ weights[0]]
-        for nu, phi in enumerate(self.order_features(b)):
+        lower = OrderFeatures(self.kernels) if self.nu_max < 4 else OrderFeatures(wigner_module(_lowered(self.kernels), b[0]))
+        for nu, phi in enumerate(lower.order_features(b)):
             out.append((one_hot * weights[nu + 1]) @ phi)
+        if self.nu_max == 4:
+            out.extend(self._order4_matrices(b, species_b, weights[4], n_species))
+        return out
+
+    def _order4_matrices(self, b: List[torch.Tensor], species_b: torch.Tensor, weights: torch.Tensor, n_species: int) -> List[torch.Tensor]:
+        """``W^{4, lambda sigma}`` ``[n_species, D, D]`` per sorted block key (see :meth:`collapse`),
+        accumulated over chunks of environments."""
+        out: Dict[int, torch.Tensor] = {}
+        for start in range(0, species_b.shape[0], COLLAPSE_CHUNK):
+            chunk = [x[start : start + COLLAPSE_CHUNK] for x in b]
+            features = self.kernels.nu2_features(chunk)
+            for key in sorted(features.keys()):
+                f = features[key]
+                d = f.shape[2]
+                if key not in out:
+                    out[key] = f.new_zeros((n_species, d, d))
+                scaled = f * (weights[start : start + COLLAPSE_CHUNK] / (2 * key_lambda(key) + 1))[:, None, None]
+                for s in range(n_species):
+                    rows = torch.nonzero(species_b[start : start + COLLAPSE_CHUNK] == s).flatten()
+                    if rows.numel():
+                        out[key][s] += scaled[rows].reshape(-1, d).T @ f[rows].reshape(-1, d)
+        return [out[key] for key in sorted(out.keys())]
+
+    def gram_entries(self, widths: List[int]) -> int:
+        """Entries of the ``nu = 4`` matrices of :meth:`collapse`, per species: ``sum D^2`` over
+        the blocks of :meth:`WignerKernels.nu2_features` (``widths``: ``Q_l`` per ``l``)."""
+        return sum(size**2 for size in self.nu2_sizes(widths).values())
+
+    def nu2_sizes(self, widths: List[int]) -> Dict[int, int]:
+        """Number of columns ``D`` of each :meth:`WignerKernels.nu2_features` block, by block key."""
+        out: Dict[int, int] = {}
+        for lam in range(self.lambda_max + 1):
+            for sigma in (1, -1):
+                if not self.kernels._needs_k2_block(lam, sigma):
+                    continue
+                pairs = self._pairs_of_block(lam, sigma, widths)
+                if pairs:
+                    out[block_key(lam, sigma)] = pairs[-1][3]
         return out
 
     def order3_reduction(self, widths: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -184,6 +228,15 @@ class OrderFeatures:
                 out.append((l1, l2, start, start + size))
                 start += size
         return out
+
+
+# environments per chunk of the nu = 4 collapse: bounds its nu = 2 features
+COLLAPSE_CHUNK = 256
+
+
+def _lowered(kernels: WignerKernels) -> WignerHypers:
+    """The hyperparameters of ``kernels`` with ``nu_max`` 3 (the orders that fold into vectors)."""
+    return WignerHypers(nu_max=3, lambda_max=kernels.lambda_max, channel_weights=kernels.channel_weights)
 
 
 @lru_cache(maxsize=32)

@@ -14,7 +14,7 @@ import torch
 
 from ...descriptors.cg import block_key, key_lambda, key_sigma
 from .features import OrderFeatures, _cached
-from .iteration import WignerHypers, kernel_scale
+from .iteration import WignerHypers
 
 
 class OrderFeatureGradients(OrderFeatures):
@@ -41,7 +41,7 @@ class OrderFeatureGradients(OrderFeatures):
         if self.nu_max == 0:
             return
         n_k = tangents[0].shape[1]
-        root = math.sqrt(kernel_scale(0))
+        root = math.sqrt(self.kernels.channel_scales[0])
         torch.sum(a[0][:, 0, :], dim=0, out=sums[0]).mul_(root)
         torch.sum(tangents[0][:, :, 0, :], dim=0, out=derivatives[0]).mul_(root)
         if self.nu_max == 1:
@@ -55,7 +55,7 @@ class OrderFeatureGradients(OrderFeatures):
             offset = 0
             for l1, l2, l3, columns, keep, weight in self._order3_layout(tuple(widths)):
                 # the scale of Phi^3 rides on the small factors, not on the [K, D, Q] products
-                scale = math.sqrt(kernel_scale(l3) / (2 * l3 + 1))
+                scale = math.sqrt(self.kernels.channel_scales[l3] / (2 * l3 + 1))
                 f = features[block_key(l3, 1)][:, :, columns[0] : columns[1]]
                 b = a[l3] * scale
                 block = self._pair_tangent_sums(a, tangents, l1, l2, l3, b)
@@ -107,8 +107,8 @@ class OrderFeatureGradients(OrderFeatures):
         """
         n_k = tangents[0].shape[1]
         cg = self.kernels._cg_block(l1, l2, lam)
-        s1 = math.sqrt(kernel_scale(l1))
-        s2 = math.sqrt(kernel_scale(l2))
+        s1 = math.sqrt(self.kernels.channel_scales[l1])
+        s2 = math.sqrt(self.kernels.channel_scales[l2])
         # the storage factor sqrt 2 of l1 < l2 rides on the small factor C b
         cb = torch.einsum("xyu,nue->nxye", cg, b * (math.sqrt(2.0) if l1 < l2 else 1.0))
         x = torch.einsum("nkxq,nxre->kqre", tangents[l1] * s1, torch.einsum("nyr,nxye->nxre", a[l2] * s2, cb))

@@ -10,9 +10,9 @@ of ``a`` with one of ``b``. An equivariant kernel between pairs is a set of bloc
 pair, ``mu`` indexing the side of ``a`` and ``mu'`` that of ``b``.
 
 - ``nu = 0`` (WK eq. 8): ``delta(a_i, a_i')`` of the central species.
-- ``nu = 1`` (WK eq. 7, B1): ``k^{1,l}_{m m'} = 8 pi^2 / (2l + 1) sum_q a[q l m] b[q l m']``,
-  ``sigma = +1`` (:func:`nu1_kernels`); the species-aware functions set every ``nu >= 1``
-  kernel to zero across central species.
+- ``nu = 1`` (WK eq. 7, B1): ``k^{1,l}_{m m'} = kappa_l sum_q a[q l m] b[q l m']``,
+  ``sigma = +1`` (:func:`nu1_kernels`), ``kappa_l = 1`` (B1; see "Normalisation" below);
+  the species-aware functions set every ``nu >= 1`` kernel to zero across central species.
 - Wigner iteration (WK eq. 6, C1, appendix F), for any two equivariant kernels ``x, y``:
   ``k^{lambda sigma}_{mu mu'} = sum C^{l1 l2 lambda}_{m1 m2 mu} C^{l1 l2 lambda}_{m1' m2' mu'}
   x^{l1 s1}_{m1 m1'} y^{l2 s2}_{m2 m2'}`` over ``sigma = s1 s2 (-1)^(l1 + l2 + lambda)``,
@@ -29,13 +29,21 @@ pair, ``mu`` indexing the side of ``a`` and ``mu'`` that of ``b``.
   path is kept because it also yields the equivariant blocks.
 - Exponential kernel (WK eq. E4): :func:`exponential_kernel`, :func:`exponential_weights`.
 
-Normalisation: with the ``8 pi^2 / (2l + 1)`` of B1 in ``k^1`` and the plain C1 iteration,
-``k^{nu, lambda sigma}`` is the scalar product of the ``nu``-body ACDC features
-(full tensor product, as :func:`acdc_potential.descriptors.acdc.acdc_features`) built from the
-rescaled coefficients ``sqrt(8 pi^2 / (2l + 1)) c[q l m]`` (WK eq. B1, B2). For
-``lambda = 0``: ``k^{2,0} = sum_l kappa_l^2 / (2l + 1) <P_l(a), P_l(b)>`` with
-``kappa_l = 8 pi^2 / (2l + 1)`` (docs/equations.md, "Kernels as scalar products of ACDC
-features (appendix B)" and "Normalisation of the nu = 1 kernel: what the code does today").
+Normalisation: B1 gives ``k^1`` the same scale for every ``l`` (``kappa_l = 1``). With it the
+plain C1 iteration yields exactly the kernels of WK eq. 5 with the Haar measure normalised to
+one (``int dR = 1``): expanding the overlap ``int rho_i(x) rho_i'(R^-1 x) dx = sum_l
+<k^{1,l}, D^l(R)>`` and coupling the ``nu`` factors ``D^{l1} D^{l2} = sum C C D^lambda`` is C1
+term by term, and ``int D^lambda dR = delta_{lambda 0}``. The pseudoscalar ``(0, -)`` blocks are
+the odd part under inversion of one environment. ``tests/test_wigner.py`` checks both against an
+SO(3) quadrature of powers of the Gaussian-overlap integral. ``channel_weights:
+inverse_dimension`` restores the ``kappa_l = 8 pi^2 / (2l + 1)`` of earlier versions (checkpoints
+of format version <= 2): a valid body-ordered kernel that weights the density's ``l`` channels
+unevenly at every ``nu >= 2``, not eq. 5. Either way ``k^{nu, lambda sigma}`` is the scalar
+product of the ``nu``-body ACDC features (full tensor product, as
+:func:`acdc_potential.descriptors.acdc.acdc_features`) of the rescaled coefficients
+``kappa_l^(1/2) c[q l m]`` (WK eq. B1, B2); for ``lambda = 0``: ``k^{2,0} = sum_l kappa_l^2 /
+(2l + 1) <P_l(a), P_l(b)>`` (docs/equations.md, "Kernels as scalar products of ACDC features
+(appendix B)").
 
 Cost (WK appendix D): the radial-chemical index ``q`` appears only in ``k^1``. Each
 ``(l1, l2)`` coupling is evaluated for all its ``lambda`` at once as three GEMM-shaped
@@ -98,6 +106,10 @@ class WignerHypers:
     :param checkpoint: when ``a`` requires gradients (outside TorchScript), recompute each
         chunk during the backward pass instead of keeping its intermediates, so that
         memory stays bounded for any number of pairs (default ``True``).
+    :param channel_weights: the scale ``kappa_l`` of each ``l`` channel of ``k^1``:
+        ``uniform`` (default, ``kappa_l = 1``, WK eq. B1: the kernels of eq. 5) or
+        ``inverse_dimension`` (``8 pi^2 / (2l + 1)``, what models of checkpoint format
+        version <= 2 were fitted with; see the module's "Normalisation").
     """
 
     nu_max: int = 4
@@ -105,15 +117,23 @@ class WignerHypers:
     invariant_only: bool = True
     chunk_size: int = 2048
     checkpoint: bool = True
+    channel_weights: str = "uniform"
 
     def validate(self):
         if self.nu_max < 0 or self.lambda_max < 0 or self.chunk_size < 1:
             raise ValueError(f"need nu_max >= 0, lambda_max >= 0, chunk_size >= 1, got {self}")
+        if self.channel_weights not in CHANNEL_WEIGHTS:
+            raise ValueError(f"channel_weights must be one of {sorted(CHANNEL_WEIGHTS)}, got {self.channel_weights!r}")
+
+    def channel_scales(self) -> List[float]:
+        """``kappa_l`` for ``l = 0..lambda_max``."""
+        return [CHANNEL_WEIGHTS[self.channel_weights](l) for l in range(self.lambda_max + 1)]
 
 
-def kernel_scale(l: int) -> float:
-    """``8 pi^2 / (2l + 1)``: the rotation integral of ``D^l D^l`` (WK eq. B1)."""
-    return 8.0 * math.pi**2 / (2 * l + 1)
+CHANNEL_WEIGHTS = {
+    "uniform": lambda l: 1.0,
+    "inverse_dimension": lambda l: 8.0 * math.pi**2 / (2 * l + 1),
+}
 
 
 class WignerKernels(torch.nn.Module):
@@ -135,6 +155,8 @@ class WignerKernels(torch.nn.Module):
         self.invariant_only = bool(hypers.invariant_only)
         self.chunk_size = int(hypers.chunk_size)
         self.checkpoint = bool(hypers.checkpoint)
+        self.channel_weights = str(hypers.channel_weights)
+        self.channel_scales: List[float] = hypers.channel_scales()
 
         cache = ClebschGordanCache(torch.float64)
         pieces: List[torch.Tensor] = []
@@ -216,7 +238,7 @@ class WignerKernels(torch.nn.Module):
         for l in range(min(len(a), len(b), self.lambda_max + 1)):
             width = 2 * l + 1
             k = a[l].reshape(n_a * width, -1) @ b[l].reshape(n_b * width, -1).T
-            out[block_key(l, 1)] = k.view(n_a, width, n_b, width) * kernel_scale(l)
+            out[block_key(l, 1)] = k.view(n_a, width, n_b, width) * self.channel_scales[l]
         return out
 
     def nu1_matched(self, a: List[torch.Tensor], b: List[torch.Tensor]) -> Dict[int, torch.Tensor]:
@@ -225,7 +247,7 @@ class WignerKernels(torch.nn.Module):
         Giving each pair its own copy of ``a`` yields every per-pair gradient in one pass."""
         out: Dict[int, torch.Tensor] = {}
         for l in range(min(len(a), len(b), self.lambda_max + 1)):
-            out[block_key(l, 1)] = torch.bmm(a[l], b[l].transpose(1, 2)) * kernel_scale(l)
+            out[block_key(l, 1)] = torch.bmm(a[l], b[l].transpose(1, 2)) * self.channel_scales[l]
         return out
 
     def iterate(
@@ -297,7 +319,7 @@ class WignerKernels(torch.nn.Module):
             kernels up to ``nu_max`` use (:meth:`_needs_k2_block`).
 
         ``F[mu, (l1 l2 q r)] = sum_{m1 m2} C^{l1 l2 lambda}_{m1 m2 mu} a~[q l1 m1] a~[r l2 m2]``
-        with ``a~ = sqrt(8 pi^2 / (2l + 1)) a`` (B1), ``sigma = (-1)^(l1 + l2 + lambda)``.
+        with ``a~ = kappa_l^(1/2) a`` (B1), ``sigma = (-1)^(l1 + l2 + lambda)``.
         Swapping ``(l1, q)`` and ``(l2, r)`` changes ``F`` by the sign of the CG only, so only
         ``l1 <= l2`` is kept (times ``sqrt 2`` for ``l1 < l2``) and, for ``l1 = l2``, the
         pairs ``q <= r`` of the symmetric (``lambda`` even) and ``q < r`` of the
@@ -306,7 +328,7 @@ class WignerKernels(torch.nn.Module):
         pieces: Dict[int, List[torch.Tensor]] = {}
         n = a[0].shape[0]
         l_top = min(len(a) - 1, self.lambda_max)
-        scaled = [a[l] * math.sqrt(kernel_scale(l)) for l in range(l_top + 1)]
+        scaled = [a[l] * math.sqrt(self.channel_scales[l]) for l in range(l_top + 1)]
         for l1 in range(l_top + 1):
             for l2 in range(l1, l_top + 1):
                 w1 = 2 * l1 + 1
@@ -408,10 +430,11 @@ class WignerKernels(torch.nn.Module):
         independent of the number of environments ``b_j``.
 
         ``<Phi^3_i, W^3>`` is evaluated as ``sum_l <F^{l+}_i, a^l_i W^3_l^T>`` (``W^3_l`` the
-        ``[D_l, Q_l]`` part of ``W^3``), which never builds ``Phi^3`` of the atoms."""
+        ``[D_l, Q_l]`` part of ``W^3``), and ``<Phi^4_i, W^4>`` as ``sum_blocks <F_i W^{4, lambda
+        sigma}, F_i>``; neither builds ``Phi^3`` or ``Phi^4`` of the atoms."""
         energy = collapsed[0][species]
         if self.nu_max >= 1:
-            energy = energy + (a[0][:, 0, :] * collapsed[1][species]).sum(dim=1) * math.sqrt(kernel_scale(0))
+            energy = energy + (a[0][:, 0, :] * collapsed[1][species]).sum(dim=1) * math.sqrt(self.channel_scales[0])
         if self.nu_max >= 2:
             features = self.nu2_features(a)
             energy = energy + (features[block_key(0, 1)][:, 0, :] * collapsed[2][species]).sum(dim=1)
@@ -419,16 +442,25 @@ class WignerKernels(torch.nn.Module):
             present = torch.unique(species)
             for index in range(present.shape[0]):
                 atoms = torch.nonzero(species == present[index]).flatten()
+                s = int(present[index])
                 start = 0
                 for l in orders:
                     f = features[block_key(l, 1)].index_select(0, atoms)
                     width = a[l].shape[2]
                     size = f.shape[2] * width
-                    w3 = collapsed[3][int(present[index])][start : start + size].view(f.shape[2], width)
+                    w3 = collapsed[3][s][start : start + size].view(f.shape[2], width)
                     start += size
                     projected = a[l].index_select(0, atoms) @ w3.T
-                    term = (projected * f).sum(dim=(1, 2)) * math.sqrt(kernel_scale(l) / (2 * l + 1))
+                    term = (projected * f).sum(dim=(1, 2)) * math.sqrt(self.channel_scales[l] / (2 * l + 1))
                     energy = energy.index_add(0, atoms, term)
+                if self.nu_max >= 4:
+                    position = 4
+                    for key in sorted(features.keys()):
+                        f = features[key].index_select(0, atoms)
+                        d = f.shape[2]
+                        projected = (f.reshape(-1, d) @ collapsed[position][s]).view(f.shape)
+                        energy = energy.index_add(0, atoms, (projected * f).sum(dim=(1, 2)))
+                        position += 1
         return energy
 
     def contract(self, x: Dict[int, torch.Tensor], y: Dict[int, torch.Tensor], mu_prime_dim: int = 2) -> torch.Tensor:
@@ -696,15 +728,15 @@ def wigner_module(hypers: WignerHypers, like: torch.Tensor) -> WignerKernels:
     return _cached_module(astuple(hypers), like.dtype, str(like.device))
 
 
-def nu1_kernels(a: List[torch.Tensor], b: List[torch.Tensor]) -> List[torch.Tensor]:
+def nu1_kernels(a: List[torch.Tensor], b: List[torch.Tensor], channel_weights: str = "uniform") -> List[torch.Tensor]:
     """``nu = 1`` equivariant kernels (WK eq. 7 via B1), no central-species delta.
 
     :param a: density coefficients ``[n_a, 2l + 1, Q_l]`` per ``l``.
     :param b: density coefficients ``[n_b, 2l + 1, Q_l]`` per ``l``.
     :return: ``k^{1,l}`` ``[n_a, n_b, 2l + 1, 2l + 1]`` per ``l``,
-        ``8 pi^2 / (2l + 1) sum_q a[i, m, q] b[j, m', q]``.
+        ``kappa_l sum_q a[i, m, q] b[j, m', q]`` (``kappa_l`` of ``channel_weights``).
     """
-    module = wigner_module(WignerHypers(lambda_max=min(len(a), len(b)) - 1), a[0])
+    module = wigner_module(WignerHypers(lambda_max=min(len(a), len(b)) - 1, channel_weights=channel_weights), a[0])
     shape = (a[0].shape[0], b[0].shape[0])
     return [k.view(*shape, k.shape[1], k.shape[2]) for _, k in sorted(module.nu1(a, b).items())]
 

@@ -1,0 +1,118 @@
+"""Every inference route of an exported Wigner model gives the energies and forces of the per-pair sum.
+
+A Wigner head sums its sparse environments either pair by pair
+(:meth:`~acdc_potential.kernels.wigner.iteration.WignerKernels.weighted_sum`) or through
+per-species tensors into which the sum folds (:meth:`~acdc_potential.kernels.wigner.features.OrderFeatures.collapse`,
+for ``nu_max <= 4``). Both are exported here from one model (random weights on sparse
+environments of real structures, no fit needed) for ``nu_max`` 2, 3, 4 and one, two and
+three species, and run in a process that never imports the package.
+"""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import ase.build
+import ase.io
+import numpy as np
+import pytest
+import torch
+
+from acdc_potential.descriptors.density import DensityExpansion, Layout
+from acdc_potential.descriptors.neighbors import batch_from_atoms
+from acdc_potential.descriptors.radial import DensityHypers
+from acdc_potential.kernels.wigner.iteration import WignerHypers
+from acdc_potential.kernels.wigner.kernel import WignerKernel
+from acdc_potential.model.export import export_model
+from acdc_potential.model.heads import WignerHead, collapse_order_four
+from acdc_potential.model.potential import AtomisticPotential
+from acdc_potential.model.uncertainty import SparseState
+
+DENSITY = DensityHypers(cutoff=4.0, max_angular=2, max_radial=4)
+
+
+def structures(kind):
+    """Sparse environments' structures and the structure evaluated, per species set."""
+    if kind == "Cu":
+        bulk = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True)
+        cells = [bulk * (2, 1, 1), bulk * (1, 2, 1)]
+        for seed, atoms in enumerate(cells):
+            atoms.rattle(0.1, seed=seed)
+        test = bulk * (2, 2, 1)
+        test.rattle(0.07, seed=9)
+        return cells, test
+    names = {"CH": ["CH4", "C2H6"], "CHO": ["CH3CH2OH", "CH3OH"]}[kind]
+    sparse = [ase.build.molecule(name) for name in names]
+    for seed, atoms in enumerate(sparse):
+        atoms.rattle(0.1, seed=seed)
+    test = ase.build.molecule(names[0])
+    test.rattle(0.08, seed=7)
+    return sparse, test
+
+
+def model(kind, nu_max, route):
+    """An exported potential with random weights on the environments of :func:`structures`."""
+    sparse, _ = structures(kind)
+    numbers = sorted({int(z) for atoms in sparse for z in atoms.numbers})
+    expansion = DensityExpansion(DENSITY, numbers)
+    batch = batch_from_atoms(sparse, DENSITY.cutoff, torch.float64, "cpu")
+    coefficients = expansion.compute(batch)
+    layout = Layout.of(coefficients)
+    kernel = WignerKernel(WignerHypers(nu_max=nu_max, lambda_max=2), {"c0": 0.5, "a": 1.3, "b": 0.8})
+    kernel.set_sparse(layout.flatten(coefficients), batch.numbers, layout)
+    n = kernel.n_sparse
+    generator = torch.Generator().manual_seed(nu_max)
+    weights = torch.randn(n, generator=generator, dtype=torch.float64)
+    state = SparseState(kernel, weights, torch.eye(n, dtype=torch.float64), torch.eye(n, dtype=torch.float64), numbers)
+    head = WignerHead(expansion, kernel, state, numbers, route)
+    return AtomisticPotential(head, torch.zeros(len(numbers), dtype=torch.float64)), head
+
+
+@pytest.mark.parametrize("kind", ["Cu", "CH", "CHO"])
+def test_collapsed_route_equals_the_pair_sum_in_a_fresh_process(kind, tmp_path):
+    paths = {}
+    for nu_max in (2, 3, 4):
+        for route in ("pairs", "collapsed"):
+            potential, head = model(kind, nu_max, route)
+            assert head.collapsed == (route == "collapsed")
+            paths[f"{route}-{nu_max}"] = str(tmp_path / f"{route}-{nu_max}.pt")
+            export_model(potential, paths[f"{route}-{nu_max}"])
+    _, test = structures(kind)
+    ase.io.write(str(tmp_path / "test.extxyz"), test)
+    script = textwrap.dedent(
+        f"""
+        import sys, json, ase.io
+        from metatomic_ase import MetatomicCalculator
+        out = {{}}
+        for route, path in {paths!r}.items():
+            atoms = ase.io.read({str(tmp_path / "test.extxyz")!r})
+            atoms.calc = MetatomicCalculator(path, check_consistency=True)
+            out[route] = {{"energy": atoms.get_potential_energy(), "forces": atoms.get_forces().tolist()}}
+        out["imported"] = any(m.startswith("acdc_potential") for m in sys.modules)
+        print(json.dumps(out))
+        """
+    )
+    output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd="/")
+    result = json.loads(output.stdout.strip().splitlines()[-1])
+    assert not result["imported"]
+    for nu_max in (2, 3, 4):
+        pairs, collapsed = result[f"pairs-{nu_max}"], result[f"collapsed-{nu_max}"]
+        assert abs(pairs["energy"]) > 1e-3
+        assert abs(collapsed["energy"] - pairs["energy"]) <= 1e-10 * abs(pairs["energy"]), nu_max
+        forces = np.array(pairs["forces"])
+        assert np.abs(forces).max() > 1e-3
+        np.testing.assert_allclose(collapsed["forces"], forces, rtol=0, atol=1e-10 * np.abs(forces).max(), err_msg=str(nu_max))
+
+
+def test_the_automatic_route_collapses_order_four_when_it_is_cheaper():
+    """One species with many sparse environments: the [D, D] matrices are small and cheaper than
+    the pairs; with one sparse environment the pairs are cheaper."""
+    _, head = model("Cu", 4, "auto")
+    widths = [shape[1] for shape in head.state.shapes]
+    many = torch.zeros(5000, dtype=torch.long)
+    assert collapse_order_four(head.kernels, widths, many, 1)
+    assert not collapse_order_four(head.kernels, widths, many[:1], 1)
+    # too large to keep: many species' matrices beyond the budget
+    wide = [20 * w for w in widths]
+    assert not collapse_order_four(head.kernels, wide, torch.arange(20).repeat(5000), 20)
