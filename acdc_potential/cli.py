@@ -124,11 +124,22 @@ def _fit_and_report(args, config, train, test, output: Path, log) -> int:
     if test:
         data["test"] = {**fingerprint(args.test), "structures": len(test)}
     report = fit_report(model, used, data, tables, log, ["acdc-potential", *args.argv], threads)
+    report["numerical_precision"] = _precision(model, test or train)
     write_report(str(output.with_suffix(".report.yaml")), report)
     if model.warnings:
         log(f"{len(model.warnings)} warning(s), listed in the report")
     log(f"report: {output.with_suffix('.report.yaml')}, log: {output.with_suffix('.log')}, configuration used: {output.with_suffix('.config.yaml')}")
     return 0
+
+
+def _precision(model, structures) -> dict:
+    """:func:`~acdc_potential.evaluation.numerical_precision` of the exported module (float64) on the
+    first structure of ``structures``, rounded for the report."""
+    from .evaluation import numerical_precision
+
+    structure = structures[0]
+    probe = numerical_precision(model.scripted(), structure.atoms)
+    return {"structure": f"{structure.atoms.get_chemical_formula()} (first of its file)", **{k: float(f"{v:.3g}") for k, v in probe.items()}}
 
 
 def model_config(config, model) -> dict:

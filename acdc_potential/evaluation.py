@@ -117,3 +117,47 @@ def predictions_of(model, structures: Sequence[Labelled]) -> Dict[str, List[np.n
         "forces": list(np.split(result["forces"].cpu().numpy(), np.cumsum(sizes)[:-1])),
         "stress": list(result["stress"].cpu().numpy()),
     }
+
+
+def numerical_precision(module, atoms, step: float = 1e-4, seed: int = 0) -> Dict[str, float]:
+    """How precisely the scripted model ``module`` resolves the energy of ``atoms`` (an ``ase.Atoms``).
+
+    Returns, in eV and eV/A: the energy, its changes under a translation of every atom by
+    ``1e-12`` A (``translation``), a random rotation (``rotation``, the cell rotated along) and a
+    random permutation of the atoms (``permutation``), each also relative to the energy
+    (``..._relative``), and ``finite_difference``: the largest difference between the central
+    finite difference at ``step`` of the energy and the autograd force, over the three
+    components of atom 0. Symmetries hold exactly, so every change is rounding.
+    """
+    from .inference import run_module
+
+    def energy(frame) -> float:
+        return float(run_module(module, [frame], forces=False, stress=False, uncertainty=False)["energy"][0])
+
+    rng = np.random.default_rng(seed)
+    reference = energy(atoms)
+    moved = atoms.copy()
+    moved.positions += 1e-12
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    rotation = q * np.sign(np.diag(r))
+    if np.linalg.det(rotation) < 0:
+        rotation[:, 0] *= -1
+    rotated = atoms.copy()
+    rotated.positions = atoms.positions @ rotation.T
+    rotated.cell = atoms.cell.array @ rotation.T
+    permuted = atoms[rng.permutation(len(atoms))]
+    out = {"energy": reference}
+    for name, frame in (("translation", moved), ("rotation", rotated), ("permutation", permuted)):
+        out[name] = abs(energy(frame) - reference)
+        out[name + "_relative"] = out[name] / max(abs(reference), 1e-300)
+    force = run_module(module, [atoms], forces=True, stress=False, uncertainty=False)["forces"][0].cpu().numpy()
+    worst = 0.0
+    for component in range(3):
+        shifted = [atoms.copy(), atoms.copy()]
+        shifted[0].positions[0, component] += step
+        shifted[1].positions[0, component] -= step
+        difference = -(energy(shifted[0]) - energy(shifted[1])) / (2 * step)
+        worst = max(worst, abs(difference - float(force[component])))
+    out["finite_difference"] = worst
+    out["finite_difference_step"] = step
+    return out
