@@ -54,7 +54,8 @@ def _systems(module: torch.nn.Module, frames: List, dtype: torch.dtype, device: 
         x = torch.tensor(np.asarray(atoms.positions), dtype=dtype, device=device).requires_grad_(forces)
         strain = torch.zeros((3, 3), dtype=dtype, device=device, requires_grad=stress)
         deformation = torch.eye(3, dtype=dtype, device=device) + strain
-        cell = torch.tensor(np.asarray(atoms.cell.array), dtype=dtype, device=device)
+        # metatomic wants no cell vector along a non-periodic direction (a cluster's box is only for show)
+        cell = torch.tensor(np.asarray(atoms.cell.array) * np.asarray(atoms.pbc)[:, None], dtype=dtype, device=device)
         system = System(
             types=torch.tensor(atoms.numbers, dtype=torch.int32, device=device),
             positions=x @ deformation.T,

@@ -277,3 +277,18 @@ def test_float32_export_gives_energies_and_uncertainties(tmp_path):
     atoms.calc = calculator
     assert abs(atoms.get_potential_energy() - old["file_energy"][0]) < 1e-4 * abs(old["file_energy"][0])
     assert np.isfinite(calculator.get_uncertainty(atoms))
+
+
+def test_a_molecule_in_a_box_without_periodicity_is_predicted_as_without_the_box():
+    """Cluster files often carry a box with pbc false (the gold set does): metatomic refuses a
+    cell vector along a non-periodic direction, so the box must not reach the model."""
+    model, frames, _ = reference("ethanol_wigner3")
+    boxed = frames[0].copy()
+    boxed.cell = [12.0, 13.0, 14.0]
+    boxed.pbc = False
+    bare = frames[0].copy()
+    bare.cell = None
+    bare.pbc = False
+    got, expected = model.predict([boxed]), model.predict([bare])
+    for key in ("energy", "forces"):
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
