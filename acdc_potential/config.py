@@ -76,12 +76,12 @@ class KernelConfig:
     :param nu_max: largest correlation order of the Wigner kernel (body order ``nu_max + 1``),
         or ``auto`` (default): the candidates of ``grid.nu_max`` (3 and 4) are compared on
         held-out structures (:func:`~acdc_potential.fit.driver.select_on_grid`) and the
-        cheapest within ``grid.tolerance`` of the best is kept. ``nu_max <= 3`` is what an
-        exported model evaluates at a cost independent of the number of sparse environments
-        (:meth:`~acdc_potential.kernels.wigner.features.OrderFeatures.collapse`; docs/equations.md,
-        "Collapsed energies"); 4 adds five-body correlations (much better for gold
-        clusters in our tests, no better for molecules or bulk copper) at a cost per MD
-        step proportional to that number.
+        cheapest within ``grid.tolerance`` of the best is kept. ``nu_max <= 3``, and 4 for one or
+        two species, is what an exported model evaluates at a cost independent of the number of
+        sparse environments (:meth:`~acdc_potential.kernels.wigner.features.OrderFeatures.collapse`;
+        docs/equations.md, "Collapsed energies"); 4 adds five-body correlations, and for three or
+        more species it costs, per MD step, in proportion to that number
+        (:func:`~acdc_potential.model.heads.collapse_order_four`).
     :param lambda_max: angular truncation of the Wigner iterations.
     :param channel_weights: scale of each angular channel ``l`` of the ``nu = 1`` Wigner
         kernel: ``uniform`` (default; the kernels of WK eq. 5, B1) or ``inverse_dimension``
@@ -107,8 +107,8 @@ class SparseConfig:
     :param n: number per central species; an integer for all, or a map from element
         symbol (or atomic number) to a number. Species with fewer atoms keep them all.
         The default, 1000, is what GAP fits commonly use; the fitting cost grows linearly
-        with it (and the memory of the design matrix), the cost of an exported
-        ``nu_max <= 3`` model per MD step does not.
+        with it (and the memory of the design matrix), the cost of a collapsed exported
+        model per MD step does not (``nu_max <= 3``, or 4 with one or two species).
     :param selection: ``fps`` (farthest point sampling) or ``cur``, on the power spectrum.
     """
 

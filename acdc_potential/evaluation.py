@@ -119,23 +119,33 @@ def predictions_of(model, structures: Sequence[Labelled]) -> Dict[str, List[np.n
     }
 
 
-def numerical_precision(module, atoms, step: float = 1e-4, seed: int = 0) -> Dict[str, float]:
-    """How precisely the scripted model ``module`` resolves the energy of ``atoms`` (an ``ase.Atoms``).
+def numerical_precision(model, atoms, step: float = 1e-4, seed: int = 0) -> Dict[str, float]:
+    """How precisely ``model`` resolves the energy of ``atoms`` (an ``ase.Atoms``).
+
+    :param model: a scripted :class:`~acdc_potential.model.potential.AtomisticPotential` (what an
+        exported file runs) or an ASE calculator (e.g. metatomic's, on an exported file).
 
     Returns, in eV and eV/A: the energy, its changes under a translation of every atom by
     ``1e-12`` A (``translation``), a random rotation (``rotation``, the cell rotated along) and a
     random permutation of the atoms (``permutation``), each also relative to the energy
     (``..._relative``), and ``finite_difference``: the largest difference between the central
-    finite difference at ``step`` of the energy and the autograd force, over the three
-    components of atom 0. Symmetries hold exactly, so every change is rounding.
+    finite difference at ``step`` of the energy and the force, over the three components of
+    atom 0. The symmetries are exact, so every change is rounding.
     """
+    import torch
+
     from .inference import run_module
 
-    def energy(frame) -> float:
-        return float(run_module(module, [frame], forces=False, stress=False, uncertainty=False)["energy"][0])
+    def evaluate(frame, forces: bool = False):
+        if isinstance(model, torch.nn.Module):
+            out = run_module(model, [frame], forces=forces, stress=False, uncertainty=False)
+            return float(out["energy"][0]), (out["forces"].cpu().numpy() if forces else None)
+        frame = frame.copy()
+        frame.calc = model
+        return frame.get_potential_energy(), (frame.get_forces() if forces else None)
 
     rng = np.random.default_rng(seed)
-    reference = energy(atoms)
+    reference, force = evaluate(atoms, forces=True)
     moved = atoms.copy()
     moved.positions += 1e-12
     q, r = np.linalg.qr(rng.normal(size=(3, 3)))
@@ -148,16 +158,15 @@ def numerical_precision(module, atoms, step: float = 1e-4, seed: int = 0) -> Dic
     permuted = atoms[rng.permutation(len(atoms))]
     out = {"energy": reference}
     for name, frame in (("translation", moved), ("rotation", rotated), ("permutation", permuted)):
-        out[name] = abs(energy(frame) - reference)
+        out[name] = abs(evaluate(frame)[0] - reference)
         out[name + "_relative"] = out[name] / max(abs(reference), 1e-300)
-    force = run_module(module, [atoms], forces=True, stress=False, uncertainty=False)["forces"][0].cpu().numpy()
     worst = 0.0
     for component in range(3):
         shifted = [atoms.copy(), atoms.copy()]
         shifted[0].positions[0, component] += step
         shifted[1].positions[0, component] -= step
-        difference = -(energy(shifted[0]) - energy(shifted[1])) / (2 * step)
-        worst = max(worst, abs(difference - float(force[component])))
+        difference = -(evaluate(shifted[0])[0] - evaluate(shifted[1])[0]) / (2 * step)
+        worst = max(worst, abs(difference - float(force[0, component])))
     out["finite_difference"] = worst
     out["finite_difference_step"] = step
     return out

@@ -90,6 +90,7 @@ def worker_ours(args):
     if args.export_dir:
         Path(args.export_dir).mkdir(parents=True, exist_ok=True)
         model.export(str(Path(args.export_dir) / f"{model_tag(args)}.pt"))
+        model.save(str(Path(args.export_dir) / f"{model_tag(args)}.ckpt"))
     predictions = predictions_of(model, test)
     chosen = {"kernel": model.kernel.kind, "nu_max": getattr(model.kernel, "nu_max", None)}
     return {"fit_time": fit_time, "peak_memory": peak_memory, "reused": False, "errors": test_errors(test, predictions), **chosen}
@@ -152,7 +153,7 @@ def parse_arguments():
     parser.add_argument("--skip-gap", action="store_true")
     parser.add_argument("--skip-ours", action="store_true")
     parser.add_argument("--gap-dir", default=None, help="keep fitted GAP models here and reuse them")
-    parser.add_argument("--export-dir", default=None, help="export our fitted models here as NAME.pt (NAME_quick.pt with --quick)")
+    parser.add_argument("--export-dir", default=None, help="export our fitted models here as NAME.pt and their checkpoints as NAME.ckpt (NAME_quick.* with --quick)")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="directory of NAME_train/NAME_test.extxyz")
     parser.add_argument("--config", default=None, help="our fit configuration (YAML, as acdc-potential fit --config); default: the defaults")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the fits (default: inherited)")

@@ -1,17 +1,19 @@
 """Numerical precision of exported energies: rounding under exact symmetries and finite differences.
 
-For each checkpoint and each inference route of its Wigner head (``pairs``: the sum over
-sparse environments pair by pair; ``auto``: what an export chooses, the collapsed per-species
-tensors where they are cheaper), the float64 scripted module (what the exported file runs)
-is probed on the first structure of a test file by
+For each checkpoint (``.ckpt``) and each inference route of its Wigner head (``pairs``: the
+sum over sparse environments pair by pair; ``auto``: what an export chooses, the collapsed
+per-species tensors where they are cheaper), the float64 scripted module (what the exported
+file runs), and for each exported file (``.pt``) metatomic's own ASE calculator, is probed on
+the first structure of a test file by
 :func:`acdc_potential.evaluation.numerical_precision`: the energy change under a 1e-12 A
 translation, a random rotation and a permutation of the atoms (all exact symmetries, so every
 change is rounding), and finite-difference against autograd forces at several steps.
 
-usage: python benchmarks/precision.py MODEL.ckpt[:TEST.extxyz] [...] [--threads N]
+usage: python benchmarks/precision.py MODEL.ckpt|MODEL.pt[:TEST.extxyz] [...] [--threads N]
 """
 
 import argparse
+from pathlib import Path
 
 import ase.io
 import torch
@@ -20,6 +22,21 @@ from acdc_potential.evaluation import numerical_precision
 from acdc_potential.fit.checkpoint import SparseKRRModel
 
 STEPS = (1e-2, 1e-3, 1e-4, 1e-5)
+DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+def models(path: str):
+    """``(label, model)`` to probe: a checkpoint's scripted potential per route, or an exported
+    file through metatomic's ASE calculator."""
+    if path.endswith(".pt"):
+        from metatomic_ase import MetatomicCalculator
+
+        yield "file (metatomic calculator)", MetatomicCalculator(path)
+        return
+    model = SparseKRRModel.load(path)
+    for route in ("pairs", "auto") if model.kernel.kind == "wigner" else ("auto",):
+        module = torch.jit.script(model.potential(route).eval())
+        yield (route if route == "pairs" else ("collapsed" if module.head.collapsed else "pairs") + " (auto)"), module
 
 
 def main():
@@ -33,15 +50,11 @@ def main():
     print("| --- " * (6 + len(STEPS)) + "|")
     for spec in args.models:
         path, _, test = spec.partition(":")
-        model = SparseKRRModel.load(path)
         stem = path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
-        atoms = ase.io.read(test or f"{__file__.rsplit('/', 2)[0]}/../shared/data/{stem}_test.extxyz", 0)
-        routes = ("pairs", "auto") if model.kernel.kind == "wigner" else ("auto",)
-        for route in routes:
-            module = torch.jit.script(model.potential(route).eval())
-            probes = [numerical_precision(module, atoms, step=h) for h in STEPS]
+        atoms = ase.io.read(test or str(DATA / f"{stem}_test.extxyz"), 0)
+        for chosen, model in models(path):
+            probes = [numerical_precision(model, atoms, step=h) for h in STEPS]
             first = probes[0]
-            chosen = route if route == "pairs" else ("collapsed" if module.head.collapsed else "pairs") + " (auto)"
             print(f"| {stem} | {chosen} | {first['energy']:.6f} | {first['translation']:.1e} ({first['translation_relative']:.1e}) | "
                   f"{first['rotation']:.1e} ({first['rotation_relative']:.1e}) | {first['permutation']:.1e} ({first['permutation_relative']:.1e}) | "
                   + " | ".join(f"{p['finite_difference']:.1e}" for p in probes) + " |", flush=True)

@@ -236,3 +236,28 @@ def test_automatic_nu_max_on_a_single_structure_takes_the_cheapest_candidate():
     model = fit(structures, config)
     assert model.kernel.nu_max == 3
     assert np.isfinite(model.predict([structures[0].atoms])["energy"].numpy()).all()
+
+
+def test_order_four_copper_energies_are_as_precise_as_float64_allows():
+    """A fitted nu_max = 4 one-species model is collapsed on export; its energy is then a fixed
+    quadratic form of each atom's nu = 2 features, whose rounding does not depend on the
+    configuration: exact symmetries change it by float64 rounding of the total only, and
+    finite differences at 1e-4 A match the autograd forces (the sum over sparse environments
+    pair by pair rounded at 1e-10..1e-9 relative, which finite differences amplify)."""
+    from acdc_potential.evaluation import numerical_precision
+
+    if not COPPER.exists():
+        pytest.skip("../shared/data is not available")
+    torch.set_num_threads(1)
+    structures = read_structures(str(COPPER), index=":8")
+    config = small_config(n_sparse=40)
+    config = dataclasses.replace(config, kernel=dataclasses.replace(config.kernel, nu_max=4))
+    model = fit(structures, config)
+    module = torch.jit.script(model.potential().eval())
+    assert module.head.collapsed
+    atoms = read_structures(str(COPPER), index="-1:")[0].atoms
+    probe = numerical_precision(module, atoms, step=1e-4)
+    assert abs(probe["energy"]) > 1e-2
+    assert probe["translation_relative"] < 1e-10 and probe["rotation_relative"] < 1e-10, probe
+    assert probe["permutation_relative"] < 1e-10, probe
+    assert probe["finite_difference"] < 1e-6, probe

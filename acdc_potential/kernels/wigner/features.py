@@ -6,7 +6,7 @@ For ``nu_max <= 4`` every invariant kernel is a scalar product ``k^{nu, 0+}(i, j
 two purposes, both outside TorchScript (nothing here is compiled into an exported file):
 
 - the design rows of a fit (:mod:`~acdc_potential.kernels.wigner.gradients`), and
-- the collapse of the weighted sums over sparse environments of a ``nu_max <= 3`` model
+- the collapse of the weighted sums over sparse environments of a ``nu_max <= 4`` model
   onto per-species tensors at export time (:meth:`OrderFeatures.collapse`, docs/equations.md,
   "Collapsed energies"); the exported file evaluates them with
   :meth:`~acdc_potential.kernels.wigner.iteration.WignerKernels.collapsed_energy`.

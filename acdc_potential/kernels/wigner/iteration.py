@@ -61,7 +61,7 @@ products of the iterations, at more flops per pair (``~(2 lambda + 1)^2 Q^2`` pe
 coupling); exported models compute the features of their sparse environments once and keep
 them. Built on these features, outside this module and outside TorchScript: the per-atom
 invariants ``Phi^nu`` whose scalar products are the invariant kernels, and the collapse of
-the weighted sums of a ``nu_max <= 3`` model onto per-species tensors
+the weighted sums of a ``nu_max <= 4`` model onto per-species tensors
 (:mod:`~acdc_potential.kernels.wigner.features`); their derivatives summed over a
 structure's atoms, for the fit (:mod:`~acdc_potential.kernels.wigner.gradients`). This
 module keeps :meth:`WignerKernels.collapsed_energy`, which evaluates a collapsed model in
