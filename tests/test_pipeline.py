@@ -245,6 +245,7 @@ def test_order_four_copper_energies_are_as_precise_as_float64_allows():
     finite differences at 1e-4 A match the autograd forces (the sum over sparse environments
     pair by pair rounded at 1e-10..1e-9 relative, which finite differences amplify)."""
     from acdc_potential.evaluation import numerical_precision
+    from acdc_potential.inference import run_module
 
     if not COPPER.exists():
         pytest.skip("../shared/data is not available")
@@ -261,3 +262,6 @@ def test_order_four_copper_energies_are_as_precise_as_float64_allows():
     assert probe["translation_relative"] < 1e-10 and probe["rotation_relative"] < 1e-10, probe
     assert probe["permutation_relative"] < 1e-10, probe
     assert probe["finite_difference"] < 1e-6, probe
+    # float32 (the collapsed route's long products <F W, F> included) stays close to float64
+    single = run_module(module.to(torch.float32), [atoms], forces=True, stress=False, uncertainty=False)
+    assert abs(float(single["energy"][0]) - probe["energy"]) <= 1e-5 * abs(probe["energy"])
