@@ -16,7 +16,9 @@ section of the configuration or ``--energy-key`` and friends.
 """
 
 import argparse
+import contextlib
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -74,47 +76,109 @@ def fit_command(args) -> int:
 
     from .config import FitConfig
     from .data import check_labels, read_structures, species_of
-    from .fit.report import FitLog
 
     config = FitConfig.from_yaml(args.config)
     options = {name: False for name in ("energies", "forces", "stress") if getattr(args, f"no_{name}")}
     if args.seed is not None:
         options["seed"] = args.seed
-    config = dataclasses.replace(config, keys=_keys(config.keys, args), options=dataclasses.replace(config.options, **options))
+    output = Path(args.output)
+    cluster = {"checkpoint": config.cluster.checkpoint or str(output.with_suffix(".partial"))}
+    if args.workers is not None:
+        cluster["workers"] = args.workers
+    if args.scheduler:
+        cluster["scheduler"] = args.scheduler
+    config = dataclasses.replace(
+        config, keys=_keys(config.keys, args), options=dataclasses.replace(config.options, **options),
+        cluster=dataclasses.replace(config.cluster, **cluster),
+    )
+    if config.cluster.workers or config.cluster.scheduler:
+        return _fit_on_cluster(args, config, output)
     train = read_structures(args.train, keys=config.keys)
     check_labels(train, args.train, config.keys, config.options.energies, config.options.forces, config.options.stress)
-    test = None
-    if args.test:
-        # checked now, not after the fit: the test structures must be of the training species and labelled
-        test = read_structures(args.test, keys=config.keys, species=species_of(train))
-        check_labels(test, args.test, config.keys, config.options.energies, config.options.forces, config.options.stress)
-    output = Path(args.output)
+    test = _test_set(args, config, species_of(train))
+    with _fit_log(output) as log:
+        log(f"acdc-potential {__version__}: read {len(train)} training structures from {args.train}"
+            + (f", {len(test)} test structures from {args.test}" if test else ""))
+        return _fit_and_report(args, config, train, train, test, output, log)
+
+
+@contextlib.contextmanager
+def _fit_log(output: Path):
+    """The fit's :class:`~acdc_potential.fit.report.FitLog` (printing, and writing MODEL.log), with
+    warnings as lines of it (the report lists them again), restored and closed whatever happens.
+    Opened only once the inputs are checked, so that a bad input file writes nothing."""
+    from .fit.report import FitLog
+
     log = FitLog(verbose=True, path=str(output.with_suffix(".log")))
     shown = warnings.showwarning
-    # warnings as lines of the log (the report lists them again)
     warnings.showwarning = lambda message, category, *where, **options: log(f"warning: {message}")
     try:
-        return _fit_and_report(args, config, train, test, output, log)
+        yield log
     finally:
         warnings.showwarning = shown
         log.close()
 
 
-def _fit_and_report(args, config, train, test, output: Path, log) -> int:
-    """The fit of ``fit_command`` once its inputs are checked: model, checkpoint, errors, report."""
+def _test_set(args, config, species):
+    """The test structures (checked before the fit: of the training species and labelled), or ``None``."""
+    from .data import check_labels, read_structures
+
+    if not args.test:
+        return None
+    test = read_structures(args.test, keys=config.keys, species=species)
+    check_labels(test, args.test, config.keys, config.options.energies, config.options.forces, config.options.stress)
+    return test
+
+
+def _fit_on_cluster(args, config, output: Path) -> int:
+    """``fit_command`` on a Dask cluster: the workers read and survey the training file, nothing
+    of its size comes to this process; the training errors are those of a random sample."""
+    import random
+
+    from .data import available_keys, check_label_counts
+    from .fit.driver import survey_source
+    from .fit.executors import make_executor
+    from .fit.sources import ExtxyzSource
+
+    source = ExtxyzSource(args.train, config.keys)
+    with make_executor(config.cluster) as executor:
+        start = time.perf_counter()
+        survey = survey_source(source, executor, config.cluster.task_structures, desc="survey")
+        seconds = time.perf_counter() - start
+        check_label_counts(survey.labels.any(axis=0), bool(survey.periodic.any()), args.train, config.keys,
+                           (config.options.energies, config.options.forces, config.options.stress),
+                           lambda: available_keys(source.read(range(min(len(source), 100)))))
+        test = _test_set(args, config, survey.species())
+        positions = sorted(random.Random(config.options.seed).sample(range(len(source)), min(len(source), TRAIN_SAMPLE)))
+        sample = source.read(positions)
+        with _fit_log(output) as log:
+            where = config.cluster.scheduler or f"a local cluster of {config.cluster.workers} worker(s)"
+            log(f"acdc-potential {__version__}: {len(source)} training structures in {args.train}, fitted on {where}; "
+                f"its workers read and checked them in {seconds:.1f} s" + (f", {len(test)} test structures from {args.test}" if test else ""))
+            log.timings["survey"] = seconds
+            return _fit_and_report(args, config, source, sample, test, output, log, executor=executor, survey=survey)
+
+
+# training structures whose errors a fit on a cluster reports (a random sample; all of a smaller set)
+TRAIN_SAMPLE = 1000
+
+
+def _fit_and_report(args, config, train, train_checked, test, output: Path, log, **fit_options) -> int:
+    """The fit of ``fit_command`` once its inputs are checked: model, checkpoint, errors, report.
+    ``train`` is what is fitted (a list or a source), ``train_checked`` the structures whose errors are tabulated."""
     from .evaluation import format_table
     from .fit.driver import fit
     from .fit.report import fingerprint, fit_report, write_report
 
-    log(f"acdc-potential {__version__}: read {len(train)} training structures from {args.train}"
-        + (f", {len(test)} test structures from {args.test}" if test else ""))
     threads = _threads(args, None, log)
-    model = fit(train, config, log=log)
+    model = fit(train, config, log=log, **fit_options)
     model.save(str(output.with_suffix(".ckpt")))
     model.export(str(output), description=f"fitted on {args.train}")
     log(f"wrote the model to {output} and the checkpoint to {output.with_suffix('.ckpt')}")
     with log.stage("errors"):
-        tables = _tables(model, train, test, args.test, str(output), threads)
+        tables = _tables(model, train_checked, test, args.test, str(output), threads)
+    if len(train_checked) < len(train):
+        tables = {f"train ({len(train_checked)} of {len(train)})" if name == "train" else name: table for name, table in tables.items()}
     print("\n" + format_table(tables))
 
     used = model_config(config, model)
@@ -124,7 +188,7 @@ def _fit_and_report(args, config, train, test, output: Path, log) -> int:
     if test:
         data["test"] = {**fingerprint(args.test), "structures": len(test)}
     report = fit_report(model, used, data, tables, log, ["acdc-potential", *args.argv], threads)
-    report["numerical_precision"] = _precision(model, test or train)
+    report["numerical_precision"] = _precision(model, test or train_checked)
     write_report(str(output.with_suffix(".report.yaml")), report)
     if model.warnings:
         log(f"{len(model.warnings)} warning(s), listed in the report")
@@ -242,6 +306,8 @@ def parser() -> argparse.ArgumentParser:
     fit.add_argument("--test", help="test structures (extxyz), evaluated with the exported file")
     fit.add_argument("--config", help="YAML configuration; `acdc-potential config` writes every option with its meaning")
     fit.add_argument("--seed", type=int, help="seed of the validation split and samples (default: options.seed, 0)")
+    fit.add_argument("--workers", type=int, help="build the kernel rows on a local Dask cluster of this many worker processes (cluster.workers; default 0: in this process)")
+    fit.add_argument("--scheduler", help="build the kernel rows on the Dask cluster of this scheduler, e.g. tcp://HOST:8786 (cluster.scheduler); TRAIN must be readable by its workers at the same path")
     _add_labels(fit)
     _add_threads(fit)
     fit.set_defaults(run=fit_command)
@@ -275,13 +341,13 @@ def version_line() -> str:
 
 
 def main(argv=None) -> int:
-    from .errors import CheckpointError, DataFileError, ModelFileError, StructureError
+    from .errors import CheckpointError, ClusterError, DataFileError, ModelFileError, StructureError
 
     args = parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.run(args)
-    except (StructureError, DataFileError, CheckpointError, ModelFileError, FileNotFoundError, ValueError) as error:
+    except (StructureError, DataFileError, CheckpointError, ModelFileError, ClusterError, FileNotFoundError, ValueError) as error:
         print(f"acdc-potential {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -110,10 +110,15 @@ class SparseConfig:
         with it (and the memory of the design matrix), the cost of a collapsed exported
         model per MD step does not (``nu_max <= 3``, or 4 with one or two species).
     :param selection: ``fps`` (farthest point sampling) or ``cur``, on the power spectrum.
+    :param candidates: atoms among which the selection chooses: every atom of the training set
+        when it has at most this many, else those of a random sample of its structures (seed
+        ``options.seed``) with at most this many atoms, so that the memory of the selection
+        (their density coefficients and power spectra) does not grow with the data.
     """
 
     n: Union[int, Dict[Element, int]] = 1000
     selection: str = "fps"
+    candidates: int = 50000
 
 
 @dataclass
@@ -183,6 +188,42 @@ class GridConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Where the kernel rows are built: in this process (the default), or by the workers of a
+    Dask cluster (``dask.distributed``; docs/cluster.md).
+
+    On a cluster, each worker reads its share of the training file itself (the file must be
+    reachable from every worker under the same path), and returns only small results: the
+    structures' label counts, the sample's density coefficients and rows (for the sparse
+    selection and the tuning), and the ``[M + 1, M + 1]`` triangles of the final solve,
+    merged on the workers. The weights equal those of the fit in one process.
+
+    :param workers: worker processes of a local Dask cluster on this machine (0: no cluster).
+    :param scheduler: address of a running Dask scheduler (``tcp://HOST:8786``; e.g. started
+        by dask-jobqueue on SLURM or PBS); used instead of ``workers`` when given.
+    :param threads_per_worker: torch threads of each worker of the local cluster.
+    :param task_memory: design rows one task may build, in GB (the memory of a worker grows
+        with it; the tuning sample's rows stay bounded by ``options.design_memory``). The rows
+        are cut into such tasks, and their triangles merged in one fixed tree, in this process
+        too: how a fit is cut decides how its sums are rounded, so that with the same cut every
+        executor gives the same weights.
+    :param task_structures: structures per task while surveying the file and computing the
+        density coefficients of the sparse selection's candidates.
+    :param checkpoint: folder where the triangle of every finished task of the final solve is
+        stored, so that a fit interrupted (or whose cluster failed) resumes when run again with
+        the same data and settings (empty: none; the command line uses ``MODEL.partial``
+        beside the model and removes it once the model is written).
+    """
+
+    workers: int = 0
+    scheduler: str = ""
+    threads_per_worker: int = 1
+    task_memory: float = 1.0
+    task_structures: int = 200
+    checkpoint: str = ""
+
+
+@dataclass
 class FitConfig:
     """Every option of a fit, in sections; :meth:`template` writes them all with their
     defaults and meanings, :meth:`from_yaml` reads a file that overrides any subset."""
@@ -194,6 +235,7 @@ class FitConfig:
     grid: GridConfig = field(default_factory=GridConfig)
     options: FitOptions = field(default_factory=FitOptions)
     keys: LabelKeys = field(default_factory=LabelKeys)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     @classmethod
     def from_dict(cls, values: Optional[Dict]) -> "FitConfig":
@@ -291,6 +333,7 @@ RULES: Dict[Tuple[str, str], Rule] = {
     ("kernel", "mixing"): Rule(bounds=POSITIVE),
     ("sparse", "n"): Rule(bounds=POSITIVE),
     ("sparse", "selection"): Rule(choices=("fps", "cur")),
+    ("sparse", "candidates"): Rule(bounds=POSITIVE),
     ("regularisers", "energy"): Rule(bounds=POSITIVE),
     ("regularisers", "forces"): Rule(bounds=POSITIVE),
     ("regularisers", "stress"): Rule(bounds=POSITIVE),
@@ -303,6 +346,10 @@ RULES: Dict[Tuple[str, str], Rule] = {
     ("options", "validation"): Rule(bounds=FRACTION),
     ("options", "tune_sparse"): Rule(bounds=NON_NEGATIVE),
     ("options", "design_memory"): Rule(bounds=POSITIVE),
+    ("cluster", "workers"): Rule(bounds=NON_NEGATIVE),
+    ("cluster", "threads_per_worker"): Rule(bounds=AT_LEAST_ONE),
+    ("cluster", "task_memory"): Rule(bounds=POSITIVE),
+    ("cluster", "task_structures"): Rule(bounds=POSITIVE),
 }
 
 

@@ -217,16 +217,24 @@ def check_labels(structures: Sequence[Labelled], path: str, keys: LabelKeys, ene
     """A :class:`DataFileError` when a kind of label that is to be used is absent from every
     structure of the file ``path`` (energies; forces; stress when the file has fully periodic
     cells), listing the keys the file does have and the option that drops that kind of row."""
+    present = [any(s.energy is not None for s in structures), any(s.forces is not None for s in structures), any(s.stress is not None for s in structures)]
+    check_label_counts(present, any(s.periodic for s in structures), path, keys, (energies, forces, stress), lambda: available_keys(structures))
+
+
+def check_label_counts(present: Sequence[bool], periodic: bool, path: str, keys: LabelKeys, used: Sequence[bool], described) -> None:
+    """:func:`check_labels` from what a file has: whether any structure has an energy, forces,
+    a stress (``present``), and any fully periodic cell (``periodic``); ``described()`` lists
+    the file's keys for the message."""
     wanted = [
-        ("energy", "energies", energies, lambda s: s.energy is not None, " (forces only)"),
-        ("forces", "forces", forces, lambda s: s.forces is not None, " (energies only)"),
-        ("stress", "stress", stress and any(s.periodic for s in structures), lambda s: s.stress is not None, ""),
+        ("energy", "energies", used[0], present[0], " (forces only)"),
+        ("forces", "forces", used[1], present[1], " (energies only)"),
+        ("stress", "stress", used[2] and periodic, present[2], ""),
     ]
-    for kind, plural, used, present, only in wanted:
-        if used and not any(present(s) for s in structures):
+    for kind, plural, needed, found, only in wanted:
+        if needed and not found:
             name = getattr(keys, kind) if kind != "stress" else f"{keys.stress}' or '{keys.virial}"
             raise DataFileError(
-                f"{path}: no structure has {kind} under the key '{name}'; the file has {available_keys(structures)}. "
+                f"{path}: no structure has {kind} under the key '{name}'; the file has {described()}. "
                 f"Name the key (--{kind}-key, or keys: {{{kind}: NAME}} in the configuration) or leave out the "
                 f"{kind}{only} (--no-{plural}, or options: {{{plural}: false}})"
             )

@@ -18,6 +18,10 @@ class ModelFileError(ValueError):
     """The model file is missing, unreadable, or not an exported metatomic model."""
 
 
+class ClusterError(RuntimeError):
+    """A distributed fit that cannot reach its cluster or lost its tasks; the message says what is kept."""
+
+
 class AccuracyWarning(UserWarning):
     """Something was computed less accurately, or with less, than the configuration asked;
     a fit records these in its model (``SparseKRRModel.warnings``)."""
@@ -35,4 +39,4 @@ class BaselineWarning(AccuracyWarning):
     """The per-species baseline is not tied to isolated-atom energies, so isolated atoms are extrapolations."""
 
 
-__all__ = ["AccuracyWarning", "BaselineWarning", "CheckpointError", "DataFileError", "ModelFileError", "SparseSelectionWarning", "SplineAccuracyWarning", "StructureError"]
+__all__ = ["AccuracyWarning", "BaselineWarning", "CheckpointError", "ClusterError", "DataFileError", "ModelFileError", "SparseSelectionWarning", "SplineAccuracyWarning", "StructureError"]

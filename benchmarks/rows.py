@@ -34,7 +34,8 @@ def measure(name: str, args) -> dict:
     from acdc_potential.descriptors.density import DensityExpansion
     from acdc_potential.descriptors.neighbors import batch_from_atoms
     from acdc_potential.descriptors.jacobian import batch_density, structure_jacobian
-    from acdc_potential.fit.driver import training_coefficients
+    from acdc_potential.fit.sources import MemorySource
+    from acdc_potential.fit.tasks import coefficients as atom_coefficients
     from acdc_potential.kernels.base import SparseKernel
     from acdc_potential.kernels.wigner.kernel import WignerKernel
     from acdc_potential.kernels.wigner.iteration import WignerHypers
@@ -42,7 +43,7 @@ def measure(name: str, args) -> dict:
     structures = read_structures(str(Path(args.data) / f"{name}_train.extxyz"))
     candidates, measured = structures[: args.candidates], structures[args.candidates : args.candidates + args.structures]
     expansion = DensityExpansion(FitConfig().density, species_of(structures))
-    coefficients, species, layout = training_coefficients(candidates, expansion)
+    coefficients, species, layout = atom_coefficients(MemorySource(candidates), expansion, False, range(len(candidates)))
     chosen = torch.randperm(len(species), generator=torch.Generator().manual_seed(0))[: args.sparse]
     nu_max = args.nu_max or AUTO_NU_MAX.get(name, 3)
     kernel = WignerKernel(WignerHypers(nu_max=nu_max, lambda_max=3))

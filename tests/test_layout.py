@@ -39,6 +39,13 @@ FIT_ONLY = [
 ]
 
 
+# The projected-process variance is a difference of kernel sums far larger than itself (README,
+# "Known limitations"), so float64 resolves the uncertainties less well than the energies: for the
+# copper nu_max = 4 reference, 1.75e-10 eV on 0.018 eV (1e-8 relative) with MKL on an AVX2 machine,
+# where the machine that recorded the files agreed to 1e-10. Energies, forces and stress keep 1e-10.
+UNCERTAINTY_TOLERANCE = 1e-8
+
+
 def reference(stem):
     return SparseKRRModel.load(str(DATA / f"{stem}.ckpt")), ase.io.read(str(DATA / f"{stem}.extxyz"), ":"), np.load(DATA / f"{stem}.npz")
 
@@ -63,8 +70,8 @@ def test_old_checkpoints_predict_as_the_old_exported_files(stem):
     close(result["energy"], old["file_energy"])
     close(result["forces"], old["file_forces"])
     close(result["stress"], old["file_stress"])
-    close(result["energy_uncertainty"], old["file_energy_uncertainty"])
-    close(result["atom_uncertainty"], old["file_atom_uncertainty"])
+    close(result["energy_uncertainty"], old["file_energy_uncertainty"], UNCERTAINTY_TOLERANCE)
+    close(result["atom_uncertainty"], old["file_atom_uncertainty"], UNCERTAINTY_TOLERANCE)
 
 
 @pytest.mark.parametrize("stem", REFERENCES)
@@ -76,7 +83,7 @@ def test_old_checkpoints_export_files_that_predict_as_before(stem, tmp_path):
     for k, atoms in enumerate(frames):
         atoms.calc = calculator
         close(atoms.get_potential_energy(), old["file_energy"][k])
-        close(calculator.get_uncertainty(atoms), old["file_energy_uncertainty"][k])
+        close(calculator.get_uncertainty(atoms), old["file_energy_uncertainty"][k], UNCERTAINTY_TOLERANCE)
     close(np.concatenate([a.get_potential_energies() for a in frames]), old["file_energies"])
     close(np.concatenate([a.get_forces() for a in frames]), old["file_forces"])
 

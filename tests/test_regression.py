@@ -18,6 +18,7 @@ from acdc_potential.descriptors.jacobian import batch_density, structure_jacobia
 from acdc_potential.fit.baseline import Baseline
 from acdc_potential.fit.checkpoint import SparseKRRModel
 from acdc_potential.fit.design import build_design_matrix, design_groups
+from acdc_potential.fit.survey import Survey
 from acdc_potential.fit.driver import fit_kernel
 from acdc_potential.fit.selection import selection_prefix
 from acdc_potential.fit.solver import ProjectedProcess, scaled_regularisation_predictions, solve_projected_process, sparse_projection, stacked_triangle
@@ -364,7 +365,7 @@ def test_fit_with_bounded_design_memory_streams_the_rows_into_the_same_solution(
     structures = training_set()
     kernel = PolynomialKernel(zeta=2, mixing={"c0": 0.5, "a": 1.0})
     whole = fit_kernel(structures, HYPERS, kernel, n_sparse=6, regularisers=Regularisers(0.01, 0.05, 0.005), tune=False)
-    groups = design_groups(structures, True, True, True, kernel.n_pieces, kernel.n_sparse, memory=1.0, seed=3)
+    groups = design_groups(Survey.of(structures).row_counts(True, True, True), kernel.n_pieces, kernel.n_sparse, memory=1.0, seed=3)
     assert sorted(k for g in groups for k in g) == list(range(len(structures))) and all(len(g) == 1 for g in groups)
     assert groups != [[k] for k in range(len(structures))]  # shuffled: the first group is a random sample
     kernel = PolynomialKernel(zeta=2, mixing={"c0": 0.5, "a": 1.0})
@@ -378,7 +379,7 @@ def test_tuning_on_a_sample_of_the_structures_under_bounded_design_memory_fits()
     structures = training_set()
     kernel = PolynomialKernel(zeta=2, mixing={"c0": 0.5, "a": 1.0})
     size = kernel.n_pieces * 6 * 3 * 8.0 * (1 + 3 * 5)  # bytes of the rows of about three methanes
-    groups = design_groups(structures, True, True, True, kernel.n_pieces, 3 * 6, memory=size * 3, seed=0)
+    groups = design_groups(Survey.of(structures).row_counts(True, True, True), kernel.n_pieces, 3 * 6, memory=size * 3, seed=0)
     assert len(groups) > 1
     model = fit_kernel(structures, HYPERS, kernel, n_sparse=6, regularisers=Regularisers(0.01, 0.05, 0.005), design_memory=size * 3,
                 tune=True, tune_options={"max_evaluations": 5})

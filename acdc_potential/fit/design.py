@@ -7,8 +7,9 @@ The design matrix keeps one slice per kernel piece, so mixing coefficients and
 regularisers are tuned without recomputing kernels.
 """
 
+import itertools
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
+from typing import Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -69,6 +70,27 @@ class DesignMatrix:
     def kinds_present(self) -> List[int]:
         return sorted(set(self.kind.tolist()))
 
+    @classmethod
+    def gather(cls, parts: Iterable["DesignMatrix"], counts: Sequence[int], n_rows: int) -> "DesignMatrix":
+        """The ``n_rows`` rows of ``parts`` in order, each built from ``counts`` structures
+        (numbered from 0 in each part), their structures numbered on. The parts are copied
+        into one allocation as they come, so that at most one of them exists beside it."""
+        parts = iter(parts)
+        first = next(parts)
+        if first.targets.shape[0] == n_rows:
+            return first
+        pieces = first.pieces.new_empty((first.pieces.shape[0], n_rows, first.pieces.shape[2]))
+        vectors = {name: getattr(first, name).new_empty(n_rows) for name in ("targets", "kind", "structure", "n_atoms", "weight")}
+        start, offset = 0, 0
+        for count, part in zip(counts, itertools.chain([first], parts)):
+            stop = start + part.targets.shape[0]
+            pieces[:, start:stop] = part.pieces
+            for name, vector in vectors.items():
+                vector[start:stop] = getattr(part, name) + (offset if name == "structure" else 0)
+            start, offset = stop, offset + count
+            del part
+        return cls(pieces, **vectors)
+
 
 def _batches(structures: Sequence[Labelled], cost, budget: float) -> List[List[int]]:
     """Consecutive groups of structure indices whose summed ``cost`` stays below ``budget``."""
@@ -85,20 +107,24 @@ def _batches(structures: Sequence[Labelled], cost, budget: float) -> List[List[i
     return groups
 
 
-def design_groups(
-    structures: Sequence[Labelled], energies: bool, forces: bool, stress: bool, n_pieces: int, n_sparse: int, memory: float, seed: int = 0
-) -> List[List[int]]:
+def design_groups(rows: Sequence[int], n_pieces: int, n_sparse: int, memory: float, seed: int = 0) -> List[List[int]]:
     """Structure indices in groups whose design matrices (``n_pieces x rows x M`` float64) fit in
-    ``memory`` bytes: all in their order if they fit together, else in a random order (``seed``)
-    so that the first group, which the tuning sees, is a random sample of the data."""
+    ``memory`` bytes, for structures of ``rows`` rows each (:meth:`Survey.row_counts
+    <acdc_potential.fit.survey.Survey.row_counts>`): all in their order if they fit together,
+    else in a random order (``seed``) so that the first group, which the tuning sees, is a
+    random sample of the data."""
+    sizes = [8.0 * n_pieces * n_sparse * int(r) for r in rows]
+    if sum(sizes) <= memory:
+        return [list(range(len(sizes)))]
+    order = torch.randperm(len(sizes), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [[order[k] for k in group] for group in _batches([sizes[k] for k in order], float, memory)]
 
-    def size(s: Labelled) -> float:
-        return 8.0 * n_pieces * n_sparse * _row_count(s, _rows_of(s, energies, forces, stress))
 
-    if sum(size(s) for s in structures) <= memory:
-        return [list(range(len(structures)))]
-    order = torch.randperm(len(structures), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [[order[k] for k in group] for group in _batches([structures[k] for k in order], size, memory)]
+def split_group(group: Sequence[int], rows: Sequence[int], n_pieces: int, n_sparse: int, memory: float) -> List[List[int]]:
+    """``group`` (structure indices) cut, in its order, into consecutive parts whose design
+    matrices fit in ``memory`` bytes (one part when they all do)."""
+    sizes = [8.0 * n_pieces * n_sparse * int(rows[k]) for k in group]
+    return [[group[k] for k in part] for part in _batches(sizes, float, memory)]
 
 
 def build_design_matrix(

@@ -10,7 +10,9 @@ held-out structures; solve the projected process. :func:`fit` does the same from
 
 import contextlib
 import dataclasses
+import hashlib
 import itertools
+import os
 import random
 import time
 import warnings
@@ -19,25 +21,26 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import ase
 import torch
 from ase.data import chemical_symbols
-from tqdm import tqdm
 
-from ..config import FitConfig, FitOptions, KernelConfig, Regularisers, SparseConfig, atomic_number
-from ..data import Labelled, as_labelled, species_of, validate
+from ..config import ClusterConfig, FitConfig, FitOptions, KernelConfig, Regularisers, SparseConfig, atomic_number
+from ..data import Labelled
 from ..descriptors.acdc import power_spectrum
 from ..descriptors.density import DensityExpansion
-from ..descriptors.jacobian import batch_density
-from ..descriptors.neighbors import batch_from_atoms
 from ..descriptors.radial import DensityHypers
 from ..errors import AccuracyWarning, BaselineWarning
 from ..kernels import PolynomialKernel, SparseKernel, WignerKernel
 from ..kernels.wigner.iteration import WignerHypers
 from ..inference import run_module
-from .baseline import Baseline, isolated_atom_energies
+from . import tasks
+from .baseline import Baseline
 from .checkpoint import SparseKRRModel
+from .design import DesignMatrix, design_groups, mix_pieces, split_group
+from .executors import Executor, InProcess, make_executor
 from .report import FitLog
-from .design import DesignMatrix, build_design_matrix, design_groups
 from .selection import select_sparse, selection_prefix
-from .solver import DEFAULT_JITTER, _fit_rows
+from .solver import DEFAULT_JITTER, _solution as solution_of, design_triangle, merge_triangles, prior_triangle, sparse_projection
+from .sources import StructureSource, as_source
+from .survey import Survey
 from .tuning import choose_grid_point, select_hyperparameters
 
 
@@ -54,24 +57,8 @@ def recording(messages: List[str]):
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
-def training_coefficients(
-    structures: Sequence[Labelled], expansion: DensityExpansion, batch_size: int = 64, device=None, progress: bool = False
-):
-    """Flat coefficients ``[N, D]``, atomic numbers ``[N]`` and layout of every atom of ``structures``
-    (``progress``: a progress bar over batches of structures)."""
-    coefficients, numbers, layout = [], [], None
-    starts = range(0, len(structures), batch_size)
-    for start in tqdm(starts, desc="density coefficients", unit="batch", disable=not progress):
-        members = structures[start : start + batch_size]
-        batch = batch_from_atoms([s.atoms for s in members], expansion.cutoff, device=device, first_index=start)
-        c, layout = batch_density(expansion, batch)
-        coefficients.append(c)
-        numbers.append(batch.numbers)
-    return torch.cat(coefficients), torch.cat(numbers), layout
-
-
 def fit_kernel(
-    structures: Sequence,
+    structures: Union[Sequence, StructureSource],
     density_hypers: DensityHypers,
     kernel: SparseKernel,
     n_sparse: Union[int, Dict[int, int]] = SparseConfig.n,
@@ -85,59 +72,84 @@ def fit_kernel(
     tune: bool = FitOptions.tune,
     tune_options: Optional[Dict] = None,
     jitter: float = DEFAULT_JITTER,
-    budget: float = 3e7,
     design_memory: float = FitOptions.design_memory * 1e9,
+    candidates: int = SparseConfig.candidates,
+    task_memory: float = ClusterConfig.task_memory * 1e9,
+    task_structures: int = ClusterConfig.task_structures,
+    executor: Optional[Executor] = None,
+    checkpoint: Optional[str] = None,
+    survey: Optional[Survey] = None,
     device=None,
     verbose: bool = False,
     log: Optional[FitLog] = None,
 ) -> SparseKRRModel:
     """Fit a sparse KRR potential for one density and kernel on labelled structures
-    (ase.Atoms or :class:`Labelled`). Defaults are those of :class:`~acdc_potential.config.FitConfig`
+    (ase.Atoms or :class:`Labelled`, or a :class:`~acdc_potential.fit.sources.StructureSource`).
+    Defaults are those of :class:`~acdc_potential.config.FitConfig`
     (``regularisers``: :class:`~acdc_potential.config.Regularisers`).
 
-    Steps: validate; baseline; density coefficients of every atom; sparse environments per
-    species (``selection`` = ``"fps"`` | ``"cur"`` on the power spectrum); design matrix
-    (energies/forces/stress as enabled and present); optionally :func:`select_hyperparameters`
-    (``tune_options`` are its keyword arguments, and ``sparse_per_species``: tune with the
-    first that many sparse environments of each species), which updates the kernel's mixing and the
-    regularisers; projected-process solve. ``log`` (a :class:`~acdc_potential.fit.report.FitLog`,
-    default one that prints when ``verbose``) reports and times each step; progress bars over
-    the kernel rows show when it prints.
+    Steps: survey (validate every structure, count its labels: :func:`tasks.survey`); baseline;
+    density coefficients of the selection's candidates (every atom, or a random sample of
+    structures with at most ``candidates`` atoms) and sparse environments per species
+    (``selection`` = ``"fps"`` | ``"cur"`` on the power spectrum); the design matrix of the
+    tuning sample; optionally :func:`select_hyperparameters` (``tune_options`` are its keyword
+    arguments, and ``sparse_per_species``: tune with the first that many sparse environments of
+    each species), which updates the kernel's mixing and the regularisers; the
+    projected-process solve. ``log`` (a :class:`~acdc_potential.fit.report.FitLog`, default one
+    that prints when ``verbose``) reports and times each step; progress bars show when it prints.
 
     ``design_memory`` (bytes) bounds the design matrix held at once: beyond it the tuning
     sees the rows of a random sample of the structures that fits (:func:`design_groups`),
     and the rows of the others are built group by group after it and folded into the
-    final solve one at a time (:func:`_fit_rows`), so the peak memory of a fit does not
-    grow with the data.
+    final solve, so the peak memory of a fit does not grow with the data.
+
+    ``executor`` (default :class:`~acdc_potential.fit.executors.InProcess`) runs the steps
+    over structures (:mod:`~acdc_potential.fit.tasks`), cut into tasks of at most
+    ``task_memory`` bytes of rows and ``task_structures`` structures; a
+    :class:`~acdc_potential.fit.executors.DaskExecutor` runs them on a cluster and gives the
+    same weights. ``checkpoint``: a folder where the triangles of the final solve are kept
+    (a rerun resumes from them). ``survey``: the survey of ``structures``, if done already.
     """
     recorded: List[str] = []
     with recording(recorded):
         regularisers = regularisers if regularisers is not None else Regularisers()
         log = log if log is not None else FitLog(verbose)
-        labelled = as_labelled(structures)
-        species = sorted(int(z) for z in species) if species is not None else species_of(labelled)
-        validate(labelled, species=species)
-        log(f"tabulating the radial integrals ({len(labelled)} structures, species {species})")
+        executor = executor if executor is not None else InProcess()
+        source = as_source(structures)
+        progress = log.progress and executor.in_process  # a cluster's tasks show as one bar per step
+        seed = (tune_options or {}).get("seed", 0)
+        if survey is None:
+            with log.stage("survey"):
+                survey = survey_source(source, executor, task_structures, species, "survey" if log.progress and not progress else "")
+        species = sorted(int(z) for z in species) if species is not None else survey.species()
+        log(f"tabulating the radial integrals ({len(survey)} structures, species {species})")
         with log.stage("radial integrals"):
             expansion = DensityExpansion(density_hypers, species)
-        baseline = Baseline.fit(labelled, species, isolated_energies)
-        log("density coefficients of every atom")
+            if device is not None:
+                expansion = expansion.to(device)
+        baseline = Baseline.fit(survey, species, isolated_energies)
+        kinds = (energies, forces, stress)
         with log.stage("density coefficients and sparse selection"):
-            coefficients, numbers, layout = training_coefficients(labelled, expansion, device=device, progress=log.progress)
+            pool = selection_candidates(survey.n_atoms, candidates, seed)
+            log(f"density coefficients of {'every atom' if len(pool) == len(survey) else f'the atoms of {len(pool)} structures (a random sample)'}")
+            parts = [survey.positions[part].tolist() for part in split(pool, task_structures)]
+            results = list(executor.map(tasks.coefficients, (source, expansion, progress), parts, "density coefficients" if log.progress and not progress else ""))
+            coefficients, numbers, layout = torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results]), results[0][2]
+            del results
             chosen = select_sparse(power_spectrum(layout.unflatten(coefficients)), numbers, n_sparse, selection)
-        kernel.set_sparse(coefficients[chosen], numbers[chosen], layout)
-        counts = {int(z): int((numbers[chosen] == z).sum()) for z in species}
+            kernel.set_sparse(coefficients[chosen], numbers[chosen], layout)
+            del coefficients, numbers
+        counts = {int(z): int((kernel.sparse_species == z).sum()) for z in species}
         log(f"{len(chosen)} sparse environments by {selection} ({counts} per atomic number); building the kernel rows")
-        groups = design_groups(labelled, energies, forces, stress, kernel.n_pieces, kernel.n_sparse, design_memory, (tune_options or {}).get("seed", 0))
-
-        def rows_of(group: List[int]) -> DesignMatrix:
-            with log.stage("design matrix"):
-                rows = [labelled[k] for k in group]
-                return build_design_matrix(rows, expansion, kernel, baseline, energies, forces, stress, budget, progress=log.progress)
-
-        design = rows_of(groups[0])
+        rows = survey.row_counts(*kinds)
+        groups = design_groups(rows, kernel.n_pieces, kernel.n_sparse, design_memory, seed)
+        shared = (source, expansion, kernel, baseline, kinds)
+        with log.stage("design matrix"):
+            parts = split_group(groups[0], rows, kernel.n_pieces, kernel.n_sparse, task_memory)
+            designs = executor.map(tasks.design, shared + (progress,), [survey.positions[p].tolist() for p in parts], "kernel rows (tuning sample)" if log.progress and not progress else "")
+            design = DesignMatrix.gather(designs, [len(p) for p in parts], int(rows[groups[0]].sum()))
         k_mm_pieces = kernel.sparse_block()
-        streamed = f" (of {len(groups[0])} of the {len(labelled)} structures; the others' rows follow in {len(groups) - 1} groups into the final solve)" if len(groups) > 1 else ""
+        streamed = f" (of {len(groups[0])} of the {len(survey)} structures; the others' rows follow in {len(groups) - 1} groups into the final solve)" if len(groups) > 1 else ""
         log(f"design matrix: {design.pieces.shape[1]} rows x {design.pieces.shape[2]} sparse environments{streamed}")
         report = None
         if tune:
@@ -153,18 +165,71 @@ def fit_kernel(
             sigmas = ", ".join(f"{k} = {v:.3g}" for k, v in dataclasses.asdict(regularisers).items())
             rescaled = f" (scaled by {report.regulariser_scale:.3g} for all {kernel.n_sparse} sparse environments)" if report.regulariser_scale != 1.0 else ""
             log(f"tuned on held-out structures ({report.evaluations} solves): {mixing}; regularisers {sigmas}{rescaled}")
-        held = [design]
-        del design  # from here on only `held` refers to it, so the solve can free it
-
-        def designs():
-            yield held.pop()
-            for group in groups[1:]:
-                yield rows_of(group)
-
         with log.stage("solve"):
-            solution = _fit_rows(designs(), k_mm_pieces, kernel.piece_weights(), regularisers, jitter)
+            piece_weights = kernel.piece_weights()
+            projection = sparse_projection(mix_pieces(piece_weights, k_mm_pieces), jitter)
+            triangle = merge_triangles(prior_triangle(projection), design_triangle(design, piece_weights, regularisers, projection))
+            del design
+            rest = [part for group in groups[1:] for part in split_group(group, rows, kernel.n_pieces, kernel.n_sparse, task_memory)]
+            rest = [survey.positions[p].tolist() for p in rest]
+            if checkpoint and rest:
+                os.makedirs(checkpoint, exist_ok=True)
+            final = tasks.FinalSolve(piece_weights, regularisers, projection, checkpoint, fit_fingerprint(source, shared, piece_weights, regularisers, projection))
+            others = executor.reduce(tasks.triangle, shared + (final, progress), rest, merge_triangles, "kernel rows (final solve)" if log.progress and rest else "")
+            solution = solution_of(triangle if others is None else merge_triangles(triangle, others), projection)
         log("solved the projected-process regression")
-    return SparseKRRModel(density_hypers, species, kernel, solution, baseline, regularisers, report, expansion, recorded)
+    return SparseKRRModel(density_hypers, species, kernel, solution, baseline, regularisers, report, expansion.to("cpu") if device is not None else expansion, recorded)
+
+
+def survey_source(
+    source: StructureSource, executor: Executor, task_structures: int = ClusterConfig.task_structures, species: Optional[Sequence[int]] = None, desc: str = ""
+) -> Survey:
+    """Validate and survey every structure of ``source`` (:func:`tasks.survey`), in tasks of ``task_structures``."""
+    parts = split(list(range(len(source))), task_structures)
+    allowed = None if species is None else [int(z) for z in species]
+    return Survey.concatenate(list(executor.map(tasks.survey, (source, allowed), parts, desc)))
+
+
+def selection_candidates(n_atoms: Sequence[int], candidates: int, seed: int) -> List[int]:
+    """Positions of the structures whose atoms the sparse selection chooses from: all, in order,
+    when they have at most ``candidates`` atoms, else a random sample (``seed``) of at most that many."""
+    if int(sum(n_atoms)) <= candidates:
+        return list(range(len(n_atoms)))
+    order = torch.randperm(len(n_atoms), generator=torch.Generator().manual_seed(seed)).tolist()
+    chosen, total = [], 0
+    for k in order:
+        if total + int(n_atoms[k]) > candidates and chosen:
+            continue
+        chosen.append(k)
+        total += int(n_atoms[k])
+    return sorted(chosen)
+
+
+def split(positions: Sequence[int], size: int) -> List[List[int]]:
+    """``positions`` in consecutive parts of at most ``size``."""
+    positions = list(positions)
+    return [positions[k : k + size] for k in range(0, len(positions), size)]
+
+
+def fit_fingerprint(source: StructureSource, shared: Tuple, *solve) -> str:
+    """A digest of everything the rows of the final solve depend on: the data, the density,
+    the kernel and its sparse set, the baseline, the kinds of rows, the mixing, the
+    regularisers and the projection (names the triangles kept in a checkpoint folder)."""
+    digest = hashlib.sha256(source.fingerprint().encode())
+    _, expansion, kernel, baseline, kinds = shared
+    for item in (expansion.state_dict(), kernel.to_dict(), baseline.energies, kinds, *solve):
+        digest.update(_digestible(item))
+    return digest.hexdigest()
+
+
+def _digestible(item) -> bytes:
+    if isinstance(item, torch.Tensor):
+        return item.detach().cpu().contiguous().numpy().tobytes()
+    if isinstance(item, dict):
+        return b"".join(repr(k).encode() + _digestible(v) for k, v in sorted(item.items(), key=lambda kv: repr(kv[0])))
+    if isinstance(item, (list, tuple)):
+        return b"".join(_digestible(x) for x in item)
+    return repr(item).encode()
 
 
 def make_kernel(config: KernelConfig) -> SparseKernel:
@@ -179,27 +244,50 @@ def make_kernel(config: KernelConfig) -> SparseKernel:
     raise ValueError(f"unknown kernel type '{config.type}' (known: wigner, polynomial)")
 
 
-def fit(structures: Sequence, config: Optional[FitConfig] = None, verbose: bool = False, log: Optional[FitLog] = None) -> SparseKRRModel:
-    """Fit a :class:`~acdc_potential.fit.checkpoint.SparseKRRModel` on labelled structures as
-    ``config`` (default :class:`~acdc_potential.config.FitConfig`, what the command line uses)
-    says, after :func:`select_on_grid` when ``nu_max`` is ``auto`` or ``config.grid`` lists C or r0.
-    ``log`` (default: printing when ``verbose``) reports every step on one clock."""
+def fit(
+    structures: Union[Sequence, StructureSource],
+    config: Optional[FitConfig] = None,
+    verbose: bool = False,
+    log: Optional[FitLog] = None,
+    executor: Optional[Executor] = None,
+    survey: Optional[Survey] = None,
+) -> SparseKRRModel:
+    """Fit a :class:`~acdc_potential.fit.checkpoint.SparseKRRModel` on labelled structures (a
+    list, or a :class:`~acdc_potential.fit.sources.StructureSource` such as an
+    :class:`~acdc_potential.fit.sources.ExtxyzSource`) as ``config`` (default
+    :class:`~acdc_potential.config.FitConfig`, what the command line uses) says, after
+    :func:`select_on_grid` when ``nu_max`` is ``auto`` or ``config.grid`` lists C or r0.
+    ``log`` (default: printing when ``verbose``) reports every step on one clock.
+    ``executor`` runs the steps over structures; by default the one ``config.cluster`` asks
+    for (:func:`~acdc_potential.fit.executors.make_executor`: this process, or a Dask cluster
+    that is closed when the fit ends). ``survey``: :func:`survey_source` of the structures, if
+    done already. The checkpoint folder of ``config.cluster`` is removed once the fit succeeds."""
     config = config if config is not None else FitConfig()
     log = log if log is not None else FitLog(verbose)
-    # validated once, numbered by position, before any trial fit of the grid
-    labelled = as_labelled(structures)
-    validate(labelled)
-    grid = []
-    automatic = config.kernel.type == "wigner" and config.kernel.nu_max == "auto"
-    if automatic or (config.kernel.type == "wigner" and (config.grid.C or config.grid.r0)):
-        with log.stage("grid"):
-            density, nu_max, grid = select_on_grid(labelled, config, log)
-        config = dataclasses.replace(config, density=density, kernel=dataclasses.replace(config.kernel, nu_max=nu_max))
-    model = _fit(labelled, config, config.sparse.n, config.options.tune, log)
+    source = as_source(structures)
+    owned = executor is None
+    executor = make_executor(config.cluster) if owned else executor
+    try:
+        # validated once, numbered by position, before any trial fit of the grid
+        if survey is None:
+            with log.stage("survey"):
+                survey = survey_source(source, executor, config.cluster.task_structures, desc="survey" if log.progress and not executor.in_process else "")
+        grid = []
+        automatic = config.kernel.type == "wigner" and config.kernel.nu_max == "auto"
+        if automatic or (config.kernel.type == "wigner" and (config.grid.C or config.grid.r0)):
+            with log.stage("grid"):
+                density, nu_max, grid = select_on_grid(source, config, log)
+            config = dataclasses.replace(config, density=density, kernel=dataclasses.replace(config.kernel, nu_max=nu_max))
+        model = _fit(source, config, config.sparse.n, config.options.tune, log, executor, survey)
+    finally:
+        if owned:
+            executor.close()
+    if config.cluster.checkpoint:
+        tasks.discard_kept(config.cluster.checkpoint)
     if model.report is not None:
         model.report.density_grid = grid
     if config.options.isolated_energies is None:
-        missing = [z for z in model.species if z not in isolated_atom_energies(labelled)]
+        missing = [z for z in model.species if z not in survey.isolated_energies()]
         if missing:
             warn_isolated_atoms(model, missing)
     return model
@@ -222,7 +310,7 @@ def warn_isolated_atoms(model: SparseKRRModel, species: List[int]) -> None:
     model.warnings.append(message)
 
 
-def _fit(structures, config: FitConfig, n_sparse, tune: bool, log: Optional[FitLog]):
+def _fit(structures, config: FitConfig, n_sparse, tune: bool, log: Optional[FitLog], executor: Optional[Executor] = None, survey: Optional[Survey] = None):
     if isinstance(n_sparse, dict):
         n_sparse = {atomic_number(element): int(n) for element, n in n_sparse.items()}
     isolated = config.options.isolated_energies
@@ -241,6 +329,12 @@ def _fit(structures, config: FitConfig, n_sparse, tune: bool, log: Optional[FitL
         isolated_energies=isolated,
         tune=tune,
         design_memory=config.options.design_memory * 1e9,
+        candidates=config.sparse.candidates,
+        task_memory=config.cluster.task_memory * 1e9,
+        task_structures=config.cluster.task_structures,
+        executor=executor,
+        checkpoint=config.cluster.checkpoint or None,
+        survey=survey,
         tune_options={
             "validation": config.options.validation,
             "seed": config.options.seed,
@@ -261,11 +355,11 @@ def select_on_grid(structures, config: FitConfig, log: Optional[FitLog] = None) 
     orders = config.grid.nu_max if config.kernel.nu_max == "auto" else [config.kernel.nu_max]
     if not orders or any(not isinstance(nu, int) or nu < 1 for nu in orders):
         raise ValueError(f"grid.nu_max must list positive integers, got {orders}")
-    structures = list(structures)
-    if len(structures) < 2:
+    source = as_source(structures)
+    if len(source) < 2:
         # nothing to hold out: the cheapest candidate, as the tolerance rule would prefer
         return config.density, min(orders), []
-    subset = random.Random(config.options.seed).sample(structures, min(config.grid.structures, len(structures)))
+    subset = source.read(random.Random(config.options.seed).sample(range(len(source)), min(config.grid.structures, len(source))))
     values = list(itertools.product(orders, config.grid.C or [config.density.C], config.grid.r0 or [config.density.r0]))
     log(f"grid: {len(values)} trial fits on {len(subset)} structures with {config.grid.sparse} sparse environments per species")
     points: List[Dict[str, float]] = []

@@ -164,6 +164,29 @@ def scaled_regularisation_predictions(
     return (projected / (singular**2 + scales[:, None] ** 2)) @ held.T
 
 
+def prior_triangle(projection: torch.Tensor) -> torch.Tensor:
+    """``[r + 1, r + 1]`` triangle of the prior rows ``[I, 0]`` alone, where every fold starts."""
+    rank = projection.shape[1]
+    augmented = torch.eye(rank + 1, dtype=projection.dtype, device=projection.device)
+    augmented[rank, rank] = 0.0
+    return augmented
+
+
+def design_triangle(rows: DesignMatrix, piece_weights: torch.Tensor, regularisers: Regularisers, projection: torch.Tensor) -> torch.Tensor:
+    """``[r + 1, r + 1]`` triangle of the rows of one design matrix (no prior rows; :func:`stacked_triangle`)."""
+
+    def k_nm(start: int, stop: int) -> torch.Tensor:
+        return rows.combine(piece_weights, slice(start, stop))
+
+    return stacked_triangle(k_nm, rows.targets, rows.inverse_sigma(regularisers), projection, prior=False)
+
+
+def merge_triangles(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """The triangle of the rows of both: R of ``[first; second]``. Associative up to the sign
+    of rows, which the solution does not see, so triangles of groups of rows merge in any tree."""
+    return torch.linalg.qr(torch.cat([first, second]), mode="r")[1]
+
+
 def _fit_rows(
     designs: Iterable[DesignMatrix],
     k_mm_pieces: torch.Tensor,
@@ -173,18 +196,10 @@ def _fit_rows(
 ) -> ProjectedProcess:
     """Projected-process solution on all rows of the designs, for one mixing and set of
     regularisers. Each design is folded into the triangle of the tall-skinny QR as it comes
-    (the R of ``[R; R_design]``, starting from the prior rows ``[I, 0]``) and released, so
-    that a generator of designs never holds two at once."""
+    (starting from the prior rows) and released, so that a generator of designs never holds two at once."""
     projection = sparse_projection(mix_pieces(piece_weights, k_mm_pieces), jitter)
-    rank = projection.shape[1]
-    augmented = torch.eye(rank + 1, dtype=projection.dtype, device=projection.device)
-    augmented[rank, rank] = 0.0
+    augmented = prior_triangle(projection)
     for rows in designs:
-
-        def k_nm(start: int, stop: int) -> torch.Tensor:
-            return rows.combine(piece_weights, slice(start, stop))
-
-        triangle = stacked_triangle(k_nm, rows.targets, rows.inverse_sigma(regularisers), projection, prior=False)
-        augmented = torch.linalg.qr(torch.cat([augmented, triangle]), mode="r")[1]
-        del rows, k_nm
+        augmented = merge_triangles(augmented, design_triangle(rows, piece_weights, regularisers, projection))
+        del rows
     return _solution(augmented, projection)

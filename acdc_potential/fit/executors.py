@@ -1,0 +1,203 @@
+"""Who runs the tasks of a fit (:mod:`~acdc_potential.fit.tasks`): this process, or a Dask cluster.
+
+The driver of a fit (:func:`~acdc_potential.fit.driver.fit_kernel`) hands an executor a task
+function, the arguments every call shares, and the groups of structure positions to call it
+on. :class:`InProcess` calls it here, one group after the other. :class:`DaskExecutor`
+sends the shared arguments to every worker once and one task per group; the workers read
+their structures from the source themselves (a file they can reach), and only small results
+come back: surveys, the sample's coefficients and rows, and triangles of the final solve,
+which are merged on the workers in a fixed binary tree. The tree does not depend on the
+number of workers nor on the order in which tasks finish, and a task lost with its worker is
+rerun by Dask, so every run gives the same weights.
+"""
+
+import logging
+import math
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from tqdm import tqdm
+
+from ..errors import ClusterError, DataFileError, StructureError
+
+Merge = Callable[[Any, Any], Any]
+
+
+def tree_reduce(items: Iterable, merge: Merge):
+    """``items`` merged pairwise in one fixed binary tree, that of a binary counter: equal-sized
+    neighbours merge as soon as both exist, and what is left merges from the right. The tree
+    depends only on the number of items, so any executor that follows it gives the same
+    result; at most ``log2(n) + 1`` partial results exist at once. ``None`` for no items."""
+    stack: List[Tuple[int, Any]] = []
+    for item in items:
+        stack.append((1, item))
+        while len(stack) > 1 and stack[-1][0] == stack[-2][0]:
+            (count, right), (_, left) = stack.pop(), stack.pop()
+            stack.append((2 * count, merge(left, right)))
+    if not stack:
+        return None
+    result = stack.pop()[1]
+    while stack:
+        result = merge(stack.pop()[1], result)
+    return result
+
+
+class Executor:
+    """Runs task functions over groups of structure positions. How the structures are cut into
+    tasks is the fit's, not the executor's (:class:`~acdc_potential.config.ClusterConfig`:
+    it decides how rows are batched and merged, hence how they are rounded), so that every
+    executor gives the same weights."""
+
+    in_process = True
+
+    def map(self, function: Callable, shared: Sequence, groups: Sequence[List[int]], desc: str = "") -> Iterator:
+        """``function(*shared, group)`` for every group, in order, as they come (a generator)."""
+        raise NotImplementedError
+
+    def reduce(self, function: Callable, shared: Sequence, groups: Sequence[List[int]], merge: Merge, desc: str = ""):
+        """The results of ``function(*shared, group)`` over the groups, merged by :func:`tree_reduce`."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the executor started."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *error):
+        self.close()
+
+
+class InProcess(Executor):
+    """Every task here, in order: one group's rows at a time."""
+
+    def map(self, function, shared, groups, desc=""):
+        for group in groups:
+            yield function(*shared, group)
+
+    def reduce(self, function, shared, groups, merge, desc=""):
+        return tree_reduce(self.map(function, shared, groups), merge)
+
+
+def torch_threads(threads: int):
+    """A Dask worker plugin: torch uses ``threads`` threads in each worker (restarted ones too).
+    Made here, not at import, so that fits in one process never import ``distributed``."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class TorchThreads(WorkerPlugin):
+        def setup(self, worker) -> None:
+            torch.set_num_threads(threads)
+
+    return TorchThreads()
+
+
+class DaskExecutor(Executor):
+    """Tasks on a Dask cluster (``dask.distributed``).
+
+    :param client: a connected ``distributed.Client`` to use (e.g. on a dask-jobqueue
+        ``SLURMCluster``); else one is made, and closed by :meth:`close`:
+    :param scheduler: the address of a running scheduler (``tcp://host:8786``), or
+    :param workers: the number of worker processes of a ``LocalCluster`` on this machine.
+    :param threads_per_worker: torch threads (and Dask task slots) of each worker.
+    """
+
+    in_process = False
+
+    def __init__(
+        self,
+        client=None,
+        scheduler: Optional[str] = None,
+        workers: int = 2,
+        threads_per_worker: int = 1,
+    ):
+        try:
+            import distributed
+        except ImportError:  # pragma: no cover - dask is a dependency
+            raise ClusterError("fitting on a Dask cluster needs dask and distributed (pip install dask distributed)") from None
+        self._owned = []
+        if client is None:
+            try:
+                if scheduler:
+                    client = distributed.Client(scheduler, timeout="30s")
+                else:
+                    cluster = distributed.LocalCluster(
+                        n_workers=workers, threads_per_worker=threads_per_worker, processes=True, dashboard_address=":0", silence_logs=logging.ERROR
+                    )
+                    self._owned.append(cluster)
+                    client = distributed.Client(cluster)
+            except OSError as error:
+                raise ClusterError(f"could not reach the Dask scheduler {scheduler or '(local cluster)'}: {error}") from None
+            self._owned.insert(0, client)
+        self.client = client
+        client.register_plugin(torch_threads(threads_per_worker), name="acdc-potential-threads")
+
+    def _shared(self, shared: Sequence) -> List:
+        """Large shared arguments sent once to every worker (futures), small ones as they are."""
+        small = (bool, int, float, str, tuple, type(None))
+        return [x if isinstance(x, small) else self.client.scatter(x, broadcast=True, hash=False) for x in shared]
+
+    def map(self, function, shared, groups, desc=""):
+        with self._failures():
+            arguments = self._shared(shared)
+            futures = [self.client.submit(function, *arguments, list(group), pure=False) for group in groups]
+            with tqdm(total=len(futures), desc=desc, unit="task", disable=not desc) as bar:
+                for k in range(len(futures)):
+                    result = futures[k].result()
+                    futures[k] = None  # the cluster may forget it
+                    bar.update()
+                    yield result
+
+    def reduce(self, function, shared, groups, merge, desc=""):
+        if not groups:
+            return None
+        import distributed
+
+        with self._failures():
+            arguments = self._shared(shared)
+            leaves = [self.client.submit(function, *arguments, list(group), pure=False) for group in groups]
+            root = tree_reduce(leaves, lambda left, right: self.client.submit(merge, left, right, pure=False))
+            with tqdm(total=len(leaves), desc=desc, unit="task", disable=not desc) as bar:
+                for _ in distributed.as_completed(leaves):
+                    bar.update()
+            del leaves
+            return root.result()
+
+    def _failures(self):
+        return _ClusterFailures()
+
+    def close(self) -> None:
+        for thing in self._owned:
+            thing.close()
+        self._owned = []
+
+
+class _ClusterFailures:
+    """Errors of the data reach the user as they are; a cluster that lost the tasks becomes
+    one :class:`~acdc_potential.errors.ClusterError` saying so."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):
+        if error is None or isinstance(error, (StructureError, DataFileError, ClusterError, GeneratorExit)):
+            return False
+        import distributed
+
+        if isinstance(error, (distributed.KilledWorker, distributed.comm.CommClosedError, OSError, TimeoutError)):
+            raise ClusterError(
+                f"the fit could not complete on the Dask cluster ({type(error).__name__}: {error}); the triangles of "
+                "the groups that finished are kept where cluster.checkpoint says, and running the same fit again "
+                "resumes from them"
+            ) from error
+        return False
+
+
+def make_executor(cluster) -> Executor:
+    """The executor that a :class:`~acdc_potential.config.ClusterConfig` asks for."""
+    if not cluster.scheduler and cluster.workers == 0:
+        return InProcess()
+    return DaskExecutor(
+        scheduler=cluster.scheduler or None,
+        workers=cluster.workers,
+        threads_per_worker=cluster.threads_per_worker,
+    )
