@@ -1,6 +1,6 @@
 """``acdc-potential``: fit, evaluate and export potentials from the command line.
 
-    acdc-potential fit TRAIN.extxyz -o MODEL.pt [--test TEST.extxyz] [--config CONFIG.yaml]
+    acdc-potential fit TRAIN.extxyz -o MODEL.pt [--test TEST.extxyz] [--config CONFIG.yaml] [--workers N | --scheduler ADDRESS]
     acdc-potential eval MODEL.pt DATA.extxyz [--plot PARITY.png]
     acdc-potential export CHECKPOINT.ckpt -o MODEL.pt [--dtype float32]
     acdc-potential config [-o CONFIG.yaml]    # every option, its meaning and its default
@@ -84,6 +84,8 @@ def fit_command(args) -> int:
     output = Path(args.output)
     cluster = {"checkpoint": config.cluster.checkpoint or str(output.with_suffix(".partial"))}
     if args.workers is not None:
+        if args.workers < 0:
+            raise ValueError(f"--workers {args.workers}: the number of worker processes must be >= 0")
         cluster["workers"] = args.workers
     if args.scheduler:
         cluster["scheduler"] = args.scheduler
@@ -169,11 +171,13 @@ def _fit_and_report(args, config, train, train_checked, test, output: Path, log,
     from .evaluation import format_table
     from .fit.driver import fit
     from .fit.report import fingerprint, fit_report, write_report
+    from .fit.tasks import discard_kept
 
     threads = _threads(args, None, log)
     model = fit(train, config, log=log, **fit_options)
     model.save(str(output.with_suffix(".ckpt")))
     model.export(str(output), description=f"fitted on {args.train}")
+    discard_kept(config.cluster.checkpoint)  # the model is written: the kept triangles are of no more use
     log(f"wrote the model to {output} and the checkpoint to {output.with_suffix('.ckpt')}")
     with log.stage("errors"):
         tables = _tables(model, train_checked, test, args.test, str(output), threads)

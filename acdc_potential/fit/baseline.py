@@ -35,10 +35,9 @@ class Baseline:
         free = [int(z) for z in species if int(z) not in known]
         energies = {int(z): known.get(int(z), 0.0) for z in species}
         if free and labelled.any():
-            reference = np.zeros(survey.composition.shape[1])
-            reference[list(known)] = list(known.values())
-            counts = survey.composition[labelled][:, free].astype(np.float64)
-            remainder = survey.energy[labelled] - survey.composition[labelled] @ reference
+            fixed = sorted(known)
+            counts = survey.composition(free)[labelled].astype(np.float64)
+            remainder = survey.energy[labelled] - survey.composition(fixed)[labelled] @ np.array([known[z] for z in fixed], dtype=np.float64)
             energies.update(zip(free, np.linalg.lstsq(counts, remainder, rcond=None)[0]))
         return cls({int(z): float(e) for z, e in energies.items()})
 

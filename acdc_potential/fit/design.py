@@ -7,7 +7,6 @@ The design matrix keeps one slice per kernel piece, so mixing coefficients and
 regularisers are tuned without recomputing kernels.
 """
 
-import itertools
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence, Union
 
@@ -77,26 +76,34 @@ class DesignMatrix:
         into one allocation as they come, so that at most one of them exists beside it."""
         parts = iter(parts)
         first = next(parts)
-        if first.targets.shape[0] == n_rows:
+        if len(counts) == 1:
+            if first.targets.shape[0] != n_rows:
+                raise ValueError(f"the design has {first.targets.shape[0]} rows, expected {n_rows}")
             return first
         pieces = first.pieces.new_empty((first.pieces.shape[0], n_rows, first.pieces.shape[2]))
         vectors = {name: getattr(first, name).new_empty(n_rows) for name in ("targets", "kind", "structure", "n_atoms", "weight")}
-        start, offset = 0, 0
-        for count, part in zip(counts, itertools.chain([first], parts)):
+        start, offset, part = 0, 0, first
+        del first
+        for k, count in enumerate(counts):
+            if k > 0:
+                part = next(parts)
             stop = start + part.targets.shape[0]
             pieces[:, start:stop] = part.pieces
             for name, vector in vectors.items():
                 vector[start:stop] = getattr(part, name) + (offset if name == "structure" else 0)
             start, offset = stop, offset + count
             del part
+        if start != n_rows:
+            raise ValueError(f"the parts have {start} rows, expected {n_rows}")
         return cls(pieces, **vectors)
 
 
-def _batches(structures: Sequence[Labelled], cost, budget: float) -> List[List[int]]:
-    """Consecutive groups of structure indices whose summed ``cost`` stays below ``budget``."""
+def _batches(items: Sequence, cost, budget: float) -> List[List[int]]:
+    """Consecutive groups of indices of ``items`` whose summed ``cost(item)`` stays below ``budget``
+    (a group of one item may exceed it)."""
     groups, current, total = [], [], 0.0
-    for k, structure in enumerate(structures):
-        c = cost(structure)
+    for k, item in enumerate(items):
+        c = cost(item)
         if current and total + c > budget:
             groups.append(current)
             current, total = [], 0.0
@@ -107,13 +114,18 @@ def _batches(structures: Sequence[Labelled], cost, budget: float) -> List[List[i
     return groups
 
 
+def design_bytes(rows: int, n_pieces: int, n_sparse: int) -> float:
+    """Bytes of the design matrix of ``rows`` rows: ``n_pieces x rows x M`` float64."""
+    return 8.0 * n_pieces * n_sparse * float(rows)
+
+
 def design_groups(rows: Sequence[int], n_pieces: int, n_sparse: int, memory: float, seed: int = 0) -> List[List[int]]:
     """Structure indices in groups whose design matrices (``n_pieces x rows x M`` float64) fit in
     ``memory`` bytes, for structures of ``rows`` rows each (:meth:`Survey.row_counts
     <acdc_potential.fit.survey.Survey.row_counts>`): all in their order if they fit together,
     else in a random order (``seed``) so that the first group, which the tuning sees, is a
     random sample of the data."""
-    sizes = [8.0 * n_pieces * n_sparse * int(r) for r in rows]
+    sizes = [design_bytes(r, n_pieces, n_sparse) for r in rows]
     if sum(sizes) <= memory:
         return [list(range(len(sizes)))]
     order = torch.randperm(len(sizes), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -123,7 +135,7 @@ def design_groups(rows: Sequence[int], n_pieces: int, n_sparse: int, memory: flo
 def split_group(group: Sequence[int], rows: Sequence[int], n_pieces: int, n_sparse: int, memory: float) -> List[List[int]]:
     """``group`` (structure indices) cut, in its order, into consecutive parts whose design
     matrices fit in ``memory`` bytes (one part when they all do)."""
-    sizes = [8.0 * n_pieces * n_sparse * int(rows[k]) for k in group]
+    sizes = [design_bytes(rows[k], n_pieces, n_sparse) for k in group]
     return [[group[k] for k in part] for part in _batches(sizes, float, memory)]
 
 

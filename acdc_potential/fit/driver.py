@@ -10,7 +10,6 @@ held-out structures; solve the projected process. :func:`fit` does the same from
 
 import contextlib
 import dataclasses
-import hashlib
 import itertools
 import os
 import random
@@ -38,8 +37,8 @@ from .design import DesignMatrix, design_groups, mix_pieces, split_group
 from .executors import Executor, InProcess, make_executor
 from .report import FitLog
 from .selection import select_sparse, selection_prefix
-from .solver import DEFAULT_JITTER, _solution as solution_of, design_triangle, merge_triangles, prior_triangle, sparse_projection
-from .sources import StructureSource, as_source
+from .solver import DEFAULT_JITTER, design_triangle, merge_triangles, prior_triangle, solution_from_triangle, sparse_projection
+from .sources import StructureSource, as_source, digest_of
 from .survey import Survey
 from .tuning import choose_grid_point, select_hyperparameters
 
@@ -117,10 +116,11 @@ def fit_kernel(
         executor = executor if executor is not None else InProcess()
         source = as_source(structures)
         progress = log.progress and executor.in_process  # a cluster's tasks show as one bar per step
+        bars = log.progress and not progress
         seed = (tune_options or {}).get("seed", 0)
         if survey is None:
             with log.stage("survey"):
-                survey = survey_source(source, executor, task_structures, species, "survey" if log.progress and not progress else "")
+                survey = survey_source(source, executor, task_structures, species, "survey" if bars else "")
         species = sorted(int(z) for z in species) if species is not None else survey.species()
         log(f"tabulating the radial integrals ({len(survey)} structures, species {species})")
         with log.stage("radial integrals"):
@@ -128,57 +128,82 @@ def fit_kernel(
             if device is not None:
                 expansion = expansion.to(device)
         baseline = Baseline.fit(survey, species, isolated_energies)
-        kinds = (energies, forces, stress)
         with log.stage("density coefficients and sparse selection"):
-            pool = selection_candidates(survey.n_atoms, candidates, seed)
-            log(f"density coefficients of {'every atom' if len(pool) == len(survey) else f'the atoms of {len(pool)} structures (a random sample)'}")
-            parts = [survey.positions[part].tolist() for part in split(pool, task_structures)]
-            results = list(executor.map(tasks.coefficients, (source, expansion, progress), parts, "density coefficients" if log.progress and not progress else ""))
-            coefficients, numbers, layout = torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results]), results[0][2]
-            del results
-            chosen = select_sparse(power_spectrum(layout.unflatten(coefficients)), numbers, n_sparse, selection)
-            kernel.set_sparse(coefficients[chosen], numbers[chosen], layout)
-            del coefficients, numbers
-        counts = {int(z): int((kernel.sparse_species == z).sum()) for z in species}
-        log(f"{len(chosen)} sparse environments by {selection} ({counts} per atomic number); building the kernel rows")
-        rows = survey.row_counts(*kinds)
-        groups = design_groups(rows, kernel.n_pieces, kernel.n_sparse, design_memory, seed)
-        shared = (source, expansion, kernel, baseline, kinds)
-        with log.stage("design matrix"):
-            parts = split_group(groups[0], rows, kernel.n_pieces, kernel.n_sparse, task_memory)
-            designs = executor.map(tasks.design, shared + (progress,), [survey.positions[p].tolist() for p in parts], "kernel rows (tuning sample)" if log.progress and not progress else "")
-            design = DesignMatrix.gather(designs, [len(p) for p in parts], int(rows[groups[0]].sum()))
+            choose_sparse(kernel, source, survey, expansion, n_sparse, selection, candidates, seed, task_structures, executor, progress, log)
+        rows = survey.row_counts(energies, forces, stress)
+        # tasks: the groups of design_groups cut to task_memory, as sorted source positions (file order within a task)
+        groups = [split_group(group, rows, kernel.n_pieces, kernel.n_sparse, task_memory) for group in design_groups(rows, kernel.n_pieces, kernel.n_sparse, design_memory, seed)]
+        sample_rows = int(sum(rows[k] for part in groups[0] for k in part))
+        groups = [[sorted(survey.positions[part].tolist()) for part in group] for group in groups]
+        shared = (source, expansion, kernel, baseline, (energies, forces, stress))
         k_mm_pieces = kernel.sparse_block()
-        streamed = f" (of {len(groups[0])} of the {len(survey)} structures; the others' rows follow in {len(groups) - 1} groups into the final solve)" if len(groups) > 1 else ""
-        log(f"design matrix: {design.pieces.shape[1]} rows x {design.pieces.shape[2]} sparse environments{streamed}")
-        report = None
+        report, triangle = None, None
         if tune:
-            options = dict(tune_options or {})
-            per_species = options.pop("sparse_per_species", None)
-            if per_species is not None and per_species > 0:
-                options["sparse"] = selection_prefix(kernel.sparse_species, int(per_species))
+            with log.stage("design matrix"):
+                designs = executor.map(tasks.design, shared + (progress,), groups[0], "kernel rows (tuning sample)" if bars else "")
+                design = DesignMatrix.gather(designs, [len(part) for part in groups[0]], sample_rows)
+            sample = sum(len(part) for part in groups[0])
+            streamed = f" (of {sample} of the {len(survey)} structures; the others' rows follow in {len(groups) - 1} groups into the final solve)" if len(groups) > 1 else ""
+            log(f"design matrix: {design.pieces.shape[1]} rows x {design.pieces.shape[2]} sparse environments{streamed}")
             with log.stage("tuning"):
-                report = select_hyperparameters(design, k_mm_pieces, kernel, regularisers, jitter=jitter, progress=log.progress, **options)
-            kernel.mixing = dict(report.mixing)
+                report = tune_on(design, k_mm_pieces, kernel, regularisers, jitter, tune_options, log)
             regularisers = report.regularisers
-            mixing = ", ".join(f"{k} = {v:.4g}" for k, v in report.mixing.items())
-            sigmas = ", ".join(f"{k} = {v:.3g}" for k, v in dataclasses.asdict(regularisers).items())
-            rescaled = f" (scaled by {report.regulariser_scale:.3g} for all {kernel.n_sparse} sparse environments)" if report.regulariser_scale != 1.0 else ""
-            log(f"tuned on held-out structures ({report.evaluations} solves): {mixing}; regularisers {sigmas}{rescaled}")
         with log.stage("solve"):
-            piece_weights = kernel.piece_weights()
-            projection = sparse_projection(mix_pieces(piece_weights, k_mm_pieces), jitter)
-            triangle = merge_triangles(prior_triangle(projection), design_triangle(design, piece_weights, regularisers, projection))
-            del design
-            rest = [part for group in groups[1:] for part in split_group(group, rows, kernel.n_pieces, kernel.n_sparse, task_memory)]
-            rest = [survey.positions[p].tolist() for p in rest]
-            if checkpoint and rest:
-                os.makedirs(checkpoint, exist_ok=True)
-            final = tasks.FinalSolve(piece_weights, regularisers, projection, checkpoint, fit_fingerprint(source, shared, piece_weights, regularisers, projection))
-            others = executor.reduce(tasks.triangle, shared + (final, progress), rest, merge_triangles, "kernel rows (final solve)" if log.progress and rest else "")
-            solution = solution_of(triangle if others is None else merge_triangles(triangle, others), projection)
+            final = tasks.FinalSolve(kernel.piece_weights(), regularisers, sparse_projection(mix_pieces(kernel.piece_weights(), k_mm_pieces), jitter), checkpoint and os.path.abspath(checkpoint))
+            triangle = prior_triangle(final.projection)
+            if tune:
+                triangle = merge_triangles(triangle, design_triangle(design, final.piece_weights, final.regularisers, final.projection))
+                del design  # the rows of the tasks of the other groups follow
+            rest = [part for group in groups[1 if tune else 0 :] for part in group]
+            solution = solve(triangle, rest, shared, final, executor, progress, "kernel rows (final solve)" if bars else "", log)
         log("solved the projected-process regression")
     return SparseKRRModel(density_hypers, species, kernel, solution, baseline, regularisers, report, expansion.to("cpu") if device is not None else expansion, recorded)
+
+
+def choose_sparse(kernel, source, survey, expansion, n_sparse, selection, candidates, seed, task_structures, executor, progress, log) -> None:
+    """Sparse environments per species (:func:`select_sparse` on the power spectrum) among the
+    atoms of :func:`selection_candidates`, whose density coefficients the executor computes;
+    stored in ``kernel`` (:meth:`SparseKernel.set_sparse`)."""
+    pool = selection_candidates(survey.n_atoms, candidates, seed)
+    log(f"density coefficients of {'every atom' if len(pool) == len(survey) else f'the atoms of {len(pool)} structures (a random sample)'}")
+    parts = [survey.positions[part].tolist() for part in split(pool, task_structures)]
+    results = list(executor.map(tasks.coefficients, (source, expansion, progress), parts, "density coefficients" if log.progress and not progress else ""))
+    coefficients, numbers, layout = torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results]), results[0][2]
+    del results
+    chosen = select_sparse(power_spectrum(layout.unflatten(coefficients)), numbers, n_sparse, selection)
+    kernel.set_sparse(coefficients[chosen], numbers[chosen], layout)
+    counts = {int(z): int((kernel.sparse_species == z).sum()) for z in torch.unique(kernel.sparse_species).tolist()}
+    log(f"{len(chosen)} sparse environments by {selection} ({counts} per atomic number); building the kernel rows")
+
+
+def tune_on(design: DesignMatrix, k_mm_pieces: torch.Tensor, kernel: SparseKernel, regularisers: Regularisers, jitter: float, tune_options: Optional[Dict], log: FitLog):
+    """:func:`select_hyperparameters` on ``design``; sets the kernel's mixing and returns the
+    report (with the regularisers found). ``tune_options`` as :func:`fit_kernel`."""
+    options = dict(tune_options or {})
+    per_species = options.pop("sparse_per_species", None)
+    if per_species is not None and per_species > 0:
+        options["sparse"] = selection_prefix(kernel.sparse_species, int(per_species))
+    report = select_hyperparameters(design, k_mm_pieces, kernel, regularisers, jitter=jitter, progress=log.progress, **options)
+    kernel.mixing = dict(report.mixing)
+    mixing = ", ".join(f"{k} = {v:.4g}" for k, v in report.mixing.items())
+    sigmas = ", ".join(f"{k} = {v:.3g}" for k, v in dataclasses.asdict(report.regularisers).items())
+    rescaled = f" (scaled by {report.regulariser_scale:.3g} for all {kernel.n_sparse} sparse environments)" if report.regulariser_scale != 1.0 else ""
+    log(f"tuned on held-out structures ({report.evaluations} solves): {mixing}; regularisers {sigmas}{rescaled}")
+    return report
+
+
+def solve(triangle: torch.Tensor, rest: List[List[int]], shared: Tuple, final: "tasks.FinalSolve", executor: Executor, progress: bool, desc: str, log: FitLog):
+    """The projected-process solution on the rows folded into ``triangle`` ``[r + 1, r + 1]``
+    (the prior's, and the tuning sample's when it was tuned) and those of the structures of
+    every task of ``rest`` (triangles by the executor, kept in ``final.store`` when it is set)."""
+    if rest and final.store:
+        os.makedirs(final.store, exist_ok=True)
+        final.fingerprint = fit_fingerprint(shared, final)
+        kept = tasks.kept_count(final, rest)
+        log(f"{len(rest)} tasks of kernel rows for the final solve; their triangles are kept in {final.store}"
+            + (f" ({kept} found there from an earlier run, read instead of rebuilt)" if kept else ""))
+    others = executor.reduce(tasks.triangle, shared + (final, progress), rest, merge_triangles, desc, kept=bool(final.store))
+    return solution_from_triangle(triangle if others is None else merge_triangles(triangle, others), final.projection)
 
 
 def survey_source(
@@ -211,25 +236,13 @@ def split(positions: Sequence[int], size: int) -> List[List[int]]:
     return [positions[k : k + size] for k in range(0, len(positions), size)]
 
 
-def fit_fingerprint(source: StructureSource, shared: Tuple, *solve) -> str:
-    """A digest of everything the rows of the final solve depend on: the data, the density,
-    the kernel and its sparse set, the baseline, the kinds of rows, the mixing, the
-    regularisers and the projection (names the triangles kept in a checkpoint folder)."""
-    digest = hashlib.sha256(source.fingerprint().encode())
-    _, expansion, kernel, baseline, kinds = shared
-    for item in (expansion.state_dict(), kernel.to_dict(), baseline.energies, kinds, *solve):
-        digest.update(_digestible(item))
-    return digest.hexdigest()
-
-
-def _digestible(item) -> bytes:
-    if isinstance(item, torch.Tensor):
-        return item.detach().cpu().contiguous().numpy().tobytes()
-    if isinstance(item, dict):
-        return b"".join(repr(k).encode() + _digestible(v) for k, v in sorted(item.items(), key=lambda kv: repr(kv[0])))
-    if isinstance(item, (list, tuple)):
-        return b"".join(_digestible(x) for x in item)
-    return repr(item).encode()
+def fit_fingerprint(shared: Tuple, final: "tasks.FinalSolve") -> str:
+    """A digest of everything the triangles of the final solve depend on (``shared``: the source,
+    density expansion, kernel with its sparse set, baseline and kinds of rows; ``final``: the
+    mixing, regularisers and projection): names the triangles kept in a checkpoint folder."""
+    source, expansion, kernel, baseline, kinds = shared
+    density = (expansion.cutoff, expansion.smoothing, expansion.species, expansion.state_dict())
+    return digest_of((source.fingerprint(), density, kernel.to_dict(), baseline.energies, kinds, final.piece_weights, final.regularisers, final.projection))
 
 
 def make_kernel(config: KernelConfig) -> SparseKernel:
@@ -261,7 +274,8 @@ def fit(
     ``executor`` runs the steps over structures; by default the one ``config.cluster`` asks
     for (:func:`~acdc_potential.fit.executors.make_executor`: this process, or a Dask cluster
     that is closed when the fit ends). ``survey``: :func:`survey_source` of the structures, if
-    done already. The checkpoint folder of ``config.cluster`` is removed once the fit succeeds."""
+    done already. The triangles kept in ``config.cluster.checkpoint`` stay there until the
+    caller has saved the model (:func:`~acdc_potential.fit.tasks.discard_kept` removes them)."""
     config = config if config is not None else FitConfig()
     log = log if log is not None else FitLog(verbose)
     source = as_source(structures)
@@ -282,8 +296,6 @@ def fit(
     finally:
         if owned:
             executor.close()
-    if config.cluster.checkpoint:
-        tasks.discard_kept(config.cluster.checkpoint)
     if model.report is not None:
         model.report.density_grid = grid
     if config.options.isolated_energies is None:
@@ -368,6 +380,7 @@ def select_on_grid(structures, config: FitConfig, log: Optional[FitLog] = None) 
             config,
             density=dataclasses.replace(config.density, C=float(C), r0=float(r0)),
             kernel=dataclasses.replace(config.kernel, nu_max=int(nu_max)),
+            cluster=dataclasses.replace(config.cluster, checkpoint=""),  # small, and not to be resumed
         )
         log(f"grid point {k + 1}/{len(values)}: nu_max = {nu_max}, C = {C:g}, r0 = {r0:g} A, trial fit")
         start = time.perf_counter()

@@ -11,14 +11,14 @@ number of workers nor on the order in which tasks finish, and a task lost with i
 rerun by Dask, so every run gives the same weights.
 """
 
+import contextlib
 import logging
-import math
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm import tqdm
 
-from ..errors import ClusterError, DataFileError, StructureError
+from ..errors import ClusterError
 
 Merge = Callable[[Any, Any], Any]
 
@@ -54,8 +54,9 @@ class Executor:
         """``function(*shared, group)`` for every group, in order, as they come (a generator)."""
         raise NotImplementedError
 
-    def reduce(self, function: Callable, shared: Sequence, groups: Sequence[List[int]], merge: Merge, desc: str = ""):
-        """The results of ``function(*shared, group)`` over the groups, merged by :func:`tree_reduce`."""
+    def reduce(self, function: Callable, shared: Sequence, groups: Sequence[List[int]], merge: Merge, desc: str = "", kept: bool = False):
+        """The results of ``function(*shared, group)`` over the groups, merged by :func:`tree_reduce`
+        (``kept``: whether the tasks keep their results somewhere, which an error message says)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -75,7 +76,7 @@ class InProcess(Executor):
         for group in groups:
             yield function(*shared, group)
 
-    def reduce(self, function, shared, groups, merge, desc=""):
+    def reduce(self, function, shared, groups, merge, desc="", kept=False):
         return tree_reduce(self.map(function, shared, groups), merge)
 
 
@@ -98,25 +99,22 @@ class DaskExecutor(Executor):
         ``SLURMCluster``); else one is made, and closed by :meth:`close`:
     :param scheduler: the address of a running scheduler (``tcp://host:8786``), or
     :param workers: the number of worker processes of a ``LocalCluster`` on this machine.
-    :param threads_per_worker: torch threads (and Dask task slots) of each worker.
+    :param threads_per_worker: torch threads of each worker (the cluster's, or the local one's).
+
+    :meth:`map` keeps at most ``2 x workers`` tasks in flight, so that results waiting to be
+    collected (rows of the tuning sample) stay within about two tasks' worth per worker.
     """
 
     in_process = False
 
-    def __init__(
-        self,
-        client=None,
-        scheduler: Optional[str] = None,
-        workers: int = 2,
-        threads_per_worker: int = 1,
-    ):
+    def __init__(self, client=None, scheduler: Optional[str] = None, workers: int = 2, threads_per_worker: int = 1):
         try:
             import distributed
         except ImportError:  # pragma: no cover - dask is a dependency
             raise ClusterError("fitting on a Dask cluster needs dask and distributed (pip install dask distributed)") from None
         self._owned = []
-        if client is None:
-            try:
+        try:
+            if client is None:
                 if scheduler:
                     client = distributed.Client(scheduler, timeout="30s")
                 else:
@@ -125,45 +123,58 @@ class DaskExecutor(Executor):
                     )
                     self._owned.append(cluster)
                     client = distributed.Client(cluster)
-            except OSError as error:
-                raise ClusterError(f"could not reach the Dask scheduler {scheduler or '(local cluster)'}: {error}") from None
-            self._owned.insert(0, client)
+                self._owned.insert(0, client)
+            client.register_plugin(torch_threads(threads_per_worker), name="acdc-potential-threads")
+        except (OSError, TimeoutError) as error:
+            self.close()
+            raise ClusterError(f"could not reach the Dask scheduler {scheduler or '(local cluster)'}: {error}") from None
         self.client = client
-        client.register_plugin(torch_threads(threads_per_worker), name="acdc-potential-threads")
 
     def _shared(self, shared: Sequence) -> List:
         """Large shared arguments sent once to every worker (futures), small ones as they are."""
         small = (bool, int, float, str, tuple, type(None))
         return [x if isinstance(x, small) else self.client.scatter(x, broadcast=True, hash=False) for x in shared]
 
-    def map(self, function, shared, groups, desc=""):
-        with self._failures():
-            arguments = self._shared(shared)
-            futures = [self.client.submit(function, *arguments, list(group), pure=False) for group in groups]
-            with tqdm(total=len(futures), desc=desc, unit="task", disable=not desc) as bar:
-                for k in range(len(futures)):
-                    result = futures[k].result()
-                    futures[k] = None  # the cluster may forget it
-                    bar.update()
-                    yield result
+    def _window(self) -> int:
+        return 2 * max(1, len(self.client.scheduler_info().get("workers", {})))
 
-    def reduce(self, function, shared, groups, merge, desc=""):
+    def map(self, function, shared, groups, desc=""):
+        groups = [list(group) for group in groups]
+        pending = []
+        with _cluster_failures(desc or function.__name__, kept=False), tqdm(total=len(groups), desc=desc, unit="task", disable=not desc) as bar:
+            arguments = self._shared(shared)
+            try:
+                submitted = 0
+                for _ in range(len(groups)):
+                    while submitted < len(groups) and len(pending) < self._window():
+                        pending.append(self.client.submit(function, *arguments, groups[submitted], pure=False))
+                        submitted += 1
+                    future = pending.pop(0)
+                    bar.update()
+                    yield future.result()
+            finally:
+                self.client.cancel(pending)
+
+    def reduce(self, function, shared, groups, merge, desc="", kept: bool = False):
         if not groups:
             return None
         import distributed
 
-        with self._failures():
+        with _cluster_failures(desc or function.__name__, kept):
             arguments = self._shared(shared)
             leaves = [self.client.submit(function, *arguments, list(group), pure=False) for group in groups]
             root = tree_reduce(leaves, lambda left, right: self.client.submit(merge, left, right, pure=False))
-            with tqdm(total=len(leaves), desc=desc, unit="task", disable=not desc) as bar:
-                for _ in distributed.as_completed(leaves):
-                    bar.update()
-            del leaves
-            return root.result()
-
-    def _failures(self):
-        return _ClusterFailures()
+            try:
+                with tqdm(total=len(leaves), desc=desc, unit="task", disable=not desc) as bar:
+                    for leaf in distributed.as_completed(leaves):
+                        if leaf.status == "error":
+                            leaf.result()  # raises the task's error now, not after every other task
+                        bar.update()
+                del leaves, leaf
+                return root.result()
+            except BaseException:
+                self.client.cancel([root])
+                raise
 
     def close(self) -> None:
         for thing in self._owned:
@@ -171,25 +182,21 @@ class DaskExecutor(Executor):
         self._owned = []
 
 
-class _ClusterFailures:
-    """Errors of the data reach the user as they are; a cluster that lost the tasks becomes
-    one :class:`~acdc_potential.errors.ClusterError` saying so."""
+@contextlib.contextmanager
+def _cluster_failures(step: str, kept: bool):
+    """Errors of the data and of the tasks reach the user as they are; the cluster's own failures
+    (a task that killed its workers too often, a lost connection, cancelled work) become one
+    :class:`~acdc_potential.errors.ClusterError` naming the step and what is kept."""
+    import distributed
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, trace):
-        if error is None or isinstance(error, (StructureError, DataFileError, ClusterError, GeneratorExit)):
-            return False
-        import distributed
-
-        if isinstance(error, (distributed.KilledWorker, distributed.comm.CommClosedError, OSError, TimeoutError)):
-            raise ClusterError(
-                f"the fit could not complete on the Dask cluster ({type(error).__name__}: {error}); the triangles of "
-                "the groups that finished are kept where cluster.checkpoint says, and running the same fit again "
-                "resumes from them"
-            ) from error
-        return False
+    try:
+        yield
+    except (distributed.KilledWorker, distributed.comm.CommClosedError, distributed.client.FutureCancelledError, TimeoutError) as error:
+        resume = (
+            "the triangles of the tasks that finished are kept in cluster.checkpoint, and running the same fit again resumes from them"
+            if kept else "nothing of this step is kept"
+        )
+        raise ClusterError(f"the fit could not complete on the Dask cluster ({step}: {type(error).__name__}: {error}); {resume}") from error
 
 
 def make_executor(cluster) -> Executor:

@@ -68,10 +68,10 @@ def solve_projected_process(
     block]``, a tall-skinny QR), so neither ``Q`` nor the stacked matrix is ever held whole.
     """
     projection = sparse_projection(k_mm, jitter)
-    return _solution(stacked_triangle(k_nm, targets, inverse_sigma, projection, prior=True, block_rows=block_rows), projection)
+    return solution_from_triangle(stacked_triangle(k_nm, targets, inverse_sigma, projection, prior=True, block_rows=block_rows), projection)
 
 
-def _solution(augmented: torch.Tensor, projection: torch.Tensor) -> ProjectedProcess:
+def solution_from_triangle(augmented: torch.Tensor, projection: torch.Tensor) -> ProjectedProcess:
     """The weights from the ``[r + 1, r + 1]`` triangle of :func:`stacked_triangle` (with the prior rows)."""
     rank = projection.shape[1]
     r, rhs = augmented[:rank, :rank], augmented[:rank, rank]
@@ -202,4 +202,4 @@ def _fit_rows(
     for rows in designs:
         augmented = merge_triangles(augmented, design_triangle(rows, piece_weights, regularisers, projection))
         del rows
-    return _solution(augmented, projection)
+    return solution_from_triangle(augmented, projection)

@@ -7,15 +7,18 @@ on a list, or on the workers of a Dask cluster that each read their share of a f
 they are the numbers used in error messages.
 """
 
+import dataclasses
 import hashlib
 import io
 import os
+import socket
 from typing import List, Sequence
 
 import ase.io
 import numpy as np
+import torch
 
-from ..data import LabelKeys, Labelled, as_labelled, labels_of, read_frames
+from ..data import LabelKeys, Labelled, as_labelled, labels_of
 from ..errors import DataFileError
 
 
@@ -26,7 +29,8 @@ class StructureSource:
         raise NotImplementedError
 
     def read(self, positions: Sequence[int]) -> List[Labelled]:
-        """The structures at ``positions`` (in that order), each numbered by its position."""
+        """The structures at ``positions`` (in that order), each numbered as its source numbers it
+        in error messages (its position in the file; for a list, its own ``index``)."""
         raise NotImplementedError
 
     def fingerprint(self) -> str:
@@ -47,13 +51,7 @@ class MemorySource(StructureSource):
         return [self.structures[k] for k in positions]
 
     def fingerprint(self) -> str:
-        digest = hashlib.sha256()
-        for s in self.structures:
-            for array in (s.atoms.numbers, s.atoms.positions, s.atoms.cell.array, s.atoms.pbc):
-                digest.update(np.ascontiguousarray(array).tobytes())
-            for label in (s.energy, s.forces, s.stress, s.weight):
-                digest.update(b"-" if label is None else np.ascontiguousarray(label, dtype=np.float64).tobytes())
-        return digest.hexdigest()
+        return digest_of([(s.atoms.numbers, s.atoms.positions, s.atoms.cell.array, s.atoms.pbc, s.energy, s.forces, s.stress, s.weight) for s in self.structures])
 
 
 class ExtxyzSource(StructureSource):
@@ -78,17 +76,29 @@ class ExtxyzSource(StructureSource):
         return len(self.offsets) - 1
 
     def read(self, positions: Sequence[int]) -> List[Labelled]:
+        """As :meth:`StructureSource.read`; a :class:`~acdc_potential.errors.DataFileError` names
+        the file, the machine and the frame when the file is not there or not as it was located."""
+        where = f"{self.path} (read on {socket.gethostname()})"
+        try:
+            status = os.stat(self.path)
+        except OSError as error:
+            raise DataFileError(f"{where}: cannot be read ({error.strerror}); every worker must reach the training file under the same path") from None
+        if (status.st_size, status.st_mtime_ns) != self._stamp:
+            raise DataFileError(f"{where}: the file changed after the fit located its frames (or this machine has another copy of it)")
         structures = []
         with open(self.path, "rb") as file:
             for k in positions:
                 file.seek(int(self.offsets[k]))
-                text = file.read(int(self.offsets[k + 1] - self.offsets[k])).decode()
-                atoms = ase.io.read(io.StringIO(text), format="extxyz", index=0)
+                try:
+                    text = file.read(int(self.offsets[k + 1] - self.offsets[k])).decode()
+                    atoms = ase.io.read(io.StringIO(text), format="extxyz", index=0)
+                except Exception as error:
+                    raise DataFileError(f"{where}: frame {k} is not readable extxyz ({' '.join(str(error).split()) or type(error).__name__})") from None
                 structures.append(labels_of(atoms, self.keys, int(k)))
         return structures
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(repr((self.path, self._stamp, len(self))).encode()).hexdigest()
+        return digest_of((self.path, self._stamp, len(self), dataclasses.astuple(self.keys)))
 
 
 def frame_offsets(path: str) -> np.ndarray:
@@ -104,14 +114,14 @@ def frame_offsets(path: str) -> np.ndarray:
             while True:
                 header = file.readline()
                 if not header.strip():
-                    if header and file.read().strip():
+                    if header and any(line.strip() for line in file):
                         raise DataFileError(f"{path}: not a readable extxyz file: a blank line where frame {len(offsets) - 1} should start")
                     break
                 try:
                     n_atoms = int(header.split()[0])
-                except ValueError:
-                    read_frames(path)  # ASE's own diagnosis of what the file is
-                    raise DataFileError(f"{path}: not a readable extxyz file: frame {len(offsets) - 1} does not start with an atom count") from None
+                except (ValueError, UnicodeDecodeError):
+                    shown = header[:40].decode(errors="replace").strip()
+                    raise DataFileError(f"{path}: not a readable extxyz file: frame {len(offsets) - 1} does not start with an atom count ({shown!r})") from None
                 for line in range(n_atoms + 1):
                     if not file.readline():
                         raise DataFileError(f"{path}: not a readable extxyz file: frame {len(offsets) - 1} has fewer than {n_atoms} atoms (the file may be truncated)")
@@ -123,6 +133,35 @@ def frame_offsets(path: str) -> np.ndarray:
     if len(offsets) == 1:
         raise DataFileError(f"{path}: the file is empty")
     return np.asarray(offsets, dtype=np.int64)
+
+
+def digest_of(item) -> str:
+    """SHA-256 of nested tuples, lists and dicts of arrays, tensors, numbers and strings, each
+    entry tagged by its type, shape and dtype (so that no two different items read alike)."""
+    digest = hashlib.sha256()
+
+    def update(x) -> None:
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().numpy()
+        if isinstance(x, np.ndarray):
+            digest.update(f"array{x.shape}{x.dtype}:".encode() + np.ascontiguousarray(x).tobytes())
+        elif isinstance(x, dict):
+            digest.update(f"dict{len(x)}:".encode())
+            for key in sorted(x, key=repr):
+                update(key)
+                update(x[key])
+        elif isinstance(x, (list, tuple)):
+            digest.update(f"{type(x).__name__}{len(x)}:".encode())
+            for entry in x:
+                update(entry)
+        elif dataclasses.is_dataclass(x):
+            update((type(x).__name__, dataclasses.asdict(x)))
+        else:
+            text = repr(x).encode()
+            digest.update(f"{type(x).__name__}{len(text)}:".encode() + text)
+
+    update(item)
+    return digest.hexdigest()
 
 
 def as_source(structures) -> StructureSource:

@@ -10,6 +10,7 @@ of a Dask cluster: the same functions either way, so both give the same model.
 
 import hashlib
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -99,17 +100,6 @@ class FinalSolve:
 KEPT_PREFIX = "rows-"
 
 
-def discard_kept(store: str) -> None:
-    """Remove the triangles kept in ``store`` (:class:`FinalSolve`), and the folder if that empties it."""
-    if not os.path.isdir(store):
-        return
-    for name in os.listdir(store):
-        if name.startswith(KEPT_PREFIX):
-            os.remove(os.path.join(store, name))
-    if not os.listdir(store):
-        os.rmdir(store)
-
-
 def triangle(
     source: StructureSource,
     expansion: DensityExpansion,
@@ -121,16 +111,53 @@ def triangle(
     positions: Sequence[int],
 ) -> torch.Tensor:
     """``[r + 1, r + 1]`` triangle of the rows of the structures for the final solve
-    (:func:`~acdc_potential.fit.solver.design_triangle`). With a store, a triangle found there
-    is read instead of rebuilt (tensors only: ``weights_only``), and a new one is written
-    there (atomically) before it is returned, so that a rerun of an interrupted fit resumes."""
+    (:func:`~acdc_potential.fit.solver.design_triangle`). With a store, a triangle kept there
+    is read instead of rebuilt (tensors only: ``weights_only``; one that does not read back
+    as such a triangle is rebuilt), and a new one is written there before it is returned, so
+    that a rerun of an interrupted fit resumes."""
     path = solve.stored(positions)
+    size = solve.projection.shape[1] + 1
     if path is not None and os.path.exists(path):
-        return torch.load(path, weights_only=True)
+        try:
+            kept = torch.load(path, weights_only=True, map_location="cpu")
+            if isinstance(kept, torch.Tensor) and kept.shape == (size, size) and kept.dtype == solve.projection.dtype:
+                return kept.to(solve.projection.device)
+        except Exception:  # a file cut short by a crash: rebuilt below
+            pass
     rows = design(source, expansion, kernel, baseline, kinds, progress, positions)
     result = design_triangle(rows, solve.piece_weights, solve.regularisers, solve.projection)
     if path is not None:
-        partial = f"{path}.{os.getpid()}.tmp"
-        torch.save(result, partial)
-        os.replace(partial, path)
+        keep(result, path)
     return result
+
+
+def keep(tensor: torch.Tensor, path: str) -> None:
+    """Write ``tensor`` to ``path`` so that ``path`` is either absent or whole, whoever else
+    writes it at the same time (a file of its own in the same folder, synced, then renamed)."""
+    handle, partial = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".partial-")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(tensor.cpu(), file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise
+
+
+def kept_count(solve: FinalSolve, parts: Sequence[Sequence[int]]) -> int:
+    """How many of ``parts`` have a triangle kept in the store of ``solve``."""
+    return sum(1 for part in parts if solve.stored(part) is not None and os.path.exists(solve.stored(part)))
+
+
+def discard_kept(store: str) -> None:
+    """Remove the triangles kept in ``store`` (:class:`FinalSolve`), and the folder if that empties it."""
+    if not os.path.isdir(store):
+        return
+    for name in os.listdir(store):
+        if name.startswith(KEPT_PREFIX) or name.startswith(".partial-"):
+            os.remove(os.path.join(store, name))
+    if not os.listdir(store):
+        os.rmdir(store)

@@ -6,8 +6,8 @@
 Run it on a login node (or in a small job of its own): it is the driver, which plans the fit,
 tunes on a sample and solves; the workers are SLURM jobs of one core each that read their share of
 TRAIN (it must be on a file system every node sees, under the same path) and build the rows. The
-triangles of finished tasks are kept in MODEL.partial/: if the allocation ends before the fit
-does, running the same command again resumes from them.
+triangles of finished tasks are kept in MODEL.partial/ (also on the shared file system): if the
+allocation ends before the fit does, running the same command again resumes from them.
 
 The same with the command line, for a scheduler you started yourself (e.g. with this file's
 ``SLURMCluster`` in a notebook, or ``dask scheduler`` and ``dask worker`` in job scripts):
@@ -25,6 +25,7 @@ from acdc_potential.config import FitConfig
 from acdc_potential.fit.driver import fit
 from acdc_potential.fit.executors import DaskExecutor
 from acdc_potential.fit.sources import ExtxyzSource
+from acdc_potential.fit.tasks import discard_kept
 
 
 def main():
@@ -42,17 +43,18 @@ def main():
     output = Path(args.output)
     config = FitConfig.from_yaml(args.config)
     config.cluster.checkpoint = config.cluster.checkpoint or str(output.with_suffix(".partial"))
-    cluster = SLURMCluster(
+    slurm = SLURMCluster(
         cores=1, processes=1, memory=args.memory, walltime=args.walltime, queue=args.queue, account=args.account,
         # one torch thread per worker, as the tasks assume
         job_script_prologue=["export OMP_NUM_THREADS=1"],
     )
-    cluster.scale(jobs=args.jobs)
-    with Client(cluster) as client, DaskExecutor(client=client) as executor:
+    # the context managers cancel the SLURM jobs whatever happens to the fit
+    with slurm, Client(slurm) as client, DaskExecutor(client=client) as executor:
+        slurm.scale(jobs=args.jobs)
         model = fit(ExtxyzSource(args.train, config.keys), config, verbose=True, executor=executor)
-    cluster.close()
     model.save(str(output.with_suffix(".ckpt")))
     model.export(str(output), description=f"fitted on {args.train}")
+    discard_kept(config.cluster.checkpoint)
     print(f"wrote {output} and {output.with_suffix('.ckpt')}")
 
 

@@ -14,7 +14,7 @@ The settings (``--sparse`` per species, ``--nu-max``, ``--cutoff`` A, ``--max-ra
 machine while making the run stream: the tuning sees a sample of the structures, the others' rows
 go to the final solve in tasks. They measure the distribution, not the best copper model.
 
-usage: python benchmarks/distributed.py [--structures 3000] [--sparse 100] [--nu-max 2] [--cutoff 4.0]
+usage: python benchmarks/cluster_fit.py [--structures 3000] [--sparse 100] [--nu-max 2] [--cutoff 4.0]
                                         [--max-radial 6] [--design-memory 0.25] [--task-memory 0.1]
                                         [--modes inprocess,1,2]
 """
@@ -109,13 +109,13 @@ def run_mode(args) -> dict:
 
 def plan(source, model, config):
     """The groups of the fit (the first is the tuning sample) and the mean design bytes per structure."""
-    from acdc_potential.fit.design import design_groups
+    from acdc_potential.fit.design import design_bytes, design_groups
     from acdc_potential.fit.driver import survey_source
     from acdc_potential.fit.executors import InProcess
 
     rows = survey_source(source, InProcess()).row_counts(True, True, True)
     groups = design_groups(rows, model.kernel.n_pieces, model.kernel.n_sparse, config.options.design_memory * 1e9, config.options.seed)
-    return groups, float(8 * model.kernel.n_pieces * model.kernel.n_sparse * rows.mean())
+    return groups, design_bytes(rows.mean(), model.kernel.n_pieces, model.kernel.n_sparse)
 
 
 def merge_seconds(m: int) -> float:
@@ -193,7 +193,7 @@ def main():
             print(done.stdout[-2000:], done.stderr[-4000:])
             raise SystemExit(f"mode {mode} failed")
         results[mode] = json.loads(lines[-1][len(RESULT_MARK):])
-        weights[mode] = torch.load(out)
+        weights[mode] = torch.load(out, weights_only=True)
         print(f"{mode}: {results[mode]}", flush=True)
 
     reference = weights.get("inprocess")
