@@ -201,7 +201,8 @@ class ClusterConfig:
     :param workers: worker processes of a local Dask cluster on this machine (0: no cluster).
     :param scheduler: address of a running Dask scheduler (``tcp://HOST:8786``; e.g. started
         by dask-jobqueue on SLURM or PBS); used instead of ``workers`` when given.
-    :param threads_per_worker: torch threads of each worker of the local cluster.
+    :param threads_per_worker: torch threads of each worker (of the local cluster, or of the
+        scheduler's: set on every worker when the fit starts).
     :param task_memory: design rows one task may build, in GB (the memory of a worker grows
         with it; the tuning sample's rows stay bounded by ``options.design_memory``). The rows
         are cut into such tasks, and their triangles merged in one fixed tree, in this process

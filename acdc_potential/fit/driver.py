@@ -142,6 +142,7 @@ def fit_kernel(
             with log.stage("design matrix"):
                 designs = executor.map(tasks.design, shared + (progress,), groups[0], "kernel rows (tuning sample)" if bars else "")
                 design = DesignMatrix.gather(designs, [len(part) for part in groups[0]], sample_rows)
+                del designs  # ends the generator, which would otherwise hold its last task
             sample = sum(len(part) for part in groups[0])
             streamed = f" (of {sample} of the {len(survey)} structures; the others' rows follow in {len(groups) - 1} groups into the final solve)" if len(groups) > 1 else ""
             log(f"design matrix: {design.pieces.shape[1]} rows x {design.pieces.shape[2]} sparse environments{streamed}")
