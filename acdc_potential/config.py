@@ -76,12 +76,11 @@ class KernelConfig:
     :param nu_max: largest correlation order of the Wigner kernel (body order ``nu_max + 1``),
         or ``auto`` (default): the candidates of ``grid.nu_max`` (3 and 4) are compared on
         held-out structures (:func:`~acdc_potential.fit.driver.select_on_grid`) and the
-        cheapest within ``grid.tolerance`` of the best is kept. ``nu_max <= 3``, and 4 for one or
-        two species, is what an exported model evaluates at a cost independent of the number of
-        sparse environments (:meth:`~acdc_potential.kernels.wigner.features.OrderFeatures.collapse`;
-        docs/equations.md, "Collapsed energies"); 4 adds five-body correlations, and for three or
-        more species it costs, per MD step, in proportion to that number
-        (:func:`~acdc_potential.model.heads.collapse_order_four`).
+        cheapest within ``grid.tolerance`` of the best is kept. Up to 4, an exported model evaluates
+        every order at a cost independent of the number of sparse environments
+        (:meth:`~acdc_potential.kernels.wigner.features.OrderFeatures.collapse`; docs/equations.md,
+        "Collapsed energies"); orders above 4 cost, per MD step, in proportion to that number, and
+        their energies are rounded at about 1e-10 relative (docs/equations.md, "Numerical precision").
     :param lambda_max: angular truncation of the Wigner iterations.
     :param channel_weights: scale of each angular channel ``l`` of the ``nu = 1`` Wigner
         kernel: ``uniform`` (default; the kernels of WK eq. 5, B1) or ``inverse_dimension``

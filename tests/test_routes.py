@@ -3,7 +3,7 @@
 A Wigner head sums its sparse environments either pair by pair
 (:meth:`~acdc_potential.kernels.wigner.iteration.WignerKernels.weighted_sum`) or through
 per-species tensors into which the sum folds (:meth:`~acdc_potential.kernels.wigner.features.OrderFeatures.collapse`,
-for ``nu_max <= 4``). Both are exported here from one model (random weights on sparse
+every order up to 4). Both are exported here from one model (random weights on sparse
 environments of real structures, no fit needed) for ``nu_max`` 2, 3, 4 and one, two and
 three species, and run in a process that never imports the package.
 """
@@ -19,13 +19,15 @@ import numpy as np
 import pytest
 import torch
 
-from acdc_potential.descriptors.density import DensityExpansion, Layout
+from acdc_potential.descriptors.density import DensityExpansion, Layout, unflatten
 from acdc_potential.descriptors.neighbors import batch_from_atoms
 from acdc_potential.descriptors.radial import DensityHypers
 from acdc_potential.kernels.wigner.iteration import WignerHypers
 from acdc_potential.kernels.wigner.kernel import WignerKernel
 from acdc_potential.model.export import export_model
-from acdc_potential.model.heads import WignerHead, collapse_order_four
+from acdc_potential.inference import run_module
+from acdc_potential.kernels.wigner.features import OrderFeatures
+from acdc_potential.model.heads import WignerHead
 from acdc_potential.model.potential import AtomisticPotential
 from acdc_potential.model.uncertainty import SparseState
 
@@ -105,14 +107,46 @@ def test_collapsed_route_equals_the_pair_sum_in_a_fresh_process(kind, tmp_path):
         np.testing.assert_allclose(collapsed["forces"], forces, rtol=0, atol=1e-10 * np.abs(forces).max(), err_msg=str(nu_max))
 
 
-def test_the_automatic_route_collapses_order_four_when_it_is_cheaper():
-    """One species with many sparse environments: the [D, D] matrices are small and cheaper than
-    the pairs; with one sparse environment the pairs are cheaper."""
-    _, head = model("Cu", 4, "auto")
-    widths = [shape[1] for shape in head.state.shapes]
-    many = torch.zeros(5000, dtype=torch.long)
-    assert collapse_order_four(head.kernels, widths, many, 1)
-    assert not collapse_order_four(head.kernels, widths, many[:1], 1)
-    # too large to keep: many species' matrices beyond the budget
-    wide = [20 * w for w in widths]
-    assert not collapse_order_four(head.kernels, wide, torch.arange(20).repeat(5000), 20)
+def test_order_four_tensors_are_the_weighted_gram_matrices():
+    """What a collapse keeps for nu = 4 is ``W = sum_m w_m F_m^T F_m / (2 lambda + 1)`` per species:
+    the matrix itself where a species has at least as many feature rows as columns, else its
+    exact eigenpairs (thin QR); both kinds of block occur here."""
+    kinds = set()
+    for kind in ("Cu", "CHO"):
+        _, head = model(kind, 4, "collapsed")
+        sparse = unflatten(head.state.sparse, head.state.shapes)
+        species = head.state.sparse_species
+        n_species = int(species.max()) + 1
+        weights = torch.randn(species.shape[0], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        tensors = OrderFeatures(head.kernels)._order4_tensors(sparse, species, weights, n_species)
+        features = head.kernels.nu2_features(sparse)
+        for key, matrix, values in zip(sorted(features), tensors[0::2], tensors[1::2]):
+            f = features[key]
+            width, d = f.shape[1], f.shape[2]
+            rows_needed = int(torch.bincount(species).max()) * width
+            whole = values.shape[1] == 0
+            assert whole == (rows_needed >= d)
+            assert matrix.shape[1:] == ((d, d) if whole else (d, rows_needed))
+            kinds.add(whole)
+            for s in range(n_species):
+                rows = species == s
+                direct = torch.einsum("m,mud,mue->de", weights[rows] / width, f[rows], f[rows])
+                rebuilt = matrix[s] if whole else matrix[s] @ torch.diag(values[s]) @ matrix[s].T
+                torch.testing.assert_close(rebuilt, direct, rtol=0, atol=1e-12 * direct.abs().max())
+    assert kinds == {True, False}
+
+
+def test_orders_above_four_add_their_pairs_to_the_collapsed_orders():
+    """nu_max = 5: orders up to 4 collapse, order 5 goes pair by pair; the sum equals the
+    all-pairs route in energies and forces."""
+    sparse, test = structures("Cu")
+    results = {}
+    for route in ("pairs", "collapsed"):
+        potential, head = model("Cu", 5, route)
+        assert head.pairs_left and head.collapsed == (route == "collapsed")
+        module = torch.jit.script(potential.eval())
+        out = run_module(module, [test], forces=True, stress=False, uncertainty=False)
+        results[route] = (float(out["energy"][0]), out["forces"].numpy())
+    (e_pairs, f_pairs), (e_collapsed, f_collapsed) = results["pairs"], results["collapsed"]
+    assert abs(e_pairs) > 1e-3 and abs(e_collapsed - e_pairs) <= 1e-10 * abs(e_pairs)
+    np.testing.assert_allclose(f_collapsed, f_pairs, rtol=0, atol=1e-10 * np.abs(f_pairs).max())

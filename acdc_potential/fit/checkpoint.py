@@ -139,7 +139,7 @@ class SparseKRRModel:
     def weights(self) -> torch.Tensor:
         return self.solution.weights
 
-    def potential(self, route: str = "auto") -> AtomisticPotential:
+    def potential(self, route: str = "collapsed") -> AtomisticPotential:
         """The deployable :class:`~acdc_potential.model.potential.AtomisticPotential`; ``route``
         chooses how a Wigner head sums over its sparse environments
         (:class:`~acdc_potential.model.heads.WignerHead`)."""

@@ -14,12 +14,12 @@ Everything about the sparse environments that does not depend on the atom is pre
 at construction (docs/equations.md, "Collapsed energies").
 """
 
+import dataclasses
 from typing import Dict, List, Optional
 
 import torch
 
 from ..descriptors.acdc import power_spectrum, unit_rows
-from ..descriptors.cg import key_lambda
 from ..descriptors.density import DensityExpansion, Pairs, unflatten
 from ..kernels.polynomial import FEATURES, polynomial_pieces
 from ..kernels.wigner.features import OrderFeatures
@@ -45,52 +45,54 @@ class WignerHead(DensityHead):
     :class:`~acdc_potential.kernels.wigner.kernel.WignerKernel`). With the weights
     ``omega_nu w_m / s_{a_m nu}`` precomputed, energies and forces go through one of two routes:
 
-    - *collapsed*: per-species tensors into which the sum over sparse environments folds
-      exactly (:meth:`OrderFeatures.collapse`), at a cost per atom independent of their number;
-      always for ``nu_max <= 3``, and for ``nu_max = 4`` when its ``[D, D]`` matrices per block and
-      species fit in :data:`GRAM_BUDGET` entries and cost fewer operations per atom than the pairs
-      (:func:`collapse_order_four`);
-    - *pairs*: :meth:`WignerKernels.weighted_sum` over the sparse environments (bounded memory,
-      one pass), for ``nu_max >= 5`` and large ``nu = 4`` models of several species.
+    - ``collapsed`` (default, what exported files run): every order ``nu <= 4`` folded exactly
+      into per-species tensors (:meth:`OrderFeatures.collapse`) at a cost per atom independent
+      of the number of sparse environments, and orders ``nu >= 5`` (non-default models) summed
+      pair by pair (:meth:`WignerKernels.weighted_sum`);
+    - ``pairs``: every order pair by pair, the reference the collapse is checked against
+      (``tests/test_routes.py``). Fitted weights are large and cancel, and this sum rounds them
+      at every configuration, so its energies are noisy at 1e-10..1e-8 relative
+      (docs/equations.md, "Numerical precision").
 
     The variance, only when asked, goes through the kernel rows without gradients.
 
     :param density: the density expansion. :param kernel: the fitted
         :class:`~acdc_potential.kernels.wigner.kernel.WignerKernel`. :param state: its
         :class:`~acdc_potential.model.uncertainty.SparseState`. :param species: the model's
-        atomic numbers. :param route: ``auto`` (default, :func:`collapse_order_four`),
-        ``collapsed`` or ``pairs``; the routes give the same energies and forces.
+        atomic numbers. :param route: ``collapsed`` (default) or ``pairs``.
     """
 
     sparse_features: Dict[int, torch.Tensor]
     collapsed_shapes: List[List[int]]
 
-    def __init__(self, density: DensityExpansion, kernel, state: SparseState, species: List[int], route: str = "auto"):
+    def __init__(self, density: DensityExpansion, kernel, state: SparseState, species: List[int], route: str = "collapsed"):
         super().__init__(density)
         if route not in ROUTES:
             raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
         self.state = state
+        self.collapsed = route == "collapsed"
         self.kernels = WignerKernels(kernel.wigner_hypers)
+        # the orders that collapse (all of them up to nu_max = 4)
+        self.folded = WignerKernels(dataclasses.replace(kernel.wigner_hypers, nu_max=min(self.kernels.nu_max, FOLDED_ORDERS)))
         self.register_buffer("inverse_scale", 1.0 / kernel.order_scales(species))
         order_weights = self.state.piece_weights[:, None] * self.inverse_scale[self.state.sparse_species].T
-        self.register_buffer("pair_weights", order_weights * self.state.weights[None, :])
+        pair_weights = order_weights * self.state.weights[None, :]
         sparse = unflatten(self.state.sparse, self.state.shapes)
-        if route == "auto":
-            self.collapsed = collapse_order_four(self.kernels, [x.shape[2] for x in sparse], self.state.sparse_species, len(species))
-        else:
-            self.collapsed = route == "collapsed"
-            if self.collapsed and self.kernels.nu_max > 4:
-                raise ValueError("orders above 4 do not collapse: use route 'pairs'")
         self.collapsed_shapes = []
         flat = torch.zeros((len(species), 0), dtype=torch.float64)
         if self.collapsed:
-            parts = OrderFeatures(self.kernels).collapse(sparse, self.state.sparse_species, self.pair_weights, len(species))
+            folded = pair_weights[: FOLDED_ORDERS + 1]
+            parts = OrderFeatures(self.folded).collapse(sparse, self.state.sparse_species, folded, len(species))
             self.collapsed_shapes = [list(part.shape[1:]) for part in parts]
             flat = torch.cat([part.reshape(len(species), -1) for part in parts], dim=1)
+            pair_weights = torch.cat([torch.zeros_like(folded), pair_weights[FOLDED_ORDERS + 1 :]])
         self.register_buffer("collapsed_flat", flat)
+        # what is left for the pairs: everything (route pairs), orders above 4, or nothing
+        self.register_buffer("pair_weights", pair_weights)
+        self.pairs_left = not self.collapsed or self.kernels.nu_max > FOLDED_ORDERS
         # nu = 2 features of the sparse environments (WignerKernels.nu2_features), for the
-        # MD path of nu = 4 and for the variance: hundreds of MB for large models, so
-        # computed on the first call (in the caller's dtype and device), not stored
+        # pairs and for the variance: hundreds of MB for large models, so computed on the
+        # first call (in the caller's dtype and device), not stored
         self.sparse_features = {}
 
     def clear_cache(self):
@@ -123,11 +125,15 @@ class WignerHead(DensityHead):
 
     def forward(self, coefficients: List[torch.Tensor], species: torch.Tensor) -> torch.Tensor:
         if self.collapsed:
-            return self.kernels.collapsed_energy(coefficients, species, self._collapsed_parts(coefficients[0].dtype))
-        sparse = unflatten(self.state.sparse.to(coefficients[0].dtype), self.state.shapes)
-        weights = self.pair_weights.to(coefficients[0].dtype)
-        features = self._sparse_features(sparse)
-        return self.kernels.weighted_sum(coefficients, species, sparse, self.state.sparse_species, weights, features)
+            energy = self.folded.collapsed_energy(coefficients, species, self._collapsed_parts(coefficients[0].dtype))
+        else:
+            energy = torch.zeros(species.shape[0], dtype=coefficients[0].dtype, device=coefficients[0].device)
+        if self.pairs_left:
+            sparse = unflatten(self.state.sparse.to(coefficients[0].dtype), self.state.shapes)
+            weights = self.pair_weights.to(coefficients[0].dtype)
+            features = self._sparse_features(sparse)
+            energy = energy + self.kernels.weighted_sum(coefficients, species, sparse, self.state.sparse_species, weights, features)
+        return energy
 
     def kernel(
         self,
@@ -157,35 +163,9 @@ class WignerHead(DensityHead):
             return self.state.group_variance(k_xm, self.kernel(a, species, a, species), group, n_groups)
 
 
-ROUTES = ("auto", "collapsed", "pairs")
-# entries (all species) of the nu = 4 matrices a collapsed model may keep: 160 MB in float64
-GRAM_BUDGET = 20_000_000
-
-
-def collapse_order_four(kernels: WignerKernels, widths: List[int], sparse_species: torch.Tensor, n_species: int) -> bool:
-    """Whether a model collapses its sparse environments (see :class:`WignerHead`).
-
-    ``nu_max <= 3``: always. ``nu_max = 4``: when the matrices ``W^{4, lambda sigma}`` of every
-    species fit in :data:`GRAM_BUDGET` entries and ``<F_i W, F_i>``, ``2 sum_blocks (2 lambda + 1)
-    D^2`` operations per atom, is cheaper than ``F_i F_m^T`` with each of the ``M_a`` sparse
-    environments of the atom's species, ``2 M_a sum_blocks (2 lambda + 1)^2 D``; both also pay
-    for the atom's own ``nu = 2`` features, and autograd doubles both alike.
-
-    :param widths: ``Q_l`` per ``l`` of the density coefficients. :param sparse_species:
-        ``[M]`` species index of the sparse environments.
-    """
-    if kernels.nu_max <= 3:
-        return True
-    if kernels.nu_max > 4:
-        return False
-    sizes = OrderFeatures(kernels).nu2_sizes(widths)
-    if n_species * sum(d * d for d in sizes.values()) > GRAM_BUDGET:
-        return False
-    per_species = torch.bincount(sparse_species, minlength=n_species)
-    smallest = int(per_species[per_species > 0].min()) if bool((per_species > 0).any()) else 0
-    gram = sum((2 * key_lambda(key) + 1) * d * d for key, d in sizes.items())
-    pairs = smallest * sum((2 * key_lambda(key) + 1) ** 2 * d for key, d in sizes.items())
-    return gram < pairs
+ROUTES = ("collapsed", "pairs")
+# orders that fold into per-species tensors (OrderFeatures.collapse)
+FOLDED_ORDERS = 4
 
 
 class PolynomialHead(DensityHead):
@@ -216,8 +196,10 @@ class PolynomialHead(DensityHead):
 
     def forward(self, coefficients: List[torch.Tensor], species: torch.Tensor) -> torch.Tensor:
         unit = self.unit_features(coefficients)
-        k_xm = self.kernel(unit, species, self.sparse_features.to(unit.dtype), self.state.sparse_species)
-        return k_xm @ self.state.weights.to(unit.dtype)
+        pieces = polynomial_pieces(unit, species, self.sparse_features.to(unit.dtype), self.state.sparse_species, self.zeta)
+        # each piece summed over the sparse environments before the mixing: the large constant
+        # piece's sum is then the same number at every configuration, not a rounding of each row
+        return self.state.piece_weights.to(unit.dtype) @ (pieces @ self.state.weights.to(unit.dtype))
 
     def variance(
         self, coefficients: List[torch.Tensor], species: torch.Tensor, group: torch.Tensor, n_groups: int, per_atom: bool

@@ -84,19 +84,24 @@ class OrderFeatures:
 
         Every order is a scalar product ``<Phi^nu_i, Phi^nu_j>`` (:meth:`order_features`), so
         its weighted sum over ``j`` is one fixed vector ``W^nu = sum_j weights[nu, j] Phi^nu_j``
-        per central species. For ``nu = 4`` the vector is kept as the symmetric matrices it
-        stands for, ``W^{4, lambda sigma} = sum_j weights[4, j] F_j^T F_j / (2 lambda + 1)``
-        per block of :meth:`WignerKernels.nu2_features` (``k^4(i, j) = sum_blocks ||F_i F_j^T||^2
-        / (2 lambda + 1) = sum_blocks <F_i^T F_i, F_j^T F_j> / (2 lambda + 1)``), built without
-        ``Phi^4`` of the environments; :meth:`gram_entries` says how large they are.
+        per central species. For ``nu = 4`` the vector stands for symmetric matrices,
+        ``W^{4, lambda sigma} = sum_j weights[4, j] F_j^T F_j / (2 lambda + 1)`` per block of
+        :meth:`WignerKernels.nu2_features` (``k^4(i, j) = sum_blocks ||F_i F_j^T||^2 / (2 lambda + 1)
+        = sum_blocks <F_i^T F_i, F_j^T F_j> / (2 lambda + 1)``), kept whole or, where the
+        environments are fewer than its columns, as its eigenpairs (:meth:`_order4_tensors`), built
+        without ``Phi^4`` of the environments.
+
+        The sums over ``j`` are done here once, so the cancellation among large fitted weights is
+        rounded once into fixed tensors: the energy is then a smooth function of the positions
+        (docs/equations.md, "Numerical precision").
 
         :param b: environments (e.g. sparse), ``[n_b, 2l + 1, Q_l]`` per ``l``.
         :param species_b: ``[n_b]`` central species index in ``0..n_species-1``.
         :param weights: ``[nu_max + 1, n_b]``.
         :return: per species ``s`` (leading dimension), ``[sum_j weights[0, j]]``, then
-            ``W^nu [d_nu]`` for ``nu = 1..min(nu_max, 3)``, then for ``nu_max = 4`` one
-            ``W^{4, lambda sigma} [D, D]`` per block in the order of the sorted block keys
-            (:meth:`WignerKernels.collapsed_energy`).
+            ``W^nu [d_nu]`` for ``nu = 1..min(nu_max, 3)``, then for ``nu_max = 4`` per block in
+            the order of the sorted block keys ``W^{4, lambda sigma}`` as a matrix and values
+            (:meth:`_order4_tensors`, :meth:`WignerKernels.collapsed_energy`).
         """
         if self.nu_max > 4:
             raise ValueError("orders above 4 do not collapse onto per-atom quantities")
@@ -107,44 +112,53 @@ class OrderFeatures:
         for nu, phi in enumerate(lower.order_features(b)):
             out.append((one_hot * weights[nu + 1]) @ phi)
         if self.nu_max == 4:
-            out.extend(self._order4_matrices(b, species_b, weights[4], n_species))
+            out.extend(self._order4_tensors(b, species_b, weights[4], n_species))
         return out
 
-    def _order4_matrices(self, b: List[torch.Tensor], species_b: torch.Tensor, weights: torch.Tensor, n_species: int) -> List[torch.Tensor]:
-        """``W^{4, lambda sigma}`` ``[n_species, D, D]`` per sorted block key (see :meth:`collapse`),
-        accumulated over chunks of environments."""
-        out: Dict[int, torch.Tensor] = {}
-        for start in range(0, species_b.shape[0], COLLAPSE_CHUNK):
-            chunk = [x[start : start + COLLAPSE_CHUNK] for x in b]
-            features = self.kernels.nu2_features(chunk)
-            for key in sorted(features.keys()):
-                f = features[key]
-                d = f.shape[2]
-                if key not in out:
-                    out[key] = f.new_zeros((n_species, d, d))
-                scaled = f * (weights[start : start + COLLAPSE_CHUNK] / (2 * key_lambda(key) + 1))[:, None, None]
-                for s in range(n_species):
-                    rows = torch.nonzero(species_b[start : start + COLLAPSE_CHUNK] == s).flatten()
-                    if rows.numel():
-                        out[key][s] += scaled[rows].reshape(-1, d).T @ f[rows].reshape(-1, d)
-        return [out[key] for key in sorted(out.keys())]
+    def _order4_tensors(self, b: List[torch.Tensor], species_b: torch.Tensor, weights: torch.Tensor, n_species: int) -> List[torch.Tensor]:
+        """``W^{4, lambda sigma}_a`` (see :meth:`collapse`) per sorted block key, as a matrix
+        ``[n_species, D, r]`` and values ``[n_species, r']``, zero-padded across species.
 
-    def gram_entries(self, widths: List[int]) -> int:
-        """Entries of the ``nu = 4`` matrices of :meth:`collapse`, per species: ``sum D^2`` over
-        the blocks of :meth:`WignerKernels.nu2_features` (``widths``: ``Q_l`` per ``l``)."""
-        return sum(size**2 for size in self.nu2_sizes(widths).values())
-
-    def nu2_sizes(self, widths: List[int]) -> Dict[int, int]:
-        """Number of columns ``D`` of each :meth:`WignerKernels.nu2_features` block, by block key."""
-        out: Dict[int, int] = {}
-        for lam in range(self.lambda_max + 1):
-            for sigma in (1, -1):
-                if not self.kernels._needs_k2_block(lam, sigma):
-                    continue
-                pairs = self._pairs_of_block(lam, sigma, widths)
-                if pairs:
-                    out[block_key(lam, sigma)] = pairs[-1][3]
-        return out
+        ``W_a = S_a^T diag(omega) S_a`` with ``S_a`` the ``[M_a (2 lambda + 1), D]`` rows of the
+        features of species ``a``'s environments and ``omega`` their weights over ``2 lambda + 1``,
+        so its rank is at most ``M_a (2 lambda + 1)``. Where some species has at least ``D`` rows,
+        the block keeps ``W_a`` itself (``r = D``, no values: ``r' = 0``), accumulated over chunks
+        of environments. Otherwise it keeps the exact eigenpairs ``W_a = V diag(s) V^T`` (``r = r'
+        = max_a M_a (2 lambda + 1) < D``): ``S_a^T = Q R`` (thin QR) gives ``W_a = Q (R diag(omega)
+        R^T) Q^T``, and the ``[r, r]`` middle is diagonalised. An atom costs ``2 (2 lambda + 1) D r``
+        operations per block, never more than the pairs' ``2 M_a (2 lambda + 1)^2 D``, and ``V`` is
+        never larger than the features of the environments that the pairs would keep. The matrix
+        is preferred where it is not larger: the eigenvalues of fitted ``W`` are large and of both
+        signs, and rounding ``V`` (e.g. to float32) errs by their absolute sum, ``W`` by its entries.
+        """
+        counts = torch.bincount(species_b, minlength=n_species)
+        out: Dict[int, List[torch.Tensor]] = {}
+        for s in range(n_species):
+            rows = torch.nonzero(species_b == s).flatten()
+            grams: Dict[int, torch.Tensor] = {}
+            stacked: Dict[int, List[Tuple[torch.Tensor, torch.Tensor]]] = {}
+            for start in range(0, rows.numel(), COLLAPSE_CHUNK):
+                chunk = rows[start : start + COLLAPSE_CHUNK]
+                for key, f in self.kernels.nu2_features([x.index_select(0, chunk) for x in b]).items():
+                    width, d = f.shape[1], f.shape[2]
+                    omega = (weights.index_select(0, chunk) / width).repeat_interleave(width)
+                    f = f.reshape(-1, d)
+                    if int(counts.max()) * width >= d:
+                        grams[key] = grams.get(key, f.new_zeros((d, d))) + f.T @ (omega[:, None] * f)
+                    else:
+                        stacked.setdefault(key, []).append((f, omega))
+            for key, gram in grams.items():
+                matrix, _ = out.setdefault(key, [b[0].new_zeros((n_species,) + gram.shape), b[0].new_zeros((n_species, 0))])
+                matrix[s] = 0.5 * (gram + gram.T)
+            for key, parts in stacked.items():
+                q, r = torch.linalg.qr(torch.cat([f for f, _ in parts]).T)
+                middle = r @ (torch.cat([omega for _, omega in parts])[:, None] * r.T)
+                values, inner = torch.linalg.eigh(0.5 * (middle + middle.T))
+                rank = int(counts.max()) * (2 * key_lambda(key) + 1)
+                vectors, padded = out.setdefault(key, [b[0].new_zeros((n_species, q.shape[0], rank)), b[0].new_zeros((n_species, rank))])
+                vectors[s, :, : values.shape[0]] = q @ inner
+                padded[s, : values.shape[0]] = values
+        return [tensor for key in sorted(out.keys()) for tensor in out[key]]
 
     def order3_reduction(self, widths: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Entries and weights of a shorter ``Phi^3`` with the same scalar products.
@@ -230,7 +244,7 @@ class OrderFeatures:
         return out
 
 
-# environments per chunk of the nu = 4 collapse: bounds its nu = 2 features
+# environments per chunk of the nu = 4 collapse: bounds its nu = 2 features held at once
 COLLAPSE_CHUNK = 256
 
 

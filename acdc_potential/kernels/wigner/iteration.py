@@ -431,7 +431,8 @@ class WignerKernels(torch.nn.Module):
 
         ``<Phi^3_i, W^3>`` is evaluated as ``sum_l <F^{l+}_i, a^l_i W^3_l^T>`` (``W^3_l`` the
         ``[D_l, Q_l]`` part of ``W^3``), and ``<Phi^4_i, W^4>`` as ``sum_blocks <F_i W^{4, lambda
-        sigma}, F_i>``; neither builds ``Phi^3`` or ``Phi^4`` of the atoms."""
+        sigma}, F_i>``, or ``sum_blocks sum_k s_k |F_i v_k|^2`` where a block keeps ``W = V
+        diag(s) V^T``; neither builds ``Phi^3`` or ``Phi^4`` of the atoms."""
         energy = collapsed[0][species]
         if self.nu_max >= 1:
             energy = energy + (a[0][:, 0, :] * collapsed[1][species]).sum(dim=1) * math.sqrt(self.channel_scales[0])
@@ -458,9 +459,15 @@ class WignerKernels(torch.nn.Module):
                     for key in sorted(features.keys()):
                         f = features[key].index_select(0, atoms)
                         d = f.shape[2]
-                        projected = (f.reshape(-1, d) @ collapsed[position][s]).view(f.shape)
-                        energy = energy.index_add(0, atoms, (projected * f).sum(dim=(1, 2)))
-                        position += 1
+                        rows = f.reshape(-1, d)
+                        projected = rows @ collapsed[position][s]
+                        values = collapsed[position + 1][s]
+                        if values.shape[0] == 0:  # the matrix W itself
+                            term = (projected * rows).sum(dim=1)
+                        else:  # its eigenvectors V, W = V diag(values) V^T
+                            term = (projected * projected) @ values
+                        energy = energy.index_add(0, atoms, term.view(f.shape[0], f.shape[1]).sum(dim=1))
+                        position += 2
         return energy
 
     def contract(self, x: Dict[int, torch.Tensor], y: Dict[int, torch.Tensor], mu_prime_dim: int = 2) -> torch.Tensor:
