@@ -107,7 +107,7 @@ class SparseConfig:
         symbol (or atomic number) to a number. Species with fewer atoms keep them all.
         The default, 1000, is what GAP fits commonly use; the fitting cost grows linearly
         with it (and the memory of the design matrix), the cost of a collapsed exported
-        model per MD step does not (``nu_max <= 3``, or 4 with one or two species).
+        model per MD step does not (every order up to 4; docs/equations.md, "Collapsed energies").
     :param selection: ``fps`` (farthest point sampling) or ``cur``, on the power spectrum.
     :param candidates: atoms among which the selection chooses: every atom of the training set
         when it has at most this many, else those of a random sample of its structures (seed

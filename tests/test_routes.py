@@ -26,6 +26,7 @@ from acdc_potential.kernels.wigner.iteration import WignerHypers
 from acdc_potential.kernels.wigner.kernel import WignerKernel
 from acdc_potential.model.export import export_model
 from acdc_potential.inference import run_module
+from acdc_potential.kernels.wigner import features as features_module
 from acdc_potential.kernels.wigner.features import OrderFeatures
 from acdc_potential.model.heads import WignerHead
 from acdc_potential.model.potential import AtomisticPotential
@@ -107,10 +108,12 @@ def test_collapsed_route_equals_the_pair_sum_in_a_fresh_process(kind, tmp_path):
         np.testing.assert_allclose(collapsed["forces"], forces, rtol=0, atol=1e-10 * np.abs(forces).max(), err_msg=str(nu_max))
 
 
-def test_order_four_tensors_are_the_weighted_gram_matrices():
+def test_order_four_tensors_are_the_weighted_gram_matrices(monkeypatch):
     """What a collapse keeps for nu = 4 is ``W = sum_m w_m F_m^T F_m / (2 lambda + 1)`` per species:
     the matrix itself where a species has at least as many feature rows as columns, else its
-    exact eigenpairs (thin QR); both kinds of block occur here."""
+    exact eigenpairs (thin QR); both kinds of block occur here, each built over several chunks
+    of environments."""
+    monkeypatch.setattr(features_module, "COLLAPSE_CHUNK", 3)
     kinds = set()
     for kind in ("Cu", "CHO"):
         _, head = model(kind, 4, "collapsed")
@@ -136,13 +139,14 @@ def test_order_four_tensors_are_the_weighted_gram_matrices():
     assert kinds == {True, False}
 
 
-def test_orders_above_four_add_their_pairs_to_the_collapsed_orders():
+@pytest.mark.parametrize("kind", ["Cu", "CH"])
+def test_orders_above_four_add_their_pairs_to_the_collapsed_orders(kind):
     """nu_max = 5: orders up to 4 collapse, order 5 goes pair by pair; the sum equals the
     all-pairs route in energies and forces."""
-    sparse, test = structures("Cu")
+    sparse, test = structures(kind)
     results = {}
     for route in ("pairs", "collapsed"):
-        potential, head = model("Cu", 5, route)
+        potential, head = model(kind, 5, route)
         assert head.pairs_left and head.collapsed == (route == "collapsed")
         module = torch.jit.script(potential.eval())
         out = run_module(module, [test], forces=True, stress=False, uncertainty=False)

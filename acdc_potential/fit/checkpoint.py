@@ -147,7 +147,7 @@ class SparseKRRModel:
         if self.kernel.kind == "wigner":
             head = WignerHead(self.expansion, self.kernel, state, self.species, route)
         elif self.kernel.kind == "polynomial":
-            head = PolynomialHead(self.expansion, self.kernel, state)
+            head = PolynomialHead(self.expansion, self.kernel, state, self.species)
         else:
             raise ValueError(f"cannot export a '{self.kernel.kind}' kernel")
         baseline = torch.tensor([self.baseline.energies.get(z, 0.0) for z in self.species], dtype=torch.float64)

@@ -72,8 +72,8 @@ class WignerHead(DensityHead):
         self.state = state
         self.collapsed = route == "collapsed"
         self.kernels = WignerKernels(kernel.wigner_hypers)
-        # the orders that collapse (all of them up to nu_max = 4)
-        self.folded = WignerKernels(dataclasses.replace(kernel.wigner_hypers, nu_max=min(self.kernels.nu_max, FOLDED_ORDERS)))
+        # the orders that collapse: all of them up to nu_max = 4
+        self.folded = self.kernels if self.kernels.nu_max <= FOLDED_ORDERS else WignerKernels(dataclasses.replace(kernel.wigner_hypers, nu_max=FOLDED_ORDERS))
         self.register_buffer("inverse_scale", 1.0 / kernel.order_scales(species))
         order_weights = self.state.piece_weights[:, None] * self.inverse_scale[self.state.sparse_species].T
         pair_weights = order_weights * self.state.weights[None, :]
@@ -174,10 +174,10 @@ class PolynomialHead(DensityHead):
 
     :param density: the density expansion. :param kernel: the fitted
         :class:`~acdc_potential.kernels.polynomial.PolynomialKernel`. :param state: its
-        :class:`~acdc_potential.model.uncertainty.SparseState`.
+        :class:`~acdc_potential.model.uncertainty.SparseState`. :param species: the model's atomic numbers.
     """
 
-    def __init__(self, density: DensityExpansion, kernel, state: SparseState):
+    def __init__(self, density: DensityExpansion, kernel, state: SparseState, species: List[int]):
         super().__init__(density)
         if kernel.feature_name != "power_spectrum":
             raise ValueError("only polynomial kernels on the power spectrum can be exported")
@@ -185,6 +185,10 @@ class PolynomialHead(DensityHead):
         self.zeta = int(kernel.zeta)
         features = FEATURES[kernel.feature_name](unflatten(self.state.sparse, self.state.shapes))
         self.register_buffer("sparse_features", unit_rows(features))
+        # c0 sum_{m : a_m = a} w_m: the constant piece summed once, the same number at every configuration
+        one_hot = torch.zeros((len(species), state.sparse_species.shape[0]), dtype=torch.float64)
+        one_hot[state.sparse_species, torch.arange(state.sparse_species.shape[0])] = 1.0
+        self.register_buffer("constant", state.piece_weights[0] * (one_hot @ state.weights))
 
     def unit_features(self, coefficients: List[torch.Tensor]) -> torch.Tensor:
         return unit_rows(power_spectrum(coefficients))
@@ -196,10 +200,8 @@ class PolynomialHead(DensityHead):
 
     def forward(self, coefficients: List[torch.Tensor], species: torch.Tensor) -> torch.Tensor:
         unit = self.unit_features(coefficients)
-        pieces = polynomial_pieces(unit, species, self.sparse_features.to(unit.dtype), self.state.sparse_species, self.zeta)
-        # each piece summed over the sparse environments before the mixing: the large constant
-        # piece's sum is then the same number at every configuration, not a rounding of each row
-        return self.state.piece_weights.to(unit.dtype) @ (pieces @ self.state.weights.to(unit.dtype))
+        polynomial = polynomial_pieces(unit, species, self.sparse_features.to(unit.dtype), self.state.sparse_species, self.zeta)[1]
+        return self.constant.to(unit.dtype)[species] + self.state.piece_weights[1].to(unit.dtype) * (polynomial @ self.state.weights.to(unit.dtype))
 
     def variance(
         self, coefficients: List[torch.Tensor], species: torch.Tensor, group: torch.Tensor, n_groups: int, per_atom: bool

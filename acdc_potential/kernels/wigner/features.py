@@ -126,8 +126,10 @@ class OrderFeatures:
         of environments. Otherwise it keeps the exact eigenpairs ``W_a = V diag(s) V^T`` (``r = r'
         = max_a M_a (2 lambda + 1) < D``): ``S_a^T = Q R`` (thin QR) gives ``W_a = Q (R diag(omega)
         R^T) Q^T``, and the ``[r, r]`` middle is diagonalised. An atom costs ``2 (2 lambda + 1) D r``
-        operations per block, never more than the pairs' ``2 M_a (2 lambda + 1)^2 D``, and ``V`` is
-        never larger than the features of the environments that the pairs would keep. The matrix
+        operations per block: for the species with the most environments never more than its pairs'
+        ``2 M_a (2 lambda + 1)^2 D``, and ``V`` is never larger than the features of the environments
+        that the pairs would keep times the number of species (species with fewer environments are
+        padded with zero columns, so that every species' tensors have one shape). The matrix
         is preferred where it is not larger: the eigenvalues of fitted ``W`` are large and of both
         signs, and rounding ``V`` (e.g. to float32) errs by their absolute sum, ``W`` by its entries.
         """
@@ -144,20 +146,24 @@ class OrderFeatures:
                     omega = (weights.index_select(0, chunk) / width).repeat_interleave(width)
                     f = f.reshape(-1, d)
                     if int(counts.max()) * width >= d:
-                        grams[key] = grams.get(key, f.new_zeros((d, d))) + f.T @ (omega[:, None] * f)
+                        if key not in grams:
+                            grams[key] = f.new_zeros((d, d))
+                        grams[key] += f.T @ (omega[:, None] * f)
                     else:
                         stacked.setdefault(key, []).append((f, omega))
             for key, gram in grams.items():
-                matrix, _ = out.setdefault(key, [b[0].new_zeros((n_species,) + gram.shape), b[0].new_zeros((n_species, 0))])
-                matrix[s] = 0.5 * (gram + gram.T)
+                if key not in out:
+                    out[key] = [b[0].new_zeros((n_species,) + gram.shape), b[0].new_zeros((n_species, 0))]
+                out[key][0][s] = 0.5 * (gram + gram.T)
             for key, parts in stacked.items():
                 q, r = torch.linalg.qr(torch.cat([f for f, _ in parts]).T)
                 middle = r @ (torch.cat([omega for _, omega in parts])[:, None] * r.T)
                 values, inner = torch.linalg.eigh(0.5 * (middle + middle.T))
-                rank = int(counts.max()) * (2 * key_lambda(key) + 1)
-                vectors, padded = out.setdefault(key, [b[0].new_zeros((n_species, q.shape[0], rank)), b[0].new_zeros((n_species, rank))])
-                vectors[s, :, : values.shape[0]] = q @ inner
-                padded[s, : values.shape[0]] = values
+                if key not in out:
+                    rank = int(counts.max()) * (2 * key_lambda(key) + 1)
+                    out[key] = [b[0].new_zeros((n_species, q.shape[0], rank)), b[0].new_zeros((n_species, rank))]
+                out[key][0][s, :, : values.shape[0]] = q @ inner
+                out[key][1][s, : values.shape[0]] = values
         return [tensor for key in sorted(out.keys()) for tensor in out[key]]
 
     def order3_reduction(self, widths: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
