@@ -186,9 +186,8 @@ class PolynomialHead(DensityHead):
         features = FEATURES[kernel.feature_name](unflatten(self.state.sparse, self.state.shapes))
         self.register_buffer("sparse_features", unit_rows(features))
         # c0 sum_{m : a_m = a} w_m: the constant piece summed once, the same number at every configuration
-        one_hot = torch.zeros((len(species), state.sparse_species.shape[0]), dtype=torch.float64)
-        one_hot[state.sparse_species, torch.arange(state.sparse_species.shape[0])] = 1.0
-        self.register_buffer("constant", state.piece_weights[0] * (one_hot @ state.weights))
+        per_species = state.weights.new_zeros(len(species)).index_add(0, state.sparse_species, state.weights)
+        self.register_buffer("constant", state.piece_weights[0] * per_species)
 
     def unit_features(self, coefficients: List[torch.Tensor]) -> torch.Tensor:
         return unit_rows(power_spectrum(coefficients))

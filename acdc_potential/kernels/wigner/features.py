@@ -133,7 +133,7 @@ class OrderFeatures:
         is preferred where it is not larger: the eigenvalues of fitted ``W`` are large and of both
         signs, and rounding ``V`` (e.g. to float32) errs by their absolute sum, ``W`` by its entries.
         """
-        counts = torch.bincount(species_b, minlength=n_species)
+        largest = int(torch.bincount(species_b, minlength=n_species).max())  # environments of the largest species
         out: Dict[int, List[torch.Tensor]] = {}
         for s in range(n_species):
             rows = torch.nonzero(species_b == s).flatten()
@@ -145,7 +145,7 @@ class OrderFeatures:
                     width, d = f.shape[1], f.shape[2]
                     omega = (weights.index_select(0, chunk) / width).repeat_interleave(width)
                     f = f.reshape(-1, d)
-                    if int(counts.max()) * width >= d:
+                    if largest * width >= d:
                         if key not in grams:
                             grams[key] = f.new_zeros((d, d))
                         grams[key] += f.T @ (omega[:, None] * f)
@@ -160,7 +160,7 @@ class OrderFeatures:
                 middle = r @ (torch.cat([omega for _, omega in parts])[:, None] * r.T)
                 values, inner = torch.linalg.eigh(0.5 * (middle + middle.T))
                 if key not in out:
-                    rank = int(counts.max()) * (2 * key_lambda(key) + 1)
+                    rank = largest * (2 * key_lambda(key) + 1)
                     out[key] = [b[0].new_zeros((n_species, q.shape[0], rank)), b[0].new_zeros((n_species, rank))]
                 out[key][0][s, :, : values.shape[0]] = q @ inner
                 out[key][1][s, : values.shape[0]] = values
