@@ -19,6 +19,7 @@ from metatomic_ase import MetatomicCalculator
 
 from .data import Labelled, validate
 from .errors import ModelFileError, StructureError
+from .model.potential import FORCES_UNCERTAINTY
 from .runtime import default_threads, use_threads
 
 
@@ -28,7 +29,8 @@ class ACDCCalculator(MetatomicCalculator):
     Results: ``energy``, ``free_energy``, ``forces``, ``stress`` (periodic cells),
     ``energies`` (per atom), and after :meth:`get_uncertainty` also
     ``energy_uncertainty`` (eV, per structure) and ``energies_uncertainty`` (eV, per
-    atom): the projected-process predictive standard deviations.
+    atom), after :meth:`get_forces_uncertainty` ``forces_uncertainty`` (eV/A, per atom):
+    calibrated standard deviations (:mod:`acdc_potential.model.uncertainty`).
 
     :param path: the exported ``.pt`` file.
     :param device: torch device to run on (default: the best one the model supports).
@@ -83,6 +85,15 @@ class ACDCCalculator(MetatomicCalculator):
     def run_model(self, atoms, outputs, selected_atoms=None):
         self._prepare(atoms)
         return super().run_model(atoms, outputs, selected_atoms)
+
+    def get_forces_uncertainty(self, atoms):
+        """Standard deviation of each force component of each atom (eV/A, ``[n_atoms]``), in
+        the ``forces_uncertainty`` result; a ``ValueError`` for a model without calibration."""
+        if FORCES_UNCERTAINTY not in self._model.capabilities().outputs:
+            raise ValueError("this model gives no force uncertainty: it was fitted without a calibration (options.tune: false, or an older version)")
+        outputs = self.run_model(atoms, {FORCES_UNCERTAINTY: ModelOutput(unit="eV/A", sample_kind="atom")})
+        self.results["forces_uncertainty"] = outputs[FORCES_UNCERTAINTY].block().values.detach().cpu().numpy()[:, 0]
+        return self.results["forces_uncertainty"]
 
     def get_uncertainty(self, atoms, per_atom: bool = False):
         """Predictive standard deviation of the energy (eV), of the structure or of each atom."""

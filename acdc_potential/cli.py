@@ -1,14 +1,16 @@
 """``acdc-potential``: fit, evaluate and export potentials from the command line.
 
     acdc-potential fit TRAIN.extxyz -o MODEL.pt [--test TEST.extxyz] [--config CONFIG.yaml] [--workers N | --scheduler ADDRESS]
-    acdc-potential eval MODEL.pt DATA.extxyz [--plot PARITY.png]
+    acdc-potential eval MODEL.pt DATA.extxyz [--plot PARITY.png] [--no-uncertainties]
     acdc-potential export CHECKPOINT.ckpt -o MODEL.pt [--dtype float32]
     acdc-potential config [-o CONFIG.yaml]    # every option, its meaning and its default
 
 ``fit`` writes, beside MODEL.pt: MODEL.ckpt (the checkpoint), MODEL.log (what it printed),
 MODEL.report.yaml (errors, chosen hyperparameters, grid, timings, memory, versions, data
-fingerprints, the configuration used), MODEL.config.yaml (that configuration, to refit) and,
-with --test, MODEL.test-parity.png. ``eval`` adds its errors to MODEL.report.yaml when it is there.
+fingerprints, the configuration used, the calibration of the uncertainties), MODEL.config.yaml
+(that configuration, to refit) and, with --test, MODEL.test-parity.png and
+MODEL.test-calibration.png. ``eval`` adds its errors and the calibration table of the
+uncertainties to MODEL.report.yaml when it is there.
 
 Units: A, eV, eV/A, eV/A^3 (ASE's stress sign). Labels are read from the extxyz keys
 ``energy``, ``forces``, ``stress`` (or ``virial``); other names through the ``keys``
@@ -60,15 +62,32 @@ def _tables(model, train, test, test_path, output, threads):
             quantity: {name: value if name == "count" else 1000.0 * value for name, value in values.items()}
             for quantity, values in model.report.validation_errors.items()
         }
+    calibration = {}
     if test:
         from .calculator import ACDCCalculator
 
-        test_pairs = pairs_of(test, predict_with_file(ACDCCalculator(output, uncertainty_threshold=None, threads=threads), test))
+        calculator = ACDCCalculator(output, uncertainty_threshold=None, threads=threads)
+        predictions = predict_with_file(calculator, test)
+        test_pairs = pairs_of(test, predictions)
         tables["test"] = errors(test_pairs)
+        title = f"{Path(output).name} on {Path(test_path).name}"
         plot = Path(output).with_suffix(".test-parity.png")
-        parity_plots(test_pairs, str(plot), title=f"{Path(output).name} on {Path(test_path).name}")
+        parity_plots(test_pairs, str(plot), title=title)
         print(f"parity plots of the test set: {plot}")
-    return tables
+        calibration["test"] = _calibration(calculator, test, predictions, str(Path(output).with_suffix(".test-calibration.png")), title)
+    return tables, calibration
+
+
+def _calibration(calculator, structures, predictions, plot: str, title: str) -> dict:
+    """:func:`~acdc_potential.evaluation.calibration_table` of the uncertainties of ``calculator``'s
+    file on ``structures`` (``predictions``: its :func:`~acdc_potential.evaluation.predict_with_file`),
+    with its plot written to ``plot``."""
+    from .evaluation import calibration_plot, calibration_table, uncertainties_with_file
+
+    sigmas = uncertainties_with_file(calculator, structures)
+    calibration_plot(structures, predictions, sigmas, plot, title=title)
+    print(f"calibration plots of the uncertainties: {plot}")
+    return calibration_table(structures, predictions, sigmas)
 
 
 def fit_command(args) -> int:
@@ -168,7 +187,7 @@ TRAIN_SAMPLE = 1000
 def _fit_and_report(args, config, train, train_checked, test, output: Path, log, **fit_options) -> int:
     """The fit of ``fit_command`` once its inputs are checked: model, checkpoint, errors, report.
     ``train`` is what is fitted (a list or a source), ``train_checked`` the structures whose errors are tabulated."""
-    from .evaluation import format_table
+    from .evaluation import format_calibration, format_table
     from .fit.driver import fit
     from .fit.report import fingerprint, fit_report, write_report
     from .fit.tasks import discard_kept
@@ -180,10 +199,12 @@ def _fit_and_report(args, config, train, train_checked, test, output: Path, log,
     discard_kept(config.cluster.checkpoint)  # the model is written: the kept triangles are of no more use
     log(f"wrote the model to {output} and the checkpoint to {output.with_suffix('.ckpt')}")
     with log.stage("errors"):
-        tables = _tables(model, train_checked, test, args.test, str(output), threads)
+        tables, calibration = _tables(model, train_checked, test, args.test, str(output), threads)
     if len(train_checked) < len(train):
         tables = {f"train ({len(train_checked)} of {len(train)})" if name == "train" else name: table for name, table in tables.items()}
     print("\n" + format_table(tables))
+    if calibration:
+        print("\nuncertainties (calibrated standard deviations against errors)\n" + format_calibration(calibration))
 
     used = model_config(config, model)
     with open(output.with_suffix(".config.yaml"), "w") as file:
@@ -193,6 +214,7 @@ def _fit_and_report(args, config, train, train_checked, test, output: Path, log,
         data["test"] = {**fingerprint(args.test), "structures": len(test)}
     report = fit_report(model, used, data, tables, log, ["acdc-potential", *args.argv], threads)
     report["numerical_precision"] = _precision(model, test or train_checked)
+    report["uncertainties"] = {"calibration": None if model.calibration is None else model.calibration.to_dict(), **calibration}
     write_report(str(output.with_suffix(".report.yaml")), report)
     if model.warnings:
         log(f"{len(model.warnings)} warning(s), listed in the report")
@@ -220,9 +242,11 @@ def model_config(config, model) -> dict:
 
 
 def eval_command(args) -> int:
+    import dataclasses
+
     from .calculator import ACDCCalculator
     from .data import LabelKeys, check_labels, read_structures
-    from .evaluation import errors, format_table, pairs_of, parity_plots, predict_with_file
+    from .evaluation import errors, format_calibration, format_table, pairs_of, parity_plots, predict_with_file
     from .fit.report import extend_report
 
     device = _device(args.device)
@@ -240,9 +264,15 @@ def eval_command(args) -> int:
     table = errors(pairs)
     print("\n" + format_table({Path(args.data).stem: table}))
     print(f"\nparity plots: {plot}")
+    calibration = None
+    if not args.no_uncertainties:
+        # the labels left out of the errors are left out of the calibration too
+        labelled = [dataclasses.replace(s, energy=s.energy if used["energy"] else None, forces=s.forces if used["forces"] else None) for s in structures]
+        calibration = _calibration(calculator, labelled, predictions, str(Path(plot).with_suffix("")) + "-calibration.png", f"{Path(args.model).name} on {Path(args.data).name}")
+        print("\nuncertainties (calibrated standard deviations against errors)\n" + format_calibration({Path(args.data).stem: calibration}))
     report = Path(args.model).with_suffix(".report.yaml")
     if report.is_file():
-        extend_report(str(report), Path(args.data).stem, args.data, table)
+        extend_report(str(report), Path(args.data).stem, args.data, table, calibration)
         print(f"added to the report {report}")
     return 0
 
@@ -316,10 +346,11 @@ def parser() -> argparse.ArgumentParser:
     _add_threads(fit)
     fit.set_defaults(run=fit_command)
 
-    evaluate = commands.add_parser("eval", help="errors and parity plots of an exported model on a data set")
+    evaluate = commands.add_parser("eval", help="errors, parity plots and calibration of the uncertainties of an exported model on a data set")
     evaluate.add_argument("model", help="exported model file (.pt)")
     evaluate.add_argument("data", help="labelled structures (extxyz)")
-    evaluate.add_argument("--plot", help="parity-plot PNG (default: DATA.parity.png in the current directory)")
+    evaluate.add_argument("--plot", help="parity-plot PNG (default: DATA.parity.png in the current directory; the calibration plot beside it, DATA.parity-calibration.png)")
+    evaluate.add_argument("--no-uncertainties", action="store_true", help="skip the calibration table and plot of the uncertainties (they cost several energy evaluations per structure)")
     _add_labels(evaluate)
     _add_threads(evaluate)
     evaluate.add_argument("--device", help="torch device to run the model on, e.g. cpu or cuda (default: the best the model supports; CUDA is untested: no GPU was available)")

@@ -170,3 +170,119 @@ def numerical_precision(model, atoms, step: float = 1e-4, seed: int = 0) -> Dict
     out["finite_difference"] = worst
     out["finite_difference_step"] = step
     return out
+
+
+def uncertainties_with_file(calculator, structures: Sequence[Labelled], progress: bool = True) -> Dict[str, List[np.ndarray]]:
+    """Calibrated standard deviations of every structure from an exported file (an
+    :class:`~acdc_potential.calculator.ACDCCalculator`): ``energy`` (eV, per structure),
+    ``atoms`` (eV, per atom) and, for a calibrated model, ``forces`` (eV/A, per atom)."""
+    from tqdm import tqdm
+
+    from .model.potential import FORCES_UNCERTAINTY
+
+    forces = FORCES_UNCERTAINTY in calculator._model.capabilities().outputs
+    result: Dict[str, List[np.ndarray]] = {"energy": [], "atoms": [], **({"forces": []} if forces else {})}
+    for structure in tqdm(structures, desc="uncertainties", unit="structure", disable=not progress):
+        atoms = structure.atoms.copy()
+        result["energy"].append(np.array(calculator.get_uncertainty(atoms)))
+        result["atoms"].append(np.asarray(calculator.get_uncertainty(atoms, per_atom=True)))
+        if forces:
+            result["forces"].append(np.asarray(calculator.get_forces_uncertainty(atoms)))
+    return result
+
+
+def standardised_errors(structures: Sequence[Labelled], predictions: Dict[str, List[np.ndarray]], sigmas: Dict[str, List[np.ndarray]]) -> Dict[str, np.ndarray]:
+    """Errors of ``predictions`` (:func:`predict_with_file`) over their predicted standard deviations
+    ``sigmas`` (:func:`uncertainties_with_file`): ``energy_z`` and ``energy_sigma`` ``[S]`` (structures
+    with an energy), and for atoms of structures with forces ``atom_sigma`` and ``force_error`` (the
+    norm of the error) ``[N]``, with a force uncertainty ``force_sigma`` ``[N]`` and ``force_z`` ``[N, 3]``."""
+    energies = [k for k, s in enumerate(structures) if s.energy is not None]
+    result = {
+        "energy_sigma": np.array([float(sigmas["energy"][k]) for k in energies]),
+        "energy_z": np.array([abs(float(predictions["energy"][k]) - structures[k].energy) / float(sigmas["energy"][k]) for k in energies]),
+    }
+    labelled = [k for k, s in enumerate(structures) if s.forces is not None]
+    if labelled:
+        errors = np.concatenate([np.asarray(predictions["forces"][k]) - structures[k].forces for k in labelled])
+        result["atom_sigma"] = np.concatenate([sigmas["atoms"][k] for k in labelled])
+        result["force_error"] = np.linalg.norm(errors, axis=1)
+        if "forces" in sigmas:
+            result["force_sigma"] = np.concatenate([sigmas["forces"][k] for k in labelled])
+            result["force_z"] = np.abs(errors) / result["force_sigma"][:, None]
+    return result
+
+
+def calibration_table(structures: Sequence[Labelled], predictions: Dict[str, List[np.ndarray]], sigmas: Dict[str, List[np.ndarray]]) -> Dict[str, Dict[str, float]]:
+    """How well predicted standard deviations describe the errors (:func:`standardised_errors`):
+    for energies (per structure) and force components, the fractions of errors within 1 and 2
+    standard deviations (68 % and 95 % for Gaussian errors of the predicted size) and the median
+    standard deviation (eV, eV/A); the Spearman rank correlation between the norm of an atom's
+    force error and its force uncertainty (``forces``) or its energy uncertainty (``atoms``, with
+    the median atomic energy uncertainty, eV)."""
+    from scipy.stats import spearmanr
+
+    z = standardised_errors(structures, predictions, sigmas)
+    table: Dict[str, Dict[str, float]] = {}
+    if z["energy_z"].size:
+        table["energy"] = coverage(z["energy_z"], z["energy_sigma"])
+    if "force_z" in z:
+        table["forces"] = {**coverage(z["force_z"], z["force_sigma"]), "spearman": float(spearmanr(z["force_sigma"], z["force_error"])[0])}
+    if "atom_sigma" in z:
+        rank = float(spearmanr(z["atom_sigma"], z["force_error"])[0])
+        table["atoms"] = {"spearman": rank, "median_sigma": float(np.median(z["atom_sigma"])), "count": int(z["atom_sigma"].size)}
+    return table
+
+
+def coverage(z: np.ndarray, sigma: np.ndarray) -> Dict[str, float]:
+    """Fractions of ``|error| / sigma`` values ``z`` within 1 and 2, and the median of ``sigma``."""
+    return {"within_1": float(np.mean(z <= 1.0)), "within_2": float(np.mean(z <= 2.0)), "median_sigma": float(np.median(sigma)), "count": int(z.size)}
+
+
+def format_calibration(rows: Dict[str, Dict[str, Dict[str, float]]]) -> str:
+    """Plain-text table of :func:`calibration_table` for several sets (``{set name: table}``)."""
+    header = f"{'set':<12} {'quantity':<8} {'within 1 sigma':>15} {'within 2 sigma':>15} {'median sigma':>17} {'rank corr.':>11} {'values':>8}"
+    lines = [header, "-" * len(header)]
+    units = {"energy": "eV", "forces": "eV/A", "atoms": "eV"}
+    for name, table in rows.items():
+        for quantity, e in table.items():
+            within = f"{100 * e['within_1']:>14.1f}% {100 * e['within_2']:>14.1f}%" if "within_1" in e else f"{'':>15} {'':>15}"
+            rank = f"{e['spearman']:>11.3f}" if "spearman" in e else f"{'':>11}"
+            lines.append(f"{name:<12} {quantity:<8} {within} {e['median_sigma']:>12.3g} {units[quantity]:<4} {rank} {e['count']:>8}")
+    return "\n".join(lines)
+
+
+def calibration_plot(structures: Sequence[Labelled], predictions: Dict[str, List[np.ndarray]], sigmas: Dict[str, List[np.ndarray]], path: str, title: Optional[str] = None) -> None:
+    """One PNG: observed against expected fraction of errors within the Gaussian interval of each
+    probability (energies, force components; the diagonal is a perfect calibration), and, with a
+    force uncertainty, force errors against their predicted standard deviation, atom by atom."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from scipy.stats import norm
+
+    z = standardised_errors(structures, predictions, sigmas)
+    panels = 2 if "force_z" in z else 1
+    figure, axes = plt.subplots(1, panels, figsize=(4.4 * panels, 4.0), squeeze=False)
+    expected = np.linspace(0.0, 0.999, 200)
+    axis = axes[0][0]
+    axis.plot([0, 1], [0, 1], color="0.6", linewidth=1)
+    for quantity, values in (("energy", z["energy_z"]), ("forces", z.get("force_z", np.zeros(0)).ravel())):
+        if values.size:
+            axis.plot(expected, [np.mean(values <= norm.ppf(0.5 + p / 2)) for p in expected], label=f"{quantity} ({values.size} values)")
+    axis.set_xlabel("expected fraction within the interval (Gaussian)")
+    axis.set_ylabel("observed fraction")
+    axis.legend(fontsize=8)
+    if panels == 2:
+        axis = axes[0][1]
+        sigma, error = z["force_sigma"], z["force_error"] / np.sqrt(3.0)
+        axis.loglog(sigma, error, ".", markersize=2, alpha=0.4)
+        low, high = float(min(sigma.min(), error[error > 0].min())), float(max(sigma.max(), error.max()))
+        axis.plot([low, high], [low, high], color="0.6", linewidth=1)
+        axis.set_xlabel("predicted force component sigma (eV/A)")
+        axis.set_ylabel("|force error| / sqrt(3) (eV/A)")
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -16,6 +16,7 @@ from metatomic.torch import ModelOutput, System
 from vesin.metatomic import NeighborList
 
 from .data import as_labelled, validate
+from .model.potential import FORCES_UNCERTAINTY
 
 
 def predict(
@@ -34,8 +35,9 @@ def predict(
         or not). :param species: the atomic numbers it knows (checked before it runs).
     :return: ``energy`` ``[S]`` (eV); ``forces`` ``[N, 3]`` (eV/A, atoms concatenated);
         ``stress`` ``[S, 3, 3]`` (eV/A^3, ASE sign; NaN for structures not periodic in all
-        directions); ``energy_uncertainty`` ``[S]`` and ``atom_uncertainty`` ``[N]`` (eV,
-        projected-process standard deviations).
+        directions); ``energy_uncertainty`` ``[S]`` and ``atom_uncertainty`` ``[N]`` (eV) and,
+        for a calibrated model, ``forces_uncertainty`` ``[N]`` (eV/A, of each force component):
+        standard deviations (:mod:`acdc_potential.model.uncertainty`).
     """
     labelled = as_labelled(structures)
     validate(labelled, species=list(species))
@@ -96,4 +98,7 @@ def run_module(module: torch.nn.Module, frames: List, forces: bool, stress: bool
             for name, kind in (("atom_uncertainty", "atom"), ("energy_uncertainty", "system")):
                 request = {"energy_uncertainty": ModelOutput(unit="eV", sample_kind=kind)}
                 out[name] = module(systems, request, None)["energy_uncertainty"].block().values[:, 0].detach()
+            if bool(module.force_scale.any()):
+                request = {FORCES_UNCERTAINTY: ModelOutput(unit="eV/A", sample_kind="atom")}
+                out["forces_uncertainty"] = module(systems, request, None)[FORCES_UNCERTAINTY].block().values[:, 0].detach()
     return out

@@ -154,6 +154,10 @@ def test_the_fit_writes_a_log_a_report_and_the_configuration_used(files, fitted)
     # without tuning (SMALL) every row goes straight into the final solve: no tuning sample's design matrix
     assert {"survey", "radial integrals", "solve", "errors", "total"} <= set(report["timings_s"]) and "design matrix" not in report["timings_s"]
     assert any("isolated-atom energies" in w for w in report["warnings"])
+    # not tuned, so not calibrated: the test set's table has energies and atoms, no force uncertainty
+    assert report["uncertainties"]["calibration"] is None and set(report["uncertainties"]["test"]) == {"energy", "atoms"}
+    assert 0.0 <= report["uncertainties"]["test"]["energy"]["within_1"] <= report["uncertainties"]["test"]["energy"]["within_2"] <= 1.0
+    assert fitted.with_suffix(".test-calibration.png").is_file()
     # the configuration written beside the model refits the same model settings
     used = FitConfig.from_yaml(str(fitted.with_suffix(".config.yaml")))
     assert used.to_dict() == FitConfig.from_dict(report["configuration"]).to_dict()
@@ -167,6 +171,7 @@ def test_eval_extends_the_report(files, fitted, capsys, tmp_path):
     evaluation = report["evaluations"]["test"]
     assert evaluation["errors_meV"]["energy"]["mae"] == pytest.approx(report["errors_meV"]["test"]["energy"]["mae"], rel=1e-9)
     assert evaluation["data"]["sha256"] == report["data"]["test"]["sha256"]
+    assert evaluation["uncertainties"] == report["uncertainties"]["test"]
 
 
 def test_threads_are_honoured(files, fitted, capsys, tmp_path):
@@ -298,8 +303,11 @@ def test_eval_names_the_structure_by_its_place_in_the_file(files, fitted, capsys
 
 def test_eval_leaves_out_what_it_is_told_to(files, fitted, capsys, tmp_path):
     code, out, _ = run(["eval", str(fitted), str(files / "test.extxyz"), "--no-forces", "--plot", str(tmp_path / "p.png")], capsys)
-    rows = [line.split()[1] for line in out.splitlines() if line.startswith("test ")]
+    errors, calibration = out.split("uncertainties (calibrated")
+    rows = [line.split()[1] for line in errors.splitlines() if line.startswith("test ")]
     assert code == 0 and rows == ["energy"]
+    assert [line.split()[1] for line in calibration.splitlines() if line.startswith("test ")] == ["energy"]
+    assert (tmp_path / "p-calibration.png").is_file()
 
 
 def test_the_report_records_the_command_it_was_given(fitted):

@@ -64,14 +64,19 @@ def close(got, expected, tolerance=1e-10):
 @pytest.mark.parametrize("stem", REFERENCES)
 def test_old_checkpoints_predict_as_the_old_exported_files(stem):
     """Checkpoints written by the first layout, loaded by this one, predict what the old
-    exported files predicted (energies, forces, stress, uncertainties) to 1e-10."""
+    exported files predicted (energies, forces, stress, structure uncertainties but for the label
+    noise that version 4 adds) to 1e-10. Atomic
+    energy uncertainties were redefined with checkpoint version 4 (the prior variance that the
+    sparse environments do not explain; tests/test_uncertainty.py), so they are not compared."""
     model, frames, old = reference(stem)
     result = model.predict(frames, uncertainty=True)
     close(result["energy"], old["file_energy"])
     close(result["forces"], old["file_forces"])
     close(result["stress"], old["file_stress"])
-    close(result["energy_uncertainty"], old["file_energy_uncertainty"], UNCERTAINTY_TOLERANCE)
-    close(result["atom_uncertainty"], old["file_atom_uncertainty"], UNCERTAINTY_TOLERANCE)
+    # version 4 adds the energy regulariser squared per atom: the predictive variance of a label
+    noise = model.regularisers.energy**2 * np.array([len(a) for a in frames])
+    close(np.sqrt(result["energy_uncertainty"].numpy() ** 2 - noise), old["file_energy_uncertainty"], UNCERTAINTY_TOLERANCE)
+    assert model.calibration is None and "forces_uncertainty" not in result
 
 
 @pytest.mark.parametrize("stem", REFERENCES)
@@ -83,7 +88,8 @@ def test_old_checkpoints_export_files_that_predict_as_before(stem, tmp_path):
     for k, atoms in enumerate(frames):
         atoms.calc = calculator
         close(atoms.get_potential_energy(), old["file_energy"][k])
-        close(calculator.get_uncertainty(atoms), old["file_energy_uncertainty"][k], UNCERTAINTY_TOLERANCE)
+        noise = model.regularisers.energy**2 * len(atoms)  # added by version 4 (above)
+        close(np.sqrt(calculator.get_uncertainty(atoms) ** 2 - noise), old["file_energy_uncertainty"][k], UNCERTAINTY_TOLERANCE)
     close(np.concatenate([a.get_potential_energies() for a in frames]), old["file_energies"])
     close(np.concatenate([a.get_forces() for a in frames]), old["file_forces"])
 
@@ -219,7 +225,7 @@ def test_checkpoints_round_trip_in_the_current_version(tmp_path):
     model, frames, _ = reference("copper_wigner4")
     model.save(str(tmp_path / "again.ckpt"))
     state = torch.load(tmp_path / "again.ckpt", weights_only=True)
-    assert (state["format"], state["version"]) == ("acdc-potential/sparse-krr", 3)
+    assert (state["format"], state["version"]) == ("acdc-potential/sparse-krr", 4)
     again = SparseKRRModel.load(str(tmp_path / "again.ckpt"))
     for key, value in model.predict(frames[:1], uncertainty=True).items():
         torch.testing.assert_close(again.predict(frames[:1], uncertainty=True)[key], value, equal_nan=True, rtol=0, atol=0)

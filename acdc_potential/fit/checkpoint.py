@@ -14,6 +14,9 @@ Format history (``version``; :func:`upgrade` brings older files to the current o
    polynomial kernel's feature function). Those of the package are mapped to registry
    names; any other name is refused.
 2. ``format: acdc-potential/sparse-krr``, ``version: 2``: registry names only.
+3. Wigner kernels gained ``channel_weights`` (earlier files: ``inverse_dimension``).
+4. ``calibration`` of the uncertainties (earlier files: none, factors 1 and no force
+   uncertainty; their atomic energy uncertainties are now the unexplained prior variance).
 """
 
 import dataclasses
@@ -32,13 +35,13 @@ from ..model.export import export_model
 from ..model.heads import PolynomialHead, WignerHead
 from ..model.potential import AtomisticPotential
 from ..model.references import metatomic_references
-from ..model.uncertainty import SparseState
+from ..model.uncertainty import Calibration, SparseState
 from .baseline import Baseline
 from .solver import ProjectedProcess
 from .tuning import HyperparameterReport
 
 FORMAT = "acdc-potential/sparse-krr"
-VERSION = 3
+VERSION = 4
 # version 1 named these objects by their qualified Python name; nothing else is accepted
 _VERSION_1_NAMES = {
     "acdc_potential.wigner:WignerHypers": "wigner",
@@ -51,6 +54,8 @@ def upgrade(state: Dict) -> Dict:
     dict, ``state`` is not changed)."""
     if state.get("format") == FORMAT and state.get("version") == VERSION:
         return state
+    if state.get("format") == FORMAT and state.get("version") == 3:
+        return _upgrade_from_3(state)
     if state.get("format") == FORMAT and state.get("version") == 2:
         return _upgrade_from_2(state)
     if state.get("format") != "acdc-potential/sparse-krr/1":
@@ -79,7 +84,12 @@ def _upgrade_from_2(state: Dict) -> Dict:
         hypers = dict(kernel["hypers"])
         hypers["wigner"] = {**hypers["wigner"], "channel_weights": "inverse_dimension"}
         kernel["hypers"] = hypers
-    return {**state, "version": VERSION, "kernel": kernel}
+    return _upgrade_from_3({**state, "version": 3, "kernel": kernel})
+
+
+def _upgrade_from_3(state: Dict) -> Dict:
+    """Version 3 -> 4: a ``calibration`` of the uncertainties; earlier models have none."""
+    return {**state, "version": VERSION, "calibration": None}
 
 
 def kernel_from_dict(state: Dict) -> SparseKernel:
@@ -107,6 +117,8 @@ class SparseKRRModel:
         (tabulating the radial integrals takes seconds).
     :param warnings: what the fit warned about (:class:`~acdc_potential.errors.AccuracyWarning`:
         fewer sparse environments than asked, radial integrals less accurate than asked).
+    :param calibration: of the uncertainties (:class:`~acdc_potential.model.uncertainty.Calibration`),
+        if the fit held out structures for it.
 
     :meth:`potential` is the deployable module; :meth:`predict` runs it (scripted, as the
     exported file) on structures in memory.
@@ -123,6 +135,7 @@ class SparseKRRModel:
         report: Optional[HyperparameterReport] = None,
         expansion: Optional[DensityExpansion] = None,
         warnings: Optional[List[str]] = None,
+        calibration: Optional[Calibration] = None,
     ):
         self.density_hypers = density_hypers
         self.species = [int(z) for z in species]
@@ -133,6 +146,7 @@ class SparseKRRModel:
         self.regularisers = regularisers
         self.report = report
         self.warnings = list(warnings or [])
+        self.calibration = calibration
         self._scripted: Optional[torch.jit.ScriptModule] = None
 
     @property
@@ -143,7 +157,7 @@ class SparseKRRModel:
         """The deployable :class:`~acdc_potential.model.potential.AtomisticPotential`; ``route``
         chooses how a Wigner head sums over its sparse environments
         (:class:`~acdc_potential.model.heads.WignerHead`)."""
-        state = SparseState(self.kernel, self.solution.weights, self.solution.projection, self.solution.triangular, self.species)
+        state = SparseState(self.kernel, self.solution.weights, self.solution.projection, self.solution.triangular, self.species, self.calibration, self.regularisers.energy**2)
         if self.kernel.kind == "wigner":
             head = WignerHead(self.expansion, self.kernel, state, self.species, route)
         elif self.kernel.kind == "polynomial":
@@ -151,7 +165,7 @@ class SparseKRRModel:
         else:
             raise ValueError(f"cannot export a '{self.kernel.kind}' kernel")
         baseline = torch.tensor([self.baseline.energies.get(z, 0.0) for z in self.species], dtype=torch.float64)
-        return AtomisticPotential(head, baseline)
+        return AtomisticPotential(head, baseline, None if self.calibration is None else self.calibration.force_scale(self.species))
 
     def references(self) -> Dict[str, List[str]]:
         """The references of the methods this model uses (for the exported metadata)."""
@@ -187,6 +201,7 @@ class SparseKRRModel:
             "regularisers": dataclasses.asdict(self.regularisers),
             "report": None if self.report is None else self.report.to_dict(),
             "warnings": list(self.warnings),
+            "calibration": None if self.calibration is None else self.calibration.to_dict(),
         }
 
     def save(self, path: str) -> None:
@@ -213,6 +228,7 @@ class SparseKRRModel:
             Regularisers(**state["regularisers"]),
             report,
             warnings=state.get("warnings", []),
+            calibration=None if state["calibration"] is None else Calibration.from_dict(state["calibration"]),
         )
 
     @classmethod

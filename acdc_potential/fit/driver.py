@@ -32,6 +32,7 @@ from ..kernels.wigner.iteration import WignerHypers
 from ..inference import run_module
 from . import tasks
 from .baseline import Baseline
+from .calibration import calibrate, held_out_solution, held_out_structures
 from .checkpoint import SparseKRRModel
 from .design import DesignMatrix, design_groups, mix_pieces, split_group
 from .executors import Executor, InProcess, make_executor
@@ -78,6 +79,7 @@ def fit_kernel(
     executor: Optional[Executor] = None,
     checkpoint: Optional[str] = None,
     survey: Optional[Survey] = None,
+    calibrate: bool = True,
     device=None,
     verbose: bool = False,
     log: Optional[FitLog] = None,
@@ -93,8 +95,8 @@ def fit_kernel(
     (``selection`` = ``"fps"`` | ``"cur"`` on the power spectrum); the design matrix of the
     tuning sample; optionally :func:`select_hyperparameters` (``tune_options`` are its keyword
     arguments, and ``sparse_per_species``: tune with the first that many sparse environments of
-    each species), which updates the kernel's mixing and the regularisers; the
-    projected-process solve. ``log`` (a :class:`~acdc_potential.fit.report.FitLog`, default one
+    each species), which updates the kernel's mixing and the regularisers, and then the
+    calibration of the uncertainties (:func:`calibrate_on`); the projected-process solve. ``log`` (a :class:`~acdc_potential.fit.report.FitLog`, default one
     that prints when ``verbose``) reports and times each step; progress bars show when it prints.
 
     ``design_memory`` (bytes) bounds the design matrix held at once: beyond it the tuning
@@ -108,6 +110,8 @@ def fit_kernel(
     :class:`~acdc_potential.fit.executors.DaskExecutor` runs them on a cluster and gives the
     same weights. ``checkpoint``: a folder where the triangles of the final solve are kept
     (a rerun resumes from them). ``survey``: the survey of ``structures``, if done already.
+    ``calibrate``: when tuned, calibrate the uncertainties on held-out structures of the
+    tuning sample (:func:`calibrate_on`).
     """
     recorded: List[str] = []
     with recording(recorded):
@@ -129,7 +133,7 @@ def fit_kernel(
                 expansion = expansion.to(device)
         baseline = Baseline.fit(survey, species, isolated_energies)
         with log.stage("density coefficients and sparse selection"):
-            choose_sparse(kernel, source, survey, expansion, n_sparse, selection, candidates, seed, task_structures, executor, progress, log)
+            sparse_owners = choose_sparse(kernel, source, survey, expansion, n_sparse, selection, candidates, seed, task_structures, executor, progress, log)
         rows = survey.row_counts(energies, forces, stress)
         # tasks: the groups of design_groups cut to task_memory, as sorted source positions (file order within a task)
         groups = [split_group(group, rows, kernel.n_pieces, kernel.n_sparse, task_memory) for group in design_groups(rows, kernel.n_pieces, kernel.n_sparse, design_memory, seed)]
@@ -137,7 +141,7 @@ def fit_kernel(
         groups = [[sorted(survey.positions[part].tolist()) for part in group] for group in groups]
         shared = (source, expansion, kernel, baseline, (energies, forces, stress))
         k_mm_pieces = kernel.sparse_block()
-        report, triangle = None, None
+        report, triangle, calibration = None, None, None
         if tune:
             with log.stage("design matrix"):
                 designs = executor.map(tasks.design, shared + (progress,), groups[0], "kernel rows (tuning sample)" if bars else "")
@@ -149,6 +153,12 @@ def fit_kernel(
             with log.stage("tuning"):
                 report = tune_on(design, k_mm_pieces, kernel, regularisers, jitter, tune_options, log)
             regularisers = report.regularisers
+        if tune and calibrate:
+            with log.stage("calibration"):
+                sample_positions = [position for part in groups[0] for position in part]
+                fraction = (tune_options or {}).get("validation", FitOptions.validation)
+                parts = (density_hypers, species, baseline, expansion)
+                calibration = calibrate_on(design, k_mm_pieces, kernel, regularisers, jitter, source, sample_positions, sparse_owners, parts, fraction, seed, log)
         with log.stage("solve"):
             final = tasks.FinalSolve(kernel.piece_weights(), regularisers, sparse_projection(mix_pieces(kernel.piece_weights(), k_mm_pieces), jitter), checkpoint and os.path.abspath(checkpoint))
             triangle = prior_triangle(final.projection)
@@ -158,13 +168,14 @@ def fit_kernel(
             rest = [part for group in groups[1 if tune else 0 :] for part in group]
             solution = solve(triangle, rest, shared, final, executor, progress, "kernel rows (final solve)" if bars else "", log)
         log("solved the projected-process regression")
-    return SparseKRRModel(density_hypers, species, kernel, solution, baseline, regularisers, report, expansion.to("cpu") if device is not None else expansion, recorded)
+    return SparseKRRModel(density_hypers, species, kernel, solution, baseline, regularisers, report, expansion.to("cpu") if device is not None else expansion, recorded, calibration)
 
 
-def choose_sparse(kernel, source, survey, expansion, n_sparse, selection, candidates, seed, task_structures, executor, progress, log) -> None:
+def choose_sparse(kernel, source, survey, expansion, n_sparse, selection, candidates, seed, task_structures, executor, progress, log) -> torch.Tensor:
     """Sparse environments per species (:func:`select_sparse` on the power spectrum) among the
     atoms of :func:`selection_candidates`, whose density coefficients the executor computes;
-    stored in ``kernel`` (:meth:`SparseKernel.set_sparse`)."""
+    stored in ``kernel`` (:meth:`SparseKernel.set_sparse`). Returns the source position of the
+    structure of each sparse environment ``[M]``."""
     pool = selection_candidates(survey.n_atoms, candidates, seed)
     log(f"density coefficients of {'every atom' if len(pool) == len(survey) else f'the atoms of {len(pool)} structures (a random sample)'}")
     parts = [survey.positions[part].tolist() for part in split(pool, task_structures)]
@@ -175,6 +186,31 @@ def choose_sparse(kernel, source, survey, expansion, n_sparse, selection, candid
     kernel.set_sparse(coefficients[chosen], numbers[chosen], layout)
     counts = {int(z): int((kernel.sparse_species == z).sum()) for z in torch.unique(kernel.sparse_species).tolist()}
     log(f"{len(chosen)} sparse environments by {selection} ({counts} per atomic number); building the kernel rows")
+    owners = torch.repeat_interleave(torch.as_tensor(survey.positions[pool]), torch.as_tensor(survey.n_atoms[pool]))
+    return owners[chosen.cpu()]
+
+
+def calibrate_on(design, k_mm_pieces, kernel, regularisers, jitter, source, sample_positions, sparse_owners, parts, fraction, seed, log):
+    """The :class:`~acdc_potential.model.uncertainty.Calibration` of the uncertainties by a model
+    fitted without a random ``fraction`` of the structures of ``design`` (source positions
+    ``sample_positions``, in its numbering) and without the sparse environments taken from
+    them (``sparse_owners``: the source position of each), on those structures
+    (:mod:`~acdc_potential.fit.calibration`). ``parts``: density hyperparameters, species,
+    baseline and expansion of the model."""
+    held = held_out_structures(torch.unique(design.structure).cpu(), fraction, seed)
+    positions = [sample_positions[k] for k in held.tolist()]
+    kept = torch.nonzero(~torch.isin(sparse_owners, torch.tensor(positions, dtype=sparse_owners.dtype))).flatten()
+    solution = held_out_solution(design, k_mm_pieces, kernel.piece_weights(), regularisers, jitter, held.to(design.structure.device), kept.to(k_mm_pieces.device))
+    density_hypers, species, baseline, expansion = parts
+    model = SparseKRRModel(density_hypers, species, kernel.sparse_subset(kept), solution, baseline, regularisers, expansion=expansion)
+    calibration = calibrate(model, source.read(positions))
+    forces = ", ".join(f"{chemical_symbols[z]} {b:.3g}" for z, b in calibration.forces.items())
+    log(
+        f"calibrated the uncertainties on {len(positions)} held-out structures (fitted without them and their "
+        f"{kernel.n_sparse - len(kept)} sparse environments): energy factor {calibration.energy:.3g}"
+        + (f"; force factors (1/A) {forces}" if forces else "")
+    )
+    return calibration
 
 
 def tune_on(design: DesignMatrix, k_mm_pieces: torch.Tensor, kernel: SparseKernel, regularisers: Regularisers, jitter: float, tune_options: Optional[Dict], log: FitLog):
@@ -323,7 +359,7 @@ def warn_isolated_atoms(model: SparseKRRModel, species: List[int]) -> None:
     model.warnings.append(message)
 
 
-def _fit(structures, config: FitConfig, n_sparse, tune: bool, log: Optional[FitLog], executor: Optional[Executor] = None, survey: Optional[Survey] = None):
+def _fit(structures, config: FitConfig, n_sparse, tune: bool, log: Optional[FitLog], executor: Optional[Executor] = None, survey: Optional[Survey] = None, calibrate: bool = True):
     if isinstance(n_sparse, dict):
         n_sparse = {atomic_number(element): int(n) for element, n in n_sparse.items()}
     isolated = config.options.isolated_energies
@@ -348,6 +384,7 @@ def _fit(structures, config: FitConfig, n_sparse, tune: bool, log: Optional[FitL
         executor=executor,
         checkpoint=config.cluster.checkpoint or None,
         survey=survey,
+        calibrate=calibrate,
         tune_options={
             "validation": config.options.validation,
             "seed": config.options.seed,
@@ -386,7 +423,7 @@ def select_on_grid(structures, config: FitConfig, log: Optional[FitLog] = None) 
         log(f"grid point {k + 1}/{len(values)}: nu_max = {nu_max}, C = {C:g}, r0 = {r0:g} A, trial fit")
         start = time.perf_counter()
         # the trial fit's own lines would drown the grid's; its progress bars show
-        model = _fit(subset, trial, config.grid.sparse, True, FitLog(False, progress=log.progress))
+        model = _fit(subset, trial, config.grid.sparse, True, FitLog(False, progress=log.progress), calibrate=False)
         seconds = time.perf_counter() - start
         step = step_cost(model, subset[0])
         points.append({"nu_max": int(nu_max), "C": float(C), "r0": float(r0), "loss": float(model.report.loss),

@@ -151,9 +151,13 @@ def read_report(path: str) -> Dict:
     return report
 
 
-def extend_report(path: str, name: str, data_file: str, errors: Dict[str, Dict[str, float]]) -> None:
-    """Add the errors of the model on ``data_file`` under ``evaluations`` of the report ``path``."""
+def extend_report(path: str, name: str, data_file: str, errors: Dict[str, Dict[str, float]], calibration: Optional[Dict] = None) -> None:
+    """Add the errors of the model on ``data_file`` (and the
+    :func:`~acdc_potential.evaluation.calibration_table` of its uncertainties, if given) under
+    ``evaluations`` of the report ``path``."""
     report = read_report(path)
     entry = {"data": fingerprint(data_file), "errors_meV": errors, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if calibration is not None:
+        entry["uncertainties"] = calibration
     report.setdefault("evaluations", {})[name] = entry
     write_report(path, report)

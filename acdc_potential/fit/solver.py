@@ -172,13 +172,24 @@ def prior_triangle(projection: torch.Tensor) -> torch.Tensor:
     return augmented
 
 
-def design_triangle(rows: DesignMatrix, piece_weights: torch.Tensor, regularisers: Regularisers, projection: torch.Tensor) -> torch.Tensor:
-    """``[r + 1, r + 1]`` triangle of the rows of one design matrix (no prior rows; :func:`stacked_triangle`)."""
+def design_triangle(
+    rows: DesignMatrix,
+    piece_weights: torch.Tensor,
+    regularisers: Regularisers,
+    projection: torch.Tensor,
+    which: Optional[torch.Tensor] = None,
+    columns: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``[r + 1, r + 1]`` triangle of the rows of one design matrix (no prior rows; :func:`stacked_triangle`):
+    all of them, or the rows ``which`` (indices), restricted to the sparse environments
+    ``columns`` (indices, matching ``projection``), without copying the design."""
+    which = which if which is not None else torch.arange(rows.targets.shape[0], device=rows.targets.device)
 
     def k_nm(start: int, stop: int) -> torch.Tensor:
-        return rows.combine(piece_weights, slice(start, stop))
+        k = rows.combine(piece_weights, which[start:stop])
+        return k if columns is None else k[:, columns]
 
-    return stacked_triangle(k_nm, rows.targets, rows.inverse_sigma(regularisers), projection, prior=False)
+    return stacked_triangle(k_nm, rows.targets[which], rows.inverse_sigma(regularisers)[which], projection, prior=False)
 
 
 def merge_triangles(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:

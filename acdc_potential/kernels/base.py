@@ -19,6 +19,7 @@ A kernel names itself in checkpoints by its registry name ``kind`` (:data:`acdc_
 and plain-data ``hypers()``; :meth:`SparseKernel.from_hypers` rebuilds it from them.
 """
 
+import copy
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -81,6 +82,14 @@ class SparseKernel:
         self.sparse_coefficients = coefficients.detach()
         self.sparse_species = species.detach().to(torch.long)
         self.layout = layout
+
+    def sparse_subset(self, indices: torch.Tensor) -> "SparseKernel":
+        """A copy with the sparse environments ``indices`` only and every other parameter (mixing,
+        scales derived from the whole sparse set) unchanged, so that its kernel values equal this one's."""
+        subset = copy.deepcopy(self)
+        SparseKernel.set_sparse(subset, self.sparse_coefficients[indices], self.sparse_species[indices], self.layout)
+        subset.clear_cache()
+        return subset
 
     @property
     def n_sparse(self) -> int:

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional
 import torch
 from metatomic.torch import AtomisticModel, ModelCapabilities, ModelMetadata, ModelOutput
 
-from .potential import AtomisticPotential
+from .potential import FORCES_UNCERTAINTY, AtomisticPotential
 from .references import IMPLEMENTATION_REFERENCES
 
 def model_metadata(description: str = "", references: Optional[Dict[str, List[str]]] = None) -> ModelMetadata:
@@ -59,6 +59,8 @@ def atomistic_model(
         "energy": ModelOutput(unit="eV", sample_kind="atom"),
         "energy_uncertainty": ModelOutput(unit="eV", sample_kind="atom"),
     }
+    if bool(potential.force_scale.any()):
+        outputs[FORCES_UNCERTAINTY] = ModelOutput(unit="eV/A", sample_kind="atom")
     capabilities = ModelCapabilities(
         outputs=outputs,
         atomic_types=potential.species,

@@ -6,9 +6,10 @@ so that energies and uncertainties share one environment computation:
 - ``environments(pairs: Pairs) -> List[Tensor]``: the per-atom representation (here the
   density coefficients; a message-passing head may use neighbours' environments);
 - ``forward(environments, species) -> Tensor`` ``[n_atoms]``: atomic energies (eV);
-- ``variance(environments, species, group, n_groups, per_atom) -> Tensor``: the
-  predictive variance (eV^2) of each atomic energy (``[n_atoms]``) or of the sum over the
-  atoms of each group (``[n_groups]``; ``group[i]`` the group of atom ``i``).
+- ``variance(environments, species, group, n_groups, per_atom) -> Tensor``: the calibrated
+  variance (eV^2) of each atomic energy (``[n_atoms]``; the unexplained prior variance) or the
+  predictive variance of the sum over the atoms of each group (``[n_groups]``; ``group[i]``
+  the group of atom ``i``) (:mod:`acdc_potential.model.uncertainty`).
 
 Everything about the sparse environments that does not depend on the atom is precomputed
 at construction (docs/equations.md, "Collapsed energies").
@@ -159,7 +160,7 @@ class WignerHead(DensityHead):
                 inverse_scale = self.inverse_scale.to(a[0].dtype)[species].T
                 piece_weights = self.state.piece_weights.to(a[0].dtype)
                 k_xx = piece_weights[0] + piece_weights[1:] @ (self.kernels.invariant_matched(a, a) * inverse_scale[1:])
-                return self.state.variance(k_xm, k_xx)
+                return self.state.atom_variance(k_xm, k_xx)
             return self.state.group_variance(k_xm, self.kernel(a, species, a, species), group, n_groups)
 
 
@@ -209,5 +210,5 @@ class PolynomialHead(DensityHead):
             unit = self.unit_features([c.detach() for c in coefficients])
             k_xm = self.kernel(unit, species, self.sparse_features.to(unit.dtype), self.state.sparse_species)
             if per_atom:
-                return self.state.variance(k_xm, self.kernel(unit, species, unit, species).diagonal())
+                return self.state.atom_variance(k_xm, self.kernel(unit, species, unit, species).diagonal())
             return self.state.group_variance(k_xm, self.kernel(unit, species, unit, species), group, n_groups)

@@ -6,10 +6,13 @@ all atoms of all systems (:class:`~acdc_potential.descriptors.density.Pairs`) an
 them to an *energy head* (:mod:`acdc_potential.model.heads`). Forces and stress come from
 autograd in the engine, through the distance vectors of its neighbour lists.
 
-Outputs: ``energy`` (per system, or per atom) and ``energy_uncertainty``, the
-projected-process predictive standard deviation of the system's energy or of each atomic
-energy. The per-system one needs the kernel between every pair of atoms of the system:
-cheap for molecules, seconds for hundreds of atoms. This module imports nothing of the
+Outputs: ``energy`` (per system, or per atom); ``energy_uncertainty``, the calibrated
+standard deviation of the system's energy (projected-process predictive) or of each atomic
+energy (the prior's part that the sparse environments do not explain); and
+``acdc-potential::forces_uncertainty`` (per atom, eV/A), the standard deviation of each
+Cartesian force component of an atom (:mod:`acdc_potential.model.uncertainty`), present in
+calibrated models only. The per-system uncertainty needs the kernel between every pair of
+atoms of the system: cheap for molecules, seconds for hundreds of atoms. This module imports nothing of the
 fitting code (:mod:`acdc_potential.fit`); in-memory predictions of a fitted model run this
 same module (:func:`acdc_potential.inference.predict`).
 """
@@ -22,6 +25,9 @@ from metatomic.torch import ModelOutput, NeighborListOptions, System
 
 from ..descriptors.density import Pairs
 from ..descriptors.neighbors import MIN_DISTANCE
+
+# the standard deviation of each force component of an atom (eV/A), a non-standard metatomic output
+FORCES_UNCERTAINTY = "acdc-potential::forces_uncertainty"
 
 
 def check_system(index: int, positions: torch.Tensor, vectors: torch.Tensor, min_distance: float) -> None:
@@ -44,16 +50,22 @@ class AtomisticPotential(torch.nn.Module):
     :param head: energy head (:mod:`acdc_potential.model.heads`); its ``density`` knows the
         model's species and cutoff.
     :param baseline: ``[n_species]`` energy of each species added to every atom (eV).
+    :param force_scale: ``[n_species]`` ``beta_a`` (1/A) of the calibration
+        (:class:`~acdc_potential.model.uncertainty.Calibration`): the standard deviation of a force
+        component over the atomic energy uncertainty; zeros (default) for a model without it.
     """
 
-    def __init__(self, head: torch.nn.Module, baseline: torch.Tensor):
+    def __init__(self, head: torch.nn.Module, baseline: torch.Tensor, force_scale: Optional[torch.Tensor] = None):
         super().__init__()
         self.head = head
         self.species: List[int] = list(head.density.species)
         self.cutoff = float(head.density.cutoff)
         self.register_buffer("baseline", baseline.to(torch.float64).clone())
+        scale = force_scale if force_scale is not None else torch.zeros(len(self.species))
+        self.register_buffer("force_scale", scale.to(torch.float64).clone())
         self.neighbors = NeighborListOptions(cutoff=self.cutoff, full_list=True, strict=True)
         self.min_distance = MIN_DISTANCE
+        self.forces_uncertainty: str = FORCES_UNCERTAINTY
 
     @torch.jit.export
     def requested_neighbor_lists(self) -> List[NeighborListOptions]:
@@ -100,11 +112,15 @@ class AtomisticPotential(torch.nn.Module):
         n_systems = len(systems)
 
         results: Dict[str, TensorMap] = {}
-        for name in ["energy", "energy_uncertainty"]:
+        for name in ["energy", "energy_uncertainty", self.forces_uncertainty]:
             if name not in outputs:
                 continue
             per_atom = outputs[name].sample_kind == "atom"
-            if name == "energy":
+            if name == self.forces_uncertainty:
+                per_atom = True
+                sigma = torch.sqrt(self.head.variance(environments, species, system_index, n_systems, True).clamp_min(0.0))
+                values = (sigma * self.force_scale.to(sigma.dtype)[species])[keep]
+            elif name == "energy":
                 values = self.head(environments, species) + self.baseline.to(environments[0].dtype)[species]
                 values = values[keep]
                 if not per_atom:
@@ -122,7 +138,7 @@ class AtomisticPotential(torch.nn.Module):
                 values=values.reshape(-1, 1),
                 samples=samples,
                 components=[],
-                properties=Labels(["energy"], torch.zeros((1, 1), dtype=torch.int32, device=device)),
+                properties=Labels(["forces" if name == self.forces_uncertainty else "energy"], torch.zeros((1, 1), dtype=torch.int32, device=device)),
             )
             results[name] = TensorMap(Labels(["_"], torch.zeros((1, 1), dtype=torch.int32, device=device)), [block])
         return results

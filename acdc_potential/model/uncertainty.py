@@ -1,6 +1,23 @@
-"""The projected-process predictive variance, shared by the fit and the exported heads."""
+"""Uncertainties of a sparse-KRR model, shared by the fit and the exported heads
+(docs/equations.md, "Uncertainties"):
 
-from typing import List
+- of a structure's energy: the projected-process predictive variance
+  ``k_SS - |k_SM P|^2 + |R^-T P^T k_MS|^2`` (:func:`projected_variance`);
+- of an atomic energy: the part of its prior variance that the sparse environments do not
+  explain, ``k_xx - |k_xM P|^2 = k_xx - k_xM K_MM^-1 k_Mx`` (:func:`unexplained_variance`). The
+  posterior term is left out because data of structure energies and forces do not fix how
+  a structure's energy is shared among its atoms: for molecules of one composition it is
+  of the order of the prior (eV) for every atom, in and out of the training data alike;
+- of a force component of atom ``i``: ``beta_{a_i}`` times the atom's energy uncertainty, one
+  factor per species fitted on held-out structures (a model, not a derivative of the process).
+
+Each variance is multiplied by ``alpha^2``, the calibration fitted on held-out structures
+(:class:`Calibration`): the kernel's amplitude is not tuned (only the ratios of the
+regularisers to it are), so uncalibrated variances are in arbitrary units of eV^2.
+"""
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
 
 import torch
 
@@ -15,21 +32,70 @@ def projected_variance(
     return k_xx - (phi**2).sum(dim=1) + (posterior**2).sum(dim=0)
 
 
+def unexplained_variance(k_xm: torch.Tensor, k_xx: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """``k_xx - |k_xM P|^2`` ``[n]``: the prior variance of ``f(x)`` given ``f`` at the sparse
+    environments (``P P^T = K_MM^-1``); zero at a sparse environment, the prior far from all."""
+    return k_xx - ((k_xm @ projection) ** 2).sum(dim=1)
+
+
+@dataclass
+class Calibration:
+    """Factors that make the uncertainties mean what they say, fitted on held-out structures
+    (:func:`~acdc_potential.fit.calibration.calibrate`).
+
+    :param energy: ``alpha``, multiplies every standard deviation of energies: the root mean
+        square of (error / predicted standard deviation) of the held-out structure energies.
+    :param forces: ``beta_a`` (1/A) per atomic number: a force component's standard deviation is
+        ``beta_a`` times the (calibrated) atomic energy uncertainty; the root mean square of
+        their ratio over the held-out atoms of species ``a``. Empty without force labels.
+    :param structures: held-out structures used. :param atoms: held-out atoms used for ``forces``.
+    """
+
+    energy: float = 1.0
+    forces: Dict[int, float] = field(default_factory=dict)
+    structures: int = 0
+    atoms: int = 0
+
+    def force_scale(self, species: List[int]) -> torch.Tensor:
+        """``[len(species)]`` ``beta_a`` (1/A) of the atomic numbers ``species``, zero where there is none."""
+        return torch.tensor([float(self.forces.get(int(z), 0.0)) for z in species], dtype=torch.float64)
+
+    def to_dict(self) -> Dict:
+        return {"energy": self.energy, "forces": {int(z): float(b) for z, b in self.forces.items()}, "structures": self.structures, "atoms": self.atoms}
+
+    @classmethod
+    def from_dict(cls, state: Dict) -> "Calibration":
+        return cls(float(state["energy"]), {int(z): float(b) for z, b in state["forces"].items()}, int(state["structures"]), int(state["atoms"]))
+
+
 class SparseState(torch.nn.Module):
     """What a head keeps of a fitted sparse-KRR model (see :class:`~acdc_potential.fit.solver.ProjectedProcess`).
 
     Buffers: ``sparse [M, D]`` flat coefficients of the sparse environments (sorted by
     species), ``sparse_species [M]`` their central species index, ``weights [M]``,
     ``piece_weights [n_pieces]``, ``projection [M, r]`` and ``triangular [r, r]`` for the
-    predictive variance ``k_xx - |k_xM P|^2 + |R^-T P^T k_Mx|^2``.
+    variances; ``energy_scale`` ``[]``, the ``alpha`` of the :class:`Calibration` (1 without);
+    ``energy_noise`` ``[]``, the variance of an atom's share of an energy label (the energy
+    regulariser squared), added per atom to the variance of a structure's energy.
     """
 
-    def __init__(self, kernel, weights: torch.Tensor, projection: torch.Tensor, triangular: torch.Tensor, species: List[int]):
+    def __init__(
+        self,
+        kernel,
+        weights: torch.Tensor,
+        projection: torch.Tensor,
+        triangular: torch.Tensor,
+        species: List[int],
+        calibration: Optional[Calibration] = None,
+        energy_noise: float = 0.0,
+    ):
         """:param kernel: the fitted :class:`~acdc_potential.kernels.base.SparseKernel` (its
         sparse environments and mixing); :param weights: ``[M]``; :param projection: ``[M, r]``;
         :param triangular: ``[r, r]`` of the projected process; :param species: the model's
-        atomic numbers (species index = position)."""
+        atomic numbers (species index = position); :param calibration: default none (``alpha = 1``);
+        :param energy_noise: the energy regulariser squared (eV^2 per atom)."""
         super().__init__()
+        calibration = calibration if calibration is not None else Calibration()
         self.shapes: List[List[int]] = [list(shape) for shape in kernel.layout.shapes]
         index = {z: k for k, z in enumerate(species)}
         sparse_species = torch.tensor([index[int(z)] for z in kernel.sparse_species.tolist()], dtype=torch.long)
@@ -41,16 +107,28 @@ class SparseState(torch.nn.Module):
         self.register_buffer("piece_weights", kernel.piece_weights().to(torch.float64).clone())
         self.register_buffer("projection", projection.detach().to(torch.float64)[order].clone())
         self.register_buffer("triangular", triangular.detach().to(torch.float64).clone())
+        self.register_buffer("energy_scale", torch.tensor(float(calibration.energy), dtype=torch.float64))
+        self.register_buffer("energy_noise", torch.tensor(float(energy_noise), dtype=torch.float64))
 
     def variance(self, k_xm: torch.Tensor, k_xx: torch.Tensor) -> torch.Tensor:
-        """``[n]`` variances from kernel rows ``k_xm [n, M]`` and ``k(x, x)`` ``[n]``."""
+        """``[n]`` calibrated projected-process variances from kernel rows ``k_xm [n, M]`` and ``k(x, x)`` ``[n]``."""
         dtype = self.projection.dtype  # float64 unless the whole model was exported in float32
-        return projected_variance(k_xm.to(dtype), k_xx.to(dtype), self.projection, self.triangular).to(k_xm.dtype)
+        variance = projected_variance(k_xm.to(dtype), k_xx.to(dtype), self.projection, self.triangular)
+        return (self.energy_scale**2 * variance).to(k_xm.dtype)
+
+    def atom_variance(self, k_xm: torch.Tensor, k_xx: torch.Tensor) -> torch.Tensor:
+        """``[n]`` calibrated :func:`unexplained_variance` of atomic energies, from ``k_xm [n, M]`` and ``k_xx [n]``."""
+        dtype = self.projection.dtype
+        variance = unexplained_variance(k_xm.to(dtype), k_xx.to(dtype), self.projection)
+        return (self.energy_scale**2 * variance).to(k_xm.dtype)
 
     def group_variance(self, k_xm: torch.Tensor, k_xy: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:
-        """``[n_groups]`` variances of sums over groups, from atom rows ``k_xm [n, M]`` and
-        the kernel between all atoms ``k_xy [n, n]``."""
+        """``[n_groups]`` calibrated variances of the energy labels of groups of atoms (structures):
+        the projected-process variance of the sum over each group, from atom rows ``k_xm [n, M]``
+        and the kernel between all atoms ``k_xy [n, n]``, plus ``energy_noise`` per atom."""
         k_gm = torch.zeros((n_groups, k_xm.shape[1]), dtype=k_xm.dtype, device=k_xm.device).index_add(0, group, k_xm)
         same = (group.unsqueeze(1) == group.unsqueeze(0)).to(k_xy.dtype)
         k_gg = torch.zeros(n_groups, dtype=k_xy.dtype, device=k_xy.device).index_add(0, group, (k_xy * same).sum(dim=1))
-        return self.variance(k_gm, k_gg)
+        atoms = torch.zeros(n_groups, dtype=k_xy.dtype, device=k_xy.device).index_add(0, group, torch.ones_like(group, dtype=k_xy.dtype))
+        noise = self.energy_scale.to(k_xy.dtype) ** 2 * self.energy_noise.to(k_xy.dtype) * atoms
+        return self.variance(k_gm, k_gg) + noise
