@@ -90,7 +90,8 @@ class ACDCCalculator(MetatomicCalculator):
         """Standard deviation of each force component of each atom (eV/A, ``[n_atoms]``), in
         the ``forces_uncertainty`` result; a ``ValueError`` for a model without calibration."""
         if FORCES_UNCERTAINTY not in self._model.capabilities().outputs:
-            raise ValueError("this model gives no force uncertainty: it was fitted without a calibration (options.tune: false, or an older version)")
+            raise ValueError("this model gives no force uncertainty: it was fitted without a calibration (options.tune: false, "
+                             "no force labels, or a version before checkpoint format 4)")
         outputs = self.run_model(atoms, {FORCES_UNCERTAINTY: ModelOutput(unit="eV/A", sample_kind="atom")})
         self.results["forces_uncertainty"] = outputs[FORCES_UNCERTAINTY].block().values.detach().cpu().numpy()[:, 0]
         return self.results["forces_uncertainty"]

@@ -208,7 +208,8 @@ def standardised_errors(structures: Sequence[Labelled], predictions: Dict[str, L
         result["force_error"] = np.linalg.norm(errors, axis=1)
         if "forces" in sigmas:
             result["force_sigma"] = np.concatenate([sigmas["forces"][k] for k in labelled])
-            result["force_z"] = np.abs(errors) / result["force_sigma"][:, None]
+            with np.errstate(divide="ignore", invalid="ignore"):  # a zero sigma: the error is outside every interval
+                result["force_z"] = np.abs(errors) / result["force_sigma"][:, None]
     return result
 
 
@@ -277,7 +278,8 @@ def calibration_plot(structures: Sequence[Labelled], predictions: Dict[str, List
         axis = axes[0][1]
         sigma, error = z["force_sigma"], z["force_error"] / np.sqrt(3.0)
         axis.loglog(sigma, error, ".", markersize=2, alpha=0.4)
-        low, high = float(min(sigma.min(), error[error > 0].min())), float(max(sigma.max(), error.max()))
+        positive = np.concatenate([sigma[sigma > 0], error[error > 0]])
+        low, high = (float(positive.min()), float(positive.max())) if positive.size else (1e-6, 1.0)
         axis.plot([low, high], [low, high], color="0.6", linewidth=1)
         axis.set_xlabel("predicted force component sigma (eV/A)")
         axis.set_ylabel("|force error| / sqrt(3) (eV/A)")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import acdc_potential.fit.calibration as calibration_module
 from acdc_potential.calculator import ACDCCalculator
 from acdc_potential.config import Regularisers
 from acdc_potential.data import Labelled
@@ -14,8 +15,10 @@ from acdc_potential.descriptors.density import DensityExpansion
 from acdc_potential.descriptors.jacobian import batch_density
 from acdc_potential.descriptors.neighbors import batch_from_atoms
 from acdc_potential.descriptors.radial import DensityHypers
+from acdc_potential.errors import AccuracyWarning
+from acdc_potential.evaluation import calibration_table, predict_with_file, uncertainties_with_file
 from acdc_potential.fit.baseline import Baseline
-from acdc_potential.fit.calibration import calibration_of
+from acdc_potential.fit.calibration import calibration_of, kept_sparse
 from acdc_potential.fit.checkpoint import SparseKRRModel
 from acdc_potential.fit.design import mix_pieces
 from acdc_potential.fit.driver import fit_kernel
@@ -94,6 +97,11 @@ def test_exported_uncertainties_are_the_defined_quantities(fitted, tmp_path):
     path = str(tmp_path / "calibrated.pt")
     export_model(fitted.potential(), path)
     calculator = ACDCCalculator(path, uncertainty_threshold=None)
+    labelled = [Labelled(atoms=a, energy=0.0, forces=np.zeros((len(a), 3))) for a in frames]
+    sigmas = uncertainties_with_file(calculator, labelled, progress=False)
+    table = calibration_table(labelled, predict_with_file(calculator, labelled, progress=False), sigmas)
+    assert set(table) == {"energy", "forces", "atoms"} and table["forces"]["count"] == 3 * sum(len(a) for a in frames)
+    assert table["forces"]["median_sigma"] == pytest.approx(float(result["forces_uncertainty"].median()), rel=1e-8)
     for k, atoms in enumerate(frames):
         rows = group == k
         np.testing.assert_allclose(calculator.get_uncertainty(atoms.copy(), per_atom=True), result["atom_uncertainty"][rows].numpy(), rtol=1e-8)
@@ -143,9 +151,10 @@ def test_calibration_recovers_the_amplitude_of_data_drawn_from_the_prior():
     n_atoms_train = 4 * n_train
     kernel.set_sparse(x[:n_atoms_train], numbers[:n_atoms_train], layout)
     k_all = mixed(kernel, x, numbers, x, numbers)
-    values, vectors = torch.linalg.eigh(k_all)
+    # K has the rank of the (finite) nu <= 2 features: a Cholesky factor with a tiny ridge
+    factor = torch.linalg.cholesky(k_all + 1e-10 * k_all.diagonal().max() * torch.eye(k_all.shape[0], dtype=torch.float64))
     draw = torch.randn(k_all.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    atomic = s * vectors @ (values.clamp_min(0.0).sqrt() * draw)
+    atomic = s * factor @ draw
     energies = atomic.reshape(-1, 4).sum(dim=1) + s * noise * 2.0 * torch.randn(len(frames), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     k_nm = mixed(kernel, x[:n_atoms_train], numbers[:n_atoms_train], kernel.sparse_coefficients, kernel.sparse_species).reshape(n_train, 4, -1).sum(dim=1)
     k_mm = mixed(kernel, kernel.sparse_coefficients, kernel.sparse_species, kernel.sparse_coefficients, kernel.sparse_species)
@@ -158,15 +167,26 @@ def test_calibration_recovers_the_amplitude_of_data_drawn_from_the_prior():
     assert calibration.structures == 100 and calibration.forces == {}
 
 
-def test_a_tuned_fit_calibrates_and_keeps_its_calibration(tmp_path):
-    """A tuned fit holds out structures of its tuning sample (and their sparse environments) for the
-    calibration, stores it in the checkpoint and exports the force uncertainty."""
+def test_a_tuned_fit_calibrates_and_keeps_its_calibration(tmp_path, monkeypatch):
+    """A tuned fit holds out structures of its tuning sample (and their sparse environments: every C
+    atom is one, so a held-out C left among them would have an unexplained variance at rounding
+    level) for the calibration, stores it in the checkpoint and exports the force uncertainty."""
     rng = np.random.default_rng(2)
     frames = [cluster(200 + k, "CH4") for k in range(30)]
     structures = [Labelled(atoms=a, energy=float(rng.normal()), forces=rng.normal(size=(5, 3))) for a in frames]
     kernel = WignerKernel(WignerHypers(nu_max=2, lambda_max=2), mixing={"c0": 0.5, "a": 1.0, "b": 0.7})
-    model = fit_kernel(structures, HYPERS, kernel, n_sparse=40, regularisers=Regularisers(0.01, 0.05, 0.005), tune=True,
-                       tune_options={"max_evaluations": 4, "validation": 0.2})
+    seen = {}
+
+    def recording(predictions, held_out, species=()):
+        seen.update(predictions=predictions, held_out=held_out)
+        return calibration_of(predictions, held_out, species)
+
+    monkeypatch.setattr(calibration_module, "calibration_of", recording)
+    with pytest.warns(AccuracyWarning, match="calibrated on 6 held-out structures"):
+        model = fit_kernel(structures, HYPERS, kernel, n_sparse=40, regularisers=Regularisers(0.01, 0.05, 0.005), tune=True,
+                           tune_options={"max_evaluations": 4, "validation": 0.2})
+    sigma = seen["predictions"]["atom_uncertainty"]
+    assert len(seen["held_out"]) == 6 and float(sigma.min()) > 1e-3 * float(sigma.median())
     calibration = model.calibration
     assert calibration is not None and calibration.structures == 6 and calibration.atoms == 30
     assert calibration.energy > 0 and set(calibration.forces) == {1, 6} and all(b > 0 for b in calibration.forces.values())
@@ -175,3 +195,24 @@ def test_a_tuned_fit_calibrates_and_keeps_its_calibration(tmp_path):
     assert again.calibration == calibration
     result = again.predict([cluster(300, "CH4"), cluster(301, "CH4")], uncertainty=True)  # atoms that are no sparse environment
     assert torch.all(result["forces_uncertainty"] > 0)
+
+
+def test_sparse_environments_of_held_out_structures_are_left_out_unless_a_species_would_have_none():
+    owners = torch.tensor([0, 1, 2, 2, 3, 4])
+    species = torch.tensor([1, 1, 1, 6, 6, 8])
+    assert kept_sparse(owners, species, [2]).tolist() == [0, 1, 4, 5]
+    # both C environments come from held-out structures, and O's only one: they stay
+    assert kept_sparse(owners, species, [2, 3]).tolist() == [0, 1, 3, 4, 5]
+    assert kept_sparse(owners, species, [2, 4]).tolist() == [0, 1, 4, 5]
+
+
+def test_a_species_without_held_out_atoms_gets_the_pooled_force_factor():
+    frames = [cluster(k, "CH4") for k in range(50)]
+    structures = [Labelled(atoms=a, energy=0.0, forces=np.zeros((5, 3))) for a in frames]
+    rng = np.random.default_rng(3)
+    predictions = {"energy": torch.tensor(rng.normal(size=50)), "energy_uncertainty": torch.ones(50, dtype=torch.float64),
+                   "atom_uncertainty": torch.ones(250, dtype=torch.float64), "forces": torch.tensor(rng.normal(size=(250, 3)))}
+    calibration = calibration_of(predictions, structures, species=[1, 6, 8])
+    errors = predictions["forces"].numpy() / calibration.energy
+    assert calibration.forces[8] == pytest.approx(float(np.sqrt(np.mean(errors**2))), rel=1e-12)
+    assert set(calibration.forces) == {1, 6, 8}

@@ -2,13 +2,15 @@
 
 A model is fitted without some structures of the tuning sample and without the sparse
 environments taken from them (at deployment an atom is never exactly a sparse environment,
-and at one the unexplained variance is zero), and predicts them; the factors of
+and at one the unexplained variance is zero; a species whose every sparse environment comes
+from them keeps its own), and predicts them; the factors of
 :class:`~acdc_potential.model.uncertainty.Calibration` make its standard deviations match its
 errors there: ``alpha^2`` is the mean square of (energy error / predicted standard deviation)
 over the held-out structures, ``beta_a^2`` that of (force component error / atomic energy
 uncertainty) over their atoms of species ``a``.
 """
 
+import dataclasses
 from typing import Dict, List, Sequence
 
 import numpy as np
@@ -51,13 +53,14 @@ def held_out_solution(
     return solution_from_triangle(merge_triangles(prior_triangle(projection), triangle), projection)
 
 
-def calibration_of(predictions: Dict[str, torch.Tensor], structures: Sequence[Labelled]) -> Calibration:
+def calibration_of(predictions: Dict[str, torch.Tensor], structures: Sequence[Labelled], species: Sequence[int] = ()) -> Calibration:
     """The :class:`Calibration` that makes ``predictions`` (of an uncalibrated model, with
     uncertainties: :func:`~acdc_potential.inference.predict`) match the labels of ``structures``.
 
     Energies: ``alpha = sqrt(mean_s (e_s / sigma_s)^2)``; forces: ``beta_a = sqrt(mean (d_ik /
     (alpha sigma_i))^2)`` over the components ``k`` of the atoms ``i`` of species ``a`` with a
-    positive uncertainty ``sigma_i``. Without energy labels ``alpha`` is 1; without forces, no ``beta``.
+    positive uncertainty ``sigma_i``, and for the atomic numbers of ``species`` without such atoms
+    the same mean over all atoms. Without energy labels ``alpha`` is 1; without forces, no ``beta``.
     """
     sigma = predictions["energy_uncertainty"].numpy()
     ratios = [(float(predictions["energy"][s]) - st.energy) / sigma[s] for s, st in enumerate(structures) if st.energy is not None and sigma[s] > 0]
@@ -68,15 +71,38 @@ def calibration_of(predictions: Dict[str, torch.Tensor], structures: Sequence[La
     forces = np.concatenate([st.forces if st.forces is not None else np.zeros((st.n_atoms, 3)) for st in structures])
     usable = labelled & (atom_sigma > 0)
     errors = predictions["forces"].numpy() - forces
-    beta = {}
-    for z in np.unique(numbers[usable]):
-        mask = usable & (numbers == z)
-        beta[int(z)] = float(np.sqrt(np.mean(np.square(errors[mask] / atom_sigma[mask, None]))))
+    def rms_ratio(mask: np.ndarray) -> float:
+        return float(np.sqrt(np.mean(np.square(errors[mask] / atom_sigma[mask, None]))))
+
+    beta = {int(z): rms_ratio(usable & (numbers == z)) for z in np.unique(numbers[usable])}
+    if beta:
+        pooled = rms_ratio(usable)
+        beta.update({int(z): pooled for z in species if int(z) not in beta})
     return Calibration(alpha, beta, len(ratios), int(usable.sum()))
 
 
 def calibrate(model, structures: List[Labelled]) -> Calibration:
     """:func:`calibration_of` the predictions of ``model`` (a
-    :class:`~acdc_potential.fit.checkpoint.SparseKRRModel` fitted without ``structures``)."""
+    :class:`~acdc_potential.fit.checkpoint.SparseKRRModel` fitted without ``structures``), for its species."""
     predictions = model.predict(structures, forces=True, stress=False, uncertainty=True)
-    return calibration_of(predictions, structures)
+    return calibration_of(predictions, structures, model.species)
+
+
+def kept_sparse(owners: torch.Tensor, species: torch.Tensor, held_out: Sequence[int]) -> torch.Tensor:
+    """Indices of the sparse environments (source positions of their structures ``owners`` ``[M]``,
+    atomic numbers ``species`` ``[M]``) not taken from the structures ``held_out`` (source
+    positions), except for a species that would keep none: it keeps all of its own."""
+    keep = ~torch.isin(owners, torch.tensor(list(held_out), dtype=owners.dtype))
+    for z in torch.unique(species).tolist():
+        if not bool(keep[species == z].any()):
+            keep[species == z] = True
+    return torch.nonzero(keep).flatten()
+
+
+def calibration_structures(structures: Sequence[Labelled], energies: bool, forces: bool) -> List[Labelled]:
+    """``structures`` with positive weight, with only the kinds of labels the fit used."""
+    return [
+        dataclasses.replace(s, energy=s.energy if energies else None, forces=s.forces if forces else None)
+        for s in structures
+        if s.weight > 0
+    ]

@@ -32,7 +32,7 @@ from ..kernels.wigner.iteration import WignerHypers
 from ..inference import run_module
 from . import tasks
 from .baseline import Baseline
-from .calibration import calibrate, held_out_solution, held_out_structures
+from .calibration import calibrate, calibration_structures, held_out_solution, held_out_structures, kept_sparse
 from .checkpoint import SparseKRRModel
 from .design import DesignMatrix, design_groups, mix_pieces, split_group
 from .executors import Executor, InProcess, make_executor
@@ -157,8 +157,8 @@ def fit_kernel(
             with log.stage("calibration"):
                 sample_positions = [position for part in groups[0] for position in part]
                 fraction = (tune_options or {}).get("validation", FitOptions.validation)
-                parts = (density_hypers, species, baseline, expansion)
-                calibration = calibrate_on(design, k_mm_pieces, kernel, regularisers, jitter, source, sample_positions, sparse_owners, parts, fraction, seed, log)
+                parts = (density_hypers, species, baseline, expansion.to("cpu") if device is not None else expansion)
+                calibration = calibrate_on(design, k_mm_pieces, kernel, regularisers, jitter, source, sample_positions, sparse_owners, parts, (energies, forces, stress), fraction, seed, log)
         with log.stage("solve"):
             final = tasks.FinalSolve(kernel.piece_weights(), regularisers, sparse_projection(mix_pieces(kernel.piece_weights(), k_mm_pieces), jitter), checkpoint and os.path.abspath(checkpoint))
             triangle = prior_triangle(final.projection)
@@ -190,27 +190,37 @@ def choose_sparse(kernel, source, survey, expansion, n_sparse, selection, candid
     return owners[chosen.cpu()]
 
 
-def calibrate_on(design, k_mm_pieces, kernel, regularisers, jitter, source, sample_positions, sparse_owners, parts, fraction, seed, log):
+def calibrate_on(design, k_mm_pieces, kernel, regularisers, jitter, source, sample_positions, sparse_owners, parts, kinds, fraction, seed, log):
     """The :class:`~acdc_potential.model.uncertainty.Calibration` of the uncertainties by a model
     fitted without a random ``fraction`` of the structures of ``design`` (source positions
     ``sample_positions``, in its numbering) and without the sparse environments taken from
-    them (``sparse_owners``: the source position of each), on those structures
-    (:mod:`~acdc_potential.fit.calibration`). ``parts``: density hyperparameters, species,
-    baseline and expansion of the model."""
+    them (``sparse_owners``: the source position of each), on those structures' labels of the
+    ``kinds`` (energies, forces, stress) the fit used (:mod:`~acdc_potential.fit.calibration`).
+    ``parts``: density hyperparameters, species, baseline and expansion of the model."""
     held = held_out_structures(torch.unique(design.structure).cpu(), fraction, seed)
     positions = [sample_positions[k] for k in held.tolist()]
-    kept = torch.nonzero(~torch.isin(sparse_owners, torch.tensor(positions, dtype=sparse_owners.dtype))).flatten()
+    kept = kept_sparse(sparse_owners, kernel.sparse_species.cpu(), positions)
     solution = held_out_solution(design, k_mm_pieces, kernel.piece_weights(), regularisers, jitter, held.to(design.structure.device), kept.to(k_mm_pieces.device))
     density_hypers, species, baseline, expansion = parts
     model = SparseKRRModel(density_hypers, species, kernel.sparse_subset(kept), solution, baseline, regularisers, expansion=expansion)
-    calibration = calibrate(model, source.read(positions))
+    calibration = calibrate(model, calibration_structures(source.read(positions), kinds[0], kinds[1]))
     forces = ", ".join(f"{chemical_symbols[z]} {b:.3g}" for z, b in calibration.forces.items())
     log(
         f"calibrated the uncertainties on {len(positions)} held-out structures (fitted without them and their "
         f"{kernel.n_sparse - len(kept)} sparse environments): energy factor {calibration.energy:.3g}"
         + (f"; force factors (1/A) {forces}" if forces else "")
     )
+    if calibration.structures < MIN_CALIBRATION:
+        warnings.warn(
+            f"the uncertainties are calibrated on {calibration.structures} held-out structures with energies "
+            f"(fewer than {MIN_CALIBRATION}): their scale is uncertain; more training structures or a larger "
+            "options.validation fraction calibrate them better", AccuracyWarning, stacklevel=2,
+        )
     return calibration
+
+
+# fewer held-out structures than this give a calibration warning
+MIN_CALIBRATION = 10
 
 
 def tune_on(design: DesignMatrix, k_mm_pieces: torch.Tensor, kernel: SparseKernel, regularisers: Regularisers, jitter: float, tune_options: Optional[Dict], log: FitLog):

@@ -86,9 +86,10 @@ class SparseKernel:
     def sparse_subset(self, indices: torch.Tensor) -> "SparseKernel":
         """A copy with the sparse environments ``indices`` only and every other parameter (mixing,
         scales derived from the whole sparse set) unchanged, so that its kernel values equal this one's."""
-        subset = copy.deepcopy(self)
+        subset = copy.copy(self)
+        subset.clear_cache()  # rebinds its caches: the shallow copy no longer shares them
+        subset.mixing = dict(self.mixing)
         SparseKernel.set_sparse(subset, self.sparse_coefficients[indices], self.sparse_species[indices], self.layout)
-        subset.clear_cache()
         return subset
 
     @property
