@@ -86,10 +86,15 @@ class ACDCCalculator(MetatomicCalculator):
         self._prepare(atoms)
         return super().run_model(atoms, outputs, selected_atoms)
 
+    @property
+    def has_forces_uncertainty(self) -> bool:
+        """Whether the file gives a force uncertainty (a calibrated model)."""
+        return FORCES_UNCERTAINTY in self._model.capabilities().outputs
+
     def get_forces_uncertainty(self, atoms):
         """Standard deviation of each force component of each atom (eV/A, ``[n_atoms]``), in
         the ``forces_uncertainty`` result; a ``ValueError`` for a model without calibration."""
-        if FORCES_UNCERTAINTY not in self._model.capabilities().outputs:
+        if not self.has_forces_uncertainty:
             raise ValueError("this model gives no force uncertainty: it was fitted without a calibration (options.tune: false, "
                              "no force labels, or a version before checkpoint format 4)")
         outputs = self.run_model(atoms, {FORCES_UNCERTAINTY: ModelOutput(unit="eV/A", sample_kind="atom")})

@@ -178,9 +178,7 @@ def uncertainties_with_file(calculator, structures: Sequence[Labelled], progress
     ``atoms`` (eV, per atom) and, for a calibrated model, ``forces`` (eV/A, per atom)."""
     from tqdm import tqdm
 
-    from .model.potential import FORCES_UNCERTAINTY
-
-    forces = FORCES_UNCERTAINTY in calculator._model.capabilities().outputs
+    forces = calculator.has_forces_uncertainty
     result: Dict[str, List[np.ndarray]] = {"energy": [], "atoms": [], **({"forces": []} if forces else {})}
     for structure in tqdm(structures, desc="uncertainties", unit="structure", disable=not progress):
         atoms = structure.atoms.copy()

@@ -95,10 +95,14 @@ def run_module(module: torch.nn.Module, frames: List, forces: bool, stress: bool
             out["stress"] = torch.stack(values)
     if uncertainty:
         with torch.no_grad():
-            for name, kind in (("atom_uncertainty", "atom"), ("energy_uncertainty", "system")):
-                request = {"energy_uncertainty": ModelOutput(unit="eV", sample_kind=kind)}
-                out[name] = module(systems, request, None)["energy_uncertainty"].block().values[:, 0].detach()
+            system = {"energy_uncertainty": ModelOutput(unit="eV", sample_kind="system")}
+            out["energy_uncertainty"] = module(systems, system, None)["energy_uncertainty"].block().values[:, 0].detach()
+            # per atom in one call: the forces' uncertainty scales the atoms' energy uncertainty
+            atoms = {"energy_uncertainty": ModelOutput(unit="eV", sample_kind="atom")}
             if bool(module.force_scale.any()):
-                request = {FORCES_UNCERTAINTY: ModelOutput(unit="eV/A", sample_kind="atom")}
-                out["forces_uncertainty"] = module(systems, request, None)[FORCES_UNCERTAINTY].block().values[:, 0].detach()
+                atoms[FORCES_UNCERTAINTY] = ModelOutput(unit="eV/A", sample_kind="atom")
+            results = module(systems, atoms, None)
+            out["atom_uncertainty"] = results["energy_uncertainty"].block().values[:, 0].detach()
+            if FORCES_UNCERTAINTY in results:
+                out["forces_uncertainty"] = results[FORCES_UNCERTAINTY].block().values[:, 0].detach()
     return out

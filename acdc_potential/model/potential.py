@@ -112,21 +112,24 @@ class AtomisticPotential(torch.nn.Module):
         n_systems = len(systems)
 
         results: Dict[str, TensorMap] = {}
+        # the atoms' energy uncertainty, computed once for both outputs that use it
+        atom_sigma: Optional[torch.Tensor] = None
         for name in ["energy", "energy_uncertainty", self.forces_uncertainty]:
             if name not in outputs:
                 continue
-            per_atom = outputs[name].sample_kind == "atom"
-            if name == self.forces_uncertainty:
-                per_atom = True
-                sigma = torch.sqrt(self.head.variance(environments, species, system_index, n_systems, True).clamp_min(0.0))
-                values = (sigma * self.force_scale.to(sigma.dtype)[species])[keep]
-            elif name == "energy":
+            per_atom = outputs[name].sample_kind == "atom" or name == self.forces_uncertainty
+            if name == "energy":
                 values = self.head(environments, species) + self.baseline.to(environments[0].dtype)[species]
                 values = values[keep]
                 if not per_atom:
                     values = torch.zeros(n_systems, dtype=values.dtype, device=device).index_add(0, system_index[keep], values)
             elif per_atom:
-                values = torch.sqrt(self.head.variance(environments, species, system_index, n_systems, True)[keep].clamp_min(0.0))
+                if atom_sigma is None:
+                    atom_sigma = torch.sqrt(self.head.variance(environments, species, system_index, n_systems, True).clamp_min(0.0))
+                values = atom_sigma
+                if name == self.forces_uncertainty:
+                    values = values * self.force_scale.to(values.dtype)[species]
+                values = values[keep]
             else:
                 kept = [x[keep] for x in environments]
                 values = torch.sqrt(self.head.variance(kept, species[keep], system_index[keep], n_systems, False).clamp_min(0.0))
