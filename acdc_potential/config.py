@@ -127,7 +127,9 @@ class FitOptions:
     :param energies: use energy rows. :param forces: use force rows.
     :param stress: use stress rows (periodic structures that have a stress).
     :param tune: select the mixing coefficients and regularisers on held-out structures
-        (no kernel is recomputed).
+        (no kernel is recomputed), then calibrate the uncertainties on the ``validation``
+        fraction of the tuning sample (at most 200 structures; docs/equations.md,
+        "Uncertainties"); without tuning the model is not calibrated.
     :param validation: fraction of the training structures held out while tuning.
     :param tune_sparse: sparse environments per species used while tuning (the first of
         the selection order, itself a farthest-point or CUR selection; 0: all). Each trial
