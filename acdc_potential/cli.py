@@ -2,6 +2,7 @@
 
     acdc-potential fit TRAIN.extxyz -o MODEL.pt [--test TEST.extxyz] [--config CONFIG.yaml] [--workers N | --scheduler ADDRESS]
     acdc-potential eval MODEL.pt DATA.extxyz [--plot PARITY.png] [--no-uncertainties]
+    acdc-potential learn START.extxyz --reference MODULE:CLASS [--reference-args ARGS] [-o FOLDER] [--config CONFIG.yaml] [--steps N] [--temperature T ...]
     acdc-potential export CHECKPOINT.ckpt -o MODEL.pt [--dtype float32]
     acdc-potential config [-o CONFIG.yaml]    # every option, its meaning and its default
 
@@ -277,6 +278,53 @@ def eval_command(args) -> int:
     return 0
 
 
+def learn_command(args) -> int:
+    import dataclasses
+
+    from .active import ActiveLearner, reference_calculator
+    from .config import FitConfig
+    from .data import read_frames
+    from .fit.report import FitLog
+    from .runtime import default_threads, use_threads
+
+    config = FitConfig.from_yaml(args.config)
+    learn = {name: getattr(args, name) for name in ("steps", "threshold", "max_labels") if getattr(args, name) is not None}
+    if args.temperature:
+        learn["temperatures"] = [float(t) for t in args.temperature]
+    options = {name: False for name in ("energies", "forces", "stress") if getattr(args, f"no_{name}")}
+    config = config.overridden("learn", learn).overridden("options", options)
+    config = dataclasses.replace(config, keys=_keys(config.keys, args))
+    starts = read_frames(args.start)
+    reference = reference_calculator(args.reference, _reference_arguments(args.reference_args))
+    folder = Path(args.output) if args.output else Path(args.start).with_name(Path(args.start).stem + "-learn")
+    use_threads(args.threads if args.threads is not None else default_threads(len(starts[0])))  # the MD's structures
+    folder.mkdir(parents=True, exist_ok=True)
+    log = FitLog(verbose=True, path=str(folder / "learn.log"), append=True)
+    shown = warnings.showwarning
+    warnings.showwarning = lambda message, category, *where, **options: log(f"warning: {message}")
+    try:
+        log(f"acdc-potential {__version__} learn: {len(starts)} starting structures from {args.start}, reference {args.reference}, folder {folder}")
+        name = args.reference + (f" {args.reference_args}" if args.reference_args else "")
+        ActiveLearner(starts, reference, config, str(folder), log, reference_name=name).run()
+    finally:
+        warnings.showwarning = shown
+        log.close()
+    return 0
+
+
+def _reference_arguments(text):
+    """The keyword arguments of ``--reference-args`` (a YAML or JSON mapping of plain data)."""
+    if not text:
+        return {}
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError:
+        values = None
+    if not isinstance(values, dict):
+        raise ValueError(f"--reference-args {text!r}: expected a mapping of keyword arguments, e.g. '{{verbosity: 0}}'")
+    return values
+
+
 def export_command(args) -> int:
     import torch
 
@@ -355,6 +403,26 @@ def parser() -> argparse.ArgumentParser:
     _add_threads(evaluate)
     evaluate.add_argument("--device", help="torch device to run the model on, e.g. cpu or cuda (default: the best the model supports; CUDA is untested: no GPU was available)")
     evaluate.set_defaults(run=eval_command)
+
+    learn = commands.add_parser(
+        "learn", help="on-the-fly active learning: MD with the model, labelling uncertain structures with a reference calculator",
+        description="Fit a first model on the starting structures (labelled by the reference unless they carry energy and forces), "
+        "run Langevin MD with it, and whenever an atom's force uncertainty exceeds learn.threshold times the RMS force, label the "
+        "structure with the reference, add it and update the model (no refit from scratch). Writes FOLDER/labelled.extxyz, "
+        "resume.pt, model.ckpt, state.yaml, learn.log and, at the end, model.pt; run the same command again to resume an interrupted run.",
+    )
+    learn.add_argument("start", help="starting structures (extxyz or any ASE-readable file)")
+    learn.add_argument("--reference", required=True, help="the reference ASE calculator class, MODULE:CLASS, e.g. ase.calculators.emt:EMT or tblite.ase:TBLite (arguments: --reference-args)")
+    learn.add_argument("--reference-args", help="keyword arguments of the reference class, a YAML mapping, e.g. '{method: GFN2-xTB, verbosity: 0}'")
+    learn.add_argument("-o", "--output", help="folder of the run (default: START-learn beside START)")
+    learn.add_argument("--config", help="YAML configuration: the fit's sections and `learn` (`acdc-potential config` writes every option)")
+    learn.add_argument("--steps", type=int, help="MD steps per starting structure and temperature (learn.steps)")
+    learn.add_argument("--temperature", type=float, nargs="+", help="thermostat temperatures, K (learn.temperatures)")
+    learn.add_argument("--threshold", type=float, help="label when an atom's force uncertainty exceeds this fraction of the RMS force (learn.threshold)")
+    learn.add_argument("--max-labels", type=int, help="labelled structures in all (learn.max_labels)")
+    _add_labels(learn)
+    _add_threads(learn)
+    learn.set_defaults(run=learn_command)
 
     export = commands.add_parser("export", help="export a checkpoint as a model file")
     export.add_argument("checkpoint", help="checkpoint written by `fit` (.ckpt)")

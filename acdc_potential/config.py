@@ -226,6 +226,49 @@ class ClusterConfig:
 
 
 @dataclass
+class LearnConfig:
+    """On-the-fly active learning (``acdc-potential learn``; the other sections set the fits).
+
+    Langevin MD runs from each starting structure at each temperature in turn (temperatures in
+    the order given, each with every starting structure; at least two starting structures), with the current
+    model; every ``interval`` steps the calibrated uncertainty of every atom's force components
+    (:mod:`~acdc_potential.model.uncertainty`) is computed, and where the largest exceeds
+    ``threshold`` times the RMS force component of the labelled structures, the structure is
+    labelled by the reference calculator and added to the fit, with the ``new_sparse`` most
+    uncertain of its atoms above half the threshold as new sparse environments
+    (:class:`~acdc_potential.fit.incremental.IncrementalFit`: no refit from scratch).
+
+    :param temperatures: of the Langevin thermostat, K; each starting structure runs at each.
+    :param steps: MD steps per starting structure and temperature.
+    :param timestep: of the MD, fs.
+    :param friction: of the Langevin thermostat, 1/fs.
+    :param interval: MD steps between uncertainty checks.
+    :param threshold: label a structure when the uncertainty of an atom's force components
+        exceeds this fraction of the RMS force component of the labelled structures (a relative
+        accuracy, the same for any system and units of the data).
+    :param new_sparse: most atoms of a labelled structure made sparse environments (the most
+        uncertain first, among those above half the threshold).
+    :param max_labels: labelled structures in all, the starting ones included; learning
+        stops there.
+    :param retune: tune the regularisers and mixing, and calibrate the uncertainties, on the
+        labelled structures whenever their number has grown by this factor (above 1) since the
+        last tuning (on the kept kernel rows: no kernel row is computed); 0: never.
+    :param seed: of the initial velocities and the thermostat's noise.
+    """
+
+    temperatures: List[float] = field(default_factory=lambda: [300.0])
+    steps: int = 1000
+    timestep: float = 0.5
+    friction: float = 0.01
+    interval: int = 1
+    threshold: float = 0.01
+    new_sparse: int = 8
+    max_labels: int = 100
+    retune: float = 2.0
+    seed: int = 0
+
+
+@dataclass
 class FitConfig:
     """Every option of a fit, in sections; :meth:`template` writes them all with their
     defaults and meanings, :meth:`from_yaml` reads a file that overrides any subset."""
@@ -238,6 +281,7 @@ class FitConfig:
     options: FitOptions = field(default_factory=FitOptions)
     keys: LabelKeys = field(default_factory=LabelKeys)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    learn: LearnConfig = field(default_factory=LearnConfig)
 
     @classmethod
     def from_dict(cls, values: Optional[Dict]) -> "FitConfig":
@@ -247,6 +291,10 @@ class FitConfig:
         for name, overrides in _mapping(values, "the configuration", "sections").items():
             setattr(config, name, _overridden(_section(config, name), name, _mapping(overrides, name, "options")))
         return config
+
+    def overridden(self, section: str, values: Dict) -> "FitConfig":
+        """A copy with the options ``values`` of ``section`` replaced, checked as :meth:`from_dict` checks them."""
+        return dataclasses.replace(self, **{section: _overridden(_section(self, section), section, values)})
 
     @classmethod
     def from_yaml(cls, path: Optional[str]) -> "FitConfig":
@@ -352,6 +400,15 @@ RULES: Dict[Tuple[str, str], Rule] = {
     ("cluster", "threads_per_worker"): Rule(bounds=AT_LEAST_ONE),
     ("cluster", "task_memory"): Rule(bounds=POSITIVE),
     ("cluster", "task_structures"): Rule(bounds=POSITIVE),
+    ("learn", "temperatures"): Rule(bounds=NON_NEGATIVE),
+    ("learn", "steps"): Rule(bounds=NON_NEGATIVE),
+    ("learn", "timestep"): Rule(bounds=POSITIVE),
+    ("learn", "friction"): Rule(bounds=NON_NEGATIVE),
+    ("learn", "interval"): Rule(bounds=AT_LEAST_ONE),
+    ("learn", "threshold"): Rule(bounds=POSITIVE),
+    ("learn", "new_sparse"): Rule(bounds=NON_NEGATIVE),
+    ("learn", "max_labels"): Rule(bounds=AT_LEAST_ONE),
+    ("learn", "retune"): Rule(bounds=NON_NEGATIVE),
 }
 
 

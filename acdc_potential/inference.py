@@ -72,13 +72,21 @@ def _systems(module: torch.nn.Module, frames: List, dtype: torch.dtype, device: 
     return systems, positions, strains
 
 
-def run_module(module: torch.nn.Module, frames: List, forces: bool, stress: bool, uncertainty: bool) -> Dict[str, torch.Tensor]:
-    """One call of ``module`` on ``frames`` (``ase.Atoms``, not validated), as :func:`predict` describes its results."""
+def run_module(module: torch.nn.Module, frames: List, forces: bool, stress: bool, uncertainty: bool, forces_uncertainty: bool = False) -> Dict[str, torch.Tensor]:
+    """One call of ``module`` on ``frames`` (``ase.Atoms``, not validated), as :func:`predict` describes its
+    results; ``forces_uncertainty`` alone (a calibrated model's, without the other uncertainties) comes
+    from the same call as the energy, for MD that checks it at every step (:mod:`acdc_potential.active`)."""
     buffer = next(module.buffers())
     dtype, device = buffer.dtype, buffer.device
     systems, positions, strains = _systems(module, frames, dtype, device, forces, stress)
-    energy = module(systems, {"energy": ModelOutput(unit="eV", sample_kind="system")}, None)["energy"].block().values[:, 0]
+    requested = {"energy": ModelOutput(unit="eV", sample_kind="system")}
+    if forces_uncertainty:
+        requested[FORCES_UNCERTAINTY] = ModelOutput(unit="eV/A", sample_kind="atom")
+    results = module(systems, requested, None)
+    energy = results["energy"].block().values[:, 0]
     out = {"energy": energy.detach()}
+    if forces_uncertainty:
+        out["forces_uncertainty"] = results[FORCES_UNCERTAINTY].block().values[:, 0].detach()
     leaves = (positions if forces else []) + (strains if stress else [])
     if leaves:
         gradients = torch.autograd.grad(energy.sum(), leaves, allow_unused=True)

@@ -47,6 +47,20 @@ def ethanol(seed: int = 0) -> ase.Atoms:
     return atoms
 
 
+def random_cluster(seed: int, symbols: str, half_width: float = 1.8, min_distance: float = 2.0) -> ase.Atoms:
+    """A random compact cluster: positions uniform in a cube of ``half_width`` (A) around the
+    origin, at least ``min_distance`` (A) apart."""
+    rng = np.random.default_rng(seed)
+    atoms = ase.Atoms(symbols)
+    positions = []
+    while len(positions) < len(atoms):
+        candidate = rng.uniform(-half_width, half_width, size=3)
+        if all(np.linalg.norm(candidate - p) > min_distance for p in positions):
+            positions.append(candidate)
+    atoms.positions = np.array(positions)
+    return atoms
+
+
 def copper_cell() -> ase.Atoms:
     """A 4-atom fcc Cu cell, sheared to a triclinic cell, atoms rattled."""
     atoms = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True)

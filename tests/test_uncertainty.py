@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import acdc_potential.fit.calibration as calibration_module
+from conftest import random_cluster
 from acdc_potential.calculator import ACDCCalculator
 from acdc_potential.config import Regularisers
 from acdc_potential.data import Labelled
@@ -33,15 +34,7 @@ HYPERS = DensityHypers(density="gaussian", cutoff=3.5, smoothing=0.5, max_angula
 
 def cluster(seed: int, symbols: str = "Cu4") -> ase.Atoms:
     """A random compact cluster whose atoms are at least 2 A apart."""
-    rng = np.random.default_rng(seed)
-    atoms = ase.Atoms(symbols)
-    positions = []
-    while len(positions) < len(atoms):
-        candidate = rng.uniform(-1.8, 1.8, size=3)
-        if all(np.linalg.norm(candidate - p) > 2.0 for p in positions):
-            positions.append(candidate)
-    atoms.positions = np.array(positions)
-    return atoms
+    return random_cluster(seed, symbols)
 
 
 def coefficients(expansion, frames):

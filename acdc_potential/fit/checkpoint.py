@@ -119,6 +119,9 @@ class SparseKRRModel:
         fewer sparse environments than asked, radial integrals less accurate than asked).
     :param calibration: of the uncertainties (:class:`~acdc_potential.model.uncertainty.Calibration`),
         if the fit held out structures for it.
+    :param sparse_owners: ``[M]`` position in the training set of the structure of each sparse
+        environment, when the model comes from a fit (what a later calibration must hold out
+        with a structure; not kept in checkpoints).
 
     :meth:`potential` is the deployable module; :meth:`predict` runs it (scripted, as the
     exported file) on structures in memory.
@@ -136,6 +139,7 @@ class SparseKRRModel:
         expansion: Optional[DensityExpansion] = None,
         warnings: Optional[List[str]] = None,
         calibration: Optional[Calibration] = None,
+        sparse_owners: Optional[torch.Tensor] = None,
     ):
         self.density_hypers = density_hypers
         self.species = [int(z) for z in species]
@@ -147,6 +151,7 @@ class SparseKRRModel:
         self.report = report
         self.warnings = list(warnings or [])
         self.calibration = calibration
+        self.sparse_owners = sparse_owners
         self._scripted: Optional[torch.jit.ScriptModule] = None
 
     @property

@@ -149,6 +149,7 @@ def build_design_matrix(
     stress: bool = True,
     budget: float = 3e7,
     progress: bool = False,
+    partial_sparse: bool = False,
 ) -> DesignMatrix:
     """Rows for every label of ``structures`` (those absent are skipped).
 
@@ -159,6 +160,9 @@ def build_design_matrix(
     (:meth:`SparseKernel.clear_cache`) is then held for that species only. ``progress``
     shows a progress bar per species.
 
+    :param partial_sparse: the kernel's sparse environments need not cover every species of the
+        structures (the new columns of an update, :mod:`~acdc_potential.fit.incremental`): atoms of a
+        species without any add nothing to them, the kernel being zero across species.
     :param budget: largest number of entries of the per-batch derivatives (``n_pieces x M x K``
         per structure, ``K = 3 n_atoms + 9`` directions) and coefficient Jacobians
         (``n_atoms x K x D``) held at once; sets the batch size (float64, 8 bytes each). The
@@ -203,6 +207,8 @@ def build_design_matrix(
         for group in _batches(structures, cost, budget)
     ]
     for z in sorted({int(z) for s in structures for z in s.atoms.numbers}):
+        if partial_sparse and not bool((kernel.sparse_species == z).any()):
+            continue
         columns = kernel.sparse_of(z)
         bar = tqdm(total=len(structures), desc=f"kernel rows, {chemical_symbols[z]} centres", unit="structure", disable=not progress)
         for group, batch in groups:

@@ -168,7 +168,7 @@ def fit_kernel(
             rest = [part for group in groups[1 if tune else 0 :] for part in group]
             solution = solve(triangle, rest, shared, final, executor, progress, "kernel rows (final solve)" if bars else "", log)
         log("solved the projected-process regression")
-    return SparseKRRModel(density_hypers, species, kernel, solution, baseline, regularisers, report, expansion.to("cpu") if device is not None else expansion, recorded, calibration)
+    return SparseKRRModel(density_hypers, species, kernel, solution, baseline, regularisers, report, expansion.to("cpu") if device is not None else expansion, recorded, calibration, sparse_owners)
 
 
 def choose_sparse(kernel, source, survey, expansion, n_sparse, selection, candidates, seed, task_structures, executor, progress, log) -> torch.Tensor:

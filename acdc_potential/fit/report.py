@@ -33,22 +33,25 @@ class FitLog:
     """Timestamped messages on one clock, printed (when ``verbose``) and written to ``path``;
     ``progress`` (default: ``verbose``) shows the progress bars of long steps."""
 
-    def __init__(self, verbose: bool = True, path: Optional[str] = None, progress: Optional[bool] = None):
+    def __init__(self, verbose: bool = True, path: Optional[str] = None, progress: Optional[bool] = None, append: bool = False):
         self.start = time.perf_counter()
         self.verbose = verbose
         self.progress = verbose if progress is None else progress
-        self.file: Optional[TextIO] = open(path, "w") if path is not None else None
+        self.file: Optional[TextIO] = open(path, "a" if append else "w") if path is not None else None
         self.timings: Dict[str, float] = {}
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
     def __call__(self, message: str) -> None:
-        line = f"[{self.elapsed():7.1f} s] {message}"
         if self.verbose:
-            print(line, flush=True)
+            print(f"[{self.elapsed():7.1f} s] {message}", flush=True)
+        self.write(message)
+
+    def write(self, message: str) -> None:
+        """``message`` to the file only (details the screen need not show)."""
         if self.file is not None:
-            self.file.write(line + "\n")
+            self.file.write(f"[{self.elapsed():7.1f} s] {message}\n")
             self.file.flush()
 
     @contextlib.contextmanager

@@ -83,14 +83,19 @@ class SparseKernel:
         self.sparse_species = species.detach().to(torch.long)
         self.layout = layout
 
+    def with_sparse(self, coefficients: torch.Tensor, species: torch.Tensor) -> "SparseKernel":
+        """A copy with the sparse environments ``coefficients [M', D]`` (this kernel's layout) of
+        atomic numbers ``species [M']`` and every other parameter (mixing, scales derived from this
+        kernel's sparse set) unchanged, so that its kernel values equal this one's."""
+        other = copy.copy(self)
+        other.clear_cache()  # rebinds its caches: the shallow copy no longer shares them
+        other.mixing = dict(self.mixing)
+        SparseKernel.set_sparse(other, coefficients, species, self.layout)
+        return other
+
     def sparse_subset(self, indices: torch.Tensor) -> "SparseKernel":
-        """A copy with the sparse environments ``indices`` only and every other parameter (mixing,
-        scales derived from the whole sparse set) unchanged, so that its kernel values equal this one's."""
-        subset = copy.copy(self)
-        subset.clear_cache()  # rebinds its caches: the shallow copy no longer shares them
-        subset.mixing = dict(self.mixing)
-        SparseKernel.set_sparse(subset, self.sparse_coefficients[indices], self.sparse_species[indices], self.layout)
-        return subset
+        """:meth:`with_sparse` of the sparse environments ``indices`` only."""
+        return self.with_sparse(self.sparse_coefficients[indices], self.sparse_species[indices])
 
     @property
     def n_sparse(self) -> int:
