@@ -242,7 +242,9 @@ class LearnConfig:
     :param steps: MD steps per starting structure and temperature.
     :param timestep: of the MD, fs.
     :param friction: of the Langevin thermostat, 1/fs.
-    :param interval: MD steps between uncertainty checks.
+    :param interval: MD steps between uncertainty checks: at most one label per this many steps
+        (consecutive frames are nearly the same structure, and labelling each spends the reference
+        calls on one region), and the uncertainty is computed on those steps only.
     :param threshold: label a structure when the uncertainty of an atom's force components
         exceeds this fraction of the RMS force component of the labelled structures (a relative
         accuracy, the same for any system and units of the data).
@@ -260,7 +262,7 @@ class LearnConfig:
     steps: int = 1000
     timestep: float = 0.5
     friction: float = 0.01
-    interval: int = 1
+    interval: int = 10
     threshold: float = 0.01
     new_sparse: int = 8
     max_labels: int = 100

@@ -102,7 +102,7 @@ def main():
     train = read_structures(str(data / "copper_train.extxyz"))
     test = read_structures(str(data / "copper_test.extxyz"))
     counts = [int(c) for c in args.counts.split(",")]
-    learn = {"temperatures": [float(t) for t in args.temperatures.split(",")], "steps": args.steps, "timestep": 2.0, "max_labels": max(counts)}
+    learn = {"temperatures": [float(t) for t in args.temperatures.split(",")], "steps": args.steps, "timestep": 2.0, "interval": 1, "max_labels": max(counts)}
     if args.threshold is not None:
         learn["threshold"] = args.threshold
     if args.new_sparse is not None:

@@ -152,7 +152,7 @@ TINY = {
     "kernel": {"nu_max": 2, "lambda_max": 2},
     "sparse": {"n": 20},
     "options": {"validation": 0.34},
-    "learn": {"temperatures": [600.0], "steps": 6, "timestep": 2.0, "threshold": 1e-6, "max_labels": 9, "new_sparse": 2, "retune": 1.5},
+    "learn": {"temperatures": [600.0], "steps": 6, "timestep": 2.0, "interval": 1, "threshold": 1e-6, "max_labels": 9, "new_sparse": 2, "retune": 1.5},
 }
 
 
