@@ -29,7 +29,7 @@ import importlib
 import os
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import ase
 import numpy as np
@@ -38,6 +38,7 @@ import yaml
 from ase import units
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.calculators.singlepoint import SinglePointCalculator
+from ase.stress import full_3x3_to_voigt_6_stress
 from ase.io import write
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import Stationary, thermalize_momenta
@@ -102,6 +103,17 @@ def sparse_candidates(sigma: torch.Tensor, limit: float, most: int) -> List[int]
     return order[sigma[order] > 0.5 * limit][:most].tolist()
 
 
+def thermalize(atoms: ase.Atoms, temperature: float, seed: int) -> None:
+    """Maxwell-Boltzmann momenta at ``temperature`` (K), without centre-of-mass motion."""
+    thermalize_momenta(atoms, temperature, rng=np.random.RandomState(seed))
+    Stationary(atoms)
+
+
+def langevin(atoms: ase.Atoms, temperature: float, options, seed: int) -> Langevin:
+    """The Langevin dynamics of the learning (``options``: a :class:`~acdc_potential.config.LearnConfig`) at ``temperature`` (K)."""
+    return Langevin(atoms, options.timestep * units.fs, temperature_K=temperature, friction=options.friction / units.fs, fixcm=False, rng=np.random.RandomState(seed))
+
+
 class ModelCalculator(Calculator):
     """ASE calculator of a :class:`~acdc_potential.fit.checkpoint.SparseKRRModel` in memory:
     energy, forces and, for periodic cells, stress of its deployable module, run eagerly (the model
@@ -124,7 +136,7 @@ class ModelCalculator(Calculator):
         energy = float(out["energy"][0])
         self.results = {"energy": energy, "free_energy": energy, "forces": out["forces"].numpy()}
         if periodic:
-            self.results["stress"] = out["stress"][0].numpy()[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
+            self.results["stress"] = full_3x3_to_voigt_6_stress(out["stress"][0].numpy())
         if wanted:
             self.results["forces_uncertainty"] = out["forces_uncertainty"].numpy()
 
@@ -132,13 +144,11 @@ class ModelCalculator(Calculator):
 @dataclasses.dataclass
 class LearnState:
     """Where a run is: the next MD segment and step, the labelled structures' count at the last
-    tuning, the structure of each sparse environment (positions in ``labelled.extxyz``), and every
-    labelling decision (``history``)."""
+    tuning, and every labelling decision (``history``)."""
 
     segment: int = 0
     step: int = 0
     tuned_at: int = 0
-    sparse_owners: Optional[List[int]] = None
     history: List[Dict] = dataclasses.field(default_factory=list)
 
 
@@ -209,9 +219,9 @@ class ActiveLearner:
         """The model of the labelled structures: that of ``resume.pt`` with the rows of every
         labelled structure (a resumed run), or a fit of the configuration (tuned and calibrated)."""
         if self.resume_path.exists():
-            model = self.resume(len(labelled))
+            model, owners = self.resume(len(labelled))
             with self.log.stage("kernel rows"):
-                self.incremental = IncrementalFit(model, labelled, self.kinds, self.state.sparse_owners)
+                self.incremental = IncrementalFit(model, labelled, self.kinds, owners)
             self.log(f"resumed the model of {self.resume_path} ({model.kernel.n_sparse} sparse environments) with the rows of "
                      f"{len(labelled)} structures; MD segment {self.state.segment + 1}, step {self.state.step}")
             return
@@ -219,7 +229,7 @@ class ActiveLearner:
         with self.log.stage("first fit"):
             model = fit(labelled, self.config, log=FitLog(False))
         self.incremental = IncrementalFit(model, labelled, self.kinds)
-        self.state = LearnState(tuned_at=len(labelled), sparse_owners=self.incremental.sparse_owners)
+        self.state = LearnState(tuned_at=len(labelled))
         self.log(f"first model: {len(labelled)} structures, {model.kernel.n_sparse} sparse environments, "
                  f"nu_max {getattr(model.kernel, 'nu_max', '-')}, regularisers {dataclasses.asdict(model.regularisers)}")
         self.save(bare(self.starts[0]))
@@ -237,8 +247,7 @@ class ActiveLearner:
             resumed = number == self.state.segment and self.state.step > 0 and self.frame is not None
             atoms = self.frame if resumed else self.starts[k].copy()
             if not resumed:
-                thermalize_momenta(atoms, temperature, rng=np.random.RandomState(options.seed + number))
-                Stationary(atoms)
+                thermalize(atoms, temperature, options.seed + number)
                 self.state.segment, self.state.step = number, 0
             self.log(f"MD segment {number + 1}/{len(segments)}: starting structure {k} at {temperature:g} K, "
                      f"{options.steps} steps of {options.timestep:g} fs" + (f", from step {self.state.step}" if resumed else ""))
@@ -249,8 +258,7 @@ class ActiveLearner:
         """The MD of segment ``number`` from its current step; returns early when the labels run out."""
         options = self.options
         atoms.calc = ModelCalculator(self.incremental.model())
-        rng = np.random.RandomState(options.seed + 1000 * (number + 1) + self.state.step)
-        dynamics = Langevin(atoms, options.timestep * units.fs, temperature_K=temperature, friction=options.friction / units.fs, fixcm=False, rng=rng)
+        dynamics = langevin(atoms, temperature, options, options.seed + 1000 * (number + 1) + self.state.step)
         report_every = max(options.interval, options.steps // 10)
         while self.state.step < options.steps:
             atoms.calc.uncertainty = (self.state.step + 1) % options.interval == 0  # the next frame is checked
@@ -348,20 +356,17 @@ class ActiveLearner:
 
     def write_labelled(self, structures: List[Labelled]) -> None:
         """Every labelled structure to ``labelled.extxyz``, replaced whole so that no interruption truncates it."""
-        temporary = self.labelled_path.with_suffix(".tmp")
-        write(str(temporary), [s.atoms for s in structures], format="extxyz")
-        os.replace(temporary, self.labelled_path)
+        _atomic(self.labelled_path, lambda path: write(str(path), [s.atoms for s in structures], format="extxyz"))
 
     def save(self, atoms: ase.Atoms) -> None:
         """``resume.pt`` (model, state, the MD frame ``atoms`` with momenta, the run's identity), in one
         atomic write; then ``model.ckpt`` and ``state.yaml`` for people."""
         self.frame = atoms
-        self.state.sparse_owners = self.incremental.sparse_owners
         model = self.incremental.model()
         frame = bare(atoms, momenta=True)
         resume = {
             "version": RESUME_VERSION, "run": self.run_identity, "labels": self.label_count(), "model": model.to_dict(),
-            "state": dataclasses.asdict(self.state),
+            "sparse_owners": self.incremental.sparse_owners, "state": dataclasses.asdict(self.state),
             "frame": {name: torch.as_tensor(np.asarray(value)) for name, value in
                       (("numbers", frame.numbers), ("positions", frame.positions), ("cell", np.asarray(frame.cell)), ("pbc", frame.pbc), ("momenta", frame.get_momenta()))},
         }
@@ -369,8 +374,9 @@ class ActiveLearner:
         _atomic(self.folder / "model.ckpt", lambda path: model.save(str(path)))
         _atomic(self.folder / "state.yaml", lambda path: path.write_text(yaml.safe_dump({"labels": self.label_count(), **dataclasses.asdict(self.state)}, sort_keys=False)))
 
-    def resume(self, labelled: int) -> SparseKRRModel:
-        """The model, state and MD frame of ``resume.pt``; refuses another run's folder."""
+    def resume(self, labelled: int) -> Tuple[SparseKRRModel, Optional[List[int]]]:
+        """The model (and the labelled structure of each of its sparse environments), state and MD
+        frame of ``resume.pt``; refuses another run's folder."""
         try:
             saved = torch.load(self.resume_path, weights_only=True)
         except Exception as error:
@@ -383,12 +389,12 @@ class ActiveLearner:
         if labelled < saved["labels"]:
             raise ValueError(f"{self.labelled_path} has {labelled} structures, fewer than the {saved['labels']} of {self.resume_path}")
         state = saved["state"]
-        self.state = LearnState(int(state["segment"]), int(state["step"]), int(state["tuned_at"]),
-                                None if state["sparse_owners"] is None else [int(k) for k in state["sparse_owners"]], list(state["history"]))
+        self.state = LearnState(int(state["segment"]), int(state["step"]), int(state["tuned_at"]), list(state["history"]))
+        owners = None if saved["sparse_owners"] is None else [int(k) for k in saved["sparse_owners"]]
         frame = saved["frame"]
         self.frame = ase.Atoms(numbers=frame["numbers"].numpy(), positions=frame["positions"].numpy(), cell=frame["cell"].numpy(),
                                pbc=frame["pbc"].numpy(), momenta=frame["momenta"].numpy())
-        return SparseKRRModel.from_dict(saved["model"])
+        return SparseKRRModel.from_dict(saved["model"]), owners
 
 
 def check_options(starts: Sequence[ase.Atoms], config: FitConfig) -> None:

@@ -118,20 +118,21 @@ def fit_command(args) -> int:
     train = read_structures(args.train, keys=config.keys)
     check_labels(train, args.train, config.keys, config.options.energies, config.options.forces, config.options.stress)
     test = _test_set(args, config, species_of(train))
-    with _fit_log(output) as log:
+    with _fit_log(output.with_suffix(".log")) as log:
         log(f"acdc-potential {__version__}: read {len(train)} training structures from {args.train}"
             + (f", {len(test)} test structures from {args.test}" if test else ""))
         return _fit_and_report(args, config, train, train, test, output, log)
 
 
 @contextlib.contextmanager
-def _fit_log(output: Path):
-    """The fit's :class:`~acdc_potential.fit.report.FitLog` (printing, and writing MODEL.log), with
-    warnings as lines of it (the report lists them again), restored and closed whatever happens.
+def _fit_log(path: Path, append: bool = False):
+    """The command's :class:`~acdc_potential.fit.report.FitLog` (printing, and writing ``path``:
+    MODEL.log of a fit, FOLDER/learn.log of a learning run, appended to when ``append``), with
+    warnings as lines of it (a fit's report lists them again), restored and closed whatever happens.
     Opened only once the inputs are checked, so that a bad input file writes nothing."""
     from .fit.report import FitLog
 
-    log = FitLog(verbose=True, path=str(output.with_suffix(".log")))
+    log = FitLog(verbose=True, path=str(path), append=append)
     shown = warnings.showwarning
     warnings.showwarning = lambda message, category, *where, **options: log(f"warning: {message}")
     try:
@@ -173,7 +174,7 @@ def _fit_on_cluster(args, config, output: Path) -> int:
         test = _test_set(args, config, survey.species())
         positions = sorted(random.Random(config.options.seed).sample(range(len(source)), min(len(source), TRAIN_SAMPLE)))
         sample = source.read(positions)
-        with _fit_log(output) as log:
+        with _fit_log(output.with_suffix(".log")) as log:
             where = config.cluster.scheduler or f"a local cluster of {config.cluster.workers} worker(s)"
             log(f"acdc-potential {__version__}: {len(source)} training structures in {args.train}, fitted on {where}; "
                 f"its workers read and checked them in {seconds:.1f} s" + (f", {len(test)} test structures from {args.test}" if test else ""))
@@ -284,7 +285,6 @@ def learn_command(args) -> int:
     from .active import ActiveLearner, reference_calculator
     from .config import FitConfig
     from .data import read_frames
-    from .fit.report import FitLog
     from .runtime import default_threads, use_threads
 
     config = FitConfig.from_yaml(args.config)
@@ -299,16 +299,10 @@ def learn_command(args) -> int:
     folder = Path(args.output) if args.output else Path(args.start).with_name(Path(args.start).stem + "-learn")
     use_threads(args.threads if args.threads is not None else default_threads(len(starts[0])))  # the MD's structures
     folder.mkdir(parents=True, exist_ok=True)
-    log = FitLog(verbose=True, path=str(folder / "learn.log"), append=True)
-    shown = warnings.showwarning
-    warnings.showwarning = lambda message, category, *where, **options: log(f"warning: {message}")
-    try:
+    with _fit_log(folder / "learn.log", append=True) as log:
         log(f"acdc-potential {__version__} learn: {len(starts)} starting structures from {args.start}, reference {args.reference}, folder {folder}")
         name = args.reference + (f" {args.reference_args}" if args.reference_args else "")
         ActiveLearner(starts, reference, config, str(folder), log, reference_name=name).run()
-    finally:
-        warnings.showwarning = shown
-        log.close()
     return 0
 
 

@@ -30,13 +30,6 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data"
 
 
-def bare(atoms):
-    """``atoms``' numbers, positions and cell only (no labels)."""
-    import ase
-
-    return ase.Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
-
-
 def force_mae(model, test) -> float:
     """Test force MAE (eV/A) of a model in memory."""
     predicted = model.predict(test, forces=True, stress=False)["forces"].numpy()
@@ -52,9 +45,7 @@ def fitted_mae(structures, config, test) -> float:
 
 def reference_trajectory(starts, config, reference):
     """Frames of the learning's MD protocol run with ``reference``, every ``interval`` steps."""
-    from ase import units
-    from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import Stationary, thermalize_momenta
+    from acdc_potential.active import bare, langevin, thermalize
 
     options = config.learn
     frames = []
@@ -62,10 +53,8 @@ def reference_trajectory(starts, config, reference):
     for number, (temperature, k) in enumerate(segments):
         atoms = starts[k].copy()
         atoms.calc = reference
-        thermalize_momenta(atoms, temperature, rng=np.random.RandomState(options.seed + number))
-        Stationary(atoms)
-        dynamics = Langevin(atoms, options.timestep * units.fs, temperature_K=temperature, friction=options.friction / units.fs, fixcm=False,
-                            rng=np.random.RandomState(options.seed + 1000 * (number + 1)))
+        thermalize(atoms, temperature, options.seed + number)
+        dynamics = langevin(atoms, temperature, options, options.seed + 1000 * (number + 1))
         for _ in range(options.steps // options.interval):
             dynamics.run(options.interval)
             frames.append(bare(atoms))
@@ -92,7 +81,7 @@ def main():
     import matplotlib.pyplot as plt
     from ase.calculators.emt import EMT
 
-    from acdc_potential.active import ActiveLearner, label
+    from acdc_potential.active import ActiveLearner, bare, label
     from acdc_potential.config import FitConfig
     from acdc_potential.data import read_structures
 
