@@ -6,7 +6,7 @@ warning); this class adds the package's validation of structures (one clear
 :class:`~acdc_potential.errors.StructureError` for an empty structure, non-finite
 positions, overlapping atoms or an element the model does not know), clear errors for
 missing, corrupt or foreign files, the thread choice of the command line, and the
-uncertainties as ASE results.
+uncertainties and the dipole as ASE results.
 """
 
 from pathlib import Path
@@ -14,12 +14,13 @@ from typing import Optional
 
 import numpy as np
 import torch
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError
 from metatomic.torch import ModelOutput
 from metatomic_ase import MetatomicCalculator
 
 from .data import Labelled, validate
 from .errors import ModelFileError, StructureError
-from .model.potential import FORCES_UNCERTAINTY
+from .model.potential import DIPOLE, FORCES_UNCERTAINTY
 from .runtime import default_threads, use_threads
 
 
@@ -30,7 +31,9 @@ class ACDCCalculator(MetatomicCalculator):
     ``energies`` (per atom), and after :meth:`get_uncertainty` also
     ``energy_uncertainty`` (eV, per structure) and ``energies_uncertainty`` (eV, per
     atom), after :meth:`get_forces_uncertainty` ``forces_uncertainty`` (eV/A, per atom):
-    calibrated standard deviations (:mod:`acdc_potential.model.uncertainty`).
+    calibrated standard deviations (:mod:`acdc_potential.model.uncertainty`); ``dipole`` (e*A)
+    for a file with a dipole model (``get_dipole_moment()``), computed in the same model call as
+    the energy when the file has both (an MD step then gives the dipole of its structure).
 
     :param path: the exported ``.pt`` file.
     :param device: torch device to run on (default: the best one the model supports).
@@ -54,6 +57,13 @@ class ACDCCalculator(MetatomicCalculator):
             ) from None
         self.threads = threads
         self.species = [int(z) for z in self._model.capabilities().atomic_types]
+        outputs = self._model.capabilities().outputs
+        self.has_energy = "energy" in outputs
+        self.has_dipole = DIPOLE in outputs
+        if self.has_dipole:
+            self.implemented_properties = list(self.implemented_properties) + ["dipole"]
+            if self.has_energy:
+                self._additional_output_requests = {DIPOLE: ModelOutput(unit="e*A", sample_kind="system")}
 
     def _prepare(self, atoms, positions_only: bool = False) -> None:
         """Validate ``atoms`` (one or a list) and set the threads for them. When only positions
@@ -73,8 +83,19 @@ class ACDCCalculator(MetatomicCalculator):
     def calculate(self, atoms=None, properties=None, system_changes=None):
         if atoms is not None:
             self._prepare(atoms, positions_only=system_changes is not None and set(system_changes) <= {"positions"})
+        properties = list(properties or ["energy"])
         try:
-            return super().calculate(atoms, properties, system_changes)
+            if "dipole" in properties and not self.has_dipole:
+                raise PropertyNotImplementedError("this model file has no dipole model")
+            energy_properties = [p for p in properties if p != "dipole"]
+            if energy_properties or self.has_energy:
+                # with an energy model the dipole comes from the same call
+                super().calculate(atoms, energy_properties or ["energy"], system_changes)
+            else:
+                Calculator.calculate(self, atoms, properties, system_changes)
+                self.additional_outputs = self.run_model(atoms, {DIPOLE: ModelOutput(unit="e*A", sample_kind="system")})
+            if self.has_dipole:
+                self.results["dipole"] = self.additional_outputs[DIPOLE].block().values.detach().cpu().numpy().reshape(3)
         except torch.jit.Error as error:
             # the exported model's own checks (overlapping or non-finite atoms): its message, not the TorchScript trace
             last = str(error).strip().splitlines()[-1]

@@ -1,9 +1,10 @@
 """``acdc-potential``: fit, evaluate and export potentials from the command line.
 
     acdc-potential fit TRAIN.extxyz -o MODEL.pt [--test TEST.extxyz] [--config CONFIG.yaml] [--workers N | --scheduler ADDRESS]
+    acdc-potential fit TRAIN.extxyz -o DIPOLE.pt --target dipole [--test TEST.extxyz] [--config CONFIG.yaml]
     acdc-potential eval MODEL.pt DATA.extxyz [--plot PARITY.png] [--no-uncertainties]
     acdc-potential learn START.extxyz --reference MODULE:CLASS [--reference-args ARGS] [-o FOLDER] [--config CONFIG.yaml] [--steps N] [--temperature T ...]
-    acdc-potential export CHECKPOINT.ckpt -o MODEL.pt [--dtype float32]
+    acdc-potential export CHECKPOINT.ckpt -o MODEL.pt [--dipole DIPOLE.ckpt] [--dtype float32]
     acdc-potential config [-o CONFIG.yaml]    # every option, its meaning and its default
 
 ``fit`` writes, beside MODEL.pt: MODEL.ckpt (the checkpoint), MODEL.log (what it printed),
@@ -13,8 +14,8 @@ fingerprints, the configuration used, the calibration of the uncertainties), MOD
 MODEL.test-calibration.png. ``eval`` adds its errors and the calibration table of the
 uncertainties to MODEL.report.yaml when it is there.
 
-Units: A, eV, eV/A, eV/A^3 (ASE's stress sign). Labels are read from the extxyz keys
-``energy``, ``forces``, ``stress`` (or ``virial``); other names through the ``keys``
+Units: A, eV, eV/A, eV/A^3 (ASE's stress sign), e*A. Labels are read from the extxyz keys
+``energy``, ``forces``, ``stress`` (or ``virial``), ``dipole``; other names through the ``keys``
 section of the configuration or ``--energy-key`` and friends.
 """
 
@@ -32,7 +33,7 @@ from . import __version__
 
 def _keys(keys, args):
     """``keys`` (a ``LabelKeys``) with the names given by ``--energy-key`` and friends."""
-    for name in ("energy", "forces", "stress"):
+    for name in ("energy", "forces", "stress", "dipole"):
         value = getattr(args, f"{name}_key", None)
         if value:
             setattr(keys, name, value)
@@ -101,6 +102,8 @@ def fit_command(args) -> int:
     options = {name: False for name in ("energies", "forces", "stress") if getattr(args, f"no_{name}")}
     if args.seed is not None:
         options["seed"] = args.seed
+    if args.target is not None:
+        options["target"] = args.target
     output = Path(args.output)
     cluster = {"checkpoint": config.cluster.checkpoint or str(output.with_suffix(".partial"))}
     if args.workers is not None:
@@ -113,6 +116,8 @@ def fit_command(args) -> int:
         config, keys=_keys(config.keys, args), options=dataclasses.replace(config.options, **options),
         cluster=dataclasses.replace(config.cluster, **cluster),
     )
+    if config.options.target == "dipole":
+        return _fit_dipole(args, config, output)
     if config.cluster.workers or config.cluster.scheduler:
         return _fit_on_cluster(args, config, output)
     train = read_structures(args.train, keys=config.keys)
@@ -122,6 +127,52 @@ def fit_command(args) -> int:
         log(f"acdc-potential {__version__}: read {len(train)} training structures from {args.train}"
             + (f", {len(test)} test structures from {args.test}" if test else ""))
         return _fit_and_report(args, config, train, train, test, output, log)
+
+
+def _fit_dipole(args, config, output: Path) -> int:
+    """``fit --target dipole``: a dipole model, its checkpoint, file, errors and report."""
+    from .data import read_structures, species_of
+    from .evaluation import errors, format_table, pairs_of, parity_plots, predict_with_file
+    from .fit.dipole import fit_dipole
+    from .fit.report import fingerprint, peak_memory_gb, versions, write_report
+
+    train = read_structures(args.train, keys=config.keys, require_dipole=True)
+    test = read_structures(args.test, keys=config.keys, species=species_of(train), require_dipole=True) if args.test else []
+    with _fit_log(output.with_suffix(".log")) as log:
+        log(f"acdc-potential {__version__}: dipole model; read {len(train)} training structures from {args.train}"
+            + (f", {len(test)} test structures from {args.test}" if test else ""))
+        threads = _threads(args, None, log)
+        model = fit_dipole(train, config, log)
+        model.save(str(output.with_suffix(".ckpt")))
+        model.export(str(output), description=f"dipole model fitted on {args.train}")
+        log(f"wrote the model to {output} and the checkpoint to {output.with_suffix('.ckpt')}")
+        with log.stage("errors"):
+            tables = {"train": errors(pairs_of(train, {"dipole": list(model.predict(train).numpy())}))}
+            choice = model.report["choice"]
+            tables["validation"] = {"dipole": {"mae": 1000 * choice["validation_mae"], "rmse": 1000 * choice["validation_rmse"]}}
+            if test:
+                test_pairs = pairs_of(test, predict_with_file(str(output), test))
+                tables["test"] = errors(test_pairs)
+                plot = output.with_suffix(".test-parity.png")
+                parity_plots(test_pairs, str(plot), title=f"{output.name} on {Path(args.test).name}")
+                print(f"parity plots of the test set: {plot}")
+        print("\n" + format_table(tables))
+        used = config.to_dict()
+        used["dipole"]["nu_max"] = int(model.kernel.nu_max)
+        with open(output.with_suffix(".config.yaml"), "w") as file:
+            yaml.safe_dump(used, file, sort_keys=False)
+        data = {"train": {**fingerprint(args.train), "structures": len(train)}}
+        if test:
+            data["test"] = {**fingerprint(args.test), "structures": len(test)}
+        report = {
+            "acdc-potential": "fit report", "target": "dipole", "command": ["acdc-potential", *args.argv], "data": data,
+            "configuration": used, "species": model.species, **model.report, "errors_meA": tables,
+            "timings_s": {**{k: round(v, 2) for k, v in log.timings.items()}, "total": round(log.elapsed(), 2)},
+            "threads": threads, "peak_memory_GB": round(peak_memory_gb(), 3), "versions": versions(),
+        }
+        write_report(str(output.with_suffix(".report.yaml")), report)
+        log(f"report: {output.with_suffix('.report.yaml')}, log: {output.with_suffix('.log')}, configuration used: {output.with_suffix('.config.yaml')}")
+    return 0
 
 
 @contextlib.contextmanager
@@ -255,9 +306,11 @@ def eval_command(args) -> int:
     calculator = ACDCCalculator(args.model, device=device, uncertainty_threshold=None)
     keys = _keys(LabelKeys(), args)
     # validated against the model's species here, so that errors name structures by their place in the file
-    structures = read_structures(args.data, keys=keys, species=calculator.species)
-    used = {"energy": not args.no_energies, "forces": not args.no_forces, "stress": not args.no_stress}
-    check_labels(structures, args.data, keys, used["energy"], used["forces"], used["stress"])
+    structures = read_structures(args.data, keys=keys, species=calculator.species, require_dipole=not calculator.has_energy)
+    energy = calculator.has_energy
+    used = {"energy": energy and not args.no_energies, "forces": energy and not args.no_forces, "stress": energy and not args.no_stress, "dipole": True, "|dipole|": True}
+    if energy:
+        check_labels(structures, args.data, keys, used["energy"], used["forces"], used["stress"])
     calculator.threads = _threads(args, max(s.n_atoms for s in structures), print)
     predictions = predict_with_file(calculator, structures)
     pairs = {kind: values for kind, values in pairs_of(structures, predictions).items() if used[kind]}
@@ -267,7 +320,7 @@ def eval_command(args) -> int:
     print("\n" + format_table({Path(args.data).stem: table}))
     print(f"\nparity plots: {plot}")
     calibration = None
-    if not args.no_uncertainties:
+    if energy and not args.no_uncertainties:
         # the labels left out of the errors are left out of the calibration too
         labelled = [dataclasses.replace(s, energy=s.energy if used["energy"] else None, forces=s.forces if used["forces"] else None) for s in structures]
         calibration = _calibration(calculator, labelled, predictions, str(Path(plot).with_suffix("")) + "-calibration.png", f"{Path(args.model).name} on {Path(args.data).name}")
@@ -322,11 +375,20 @@ def _reference_arguments(text):
 def export_command(args) -> int:
     import torch
 
-    from .fit.checkpoint import SparseKRRModel
+    from .fit.checkpoint import DipoleModel, SparseKRRModel, export_models, load_checkpoint
 
-    model = SparseKRRModel.load(args.checkpoint)
+    model = load_checkpoint(args.checkpoint)
+    dipole = load_checkpoint(args.dipole) if args.dipole else None
+    if args.dipole and not isinstance(dipole, DipoleModel):
+        raise ValueError(f"--dipole {args.dipole}: not a dipole model's checkpoint (fit one with `acdc-potential fit --target dipole`)")
+    if isinstance(model, DipoleModel) and dipole is not None:
+        raise ValueError(f"{args.checkpoint} is a dipole model's checkpoint; give the energy model's first, the dipole model's with --dipole")
     dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
-    model.export(args.output, dtype=dtype, description=f"exported from {args.checkpoint}")
+    description = f"exported from {args.checkpoint}" + (f" and {args.dipole}" if dipole is not None else "")
+    if isinstance(model, SparseKRRModel):
+        export_models(model, dipole, args.output, dtype=dtype, description=description)
+    else:
+        model.export(args.output, dtype=dtype, description=description)
     print(f"wrote {args.output} ({args.dtype})")
     return 0
 
@@ -347,6 +409,7 @@ def _add_labels(parser):
     parser.add_argument("--energy-key", help="extxyz key of the energy (default: energy)")
     parser.add_argument("--forces-key", help="extxyz key of the forces (default: forces)")
     parser.add_argument("--stress-key", help="extxyz key of the stress (default: stress; virial is read when stress is absent)")
+    parser.add_argument("--dipole-key", help="extxyz key of the dipole, e*A (default: dipole)")
     parser.add_argument("--no-energies", action="store_true", help="use no energies (fit or compare forces only)")
     parser.add_argument("--no-forces", action="store_true", help="use no forces (fit or compare energies only)")
     parser.add_argument("--no-stress", action="store_true", help="use no stress")
@@ -381,6 +444,7 @@ def parser() -> argparse.ArgumentParser:
     fit.add_argument("-o", "--output", required=True, help="exported model file (.pt)")
     fit.add_argument("--test", help="test structures (extxyz), evaluated with the exported file")
     fit.add_argument("--config", help="YAML configuration; `acdc-potential config` writes every option with its meaning")
+    fit.add_argument("--target", choices=["energy", "dipole"], help="what the model predicts: a potential (energy, default) or the dipole moment (options.target; the `dipole` section of the configuration)")
     fit.add_argument("--seed", type=int, help="seed of the validation split and samples (default: options.seed, 0)")
     fit.add_argument("--workers", type=int, help="build the kernel rows on a local Dask cluster of this many worker processes (cluster.workers; default 0: in this process)")
     fit.add_argument("--scheduler", help="build the kernel rows on the Dask cluster of this scheduler, e.g. tcp://HOST:8786 (cluster.scheduler); TRAIN must be readable by its workers at the same path")
@@ -421,6 +485,7 @@ def parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="export a checkpoint as a model file")
     export.add_argument("checkpoint", help="checkpoint written by `fit` (.ckpt)")
     export.add_argument("-o", "--output", required=True, help="exported model file (.pt)")
+    export.add_argument("--dipole", help="a dipole model's checkpoint (fit --target dipole) to put in the same file as the energy model: one engine call returns both")
     export.add_argument("--dtype", choices=["float64", "float32"], default="float64", help="precision of the exported model (default float64)")
     export.set_defaults(run=export_command)
 

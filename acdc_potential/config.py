@@ -124,6 +124,8 @@ class SparseConfig:
 class FitOptions:
     """What to fit and how.
 
+    :param target: what the model predicts: ``energy`` (a potential: energy rows, forces and
+        stress by derivatives) or ``dipole`` (the ``dipole`` section; the energy options do not apply).
     :param energies: use energy rows. :param forces: use force rows.
     :param stress: use stress rows (periodic structures that have a stress).
     :param tune: select the mixing coefficients and regularisers on held-out structures
@@ -148,6 +150,7 @@ class FitOptions:
         stays bounded as the data grow (:func:`~acdc_potential.fit.design.design_groups`).
     """
 
+    target: str = "energy"
     energies: bool = True
     forces: bool = True
     stress: bool = True
@@ -271,6 +274,31 @@ class LearnConfig:
 
 
 @dataclass
+class DipoleConfig:
+    """Dipole models (``fit --target dipole``; docs/equations.md, "Dipoles").
+
+    The dipole of a structure is the sum of atomic ``lambda = 1`` contributions, each a sparse
+    kernel expansion with the symmetry-adapted Wigner kernels ``k^{nu, 1+}`` (WK eq. 5) mixed over
+    the body orders as WK eq. E4 (``b^nu / nu!``; no ``nu = 0`` piece), on the ``density``
+    section's environments and ``kernel.lambda_max``. On a held-out ``options.validation``
+    fraction the fit chooses the largest order (``1..nu_max``), ``b`` and the regulariser; then it
+    solves on every structure.
+
+    :param nu_max: largest body order considered (the choice costs nothing more: lower orders
+        come with the highest's iterations).
+    :param sparse: sparse environments per species (farthest points of the power spectrum).
+    :param b: candidate values of the order mixing ``b``.
+    :param regulariser: expected error of a dipole component, e*A; 0: chosen on the validation
+        split among ``10^(-k/2)`` times the standard deviation of the components, ``k = 0..10``.
+    """
+
+    nu_max: int = 4
+    sparse: int = 300
+    b: List[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
+    regulariser: float = 0.0
+
+
+@dataclass
 class FitConfig:
     """Every option of a fit, in sections; :meth:`template` writes them all with their
     defaults and meanings, :meth:`from_yaml` reads a file that overrides any subset."""
@@ -284,6 +312,7 @@ class FitConfig:
     keys: LabelKeys = field(default_factory=LabelKeys)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     learn: LearnConfig = field(default_factory=LearnConfig)
+    dipole: DipoleConfig = field(default_factory=DipoleConfig)
 
     @classmethod
     def from_dict(cls, values: Optional[Dict]) -> "FitConfig":
@@ -395,6 +424,7 @@ RULES: Dict[Tuple[str, str], Rule] = {
     ("grid", "structures"): Rule(bounds=POSITIVE),
     ("grid", "sparse"): Rule(bounds=POSITIVE),
     ("grid", "tolerance"): Rule(bounds=NON_NEGATIVE),
+    ("options", "target"): Rule(choices=("energy", "dipole")),
     ("options", "validation"): Rule(bounds=FRACTION),
     ("options", "tune_sparse"): Rule(bounds=NON_NEGATIVE),
     ("options", "design_memory"): Rule(bounds=POSITIVE),
@@ -411,6 +441,10 @@ RULES: Dict[Tuple[str, str], Rule] = {
     ("learn", "new_sparse"): Rule(bounds=NON_NEGATIVE),
     ("learn", "max_labels"): Rule(bounds=AT_LEAST_ONE),
     ("learn", "retune"): Rule(bounds=NON_NEGATIVE),
+    ("dipole", "nu_max"): Rule(bounds=AT_LEAST_ONE),
+    ("dipole", "sparse"): Rule(bounds=AT_LEAST_ONE),
+    ("dipole", "b"): Rule(bounds=POSITIVE),
+    ("dipole", "regulariser"): Rule(bounds=NON_NEGATIVE),
 }
 
 

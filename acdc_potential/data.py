@@ -30,6 +30,8 @@ class LabelKeys:
         converted to a stress.
     :param weight: name of an optional per-structure weight in atoms.info (multiplies 1 / sigma^2 of
         all rows of the structure; default 1).
+    :param dipole: name of the dipole moment (e*A, 3 Cartesian components) in atoms.info (or of the
+        calculator's dipole), the target of dipole models.
     """
 
     energy: str = "energy"
@@ -37,6 +39,7 @@ class LabelKeys:
     stress: str = "stress"
     virial: str = "virial"
     weight: str = "weight"
+    dipole: str = "dipole"
 
 
 @dataclass
@@ -48,6 +51,7 @@ class Labelled:
     :param forces: ``[n_atoms, 3]`` forces (eV/A) or ``None``.
     :param stress: ``[3, 3]`` stress (eV/A^3, ASE sign) or ``None``; only for fully periodic cells.
     :param weight: weight of all rows of this structure in the fit (multiplies ``1 / sigma^2``).
+    :param dipole: ``[3]`` dipole moment (e*A) or ``None``.
     :param index: position of the structure in its file, used in error messages.
     """
 
@@ -56,6 +60,7 @@ class Labelled:
     forces: Optional[np.ndarray] = None
     stress: Optional[np.ndarray] = None
     weight: float = 1.0
+    dipole: Optional[np.ndarray] = None
     index: int = field(default=0, compare=False)
 
     @property
@@ -95,12 +100,14 @@ def labels_of(atoms, keys: LabelKeys = LabelKeys(), index: int = 0) -> Labelled:
         if virial is not None:
             stress = -_as_full_stress(virial) / abs(atoms.get_volume())
     weight = atoms.info.get(keys.weight, 1.0)
+    dipole = _lookup(atoms, keys.dipole, per_atom=False)
     return Labelled(
         atoms=atoms,
         energy=None if energy is None else float(np.asarray(energy).reshape(())),
         forces=None if forces is None else np.asarray(forces, dtype=np.float64),
         stress=stress,
         weight=float(weight),
+        dipole=None if dipole is None else np.asarray(dipole, dtype=np.float64),
         index=index,
     )
 
@@ -114,6 +121,7 @@ def validate(
     species: Optional[Sequence[int]] = None,
     require_energy: bool = False,
     require_forces: bool = False,
+    require_dipole: bool = False,
 ) -> None:
     """Check every structure; raise :class:`StructureError` naming the first bad one.
 
@@ -121,7 +129,7 @@ def validate(
     one atom, finite positions and cell, every atomic number among ``species`` (when
     given), no two atoms closer than :data:`MIN_DISTANCE`, labels finite and of the right
     shape, stress only on fully periodic cells, positive finite
-    weight, energy/forces present when required.
+    weight, energy/forces/dipole present when required.
     """
     allowed = None if species is None else set(int(s) for s in species)
     for structure in structures:
@@ -160,6 +168,13 @@ def validate(
                 raise StructureError(f"{name}: stress given for a structure that is not periodic in all directions")
             if not np.all(np.isfinite(structure.stress)):
                 raise StructureError(f"{name}: stress contains NaN or infinity")
+        if structure.dipole is None and require_dipole:
+            raise StructureError(f"{name}: missing dipole")
+        if structure.dipole is not None:
+            if structure.dipole.shape != (3,):
+                raise StructureError(f"{name}: dipole has shape {structure.dipole.shape}, expected (3,)")
+            if not np.all(np.isfinite(structure.dipole)):
+                raise StructureError(f"{name}: dipole contains NaN or infinity")
         if not (np.isfinite(structure.weight) and structure.weight > 0):
             raise StructureError(f"{name}: weight {structure.weight} is not a positive number")
 
@@ -171,6 +186,7 @@ def read_structures(
     species: Optional[Sequence[int]] = None,
     require_energy: bool = False,
     require_forces: bool = False,
+    require_dipole: bool = False,
 ) -> List[Labelled]:
     """Read and validate labelled structures from an extxyz (or any ASE-readable) file.
 
@@ -178,7 +194,7 @@ def read_structures(
     """
     frames = read_frames(path, index)
     structures = [labels_of(atoms, keys, k) for k, atoms in enumerate(frames)]
-    validate(structures, species, require_energy, require_forces)
+    validate(structures, species, require_energy, require_forces, require_dipole)
     return structures
 
 

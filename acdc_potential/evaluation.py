@@ -4,7 +4,8 @@ Predictions come as a dict of numpy arrays, one entry per structure, from either
 fitted model in memory (:func:`predictions_of`, through
 :meth:`~acdc_potential.fit.checkpoint.SparseKRRModel.predict`) or an exported file
 (:func:`predict_with_file`), so that ``fit`` and ``eval`` report the same numbers.
-Units of the table: energy per atom in meV/atom, forces in meV/A, stress in meV/A^3.
+Units of the table: energy per atom in meV/atom, forces in meV/A, stress in meV/A^3, dipole
+components and norm in me*A (1e-3 e*A).
 """
 
 from typing import Dict, List, Optional, Sequence
@@ -13,15 +14,16 @@ import numpy as np
 
 from .data import Labelled
 
-QUANTITIES = ("energy", "forces", "stress")
-UNITS = {"energy": "meV/atom", "forces": "meV/A", "stress": "meV/A^3"}
+QUANTITIES = ("energy", "forces", "stress", "dipole", "|dipole|")
+UNITS = {"energy": "meV/atom", "forces": "meV/A", "stress": "meV/A^3", "dipole": "me*A", "|dipole|": "me*A"}
 
 
 def pairs_of(structures: Sequence[Labelled], predictions: Dict[str, List[np.ndarray]]) -> Dict[str, np.ndarray]:
     """Reference and predicted values, flattened, for every quantity both sides have.
 
     :return: ``{quantity: [2, n_values]}`` (row 0 reference, row 1 prediction); energies
-        are per atom, in eV/atom; forces eV/A per component; stress eV/A^3 per component.
+        are per atom, in eV/atom; forces eV/A per component; stress eV/A^3 per component;
+        dipoles e*A per component and their norms.
     """
     collected: Dict[str, List[np.ndarray]] = {q: [] for q in QUANTITIES}
     for k, structure in enumerate(structures):
@@ -32,6 +34,10 @@ def pairs_of(structures: Sequence[Labelled], predictions: Dict[str, List[np.ndar
             collected["forces"].append(np.stack([structure.forces.ravel(), np.asarray(predictions["forces"][k]).ravel()]))
         if structure.stress is not None and "stress" in predictions:
             collected["stress"].append(np.stack([structure.stress.ravel(), np.asarray(predictions["stress"][k]).ravel()]))
+        if structure.dipole is not None and "dipole" in predictions:
+            predicted = np.asarray(predictions["dipole"][k]).ravel()
+            collected["dipole"].append(np.stack([structure.dipole, predicted]))
+            collected["|dipole|"].append(np.array([[np.linalg.norm(structure.dipole)], [np.linalg.norm(predicted)]]))
     return {q: np.concatenate(v, axis=1) for q, v in collected.items() if v}
 
 
@@ -72,7 +78,7 @@ def parity_plots(pairs: Dict[str, np.ndarray], path: str, title: Optional[str] =
 
     quantities = [q for q in QUANTITIES if q in pairs]
     figure, axes = plt.subplots(1, len(quantities), figsize=(4.2 * len(quantities), 4.0), squeeze=False)
-    labels = {"energy": "energy (eV/atom)", "forces": "force components (eV/A)", "stress": "stress components (eV/A^3)"}
+    labels = {"energy": "energy (eV/atom)", "forces": "force components (eV/A)", "stress": "stress components (eV/A^3)", "dipole": "dipole components (e*A)", "|dipole|": "dipole norm (e*A)"}
     for axis, quantity in zip(axes[0], quantities):
         reference, predicted = pairs[quantity]
         low, high = float(min(reference.min(), predicted.min())), float(max(reference.max(), predicted.max()))
@@ -90,21 +96,26 @@ def parity_plots(pairs: Dict[str, np.ndarray], path: str, title: Optional[str] =
 
 
 def predict_with_file(calculator, structures: Sequence[Labelled], progress: bool = True) -> Dict[str, List[np.ndarray]]:
-    """Energy, forces and (periodic structures) stress of every structure from an exported file:
-    ``calculator`` is its :class:`~acdc_potential.calculator.ACDCCalculator`, or the file's path."""
+    """Energy, forces and (periodic structures) stress, and the dipole, of every structure from an
+    exported file, as far as it has an energy and a dipole model: ``calculator`` is its
+    :class:`~acdc_potential.calculator.ACDCCalculator`, or the file's path."""
     from tqdm import tqdm
 
     from .calculator import ACDCCalculator
 
     if not isinstance(calculator, ACDCCalculator):
         calculator = ACDCCalculator(calculator, uncertainty_threshold=None)
-    predictions: Dict[str, List[np.ndarray]] = {"energy": [], "forces": [], "stress": []}
+    kinds = (["energy", "forces", "stress"] if calculator.has_energy else []) + (["dipole"] if calculator.has_dipole else [])
+    predictions: Dict[str, List[np.ndarray]] = {kind: [] for kind in kinds}
     for structure in tqdm(structures, desc="evaluating", unit="structure", disable=not progress):
         atoms = structure.atoms.copy()
         atoms.calc = calculator
-        predictions["energy"].append(np.array(atoms.get_potential_energy()))
-        predictions["forces"].append(atoms.get_forces())
-        predictions["stress"].append(atoms.get_stress(voigt=False) if structure.periodic else np.full((3, 3), np.nan))
+        if calculator.has_energy:
+            predictions["energy"].append(np.array(atoms.get_potential_energy()))
+            predictions["forces"].append(atoms.get_forces())
+            predictions["stress"].append(atoms.get_stress(voigt=False) if structure.periodic else np.full((3, 3), np.nan))
+        if calculator.has_dipole:
+            predictions["dipole"].append(atoms.get_dipole_moment())
     return predictions
 
 

@@ -16,7 +16,7 @@ from metatomic.torch import ModelOutput, System
 from vesin.metatomic import NeighborList
 
 from .data import as_labelled, validate
-from .model.potential import FORCES_UNCERTAINTY
+from .model.potential import DIPOLE, FORCES_UNCERTAINTY
 
 
 def predict(
@@ -47,6 +47,20 @@ def predict(
         for key, value in run_module(module, members, forces, stress, uncertainty).items():
             outputs.setdefault(key, []).append(value)
     return {key: torch.cat(values) for key, values in outputs.items()}
+
+
+def predict_dipoles(module: torch.nn.Module, species: Sequence[int], structures: Sequence, batch_size: int = 16) -> torch.Tensor:
+    """``[S, 3]`` dipoles (e*A) of ``ase.Atoms`` or :class:`~acdc_potential.data.Labelled` from a
+    module with a dipole head (scripted or not), as :func:`predict` runs it."""
+    labelled = as_labelled(structures)
+    validate(labelled, species=list(species))
+    values: List[torch.Tensor] = []
+    requested = {DIPOLE: ModelOutput(unit="e*A", sample_kind="system")}
+    buffer = next(module.buffers())
+    for start in range(0, len(labelled), batch_size):
+        systems, _, _ = _systems(module, [s.atoms for s in labelled[start : start + batch_size]], buffer.dtype, buffer.device, False, False)
+        values.append(module(systems, requested, None)[DIPOLE].block().values[:, :, 0].detach())
+    return torch.cat(values)
 
 
 def _systems(module: torch.nn.Module, frames: List, dtype: torch.dtype, device: torch.device, forces: bool, stress: bool):

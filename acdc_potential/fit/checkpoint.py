@@ -1,4 +1,5 @@
-"""The fitted model and its checkpoint: a plain dict of tensors, numbers and strings.
+"""The fitted models (energy: :class:`SparseKRRModel`; dipole: :class:`DipoleModel`) and their
+checkpoints: plain dicts of tensors, numbers and strings.
 
 Nothing read from a checkpoint chooses code to run: the kernel is named by a key of
 :data:`~acdc_potential.kernels.KERNELS` (and a polynomial kernel's features by a key of
@@ -28,11 +29,12 @@ from ..config import Regularisers
 from ..descriptors.density import DensityExpansion, Layout
 from ..descriptors.radial import DensityHypers
 from ..errors import CheckpointError
-from ..inference import predict
+from ..inference import predict, predict_dipoles
 from ..kernels import KERNELS
 from ..kernels.base import SparseKernel
 from ..model.export import export_model
-from ..model.heads import PolynomialHead, WignerHead
+from ..kernels.wigner.iteration import exponential_weights
+from ..model.heads import DipoleHead, PolynomialHead, WignerHead
 from ..model.potential import AtomisticPotential
 from ..model.references import metatomic_references
 from ..model.uncertainty import Calibration, SparseState
@@ -239,12 +241,118 @@ class SparseKRRModel:
     @classmethod
     def load(cls, path: str, map_location=None) -> "SparseKRRModel":
         """Read a checkpoint written by :meth:`save` (any known format version)."""
+        return cls.from_dict(_read_checkpoint(path, map_location))
+
+
+def _read_checkpoint(path: str, map_location=None) -> Dict:
+    """The plain dict of the checkpoint file ``path`` (tensors and plain containers only)."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:
+        raise CheckpointError(f"'{path}' is not a readable checkpoint ({type(error).__name__}: {str(error).splitlines()[0]})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"'{path}' is not an acdc-potential checkpoint")
+    return state
+
+
+DIPOLE_FORMAT = "acdc-potential/dipole-krr"
+DIPOLE_VERSION = 1
+
+
+class DipoleModel:
+    """A fitted dipole model (:class:`~acdc_potential.model.heads.DipoleHead`): density, Wigner
+    kernel with its sparse environments (``nu_max`` the chosen order), weights, mixing ``b``.
+
+    :param density_hypers: the density expansion's hyperparameters. :param species: atomic numbers.
+    :param kernel: the :class:`~acdc_potential.kernels.wigner.kernel.WignerKernel` with its sparse
+        environments and order scales. :param weights: ``[M, 3]`` ``w_m`` (real ``l = 1`` components).
+    :param b: the order mixing (``omega_nu = b^nu / nu!``). :param regulariser: expected error of a
+        dipole component (e*A) the weights were solved with. :param report: what the fit chose and
+        measured (plain data). :param expansion: an already built density expansion.
+    """
+
+    def __init__(self, density_hypers: DensityHypers, species: Sequence[int], kernel: SparseKernel, weights: torch.Tensor, b: float, regulariser: float, report: Optional[Dict] = None, expansion: Optional[DensityExpansion] = None):
+        self.density_hypers = density_hypers
+        self.species = [int(z) for z in species]
+        self.expansion = expansion if expansion is not None else DensityExpansion(density_hypers, self.species)
+        self.kernel = kernel
+        self.weights = weights
+        self.b = float(b)
+        self.regulariser = float(regulariser)
+        self.report = dict(report or {})
+        self._scripted: Optional[torch.jit.ScriptModule] = None
+
+    @property
+    def omega(self) -> torch.Tensor:
+        """``[nu_max]`` ``b^nu / nu!`` (WK eq. E4 without its ``nu = 0`` term)."""
+        return exponential_weights(self.kernel.nu_max, 0.0, 1.0, self.b, torch.zeros((), dtype=torch.float64))[1:]
+
+    def head(self) -> DipoleHead:
+        return DipoleHead(self.expansion, self.kernel, self.weights, self.omega, self.species)
+
+    def potential(self) -> AtomisticPotential:
+        """The deployable module, a dipole-only :class:`~acdc_potential.model.potential.AtomisticPotential`."""
+        return AtomisticPotential(dipole=self.head())
+
+    def references(self) -> Dict[str, List[str]]:
+        return metatomic_references("wigner", self.density_hypers.density, self.density_hypers.basis)
+
+    def export(self, path: str, dtype: torch.dtype = torch.float64, description: str = "") -> None:
+        export_model(self.potential(), path, dtype=dtype, description=description, references=self.references())
+
+    def scripted(self) -> torch.jit.ScriptModule:
+        if self._scripted is None:
+            self._scripted = torch.jit.script(self.potential().eval())
+        return self._scripted
+
+    def predict(self, structures: Sequence, batch_size: int = 16) -> torch.Tensor:
+        """``[S, 3]`` dipoles (e*A) of ``structures`` by the scripted :meth:`potential`."""
+        return predict_dipoles(self.scripted(), self.species, structures, batch_size)
+
+    def to_dict(self) -> Dict:
+        return {
+            "format": DIPOLE_FORMAT,
+            "version": DIPOLE_VERSION,
+            "density_hypers": dataclasses.asdict(self.density_hypers),
+            "species": list(self.species),
+            "kernel": self.kernel.to_dict(),
+            "weights": self.weights,
+            "b": self.b,
+            "regulariser": self.regulariser,
+            "report": self.report,
+        }
+
+    def save(self, path: str) -> None:
+        torch.save(self.to_dict(), path)
+
+    @classmethod
+    def from_dict(cls, state: Dict) -> "DipoleModel":
+        if state.get("format") != DIPOLE_FORMAT or state.get("version") != DIPOLE_VERSION:
+            raise CheckpointError(f"not an acdc-potential dipole checkpoint of a known version (format {state.get('format')!r}, version {state.get('version')!r})")
         try:
-            state = torch.load(path, map_location=map_location, weights_only=True)
-        except FileNotFoundError:
-            raise
-        except Exception as error:
-            raise CheckpointError(f"'{path}' is not a readable checkpoint ({type(error).__name__}: {str(error).splitlines()[0]})") from None
-        if not isinstance(state, dict):
-            raise CheckpointError(f"'{path}' is not an acdc-potential checkpoint")
-        return cls.from_dict(state)
+            kernel = kernel_from_dict(state["kernel"])
+            if kernel.kind != "wigner":
+                raise CheckpointError(f"a dipole model needs a Wigner kernel, the checkpoint has '{kernel.kind}'")
+            return cls(DensityHypers(**state["density_hypers"]), state["species"], kernel, state["weights"], state["b"], state["regulariser"], state["report"])
+        except (KeyError, TypeError, AttributeError) as error:
+            raise CheckpointError(f"the checkpoint is incomplete or malformed ({type(error).__name__}: {error})") from None
+
+
+def load_checkpoint(path: str, map_location=None):
+    """The :class:`SparseKRRModel` or :class:`DipoleModel` of the checkpoint ``path`` (its ``format`` says which)."""
+    state = _read_checkpoint(path, map_location)
+    if state.get("format") == DIPOLE_FORMAT:
+        return DipoleModel.from_dict(state)
+    return SparseKRRModel.from_dict(state)
+
+
+def export_models(energy: Optional[SparseKRRModel], dipole: Optional[DipoleModel], path: str, dtype: torch.dtype = torch.float64, description: str = "") -> None:
+    """One file with the energy model ``energy`` and the dipole model ``dipole`` (either may be
+    ``None``): one engine call returns both."""
+    if energy is None:
+        return dipole.export(path, dtype, description)
+    potential = energy.potential()
+    combined = AtomisticPotential(potential.head, potential.baseline, potential.force_scale, None if dipole is None else dipole.head())
+    export_model(combined, path, dtype=dtype, description=description, references=energy.references())

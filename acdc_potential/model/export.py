@@ -11,7 +11,7 @@ from typing import Dict, List, Optional
 import torch
 from metatomic.torch import AtomisticModel, ModelCapabilities, ModelMetadata, ModelOutput
 
-from .potential import FORCES_UNCERTAINTY, AtomisticPotential
+from .potential import DIPOLE, FORCES_UNCERTAINTY, AtomisticPotential
 from .references import IMPLEMENTATION_REFERENCES
 
 def model_metadata(description: str = "", references: Optional[Dict[str, List[str]]] = None) -> ModelMetadata:
@@ -52,15 +52,17 @@ def atomistic_model(
 ) -> AtomisticModel:
     """``potential`` (a copy, in ``dtype``, caches cleared) in metatomic's ``AtomisticModel``."""
     potential = copy.deepcopy(potential).to(dtype).eval()
-    clear_cache = getattr(potential.head, "clear_cache", None)
-    if clear_cache is not None:
-        clear_cache()
-    outputs = {
-        "energy": ModelOutput(unit="eV", sample_kind="atom"),
-        "energy_uncertainty": ModelOutput(unit="eV", sample_kind="atom"),
-    }
-    if bool(potential.force_scale.any()):
-        outputs[FORCES_UNCERTAINTY] = ModelOutput(unit="eV/A", sample_kind="atom")
+    outputs = {}
+    if potential.head is not None:
+        clear_cache = getattr(potential.head, "clear_cache", None)
+        if clear_cache is not None:
+            clear_cache()
+        outputs["energy"] = ModelOutput(unit="eV", sample_kind="atom")
+        outputs["energy_uncertainty"] = ModelOutput(unit="eV", sample_kind="atom")
+        if bool(potential.force_scale.any()):
+            outputs[FORCES_UNCERTAINTY] = ModelOutput(unit="eV/A", sample_kind="atom")
+    if potential.dipole is not None:
+        outputs[DIPOLE] = ModelOutput(unit="e*A", sample_kind="atom", description="dipole moment, Cartesian components xyz (per atom: the local dipoles whose sum it is)")
     capabilities = ModelCapabilities(
         outputs=outputs,
         atomic_types=potential.species,

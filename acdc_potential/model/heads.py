@@ -212,3 +212,45 @@ class PolynomialHead(DensityHead):
             if per_atom:
                 return self.state.atom_variance(k_xm, self.kernel(unit, species, unit, species).diagonal())
             return self.state.group_variance(k_xm, self.kernel(unit, species, unit, species), group, n_groups)
+
+
+# the lambda = 1, sigma = +1 block (a polar vector; descriptors.cg.block_key)
+DIPOLE_BLOCK = 2
+# Cartesian x, y, z among the real l = 1 components m = -1, 0, 1, which are y, z, x
+CARTESIAN = [2, 0, 1]
+
+
+class DipoleHead(DensityHead):
+    """Local dipoles ``mu_i = sum_m sum_nu omega_nu / s_{a nu} k^{nu, 1+}(A_i, M_m) w_m`` (e*A).
+
+    The symmetry-adapted kernel of WK eq. 5 with ``lambda = 1, sigma = +1``, mixed over the
+    body orders as WK eq. E3 (``omega_nu = b^nu / nu!``, no ``nu = 0`` piece: ``k^{0, 1+} = 0``)
+    with the per-species order scales ``s_{a nu}`` of the energies' kernel
+    (:class:`~acdc_potential.kernels.wigner.kernel.WignerKernel`); ``w_m`` ``[M, 3]`` the
+    regression weights (spherical components). A system's dipole is the sum of its atoms'.
+
+    :param density: the density expansion. :param kernel: the fitted Wigner kernel with its
+        sparse environments (``nu_max`` the model's). :param weights: ``[M, 3]`` ``w_m``, real
+        ``l = 1`` components ``m = -1, 0, 1``. :param omega: ``[nu_max]`` ``omega_nu``.
+        :param species: the model's atomic numbers.
+    """
+
+    def __init__(self, density: DensityExpansion, kernel, weights: torch.Tensor, omega: torch.Tensor, species: List[int]):
+        super().__init__(density)
+        self.kernels = WignerKernels(kernel.wigner_hypers)
+        self.shapes: List[List[int]] = [list(shape) for shape in kernel.layout.shapes]
+        index = {int(z): k for k, z in enumerate(species)}
+        sparse_species = torch.tensor([index[int(z)] for z in kernel.sparse_species.tolist()], dtype=torch.long)
+        self.register_buffer("sparse", kernel.sparse_coefficients.to(torch.float64).clone())
+        self.register_buffer("sparse_species", sparse_species)
+        order_weights = omega.to(torch.float64)[:, None] / kernel.order_scales(species)[sparse_species, 1:].T
+        self.register_buffer("pair_weights", order_weights[:, :, None] * weights.to(torch.float64)[None])
+        self.register_buffer("cartesian", torch.tensor(CARTESIAN, dtype=torch.long))
+        self.block: int = DIPOLE_BLOCK
+
+    def forward(self, coefficients: List[torch.Tensor], species: torch.Tensor) -> torch.Tensor:
+        """``[n_atoms, 3]`` Cartesian local dipoles (e*A) of atoms of species indices ``species``."""
+        dtype = coefficients[0].dtype
+        sparse = unflatten(self.sparse.to(dtype), self.shapes)
+        spherical = self.kernels.equivariant_weighted_sum(coefficients, species, sparse, self.sparse_species, self.pair_weights.to(dtype), self.block)
+        return spherical.index_select(1, self.cartesian)

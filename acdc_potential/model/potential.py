@@ -1,4 +1,4 @@
-"""The deployable model: neighbour pairs -> energy head -> outputs, as a metatomic module.
+"""The deployable model: neighbour pairs -> energy and dipole heads -> outputs, as a metatomic module.
 
 :class:`AtomisticPotential` is a TorchScript-compatible module that reads the neighbour
 lists a metatomic engine hands it (ASE, LAMMPS, i-PI, TorchSim, ...), gathers the pairs of
@@ -11,7 +11,9 @@ standard deviation of the system's energy (projected-process predictive) or of e
 energy (the prior's part that the sparse environments do not explain); and
 ``acdc-potential::forces_uncertainty`` (per atom, eV/A), the standard deviation of each
 Cartesian force component of an atom (:mod:`acdc_potential.model.uncertainty`), present in
-calibrated models only. The per-system uncertainty needs the kernel between every pair of
+calibrated models only; ``acdc-potential::dipole`` (e*A, per system or the local dipoles per atom,
+components ``xyz``), in models with a dipole head, without gradients. A model may have an energy
+head, a dipole head, or both (one engine call then returns energy and dipole). The per-system uncertainty needs the kernel between every pair of
 atoms of the system: cheap for molecules, seconds for hundreds of atoms. This module imports nothing of the
 fitting code (:mod:`acdc_potential.fit`); in-memory predictions of a fitted model run this
 same module (:func:`acdc_potential.inference.predict`).
@@ -28,6 +30,8 @@ from ..descriptors.neighbors import MIN_DISTANCE
 
 # the standard deviation of each force component of an atom (eV/A), a non-standard metatomic output
 FORCES_UNCERTAINTY = "acdc-potential::forces_uncertainty"
+# the dipole moment (e*A; per system, or the local dipoles per atom), Cartesian components "xyz"
+DIPOLE = "acdc-potential::dipole"
 
 
 def check_system(index: int, positions: torch.Tensor, vectors: torch.Tensor, min_distance: float) -> None:
@@ -45,34 +49,55 @@ def check_system(index: int, positions: torch.Tensor, vectors: torch.Tensor, min
 
 
 class AtomisticPotential(torch.nn.Module):
-    """Energy model on metatomic systems.
+    """Energy and dipole models on metatomic systems.
 
-    :param head: energy head (:mod:`acdc_potential.model.heads`); its ``density`` knows the
-        model's species and cutoff.
-    :param baseline: ``[n_species]`` energy of each species added to every atom (eV).
+    :param head: energy head (:mod:`acdc_potential.model.heads`), or ``None`` for a dipole-only
+        model; its ``density`` knows the model's species and cutoff.
+    :param baseline: ``[n_species]`` energy of each species added to every atom (eV); zeros by default.
     :param force_scale: ``[n_species]`` ``beta_a`` (1/A) of the calibration
         (:class:`~acdc_potential.model.uncertainty.Calibration`): the standard deviation of a force
         component over the atomic energy uncertainty; zeros (default) for a model without it.
+    :param dipole: a :class:`~acdc_potential.model.heads.DipoleHead` (output :data:`DIPOLE`), or
+        ``None``; with an energy head it must know the energy head's species.
     """
 
-    def __init__(self, head: torch.nn.Module, baseline: torch.Tensor, force_scale: Optional[torch.Tensor] = None):
+    def __init__(
+        self,
+        head: Optional[torch.nn.Module] = None,
+        baseline: Optional[torch.Tensor] = None,
+        force_scale: Optional[torch.Tensor] = None,
+        dipole: Optional[torch.nn.Module] = None,
+    ):
         super().__init__()
+        if head is None and dipole is None:
+            raise ValueError("a model needs an energy head, a dipole head or both")
+        first = head if head is not None else dipole
+        self.species: List[int] = list(first.density.species)
+        if head is not None and dipole is not None and not set(self.species) <= set(dipole.density.species):
+            raise ValueError(f"the dipole model knows the species {list(dipole.density.species)}, not all of the energy model's {self.species}")
         self.head = head
-        self.species: List[int] = list(head.density.species)
-        self.cutoff = float(head.density.cutoff)
-        self.register_buffer("baseline", baseline.to(torch.float64).clone())
-        scale = force_scale if force_scale is not None else torch.zeros(len(self.species))
+        self.dipole = dipole
+        self.cutoff = max(float(m.density.cutoff) for m in (head, dipole) if m is not None)
+        n_species = len(self.species)
+        self.register_buffer("baseline", (baseline if baseline is not None else torch.zeros(n_species)).to(torch.float64).clone())
+        scale = force_scale if force_scale is not None else torch.zeros(n_species)
         self.register_buffer("force_scale", scale.to(torch.float64).clone())
-        self.neighbors = NeighborListOptions(cutoff=self.cutoff, full_list=True, strict=True)
+        self.neighbors = NeighborListOptions(cutoff=float(first.density.cutoff), full_list=True, strict=True)
+        self.dipole_neighbors = NeighborListOptions(cutoff=float(dipole.density.cutoff) if dipole is not None else self.cutoff, full_list=True, strict=True)
         self.min_distance = MIN_DISTANCE
         self.forces_uncertainty: str = FORCES_UNCERTAINTY
+        self.dipole_output: str = DIPOLE
 
     @torch.jit.export
     def requested_neighbor_lists(self) -> List[NeighborListOptions]:
+        if self.dipole is not None and self.head is not None and self.dipole_neighbors.cutoff != self.neighbors.cutoff:
+            return [self.neighbors, self.dipole_neighbors]
         return [self.neighbors]
 
-    def pairs(self, systems: List[System]) -> Tuple[Pairs, torch.Tensor]:
-        """The neighbour pairs of all atoms of ``systems`` and the system index of each atom ``[N]``."""
+    def pairs(self, systems: List[System], options: NeighborListOptions) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The neighbour pairs of all atoms of ``systems`` in the list ``options``: vectors ``[P, 3]``,
+        centre and neighbour indices ``[P]`` in the batch, atomic numbers ``[N]`` and the system index
+        of each atom ``[N]``."""
         vectors: List[torch.Tensor] = []
         centers: List[torch.Tensor] = []
         neighbors: List[torch.Tensor] = []
@@ -80,7 +105,7 @@ class AtomisticPotential(torch.nn.Module):
         types: List[torch.Tensor] = []
         offset = 0
         for i, system in enumerate(systems):
-            pairs = system.get_neighbor_list(self.neighbors)
+            pairs = system.get_neighbor_list(options)
             check_system(i, system.positions, pairs.values.reshape(-1, 3), self.min_distance)
             vectors.append(pairs.values.reshape(-1, 3))
             centers.append(pairs.samples.column("first_atom").to(torch.long) + offset)
@@ -88,8 +113,7 @@ class AtomisticPotential(torch.nn.Module):
             system_index.append(torch.full((len(system),), i, dtype=torch.long, device=system.positions.device))
             types.append(system.types.to(torch.long))
             offset += len(system)
-        species = self.head.density.species_index(torch.cat(types))
-        return Pairs(torch.cat(vectors), torch.cat(centers), torch.cat(neighbors), species), torch.cat(system_index)
+        return torch.cat(vectors), torch.cat(centers), torch.cat(neighbors), torch.cat(types), torch.cat(system_index)
 
     def forward(
         self,
@@ -99,10 +123,8 @@ class AtomisticPotential(torch.nn.Module):
     ) -> Dict[str, TensorMap]:
         if len(systems) == 0:
             return {}
-        pairs, system_index = self.pairs(systems)
-        species = pairs.species
-        environments = self.head.environments(pairs)
-        device = species.device
+        vectors, centers, neighbors, types, system_index = self.pairs(systems, self.neighbors)
+        device = types.device
         atom_index = torch.cat([torch.arange(len(s), device=device) for s in systems])
         keep = torch.ones_like(system_index, dtype=torch.bool)
         if selected_atoms is not None:
@@ -110,40 +132,54 @@ class AtomisticPotential(torch.nn.Module):
             for row in selected_atoms.values:
                 keep = keep | ((system_index == row[0]) & (atom_index == row[1]))
         n_systems = len(systems)
-
         results: Dict[str, TensorMap] = {}
-        # the atoms' energy uncertainty, computed once for both outputs that use it
-        atom_sigma: Optional[torch.Tensor] = None
-        for name in ["energy", "energy_uncertainty", self.forces_uncertainty]:
-            if name not in outputs:
-                continue
-            per_atom = outputs[name].sample_kind == "atom" or name == self.forces_uncertainty
-            if name == "energy":
-                values = self.head(environments, species) + self.baseline.to(environments[0].dtype)[species]
-                values = values[keep]
-                if not per_atom:
-                    values = torch.zeros(n_systems, dtype=values.dtype, device=device).index_add(0, system_index[keep], values)
-            elif per_atom:
-                if atom_sigma is None:
-                    atom_sigma = torch.sqrt(self.head.variance(environments, species, system_index, n_systems, True).clamp_min(0.0))
-                values = atom_sigma
-                if name == self.forces_uncertainty:
-                    values = values * self.force_scale.to(values.dtype)[species]
-                values = values[keep]
-            else:
-                kept = [x[keep] for x in environments]
-                values = torch.sqrt(self.head.variance(kept, species[keep], system_index[keep], n_systems, False).clamp_min(0.0))
-            if per_atom:
-                samples = Labels(["system", "atom"], torch.stack([system_index[keep], atom_index[keep]], dim=1).to(torch.int32))
-            else:
-                samples = Labels(["system"], torch.arange(n_systems, device=device, dtype=torch.int32).reshape(-1, 1))
-            block = TensorBlock(
-                values=values.reshape(-1, 1),
-                samples=samples,
-                components=[],
-                properties=Labels(["forces" if name == self.forces_uncertainty else "energy"], torch.zeros((1, 1), dtype=torch.int32, device=device)),
-            )
-            results[name] = TensorMap(Labels(["_"], torch.zeros((1, 1), dtype=torch.int32, device=device)), [block])
+        head = self.head
+        if head is not None:
+            species = head.density.species_index(types)
+            environments = head.environments(Pairs(vectors, centers, neighbors, species))
+            # the atoms' energy uncertainty, computed once for both outputs that use it
+            atom_sigma: Optional[torch.Tensor] = None
+            for name in ["energy", "energy_uncertainty", self.forces_uncertainty]:
+                if name not in outputs:
+                    continue
+                per_atom = outputs[name].sample_kind == "atom" or name == self.forces_uncertainty
+                if name == "energy":
+                    values = head(environments, species) + self.baseline.to(environments[0].dtype)[species]
+                    values = values[keep]
+                    if not per_atom:
+                        values = torch.zeros(n_systems, dtype=values.dtype, device=device).index_add(0, system_index[keep], values)
+                elif per_atom:
+                    if atom_sigma is None:
+                        atom_sigma = torch.sqrt(head.variance(environments, species, system_index, n_systems, True).clamp_min(0.0))
+                    values = atom_sigma
+                    if name == self.forces_uncertainty:
+                        values = values * self.force_scale.to(values.dtype)[species]
+                    values = values[keep]
+                else:
+                    kept = [x[keep] for x in environments]
+                    values = torch.sqrt(head.variance(kept, species[keep], system_index[keep], n_systems, False).clamp_min(0.0))
+                results[name] = _tensor_map(values.reshape(-1, 1), self._samples(per_atom, system_index, atom_index, keep, n_systems), [], "forces" if name == self.forces_uncertainty else "energy")
+        dipole = self.dipole
+        if dipole is not None and self.dipole_output in outputs:
+            if self.head is not None and self.dipole_neighbors.cutoff != self.neighbors.cutoff:
+                vectors, centers, neighbors, types, system_index = self.pairs(systems, self.dipole_neighbors)
+            per_atom = outputs[self.dipole_output].sample_kind == "atom"
+            species = dipole.density.species_index(types)
+            # an observable along a trajectory: detached pair vectors, no graph for derivatives
+            local = dipole(dipole.environments(Pairs(vectors.detach(), centers, neighbors, species)), species)[keep]
+            values = local if per_atom else torch.zeros((n_systems, 3), dtype=local.dtype, device=device).index_add(0, system_index[keep], local)
+            xyz = Labels(["xyz"], torch.arange(3, device=device, dtype=torch.int32).reshape(-1, 1))
+            results[self.dipole_output] = _tensor_map(values.reshape(-1, 3, 1), self._samples(per_atom, system_index, atom_index, keep, n_systems), [xyz], "dipole")
         return results
 
+    def _samples(self, per_atom: bool, system_index: torch.Tensor, atom_index: torch.Tensor, keep: torch.Tensor, n_systems: int) -> Labels:
+        if per_atom:
+            return Labels(["system", "atom"], torch.stack([system_index[keep], atom_index[keep]], dim=1).to(torch.int32))
+        return Labels(["system"], torch.arange(n_systems, device=system_index.device, dtype=torch.int32).reshape(-1, 1))
 
+
+def _tensor_map(values: torch.Tensor, samples: Labels, components: List[Labels], name: str) -> TensorMap:
+    """One block of ``values`` with one property ``name``."""
+    device = values.device
+    block = TensorBlock(values=values, samples=samples, components=components, properties=Labels([name], torch.zeros((1, 1), dtype=torch.int32, device=device)))
+    return TensorMap(Labels(["_"], torch.zeros((1, 1), dtype=torch.int32, device=device)), [block])

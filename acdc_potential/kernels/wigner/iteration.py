@@ -251,7 +251,7 @@ class WignerKernels(torch.nn.Module):
         return out
 
     def iterate(
-        self, x: Dict[int, torch.Tensor], y: Dict[int, torch.Tensor], symmetric: bool
+        self, x: Dict[int, torch.Tensor], y: Dict[int, torch.Tensor], symmetric: bool, only: int = -1
     ) -> Dict[int, torch.Tensor]:
         """Generalised Wigner iteration (WK eq. C1, appendix F) of two equivariant kernels.
 
@@ -259,6 +259,8 @@ class WignerKernels(torch.nn.Module):
         :param y: blocks ``[P, 2 l2 + 1, 2 l2 + 1]``, same pairs.
         :param symmetric: ``y`` is ``x``: the ``(l2, l1)`` coupling then equals the
             ``(l1, l2)`` one (the sign of ``C^{l2 l1}`` cancels in ``C C``) and is skipped.
+        :param only: a :func:`block_key`: return that block only, skipping the couplings
+            that cannot reach it (the last iteration of a tensorial target); -1: all.
         :return: blocks ``[P, 2 lambda + 1, 2 lambda + 1]`` for ``lambda <= lambda_max``.
         """
         out: Dict[int, torch.Tensor] = {}
@@ -274,9 +276,13 @@ class WignerKernels(torch.nn.Module):
                 if l1 > self.lambda_max or l2 > self.lambda_max:
                     continue
                 parity = key_sigma(kx) * key_sigma(ky)
+                if only >= 0 and not _reaches(l1, l2, parity, only):
+                    continue
                 for position, block in enumerate(self._couple(x[kx], y[ky], l1, l2)):
                     lam = self.coupling_lambdas[l1 * (self.lambda_max + 1) + l2][position]
                     key = block_key(lam, parity * parity_sign(l1 + l2 + lam))
+                    if only >= 0 and key != only:
+                        continue
                     if weight != 1.0:
                         block = block * weight
                     if key in out:
@@ -494,6 +500,55 @@ class WignerKernels(torch.nn.Module):
             kernels.append(self.iterate(kernels[-1], k1, nu == 2))
         return kernels
 
+    @torch.jit.export
+    def equivariant_block(self, a: List[torch.Tensor], b: List[torch.Tensor], key: int) -> torch.Tensor:
+        """The block ``key`` = :func:`block_key` ``(lambda, sigma)`` of ``k^nu``, ``nu = 1..nu_max``,
+        of all pairs of ``a`` and ``b`` by full iterations (WK eq. 6, C1), without central-species
+        delta: ``[nu_max, n_a, n_b, 2 lambda + 1, 2 lambda + 1]``, ``mu`` (of ``a``) before ``mu'``.
+        All pairs at once: callers cut ``a`` into chunks of about ``chunk_size`` pairs."""
+        n_a = a[0].shape[0]
+        n_b = b[0].shape[0]
+        width = 2 * key_lambda(key) + 1
+        k1 = self.nu1(a, b)
+        blocks: List[torch.Tensor] = []
+        current = k1
+        for nu in range(1, self.nu_max + 1):
+            if nu > 1:
+                current = self.iterate(current, k1, nu == 2, key if nu == self.nu_max else -1)
+            if key in current:
+                blocks.append(current[key].view(n_a, n_b, width, width))
+            else:
+                blocks.append(a[0].new_zeros((n_a, n_b, width, width)))
+        return torch.stack(blocks)
+
+    @torch.jit.export
+    def equivariant_weighted_sum(
+        self, a: List[torch.Tensor], species_a: torch.Tensor, b: List[torch.Tensor], species_b: torch.Tensor, weights: torch.Tensor, key: int
+    ) -> torch.Tensor:
+        """``t_{i mu} = sum_nu sum_j sum_mu' k^{nu, lambda sigma}_{mu mu'}(a_i, b_j) weights[nu - 1, j, mu']``
+        over the ``b_j`` of ``a_i``'s central species: ``[n_a, 2 lambda + 1]`` (block ``key``).
+
+        :param weights: ``[nu_max, n_b, 2 lambda + 1]``, e.g. E4 coefficients over order scales
+            times regression weights. Chunks of about ``chunk_size`` pairs; no graph is kept
+            between chunks only when the caller disables gradients.
+        """
+        width = 2 * key_lambda(key) + 1
+        out = a[0].new_zeros((species_a.shape[0], width))
+        present: List[int] = torch.unique(species_a).tolist()
+        for z in present:
+            rows = torch.nonzero(species_a == z).flatten()
+            columns = torch.nonzero(species_b == z).flatten()
+            if columns.numel() == 0:
+                continue
+            b_z = [c.index_select(0, columns) for c in b]
+            w_z = weights.index_select(1, columns)
+            step = max(1, self.chunk_size // columns.numel())
+            for start in range(0, rows.numel(), step):
+                chunk = rows[start : start + step]
+                block = self.equivariant_block([c.index_select(0, chunk) for c in a], b_z, key)
+                out = out.index_add(0, chunk, torch.einsum("vnmab,vmb->na", block, w_z))
+        return out
+
     def invariant_pairs(self, a: List[torch.Tensor], b: List[torch.Tensor]) -> torch.Tensor:
         """Invariant kernels ``[nu_max, n_a * n_b]`` for ``nu = 1..nu_max`` of all pairs,
         without central-species delta, by the path selected in the hypers."""
@@ -697,6 +752,12 @@ class WignerKernels(torch.nn.Module):
             for c, g in zip(a, gradients):
                 energy = energy + ((c - c.detach()) * g).sum(dim=(1, 2))
         return energy
+
+
+def _reaches(l1: int, l2: int, parity: int, key: int) -> bool:
+    """Whether the ``(l1, l2)`` coupling of blocks of parity product ``parity`` yields block ``key``."""
+    lam = key_lambda(key)
+    return abs(l1 - l2) <= lam <= l1 + l2 and parity * parity_sign(l1 + l2 + lam) == key_sigma(key)
 
 
 class _RecomputedChunk(torch.autograd.Function):

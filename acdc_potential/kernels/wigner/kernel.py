@@ -196,6 +196,28 @@ class WignerKernel(SparseKernel):
         raw = invariant_kernels(self.layout.unflatten(coefficients), species, sparse, self.sparse_species, self.wigner_hypers)
         return raw * self._order_scale(species, coefficients)[:, :, None]
 
+    def equivariant_rows(self, coefficients: torch.Tensor, species: torch.Tensor, key: int) -> torch.Tensor:
+        """Pieces ``k^{nu, lambda sigma}(i, m) / s_{a_i nu}``, ``nu = 1..nu_max``, of the block ``key``
+        (:func:`~acdc_potential.descriptors.cg.block_key`) against the sparse set:
+        ``[nu_max, n, M, 2 lambda + 1, 2 lambda + 1]``, zero across central species (WK eq. 5; the
+        rows of tensorial targets, which have no ``nu = 0`` piece).
+
+        :param coefficients: ``[n, D]`` flat density coefficients. :param species: ``[n]`` atomic numbers.
+        """
+        self.check_species(species)
+        module = wigner_module(self.wigner_hypers, coefficients)
+        width = 2 * (key // 2) + 1
+        out = coefficients.new_zeros((self.nu_max, coefficients.shape[0], self.n_sparse, width, width))
+        scale = self._order_scale(species, coefficients)[1:]
+        for atoms, sparse in self._blocks(species):
+            b = self.layout.unflatten(self.sparse_coefficients[sparse])
+            step = max(1, module.chunk_size // sparse.numel())
+            for start in range(0, atoms.numel(), step):
+                rows = atoms[start : start + step]
+                block = module.equivariant_block(self.layout.unflatten(coefficients[rows]), b, key)
+                out[:, rows[:, None], sparse[None, :]] = block * scale[:, rows, None, None, None]
+        return out
+
     def piece_weights(self, mixing=None):
         m = {**self.mixing, **(mixing or {})}
         return exponential_weights(self.nu_max, m["c0"], m["a"], m["b"], torch.zeros((), dtype=torch.float64))

@@ -1,0 +1,173 @@
+"""Dipole models on ``molecules``: learning curves, in distribution and extrapolated to larger molecules.
+
+The seeds' exercise (MP-ACDC section C and Fig. 10; WK Fig. 3): molecular dipoles as sums of local
+``lambda = 1`` contributions, trained on small molecules and tested both on held-out frames of the
+training molecules and on larger ones. ``molecules_train.extxyz`` has up to 3 heavy atoms per molecule,
+``molecules_test.extxyz`` 4-6 (``../shared/data``, GFN2-xTB dipoles in e*A).
+
+Protocol: ``--held`` frames of every training molecule are held out (in distribution); the rest is the
+pool. Sparse environments (``--sparse`` per species, farthest points of the power spectrum) are chosen
+once on the pool (environments only, no labels), and the kernel rows of pool, held-out and test
+structures are computed once up to ``nu = 4``: their first pieces are the ``nu_max = 2, 3`` kernels.
+For each training size (nested random subsets of the pool) and each ``nu_max`` in 2, 3, 4, ``b`` and the
+regulariser are chosen on a 10 % validation split of the subset (:func:`acdc_potential.fit.dipole.choose`)
+and the weights solved on the subset (the same functions as ``acdc-potential fit --target dipole``).
+Prints a table (MAE of the components and of the norm, me*A), writes ``dipoles.yaml`` and
+``dipoles.png`` (learning curves) under ``--out``.
+
+usage: python benchmarks/dipoles.py [--data DIR] [--out DIR] [--sizes 100 200 400 800] [--sparse 300] [--held 5] [--threads 2]
+"""
+
+import argparse
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DATA = HERE.parent.parent / "shared" / "data"
+ORDERS = (2, 3, 4)
+
+
+def split_pool(structures, held: int, seed: int):
+    """``held`` random frames of every molecule (info ``name``) held out; the rest is the pool."""
+    by_name = defaultdict(list)
+    for k, s in enumerate(structures):
+        by_name[s.atoms.info.get("name", s.atoms.get_chemical_formula())].append(k)
+    rng = random.Random(seed)
+    held_out = sorted(k for members in by_name.values() for k in rng.sample(members, min(held, len(members) - 1)))
+    chosen = set(held_out)
+    return [k for k in range(len(structures)) if k not in chosen], held_out
+
+
+def rows_of(kernel, expansion, structures):
+    from acdc_potential.fit.dipole import atom_environments, structure_rows
+
+    coefficients, numbers, owner, _ = atom_environments(expansion, structures)
+    return structure_rows(kernel, coefficients, numbers, owner, len(structures))
+
+
+def targets_of(structures):
+    from acdc_potential.fit.dipole import SPHERICAL
+
+    return torch.from_numpy(np.stack([s.dipole[SPHERICAL] for s in structures])).reshape(-1)
+
+
+def errors(predicted: torch.Tensor, reference: torch.Tensor):
+    """MAE and RMSE (me*A) of the components and MAE of the norms, from ``[3 S]`` spherical components."""
+    p, r = predicted.reshape(-1, 3), reference.reshape(-1, 3)
+    d = 1000 * (p - r)
+    return {
+        "mae": float(d.abs().mean()),
+        "rmse": float(d.square().mean().sqrt()),
+        "norm_mae": float(1000 * (p.norm(dim=1) - r.norm(dim=1)).abs().mean()),
+        "reference_mae": float(1000 * (r - r.mean(dim=0)).abs().mean()),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--out", default="dipole-benchmark")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 200, 400, 800])
+    parser.add_argument("--sparse", type=int, default=300)
+    parser.add_argument("--held", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from acdc_potential.config import FitConfig
+    from acdc_potential.data import read_structures, species_of
+    from acdc_potential.descriptors.density import DensityExpansion
+    from acdc_potential.fit.dipole import atom_environments, choose, mix, order_weights, sparse_kernel, structure_rows, validation_split
+    from acdc_potential.fit.solver import solve_projected_process
+    from acdc_potential.kernels.wigner.iteration import WignerHypers
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = Path(args.data)
+    train = read_structures(str(data / "molecules_train.extxyz"), require_dipole=True)
+    test = read_structures(str(data / "molecules_test.extxyz"), require_dipole=True)
+    pool_index, held_index = split_pool(train, args.held, args.seed)
+    pool, held = [train[k] for k in pool_index], [train[k] for k in held_index]
+    sizes = [n for n in args.sizes if n <= len(pool)]
+    print(f"molecules: pool {len(pool)} frames, held-out {len(held)} frames of the same molecules, test {len(test)} frames of larger ones")
+
+    config = FitConfig()
+    species = species_of(train + test)
+    expansion = DensityExpansion(config.density, species)
+    start = time.perf_counter()
+    coefficients, numbers, _, layout = atom_environments(expansion, pool)
+    hypers = WignerHypers(nu_max=max(ORDERS), lambda_max=config.kernel.lambda_max)
+    kernel = sparse_kernel(hypers, coefficients, numbers, layout, args.sparse, "fps")
+    k_mm = structure_rows(kernel, kernel.sparse_coefficients, kernel.sparse_species, torch.arange(kernel.n_sparse), kernel.n_sparse)
+    rows = {"pool": rows_of(kernel, expansion, pool), "held": rows_of(kernel, expansion, held), "test": rows_of(kernel, expansion, test)}
+    row_seconds = time.perf_counter() - start
+    n_pairs = sum(len(s.atoms) for s in train + test)
+    print(f"{kernel.n_sparse} sparse environments; kernel rows of {n_pairs} atoms up to nu = {max(ORDERS)} in {row_seconds:.0f} s")
+    y = {"pool": targets_of(pool), "held": targets_of(held), "test": targets_of(test)}
+
+    order = random.Random(args.seed).sample(range(len(pool)), len(pool))
+    results = []
+    for n in sizes:
+        members = sorted(order[:n])
+        rows_n = torch.tensor([3 * a + mu for a in members for mu in range(3)])
+        design, targets = rows["pool"][:, rows_n], y["pool"][rows_n]
+        weights = torch.ones_like(targets)
+        fit_train, fit_validation = validation_split(n, config.options.validation, args.seed)
+        for nu in ORDERS:
+            started = time.perf_counter()
+            choice = choose(design, k_mm, targets, weights, fit_train, fit_validation, config.dipole.b, 0.0, orders=[nu])
+            omega = order_weights(nu, choice["b"])
+            solution = solve_projected_process(mix(design, omega), targets, weights.sqrt() / choice["regulariser"], mix(k_mm, omega))
+            seconds = time.perf_counter() - started
+            entry = {"train": n, "nu_max": nu, "b": choice["b"], "regulariser": choice["regulariser"], "solve_s": round(seconds, 1)}
+            for name in ("held", "test"):
+                entry[name] = errors(mix(rows[name], omega) @ solution.weights, y[name])
+            results.append(entry)
+            print(f"n {n:5d} nu_max {nu}: b {choice['b']:g}, sigma {choice['regulariser']:.2g} e*A; "
+                  f"held-out frames MAE {entry['held']['mae']:.1f} me*A (norm {entry['held']['norm_mae']:.1f}), "
+                  f"larger molecules MAE {entry['test']['mae']:.1f} me*A (norm {entry['test']['norm_mae']:.1f})")
+
+    print("\nMAE of dipole components, me*A (norm MAE in parentheses); mean absolute deviation of the components: "
+          f"held-out {results[0]['held']['reference_mae']:.0f}, larger molecules {results[0]['test']['reference_mae']:.0f}")
+    header = f"{'train':>6} " + " ".join(f"{'nu=' + str(nu) + ' held':>18} {'nu=' + str(nu) + ' larger':>18}" for nu in ORDERS)
+    print(header + "\n" + "-" * len(header))
+    for n in sizes:
+        cells = []
+        for nu in ORDERS:
+            e = next(r for r in results if r["train"] == n and r["nu_max"] == nu)
+            cells += [f"{e['held']['mae']:9.1f} ({e['held']['norm_mae']:5.1f})", f"{e['test']['mae']:9.1f} ({e['test']['norm_mae']:5.1f})"]
+        print(f"{n:>6} " + " ".join(f"{c:>18}" for c in cells))
+    (out / "dipoles.yaml").write_text(yaml.safe_dump({"sparse": kernel.n_sparse, "row_seconds": round(row_seconds, 1), "results": results}, sort_keys=False))
+    plot(results, sizes, out / "dipoles.png")
+    print(f"\nwrote {out / 'dipoles.yaml'} and {out / 'dipoles.png'}")
+
+
+def plot(results, sizes, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
+    for axis, name, title in zip(axes, ("held", "test"), ("held-out frames of the training molecules", "larger molecules (extrapolation)")):
+        for nu in ORDERS:
+            values = [next(r for r in results if r["train"] == n and r["nu_max"] == nu)[name]["mae"] for n in sizes]
+            axis.loglog(sizes, values, "o-", label=f"Wigner nu_max = {nu}")
+        axis.set_title(title, fontsize=9)
+        axis.set_xlabel("training structures")
+    axes[0].set_ylabel("dipole component MAE (me*A)")
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    main()
