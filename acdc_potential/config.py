@@ -290,12 +290,19 @@ class DipoleConfig:
     :param b: candidate values of the order mixing ``b``.
     :param regulariser: expected error of a dipole component, e*A; 0: chosen on the validation
         split among ``10^(-k/2)`` times the standard deviation of the components, ``k = 0..10``.
+    :param charges: add atomic charges times positions to the local dipoles, the charges an
+        invariant kernel expansion (same orders and ``b``, with the constant ``nu = 0`` piece) and
+        their sum over a molecule kept at zero (the charge model the seeds compare with; molecules only).
+    :param charge_scale: candidate scales of the charges' kernel relative to the local dipoles'
+        (the a priori share of the dipole each explains), chosen on the validation split.
     """
 
     nu_max: int = 4
     sparse: int = 300
-    b: List[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
+    b: List[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
     regulariser: float = 0.0
+    charges: bool = False
+    charge_scale: List[float] = field(default_factory=lambda: [0.1, 1.0, 10.0])
 
 
 @dataclass
@@ -445,6 +452,7 @@ RULES: Dict[Tuple[str, str], Rule] = {
     ("dipole", "sparse"): Rule(bounds=AT_LEAST_ONE),
     ("dipole", "b"): Rule(bounds=POSITIVE),
     ("dipole", "regulariser"): Rule(bounds=NON_NEGATIVE),
+    ("dipole", "charge_scale"): Rule(bounds=POSITIVE),
 }
 
 

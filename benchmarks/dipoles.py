@@ -9,8 +9,8 @@ Protocol: ``--held`` frames of every training molecule are held out (in distribu
 pool. Sparse environments (``--sparse`` per species, farthest points of the power spectrum) are chosen
 once on the pool (environments only, no labels), and the kernel rows of pool, held-out and test
 structures are computed once up to ``nu = 4``: their first pieces are the ``nu_max = 2, 3`` kernels.
-For each training size (nested random subsets of the pool) and each ``nu_max`` in 2, 3, 4, ``b`` and the
-regulariser are chosen on a 10 % validation split of the subset (:func:`acdc_potential.fit.dipole.choose`)
+For each training size (nested random subsets of the pool) and each model (``nu_max`` 2, 3, 4, and 4 with
+atomic charges beside the local dipoles), ``b`` (and the charges' scale) and the regulariser are chosen on a 10 % validation split of the subset (:func:`acdc_potential.fit.dipole.choose`)
 and the weights solved on the subset (the same functions as ``acdc-potential fit --target dipole``).
 Prints a table (MAE of the components and of the norm, me*A), writes ``dipoles.yaml`` and
 ``dipoles.png`` (learning curves) under ``--out``.
@@ -30,7 +30,8 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data"
-ORDERS = (2, 3, 4)
+# (name, nu_max, with atomic charges)
+MODELS = (("nu=2", 2, False), ("nu=3", 3, False), ("nu=4", 4, False), ("nu=4+q", 4, True))
 
 
 def split_pool(structures, held: int, seed: int):
@@ -44,11 +45,15 @@ def split_pool(structures, held: int, seed: int):
     return [k for k in range(len(structures)) if k not in chosen], held_out
 
 
-def rows_of(kernel, expansion, structures):
-    from acdc_potential.fit.dipole import atom_environments, structure_rows
+def design_of(kernel, expansion, structures):
+    from acdc_potential.fit.dipole import atom_environments, centred_positions, dipole_design
 
     coefficients, numbers, owner, _ = atom_environments(expansion, structures)
-    return structure_rows(kernel, coefficients, numbers, owner, len(structures))
+    return dipole_design(kernel, coefficients, numbers, owner, len(structures), centred_positions(structures))
+
+
+def design_rows(structures):
+    return torch.tensor([3 * a + mu for a in structures for mu in range(3)], dtype=torch.long)
 
 
 def targets_of(structures):
@@ -84,7 +89,7 @@ def main():
     from acdc_potential.config import FitConfig
     from acdc_potential.data import read_structures, species_of
     from acdc_potential.descriptors.density import DensityExpansion
-    from acdc_potential.fit.dipole import atom_environments, choose, mix, order_weights, sparse_kernel, structure_rows, validation_split
+    from acdc_potential.fit.dipole import atom_environments, choose, sparse_kernel, validation_split
     from acdc_potential.fit.solver import solve_projected_process
     from acdc_potential.kernels.wigner.iteration import WignerHypers
 
@@ -103,45 +108,47 @@ def main():
     expansion = DensityExpansion(config.density, species)
     start = time.perf_counter()
     coefficients, numbers, _, layout = atom_environments(expansion, pool)
-    hypers = WignerHypers(nu_max=max(ORDERS), lambda_max=config.kernel.lambda_max)
+    hypers = WignerHypers(nu_max=max(nu for _, nu, _ in MODELS), lambda_max=config.kernel.lambda_max)
     kernel = sparse_kernel(hypers, coefficients, numbers, layout, args.sparse, "fps")
-    k_mm = structure_rows(kernel, kernel.sparse_coefficients, kernel.sparse_species, torch.arange(kernel.n_sparse), kernel.n_sparse)
-    rows = {"pool": rows_of(kernel, expansion, pool), "held": rows_of(kernel, expansion, held), "test": rows_of(kernel, expansion, test)}
+    designs = {name: design_of(kernel, expansion, structures) for name, structures in (("pool", pool), ("held", held), ("test", test))}
     row_seconds = time.perf_counter() - start
     n_pairs = sum(len(s.atoms) for s in train + test)
-    print(f"{kernel.n_sparse} sparse environments; kernel rows of {n_pairs} atoms up to nu = {max(ORDERS)} in {row_seconds:.0f} s")
+    print(f"{kernel.n_sparse} sparse environments; kernel rows of {n_pairs} atoms up to nu = {max(nu for _, nu, _ in MODELS)} in {row_seconds:.0f} s")
     y = {"pool": targets_of(pool), "held": targets_of(held), "test": targets_of(test)}
 
     order = random.Random(args.seed).sample(range(len(pool)), len(pool))
     results = []
     for n in sizes:
         members = sorted(order[:n])
-        rows_n = torch.tensor([3 * a + mu for a in members for mu in range(3)])
-        design, targets = rows["pool"][:, rows_n], y["pool"][rows_n]
+        design = designs["pool"].rows(members)
+        targets = y["pool"][design_rows(members)]
         weights = torch.ones_like(targets)
         fit_train, fit_validation = validation_split(n, config.options.validation, args.seed)
-        for nu in ORDERS:
+        for model, nu, charges in MODELS:
             started = time.perf_counter()
-            choice = choose(design, k_mm, targets, weights, fit_train, fit_validation, config.dipole.b, 0.0, orders=[nu])
-            omega = order_weights(nu, choice["b"])
-            solution = solve_projected_process(mix(design, omega), targets, weights.sqrt() / choice["regulariser"], mix(k_mm, omega))
+            scales = config.dipole.charge_scale if charges else [0.0]
+            candidates = [{"nu_max": nu, "b": float(b), "charge_scale": float(a)} for b in config.dipole.b for a in scales]
+            choice = choose(design, candidates, targets, weights, fit_train, fit_validation, 0.0)
+            chosen = {key: choice[key] for key in ("nu_max", "b", "charge_scale")}
+            k_nm, k_mm = design.assemble(**chosen)
+            solution = solve_projected_process(k_nm, targets, weights.sqrt() / choice["regulariser"], k_mm)
             seconds = time.perf_counter() - started
-            entry = {"train": n, "nu_max": nu, "b": choice["b"], "regulariser": choice["regulariser"], "solve_s": round(seconds, 1)}
+            entry = {"train": n, "model": model, **chosen, "regulariser": choice["regulariser"], "solve_s": round(seconds, 1)}
             for name in ("held", "test"):
-                entry[name] = errors(mix(rows[name], omega) @ solution.weights, y[name])
+                entry[name] = errors(designs[name].assemble(**chosen)[0] @ solution.weights, y[name])
             results.append(entry)
-            print(f"n {n:5d} nu_max {nu}: b {choice['b']:g}, sigma {choice['regulariser']:.2g} e*A; "
+            print(f"n {n:5d} {model:7s}: b {choice['b']:g}, charge scale {choice['charge_scale']:g}, sigma {choice['regulariser']:.2g} e*A; "
                   f"held-out frames MAE {entry['held']['mae']:.1f} me*A (norm {entry['held']['norm_mae']:.1f}), "
                   f"larger molecules MAE {entry['test']['mae']:.1f} me*A (norm {entry['test']['norm_mae']:.1f})")
 
     print("\nMAE of dipole components, me*A (norm MAE in parentheses); mean absolute deviation of the components: "
           f"held-out {results[0]['held']['reference_mae']:.0f}, larger molecules {results[0]['test']['reference_mae']:.0f}")
-    header = f"{'train':>6} " + " ".join(f"{'nu=' + str(nu) + ' held':>18} {'nu=' + str(nu) + ' larger':>18}" for nu in ORDERS)
+    header = f"{'train':>6} " + " ".join(f"{model + ' held':>18} {model + ' larger':>18}" for model, _, _ in MODELS)
     print(header + "\n" + "-" * len(header))
     for n in sizes:
         cells = []
-        for nu in ORDERS:
-            e = next(r for r in results if r["train"] == n and r["nu_max"] == nu)
+        for model, _, _ in MODELS:
+            e = next(r for r in results if r["train"] == n and r["model"] == model)
             cells += [f"{e['held']['mae']:9.1f} ({e['held']['norm_mae']:5.1f})", f"{e['test']['mae']:9.1f} ({e['test']['norm_mae']:5.1f})"]
         print(f"{n:>6} " + " ".join(f"{c:>18}" for c in cells))
     (out / "dipoles.yaml").write_text(yaml.safe_dump({"sparse": kernel.n_sparse, "row_seconds": round(row_seconds, 1), "results": results}, sort_keys=False))
@@ -157,9 +164,9 @@ def plot(results, sizes, path):
 
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
     for axis, name, title in zip(axes, ("held", "test"), ("held-out frames of the training molecules", "larger molecules (extrapolation)")):
-        for nu in ORDERS:
-            values = [next(r for r in results if r["train"] == n and r["nu_max"] == nu)[name]["mae"] for n in sizes]
-            axis.loglog(sizes, values, "o-", label=f"Wigner nu_max = {nu}")
+        for model, _, _ in MODELS:
+            values = [next(r for r in results if r["train"] == n and r["model"] == model)[name]["mae"] for n in sizes]
+            axis.loglog(sizes, values, "o-", label=f"Wigner {model.replace('nu=', 'nu_max = ').replace('+q', ' + charges')}")
         axis.set_title(title, fontsize=9)
         axis.set_xlabel("training structures")
     axes[0].set_ylabel("dipole component MAE (me*A)")

@@ -271,9 +271,14 @@ class DipoleModel:
     :param b: the order mixing (``omega_nu = b^nu / nu!``). :param regulariser: expected error of a
         dipole component (e*A) the weights were solved with. :param report: what the fit chose and
         measured (plain data). :param expansion: an already built density expansion.
+    :param charge_weights: ``[M]`` weights of the atomic charges' invariant kernel, or ``None`` (local
+        dipoles only). :param charge_scale: the scale of the charges' kernel.
     """
 
-    def __init__(self, density_hypers: DensityHypers, species: Sequence[int], kernel: SparseKernel, weights: torch.Tensor, b: float, regulariser: float, report: Optional[Dict] = None, expansion: Optional[DensityExpansion] = None):
+    def __init__(
+        self, density_hypers: DensityHypers, species: Sequence[int], kernel: SparseKernel, weights: torch.Tensor, b: float, regulariser: float,
+        report: Optional[Dict] = None, expansion: Optional[DensityExpansion] = None, charge_weights: Optional[torch.Tensor] = None, charge_scale: float = 0.0,
+    ):
         self.density_hypers = density_hypers
         self.species = [int(z) for z in species]
         self.expansion = expansion if expansion is not None else DensityExpansion(density_hypers, self.species)
@@ -282,15 +287,15 @@ class DipoleModel:
         self.b = float(b)
         self.regulariser = float(regulariser)
         self.report = dict(report or {})
+        self.charge_weights = charge_weights
+        self.charge_scale = float(charge_scale)
         self._scripted: Optional[torch.jit.ScriptModule] = None
 
-    @property
-    def omega(self) -> torch.Tensor:
-        """``[nu_max]`` ``b^nu / nu!`` (WK eq. E4 without its ``nu = 0`` term)."""
-        return exponential_weights(self.kernel.nu_max, 0.0, 1.0, self.b, torch.zeros((), dtype=torch.float64))[1:]
-
     def head(self) -> DipoleHead:
-        return DipoleHead(self.expansion, self.kernel, self.weights, self.omega, self.species)
+        nu_max = self.kernel.nu_max
+        omega = exponential_weights(nu_max, 1.0, 1.0, self.b, torch.zeros((), dtype=torch.float64))
+        charges = None if self.charge_weights is None else (self.charge_scale * omega, self.charge_weights)
+        return DipoleHead(self.expansion, self.kernel, self.weights, omega[1:], self.species, charges)
 
     def potential(self) -> AtomisticPotential:
         """The deployable module, a dipole-only :class:`~acdc_potential.model.potential.AtomisticPotential`."""
@@ -322,6 +327,8 @@ class DipoleModel:
             "b": self.b,
             "regulariser": self.regulariser,
             "report": self.report,
+            "charge_weights": self.charge_weights,
+            "charge_scale": self.charge_scale,
         }
 
     def save(self, path: str) -> None:
@@ -335,7 +342,10 @@ class DipoleModel:
             kernel = kernel_from_dict(state["kernel"])
             if kernel.kind != "wigner":
                 raise CheckpointError(f"a dipole model needs a Wigner kernel, the checkpoint has '{kernel.kind}'")
-            return cls(DensityHypers(**state["density_hypers"]), state["species"], kernel, state["weights"], state["b"], state["regulariser"], state["report"])
+            return cls(
+                DensityHypers(**state["density_hypers"]), state["species"], kernel, state["weights"], state["b"], state["regulariser"], state["report"],
+                charge_weights=state["charge_weights"], charge_scale=state["charge_scale"],
+            )
         except (KeyError, TypeError, AttributeError) as error:
             raise CheckpointError(f"the checkpoint is incomplete or malformed ({type(error).__name__}: {error})") from None
 

@@ -5,6 +5,10 @@ The dipole of structure ``A`` is the sum of atomic ``lambda = 1`` contributions 
 
     mu_A = sum_{i in A} sum_m sum_nu omega_nu k^{nu, 1+}(A_i, M_m) / s_{a nu} w_m,   omega_nu = b^nu / nu!
 
+With ``dipole.charges`` the structure's dipole gains ``sum_{i in A} q_i (r_i - r_A)``, atomic charges
+``q_i`` (an invariant kernel expansion with the constant ``nu = 0`` piece) times positions relative to the
+structure's mean, i.e. the charges with their mean removed (a neutral molecule).
+
 A row of the regression is one spherical component ``mu`` (real ``l = 1``: ``y, z, x``) of one
 structure's dipole, a column one component ``mu'`` of one sparse environment's weight, so the
 design pieces ``D_nu [3 S, 3 M]`` and ``K_MM`` pieces ``[3 M, 3 M]`` are the ``3 x 3`` blocks of
@@ -12,12 +16,12 @@ design pieces ``D_nu [3 S, 3 M]`` and ``K_MM`` pieces ``[3 M, 3 M]`` are the ``3
 structure's atoms; the projected-process solve is the energies' (:mod:`~acdc_potential.fit.solver`).
 
 :func:`fit_dipole` reads as its steps: environments, sparse environments, kernel rows, the choice
-of the largest order, ``b`` and the regulariser on a validation split (one SVD per order and
+of the largest order, ``b`` (and the charges' scale) and the regulariser on a validation split (one SVD per order and
 ``b``, every regulariser from it), and the solve on every structure.
 """
 
 import dataclasses
-import math
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -56,24 +60,62 @@ def fit_dipole(structures: Sequence[Labelled], config: FitConfig, log: FitLog = 
         hypers = WignerHypers(nu_max=options.nu_max, lambda_max=config.kernel.lambda_max, channel_weights=config.kernel.channel_weights)
         kernel = sparse_kernel(hypers, coefficients, numbers, layout, options.sparse, config.sparse.selection)
     log(f"{kernel.n_sparse} sparse environments ({', '.join(f'{int((kernel.sparse_species == z).sum())} of Z={z}' for z in species)}); "
-        f"kernel rows of {coefficients.shape[0]} atoms up to nu = {options.nu_max}")
+        f"kernel rows of {coefficients.shape[0]} atoms up to nu = {options.nu_max}" + (", with atomic charges" if options.charges else ""))
     with log.stage("kernel rows"):
-        design = structure_rows(kernel, coefficients, numbers, owner, len(structures))
-        k_mm = structure_rows(kernel, kernel.sparse_coefficients, kernel.sparse_species, torch.arange(kernel.n_sparse), kernel.n_sparse)
+        positions = centred_positions(structures) if options.charges else None
+        design = dipole_design(kernel, coefficients, numbers, owner, len(structures), positions)
     targets = torch.from_numpy(np.stack([s.dipole[SPHERICAL] for s in structures])).reshape(-1)
     row_weights = torch.tensor([s.weight for s in structures], dtype=torch.float64).repeat_interleave(3)
     with log.stage("choice"):
         train, validation = validation_split(len(structures), config.options.validation, config.options.seed)
-        choice = choose(design, k_mm, targets, row_weights, train, validation, options.b, options.regulariser)
-    log(f"chose nu_max {choice['nu_max']}, b {choice['b']:g}, regulariser {choice['regulariser']:.3g} e*A "
-        f"(validation RMSE {1000 * choice['validation_rmse']:.2f} me*A on {len(validation)} structures)")
+        candidates = [{"nu_max": nu, "b": float(b), "charge_scale": float(a)} for nu in range(1, options.nu_max + 1) for b in options.b for a in (options.charge_scale if options.charges else [0.0])]
+        choice = choose(design, candidates, targets, row_weights, train, validation, options.regulariser)
+    log(f"chose nu_max {choice['nu_max']}, b {choice['b']:g}" + (f", charge scale {choice['charge_scale']:g}" if options.charges else "")
+        + f", regulariser {choice['regulariser']:.3g} e*A (validation RMSE {1000 * choice['validation_rmse']:.2f} me*A on {len(validation)} structures)")
     with log.stage("solve"):
-        nu = choice["nu_max"]
-        omega = order_weights(nu, choice["b"])
-        solution = solve_projected_process(mix(design, omega), targets, row_weights.sqrt() / choice["regulariser"], mix(k_mm, omega))
-    chosen = chosen_kernel(kernel, nu)
+        k_nm, k_mm = design.assemble(choice["nu_max"], choice["b"], choice["charge_scale"])
+        weights = solve_projected_process(k_nm, targets, row_weights.sqrt() / choice["regulariser"], k_mm).weights
+    m = kernel.n_sparse
+    charges = weights[3 * m :] if options.charges else None
     report = {"choice": choice, "sparse_environments": {z: int((kernel.sparse_species == z).sum()) for z in species}}
-    return DipoleModel(config.density, species, chosen, solution.weights.reshape(-1, 3), choice["b"], choice["regulariser"], report, expansion)
+    return DipoleModel(
+        config.density, species, chosen_kernel(kernel, choice["nu_max"]), weights[: 3 * m].reshape(m, 3), choice["b"], choice["regulariser"],
+        report, expansion, charge_weights=charges, charge_scale=choice["charge_scale"],
+    )
+
+
+@dataclass
+class DipoleDesign:
+    """The pieces of the regression, mixed by :meth:`assemble` without recomputing a kernel.
+
+    :param local: ``[nu_max, 3 S, 3 M]``: row ``3 A + mu``, column ``3 m + mu'``, the sum over the atoms
+        ``i`` of structure ``A`` of ``k^{nu, 1+}_{mu mu'}(i, m) / s_{a nu}``. :param local_mm: ``[nu_max, 3 M, 3 M]``.
+    :param charge: ``[nu_max + 1, 3 S, M]``: ``sum_{i in A} (r_i - r_A)_mu k^{nu, 0+}(i, m) / s_{a nu}`` (``nu = 0``
+        the species delta; ``r_A`` the mean position of ``A``), or ``None`` without charges.
+        :param charge_mm: ``[nu_max + 1, M, M]`` or ``None``.
+    """
+
+    local: torch.Tensor
+    local_mm: torch.Tensor
+    charge: Optional[torch.Tensor] = None
+    charge_mm: Optional[torch.Tensor] = None
+
+    def assemble(self, nu_max: int, b: float, charge_scale: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``K_NM [3 S, C]`` and ``K_MM [C, C]`` of the kernel with orders ``1..nu_max`` mixed by ``b`` (``C = 3 M``),
+        and with ``charge_scale > 0`` the charges' columns (``C = 4 M``), their kernel ``charge_scale`` times the
+        invariant one (``c0 = 1``, the same ``b``), independent of the local dipoles' a priori."""
+        omega = order_weights(nu_max, b)
+        k_nm, k_mm = mix(self.local, omega), mix(self.local_mm, omega)
+        if charge_scale > 0:
+            omega_q = charge_order_weights(nu_max, b)
+            k_nm = torch.cat([k_nm, charge_scale * mix(self.charge, omega_q)], dim=1)
+            k_mm = torch.block_diag(k_mm, charge_scale * mix(self.charge_mm, omega_q))
+        return k_nm, k_mm
+
+    def rows(self, structures: Sequence[int]) -> "DipoleDesign":
+        """The pieces of the structures ``structures`` only."""
+        index = torch.tensor([3 * a + mu for a in structures for mu in range(3)], dtype=torch.long)
+        return DipoleDesign(self.local[:, index], self.local_mm, None if self.charge is None else self.charge[:, index], self.charge_mm)
 
 
 def check_inputs(structures: Sequence[Labelled], config: FitConfig) -> None:
@@ -112,9 +154,19 @@ def sparse_kernel(hypers: WignerHypers, coefficients: torch.Tensor, numbers: tor
     return kernel
 
 
+def dipole_design(kernel: WignerKernel, coefficients: torch.Tensor, numbers: torch.Tensor, owner: torch.Tensor, n_structures: int, positions: Optional[torch.Tensor] = None) -> DipoleDesign:
+    """The :class:`DipoleDesign` of the atoms ``coefficients [N, D]`` (atomic numbers and structures ``[N]``),
+    with the charges' pieces when ``positions`` ``[N, 3]`` (centred per structure, spherical order) are given."""
+    sparse = kernel.sparse_coefficients, kernel.sparse_species, torch.arange(kernel.n_sparse), kernel.n_sparse
+    local = structure_rows(kernel, coefficients, numbers, owner, n_structures)
+    if positions is None:
+        return DipoleDesign(local, structure_rows(kernel, *sparse))
+    charge = charge_rows(kernel, coefficients, numbers, owner, n_structures, positions)
+    return DipoleDesign(local, structure_rows(kernel, *sparse), charge, kernel.rows(kernel.sparse_coefficients, kernel.sparse_species))
+
+
 def structure_rows(kernel: WignerKernel, coefficients: torch.Tensor, numbers: torch.Tensor, owner: torch.Tensor, n_structures: int) -> torch.Tensor:
-    """Design pieces ``[nu_max, 3 S, 3 M]``: row ``3 A + mu``, column ``3 m + mu'``, the sum over
-    the atoms of structure ``A`` (``owner``) of ``k^{nu, 1+}_{mu mu'}(i, m) / s_{a nu}``."""
+    """``DipoleDesign.local``: ``[nu_max, 3 S, 3 M]``, the ``lambda = 1`` blocks summed over each structure's atoms."""
     nu_max, m = kernel.nu_max, kernel.n_sparse
     out = coefficients.new_zeros((nu_max, n_structures, 3, m, 3))
     step = max(1, int(CHUNK_BYTES // (nu_max * m * 9 * 8)))
@@ -125,9 +177,35 @@ def structure_rows(kernel: WignerKernel, coefficients: torch.Tensor, numbers: to
     return out.reshape(nu_max, 3 * n_structures, 3 * m)
 
 
+def charge_rows(kernel: WignerKernel, coefficients: torch.Tensor, numbers: torch.Tensor, owner: torch.Tensor, n_structures: int, positions: torch.Tensor) -> torch.Tensor:
+    """``DipoleDesign.charge``: ``[nu_max + 1, 3 S, M]``, the invariant pieces times the atoms' centred positions."""
+    pieces, m = kernel.nu_max + 1, kernel.n_sparse
+    out = coefficients.new_zeros((pieces, n_structures, 3, m))
+    step = max(1, int(CHUNK_BYTES // (pieces * m * 8)))
+    for start in range(0, coefficients.shape[0], step):
+        atoms = slice(start, start + step)
+        k = kernel.rows(coefficients[atoms], numbers[atoms])
+        out.index_add_(1, owner[atoms], k[:, :, None, :] * positions[atoms][None, :, :, None])
+    return out.reshape(pieces, 3 * n_structures, m)
+
+
+def centred_positions(structures: Sequence[Labelled]) -> torch.Tensor:
+    """``[N, 3]`` positions minus their structure's mean, spherical order ``y, z, x`` (what a charge ``q_i``
+    multiplies: ``sum_i q_i (r_i - r_A) = sum_i (q_i - q_A) r_i``, the total charge kept at zero)."""
+    periodic = [s.index for s in structures if np.any(s.atoms.pbc)]
+    if periodic:
+        raise ValueError(f"structures {periodic[:5]} are periodic: a charge model's dipole (charges times positions) is defined for molecules only; set dipole.charges: false")
+    return torch.from_numpy(np.concatenate([(s.atoms.positions - s.atoms.positions.mean(axis=0))[:, SPHERICAL] for s in structures]))
+
+
 def order_weights(nu_max: int, b: float) -> torch.Tensor:
     """``[nu_max]`` ``b^nu / nu!``, ``nu = 1..nu_max`` (WK eq. E4 without ``c0``)."""
     return exponential_weights(nu_max, 0.0, 1.0, b, torch.zeros((), dtype=torch.float64))[1:]
+
+
+def charge_order_weights(nu_max: int, b: float) -> torch.Tensor:
+    """``[nu_max + 1]`` ``1, b^nu / nu!``: the charges' invariant kernel (WK eq. E4, ``c0 = a = 1``)."""
+    return exponential_weights(nu_max, 1.0, 1.0, b, torch.zeros((), dtype=torch.float64))
 
 
 def mix(pieces: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
@@ -142,40 +220,33 @@ def validation_split(n_structures: int, fraction: float, seed: int) -> Tuple[Lis
     return sorted(order[held:]), sorted(order[:held])
 
 
-def choose(
-    design: torch.Tensor, k_mm: torch.Tensor, targets: torch.Tensor, row_weights: torch.Tensor, train: List[int], validation: List[int],
-    b_values: Sequence[float], regulariser: float, orders: Optional[Sequence[int]] = None,
-) -> Dict:
-    """The largest order (among ``orders``, default ``1..`` the pieces'), ``b`` and regulariser of least validation RMSE.
+def choose(design: DipoleDesign, candidates: Sequence[Dict], targets: torch.Tensor, row_weights: torch.Tensor, train: List[int], validation: List[int], regulariser: float) -> Dict:
+    """The candidate (keyword arguments of :meth:`DipoleDesign.assemble`) and regulariser of least validation RMSE.
 
-    For each order and ``b``: ``Phi = W^1/2 K_NM P`` on the training rows (``P`` of
+    For each candidate: ``Phi = W^1/2 K_NM P`` on the training rows (``P`` of
     :func:`~acdc_potential.fit.solver.sparse_projection`), its SVD ``U s V^T``, and for every
-    regulariser ``sigma`` the ridge solution ``z = V diag(s / (s^2 + sigma^2)) U^T W^1/2 y``
-    (the projected process of the solver, with ``w = P z``), scored on the validation rows.
+    regulariser ``sigma`` (``regulariser``, or ``10^(-k/2)`` times the spread of the training
+    components, ``k = 0..10``) the ridge solution ``z = V diag(s / (s^2 + sigma^2)) U^T W^1/2 y`` (the
+    projected process of the solver, with ``w = P z``), scored on the validation rows.
     """
-    rows_of = lambda structures: torch.tensor([3 * a + mu for a in structures for mu in range(3)])  # noqa: E731
+    rows_of = lambda structures: torch.tensor([3 * a + mu for a in structures for mu in range(3)], dtype=torch.long)  # noqa: E731
     t, v = rows_of(train), rows_of(validation)
     root = row_weights[t].sqrt()
     y_train, y_validation = targets[t], targets[v]
     scale = float(y_train.std()) if y_train.numel() > 1 else 1.0
     sigmas = [regulariser] if regulariser > 0 else [scale * 10 ** (-k / 2) for k in range(11)]
-    best: Dict = {"validation_rmse": math.inf}
     table = []
-    orders = list(orders) if orders is not None else list(range(1, design.shape[0] + 1))
-    for nu in orders:
-        for b in b_values:
-            omega = order_weights(nu, b)
-            k_nm = mix(design, omega)
-            projection = sparse_projection(mix(k_mm, omega))
-            u, s, vh = torch.linalg.svd(root[:, None] * (k_nm[t] @ projection), full_matrices=False)
-            uy = u.T @ (root * y_train)
-            predict = k_nm[v] @ projection @ vh.T
-            for sigma in sigmas:
-                error = predict @ (s / (s**2 + sigma**2) * uy) - y_validation
-                rmse = float(error.square().mean().sqrt())
-                table.append({"nu_max": nu, "b": float(b), "regulariser": float(sigma), "validation_rmse": rmse})
-                if rmse < best["validation_rmse"]:
-                    best = {**table[-1], "validation_mae": float(error.abs().mean())}
+    for candidate in candidates:
+        k_nm, k_mm = design.assemble(**candidate)
+        projection = sparse_projection(k_mm)
+        u, s, vh = torch.linalg.svd(root[:, None] * (k_nm[t] @ projection), full_matrices=False)
+        uy = u.T @ (root * y_train)
+        predict = k_nm[v] @ projection @ vh.T
+        for sigma in sigmas:
+            error = predict @ (s / (s**2 + sigma**2) * uy) - y_validation
+            table.append({**candidate, "regulariser": float(sigma), "validation_rmse": float(error.square().mean().sqrt()), "validation_mae": float(error.abs().mean())})
+    best = min(table, key=lambda row: row["validation_rmse"])
+    orders = sorted({c["nu_max"] for c in candidates})
     return {**best, "candidates": len(table), "best_of_each_order": [min((r for r in table if r["nu_max"] == nu), key=lambda r: r["validation_rmse"]) for nu in orders]}
 
 

@@ -16,7 +16,7 @@ at construction (docs/equations.md, "Collapsed energies").
 """
 
 import dataclasses
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -221,21 +221,25 @@ CARTESIAN = [2, 0, 1]
 
 
 class DipoleHead(DensityHead):
-    """Local dipoles ``mu_i = sum_m sum_nu omega_nu / s_{a nu} k^{nu, 1+}(A_i, M_m) w_m`` (e*A).
+    """Atomic dipole contributions (e*A): local dipoles, and optionally atomic charges times positions.
 
-    The symmetry-adapted kernel of WK eq. 5 with ``lambda = 1, sigma = +1``, mixed over the
-    body orders as WK eq. E3 (``omega_nu = b^nu / nu!``, no ``nu = 0`` piece: ``k^{0, 1+} = 0``)
-    with the per-species order scales ``s_{a nu}`` of the energies' kernel
-    (:class:`~acdc_potential.kernels.wigner.kernel.WignerKernel`); ``w_m`` ``[M, 3]`` the
-    regression weights (spherical components). A system's dipole is the sum of its atoms'.
+    ``mu_i = sum_m sum_nu omega_nu / s_{a nu} k^{nu, 1+}(A_i, M_m) w_m + q_i (r_i - r_A)``, the symmetry-adapted
+    kernel of WK eq. 5 with ``lambda = 1, sigma = +1``, mixed over the body orders as WK eq. E4 without
+    ``c0`` (``k^{0, 1+} = 0``), with the per-species order scales ``s_{a nu}`` of the energies' kernel
+    (:class:`~acdc_potential.kernels.wigner.kernel.WignerKernel`); ``w_m`` ``[M, 3]`` the regression
+    weights (spherical components). The charges ``q_i = sum_m sum_nu omega'_nu k^{nu, 0+}(A_i, M_m) / s_{a nu}
+    v_m`` (``nu = 0`` the species delta) multiply positions relative to the system's mean ``r_A``, which
+    keeps a system's total charge at zero. A system's dipole is the sum of its atoms' contributions
+    (docs/equations.md, "Dipoles").
 
     :param density: the density expansion. :param kernel: the fitted Wigner kernel with its
         sparse environments (``nu_max`` the model's). :param weights: ``[M, 3]`` ``w_m``, real
         ``l = 1`` components ``m = -1, 0, 1``. :param omega: ``[nu_max]`` ``omega_nu``.
-        :param species: the model's atomic numbers.
+        :param species: the model's atomic numbers. :param charges: ``(omega' [nu_max + 1], v [M])``, or
+        ``None`` for local dipoles only.
     """
 
-    def __init__(self, density: DensityExpansion, kernel, weights: torch.Tensor, omega: torch.Tensor, species: List[int]):
+    def __init__(self, density: DensityExpansion, kernel, weights: torch.Tensor, omega: torch.Tensor, species: List[int], charges: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
         super().__init__(density)
         self.kernels = WignerKernels(kernel.wigner_hypers)
         self.shapes: List[List[int]] = [list(shape) for shape in kernel.layout.shapes]
@@ -243,14 +247,25 @@ class DipoleHead(DensityHead):
         sparse_species = torch.tensor([index[int(z)] for z in kernel.sparse_species.tolist()], dtype=torch.long)
         self.register_buffer("sparse", kernel.sparse_coefficients.to(torch.float64).clone())
         self.register_buffer("sparse_species", sparse_species)
-        order_weights = omega.to(torch.float64)[:, None] / kernel.order_scales(species)[sparse_species, 1:].T
+        inverse_scale = 1.0 / kernel.order_scales(species)[sparse_species].T
+        order_weights = omega.to(torch.float64)[:, None] * inverse_scale[1:]
         self.register_buffer("pair_weights", order_weights[:, :, None] * weights.to(torch.float64)[None])
+        self.charges = charges is not None
+        charge_weights = torch.zeros((0, sparse_species.shape[0]), dtype=torch.float64)
+        if charges is not None:
+            charge_weights = charges[0].to(torch.float64)[:, None] * inverse_scale * charges[1].to(torch.float64)[None]
+        self.register_buffer("charge_weights", charge_weights)
         self.register_buffer("cartesian", torch.tensor(CARTESIAN, dtype=torch.long))
         self.block: int = DIPOLE_BLOCK
 
-    def forward(self, coefficients: List[torch.Tensor], species: torch.Tensor) -> torch.Tensor:
-        """``[n_atoms, 3]`` Cartesian local dipoles (e*A) of atoms of species indices ``species``."""
+    def forward(self, coefficients: List[torch.Tensor], species: torch.Tensor, centred: torch.Tensor) -> torch.Tensor:
+        """``[n_atoms, 3]`` Cartesian dipole contributions (e*A) of atoms of species indices ``species`` at
+        positions ``centred`` ``[n_atoms, 3]`` relative to their system's mean (used by the charges only)."""
         dtype = coefficients[0].dtype
         sparse = unflatten(self.sparse.to(dtype), self.shapes)
         spherical = self.kernels.equivariant_weighted_sum(coefficients, species, sparse, self.sparse_species, self.pair_weights.to(dtype), self.block)
-        return spherical.index_select(1, self.cartesian)
+        local = spherical.index_select(1, self.cartesian)
+        if self.charges:
+            charges = self.kernels.weighted_sum(coefficients, species, sparse, self.sparse_species, self.charge_weights.to(dtype))
+            local = local + charges[:, None] * centred.to(dtype)
+        return local

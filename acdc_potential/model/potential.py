@@ -165,12 +165,26 @@ class AtomisticPotential(torch.nn.Module):
                 vectors, centers, neighbors, types, system_index = self.pairs(systems, self.dipole_neighbors)
             per_atom = outputs[self.dipole_output].sample_kind == "atom"
             species = dipole.density.species_index(types)
-            # an observable along a trajectory: detached pair vectors, no graph for derivatives
-            local = dipole(dipole.environments(Pairs(vectors.detach(), centers, neighbors, species)), species)[keep]
+            # an observable along a trajectory: detached pair vectors and positions, no graph for derivatives
+            centred = self.centred_positions(systems, system_index, n_systems, dipole.charges)
+            local = dipole(dipole.environments(Pairs(vectors.detach(), centers, neighbors, species)), species, centred)[keep]
             values = local if per_atom else torch.zeros((n_systems, 3), dtype=local.dtype, device=device).index_add(0, system_index[keep], local)
             xyz = Labels(["xyz"], torch.arange(3, device=device, dtype=torch.int32).reshape(-1, 1))
             results[self.dipole_output] = _tensor_map(values.reshape(-1, 3, 1), self._samples(per_atom, system_index, atom_index, keep, n_systems), [xyz], "dipole")
         return results
+
+    def centred_positions(self, systems: List[System], system_index: torch.Tensor, n_systems: int, needed: bool) -> torch.Tensor:
+        """``[N, 3]`` positions relative to their system's mean (zeros when not ``needed``); a ``ValueError``
+        for a periodic system when ``needed`` (charges times positions have no meaning there)."""
+        positions = torch.cat([s.positions.detach() for s in systems])
+        if not needed:
+            return torch.zeros_like(positions)
+        for i, system in enumerate(systems):
+            if bool(system.pbc.any()):
+                raise ValueError("system " + str(i) + ": periodic; this dipole model has atomic charges, whose dipole is defined for molecules only")
+        counts = torch.zeros(n_systems, dtype=positions.dtype, device=positions.device).index_add(0, system_index, torch.ones_like(positions[:, 0]))
+        means = torch.zeros((n_systems, 3), dtype=positions.dtype, device=positions.device).index_add(0, system_index, positions) / counts[:, None]
+        return positions - means[system_index]
 
     def _samples(self, per_atom: bool, system_index: torch.Tensor, atom_index: torch.Tensor, keep: torch.Tensor, n_systems: int) -> Labels:
         if per_atom:
