@@ -503,18 +503,29 @@ class WignerKernels(torch.nn.Module):
     @torch.jit.export
     def equivariant_block(self, a: List[torch.Tensor], b: List[torch.Tensor], key: int) -> torch.Tensor:
         """The block ``key`` = :func:`block_key` ``(lambda, sigma)`` of ``k^nu``, ``nu = 1..nu_max``,
-        of all pairs of ``a`` and ``b`` by full iterations (WK eq. 6, C1), without central-species
-        delta: ``[nu_max, n_a, n_b, 2 lambda + 1, 2 lambda + 1]``, ``mu`` (of ``a``) before ``mu'``.
-        All pairs at once: callers cut ``a`` into chunks of about ``chunk_size`` pairs."""
+        of all pairs of ``a`` and ``b``, without central-species delta: ``[nu_max, n_a, n_b, 2 lambda + 1,
+        2 lambda + 1]``, ``mu`` (of ``a``) before ``mu'``. All pairs at once: callers cut ``a`` into chunks
+        of about ``chunk_size`` pairs.
+
+        As the invariant-only path (appendix F): full iterations (WK eq. C1) up to ``ceil(nu_max / 2)``, then
+        ``k^nu = iterate(k^{ceil(nu/2)}, k^{floor(nu/2)})`` restricted to the couplings that reach the block
+        (``k^4`` from ``k^2 k^2``: 1.7 times cheaper than ``k^3 k^1``, which needs every block of ``k^3``). The
+        two orders of coupling differ only by the truncation of the intermediate blocks at ``lambda_max``.
+        """
         n_a = a[0].shape[0]
         n_b = b[0].shape[0]
         width = 2 * key_lambda(key) + 1
         k1 = self.nu1(a, b)
+        full: List[Dict[int, torch.Tensor]] = [k1]
+        for nu in range(2, (self.nu_max + 1) // 2 + 1):
+            full.append(self.iterate(full[-1], k1, nu == 2))
         blocks: List[torch.Tensor] = []
-        current = k1
         for nu in range(1, self.nu_max + 1):
-            if nu > 1:
-                current = self.iterate(current, k1, nu == 2, key if nu == self.nu_max else -1)
+            if nu <= len(full):
+                current = full[nu - 1]
+            else:
+                high = (nu + 1) // 2
+                current = self.iterate(full[high - 1], full[nu - high - 1], high == nu - high, key)
             if key in current:
                 blocks.append(current[key].view(n_a, n_b, width, width))
             else:
