@@ -32,8 +32,7 @@ class ACDCCalculator(MetatomicCalculator):
     ``energy_uncertainty`` (eV, per structure) and ``energies_uncertainty`` (eV, per
     atom), after :meth:`get_forces_uncertainty` ``forces_uncertainty`` (eV/A, per atom):
     calibrated standard deviations (:mod:`acdc_potential.model.uncertainty`); ``dipole`` (e*A)
-    for a file with a dipole model (``get_dipole_moment()``), computed in the same model call as
-    the energy when the file has both (an MD step then gives the dipole of its structure).
+    for a file with a dipole model (``get_dipole_moment()``).
 
     :param path: the exported ``.pt`` file.
     :param device: torch device to run on (default: the best one the model supports).
@@ -42,9 +41,13 @@ class ACDCCalculator(MetatomicCalculator):
     :param threads: torch threads (default: :func:`~acdc_potential.runtime.default_threads`
         of each structure, one below 100 atoms, else every available core: what
         ``acdc-potential eval`` uses).
+    :param dipole_with_energy: for a file with energy and dipole models, compute the dipole in the
+        same model call as every energy (default): an MD step then has the dipole of its structure,
+        at the dipole's cost (for ethanol at the defaults several times the energy's). ``False``:
+        only when asked for.
     """
 
-    def __init__(self, path, device=None, uncertainty_threshold=0.1, threads: Optional[int] = None):
+    def __init__(self, path, device=None, uncertainty_threshold=0.1, threads: Optional[int] = None, dipole_with_energy: bool = True):
         path = Path(path)
         if not path.is_file():
             raise ModelFileError(f"model file '{path}' does not exist")
@@ -60,10 +63,11 @@ class ACDCCalculator(MetatomicCalculator):
         outputs = self._model.capabilities().outputs
         self.has_energy = "energy" in outputs
         self.has_dipole = DIPOLE in outputs
+        self.dipole_with_energy = self.has_dipole and self.has_energy and dipole_with_energy
         if self.has_dipole:
             self.implemented_properties = list(self.implemented_properties) + ["dipole"]
-            if self.has_energy:
-                self._additional_output_requests = {DIPOLE: ModelOutput(unit="e*A", sample_kind="system")}
+        if self.dipole_with_energy:
+            self._additional_output_requests = {DIPOLE: ModelOutput(unit="e*A", sample_kind="system")}
 
     def _prepare(self, atoms, positions_only: bool = False) -> None:
         """Validate ``atoms`` (one or a list) and set the threads for them. When only positions
@@ -88,20 +92,26 @@ class ACDCCalculator(MetatomicCalculator):
             if "dipole" in properties and not self.has_dipole:
                 raise PropertyNotImplementedError("this model file has no dipole model")
             energy_properties = [p for p in properties if p != "dipole"]
-            if energy_properties or self.has_energy:
-                # with an energy model the dipole comes from the same call
-                super().calculate(atoms, energy_properties or ["energy"], system_changes)
+            if self.dipole_with_energy and not energy_properties:
+                energy_properties = ["energy"]
+            if energy_properties:
+                super().calculate(atoms, energy_properties, system_changes)
             else:
                 Calculator.calculate(self, atoms, properties, system_changes)
-                self.additional_outputs = self.run_model(atoms, {DIPOLE: ModelOutput(unit="e*A", sample_kind="system")})
-            if self.has_dipole:
-                self.results["dipole"] = self.additional_outputs[DIPOLE].block().values.detach().cpu().numpy().reshape(3)
+            if self.dipole_with_energy:
+                self.results["dipole"] = self._dipole(self.additional_outputs)
+            elif "dipole" in properties:
+                self.results["dipole"] = self._dipole(self.run_model(atoms, {DIPOLE: ModelOutput(unit="e*A", sample_kind="system")}))
         except torch.jit.Error as error:
             # the exported model's own checks (overlapping or non-finite atoms): its message, not the TorchScript trace
             last = str(error).strip().splitlines()[-1]
             if last.startswith("builtins.ValueError: system "):
                 raise StructureError(last[len("builtins.ValueError: ") :]) from None
             raise
+
+    @staticmethod
+    def _dipole(outputs) -> np.ndarray:
+        return outputs[DIPOLE].block().values.detach().cpu().numpy().reshape(3)
 
     def run_model(self, atoms, outputs, selected_atoms=None):
         self._prepare(atoms)

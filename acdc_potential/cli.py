@@ -131,13 +131,16 @@ def fit_command(args) -> int:
 
 def _fit_dipole(args, config, output: Path) -> int:
     """``fit --target dipole``: a dipole model, its checkpoint, file, errors and report."""
-    from .data import read_structures, species_of
+    from .data import check_dipoles, read_structures, species_of
     from .evaluation import errors, format_table, pairs_of, parity_plots, predict_with_file
     from .fit.dipole import fit_dipole
     from .fit.report import fingerprint, peak_memory_gb, versions, write_report
 
-    train = read_structures(args.train, keys=config.keys, require_dipole=True)
-    test = read_structures(args.test, keys=config.keys, species=species_of(train), require_dipole=True) if args.test else []
+    train = read_structures(args.train, keys=config.keys)
+    check_dipoles(train, args.train, config.keys)
+    test = read_structures(args.test, keys=config.keys, species=species_of(train)) if args.test else []
+    if test:
+        check_dipoles(test, args.test, config.keys)
     with _fit_log(output.with_suffix(".log")) as log:
         log(f"acdc-potential {__version__}: dipole model; read {len(train)} training structures from {args.train}"
             + (f", {len(test)} test structures from {args.test}" if test else ""))
@@ -298,7 +301,7 @@ def eval_command(args) -> int:
     import dataclasses
 
     from .calculator import ACDCCalculator
-    from .data import LabelKeys, check_labels, read_structures
+    from .data import LabelKeys, check_dipoles, check_labels, read_structures
     from .evaluation import errors, format_calibration, format_table, pairs_of, parity_plots, predict_with_file
     from .fit.report import extend_report
 
@@ -306,8 +309,10 @@ def eval_command(args) -> int:
     calculator = ACDCCalculator(args.model, device=device, uncertainty_threshold=None)
     keys = _keys(LabelKeys(), args)
     # validated against the model's species here, so that errors name structures by their place in the file
-    structures = read_structures(args.data, keys=keys, species=calculator.species, require_dipole=not calculator.has_energy)
+    structures = read_structures(args.data, keys=keys, species=calculator.species)
     energy = calculator.has_energy
+    if not energy:
+        check_dipoles(structures, args.data, keys)
     used = {"energy": energy and not args.no_energies, "forces": energy and not args.no_forces, "stress": energy and not args.no_stress, "dipole": True, "|dipole|": True}
     if energy:
         check_labels(structures, args.data, keys, used["energy"], used["forces"], used["stress"])

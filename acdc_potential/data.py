@@ -256,6 +256,17 @@ def check_label_counts(present: Sequence[bool], periodic: bool, path: str, keys:
             )
 
 
+def check_dipoles(structures: Sequence[Labelled], path: str, keys: LabelKeys) -> None:
+    """A :class:`DataFileError` listing the keys of the file ``path`` when no structure has a dipole, else a
+    :class:`StructureError` naming the first structure without one (a dipole model needs it on every one)."""
+    if not any(s.dipole is not None for s in structures):
+        raise DataFileError(
+            f"{path}: no structure has a dipole under the key '{keys.dipole}'; the file has {available_keys(structures)}. "
+            "Name the key (--dipole-key, or keys: {dipole: NAME} in the configuration)"
+        )
+    validate([s for s in structures if s.dipole is None][:1], require_dipole=True)
+
+
 def available_keys(structures: Sequence[Labelled]) -> str:
     """The per-structure (info) and per-atom (arrays) keys of ``structures`` and their calculators' results."""
     info, arrays = set(), set()

@@ -120,6 +120,12 @@ def test_one_file_with_energy_and_dipole_returns_both_from_one_call(fitted, tmp_
     assert atoms.calc.get_property("dipole", atoms, allow_calculation=False) is not None
     assert abs(e - float(energy.predict([bare], forces=False, stress=False)["energy"][0])) < 1e-10 * abs(e)
     np.testing.assert_allclose(mu, fitted.predict([bare]).numpy()[0], rtol=0, atol=1e-12)
+    # on request only: an energy call leaves the dipole out, asking for it computes it
+    other = bare.copy()
+    other.calc = ACDCCalculator(path, uncertainty_threshold=None, dipole_with_energy=False)
+    assert other.get_potential_energy() == pytest.approx(e, rel=1e-12)
+    assert "dipole" not in other.calc.results
+    np.testing.assert_allclose(other.get_dipole_moment(), mu, rtol=0, atol=1e-12)
 
 
 def test_a_dipole_fit_without_dipoles_or_with_a_polynomial_kernel_is_refused():
@@ -153,6 +159,11 @@ def test_fit_eval_and_export_through_the_command_line(generator, tmp_path, capsy
     assert "dipole" in printed and "|dipole|" in printed and (tmp_path / "p.png").is_file()
     assert main(["export", str(output.with_suffix(".ckpt")), "--dipole", str(output.with_suffix(".ckpt")), "-o", str(tmp_path / "x.pt")]) == 2
     assert "is a dipole model's checkpoint" in capsys.readouterr().err
+    # without the key: one line naming the file, the key and the keys it has
+    assert main(["fit", str(tmp_path / "train.extxyz"), "-o", str(tmp_path / "y.pt"), "--target", "dipole"]) == 2
+    assert "train.extxyz: no structure has a dipole under the key 'dipole'; the file has per-structure keys ['mu'" in capsys.readouterr().err
+    assert main(["eval", str(output), str(tmp_path / "test.extxyz")]) == 2
+    assert "test.extxyz: no structure has a dipole under the key 'dipole'" in capsys.readouterr().err
 
 
 def test_fixed_atomic_charges_are_recovered_by_the_charge_model_and_are_translation_invariant():
