@@ -120,6 +120,14 @@ def test_one_file_with_energy_and_dipole_returns_both_from_one_call(fitted, tmp_
     assert atoms.calc.get_property("dipole", atoms, allow_calculation=False) is not None
     assert abs(e - float(energy.predict([bare], forces=False, stress=False)["energy"][0])) < 1e-10 * abs(e)
     np.testing.assert_allclose(mu, fitted.predict([bare]).numpy()[0], rtol=0, atol=1e-12)
+    # the same file through the command line, from the two checkpoints
+    energy.save(str(tmp_path / "energy.ckpt"))
+    fitted.save(str(tmp_path / "dipole.ckpt"))
+    assert main(["export", str(tmp_path / "energy.ckpt"), "--dipole", str(tmp_path / "dipole.ckpt"), "-o", str(tmp_path / "cli.pt")]) == 0
+    again = bare.copy()
+    again.calc = ACDCCalculator(tmp_path / "cli.pt", uncertainty_threshold=None)
+    assert again.get_potential_energy() == pytest.approx(e, rel=1e-12)
+    np.testing.assert_allclose(again.get_dipole_moment(), mu, rtol=0, atol=1e-12)
     # on request only: an energy call leaves the dipole out, asking for it computes it
     other = bare.copy()
     other.calc = ACDCCalculator(path, uncertainty_threshold=None, dipole_with_energy=False)
