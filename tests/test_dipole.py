@@ -13,9 +13,10 @@ from acdc_potential.config import FitConfig
 from acdc_potential.data import Labelled
 from acdc_potential.descriptors.density import DensityExpansion
 from acdc_potential.fit.checkpoint import DipoleModel, export_models, load_checkpoint
-from acdc_potential.fit.dipole import atom_environments, fit_dipole, sparse_kernel
+from acdc_potential.fit.dipole import atom_environments, dipole_design, fit_dipole, sparse_kernel
 from acdc_potential.fit.driver import fit
 from acdc_potential.kernels.wigner.iteration import WignerHypers
+from acdc_potential.model.heads import CARTESIAN
 
 from conftest import ethanol, random_rotation
 
@@ -211,3 +212,14 @@ def test_fixed_atomic_charges_are_recovered_by_the_charge_model_and_are_translat
         with_charges.predict([cell])
     with pytest.raises(ValueError, match="are periodic: a charge model"):
         fit_dipole([Labelled(cell, dipole=np.zeros(3), index=0)] + train, small_config(charges=True))
+
+
+def test_the_fits_design_rows_predict_what_the_exported_module_does(fitted):
+    """The rows the fit solves with (``WignerKernel.equivariant_rows`` summed per structure) times the
+    weights equal the module's weighted sums over the sparse environments (``equivariant_weighted_sum``)."""
+    structures = [Labelled(ethanol(seed), index=k) for k, seed in enumerate((400, 401, 402))]
+    coefficients, numbers, owner, _ = atom_environments(fitted.expansion, structures)
+    k_nm, _ = dipole_design(fitted.kernel, coefficients, numbers, owner, len(structures)).assemble(fitted.kernel.nu_max, fitted.b)
+    from_rows = (k_nm @ fitted.weights.reshape(-1)).reshape(-1, 3)[:, CARTESIAN]
+    expected = fitted.predict(structures)
+    torch.testing.assert_close(from_rows, expected, rtol=0, atol=1e-10 * float(expected.abs().max()))
