@@ -131,7 +131,7 @@ def main():
             choice = choose(design, candidates, targets, weights, fit_train, fit_validation, 0.0)
             chosen = {key: choice[key] for key in ("nu_max", "b", "charge_scale")}
             k_nm, k_mm = design.assemble(**chosen)
-            solution = solve_projected_process(k_nm, targets, weights.sqrt() / choice["regulariser"], k_mm)
+            solution = solve_projected_process(k_nm, targets, weights.sqrt() / choice["regulariser"], k_mm, blocks=design.column_species(chosen["charge_scale"]))
             seconds = time.perf_counter() - started
             entry = {"train": n, "model": model, **chosen, "regulariser": choice["regulariser"], "solve_s": round(seconds, 1)}
             for name in ("held", "test"):

@@ -347,6 +347,22 @@ def test_sparse_projection_keeps_small_eigenvalues_and_floors_the_null_space():
     assert abs(float(whitened[0])) < 1e-2  # rounding of the zero eigenvalue over the floor, ~eps / jitter
 
 
+def test_block_diagonal_sparse_projection_equals_the_whole_one():
+    """Blocks of K_MM that vanish between labels (species) decomposed one by one give the same
+    ``P P^T`` (the pseudo-inverse), and the same weights, as one decomposition of the whole."""
+    x_sparse, x_train, _, k = gaussian_problem(3, 1)
+    labels = torch.tensor([0, 1, 0, 2, 1, 2])
+    train_labels = torch.arange(x_train.shape[0]) % 3
+    k_mm = k(x_sparse, x_sparse) * (labels[:, None] == labels[None, :])
+    k_nm = k(x_train, x_sparse) * (train_labels[:, None] == labels[None, :])
+    whole, blocks = sparse_projection(k_mm), sparse_projection(k_mm, blocks=labels)
+    torch.testing.assert_close(blocks @ blocks.T, whole @ whole.T, rtol=1e-10, atol=1e-10)
+    y, inverse_sigma = torch.cos(x_train).sum(dim=1), torch.full((x_train.shape[0],), 10.0, dtype=torch.float64)
+    torch.testing.assert_close(
+        solve_projected_process(k_nm, y, inverse_sigma, k_mm, blocks=labels).weights, solve_projected_process(k_nm, y, inverse_sigma, k_mm).weights, rtol=1e-8, atol=1e-10
+    )
+
+
 def test_solver_with_a_duplicated_sparse_environment_predicts_as_without_it():
     """A duplicated sparse environment makes K_MM singular; the fit stays finite and the
     duplicate only shares the weight of the original."""

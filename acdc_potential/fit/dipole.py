@@ -74,7 +74,8 @@ def fit_dipole(structures: Sequence[Labelled], config: FitConfig, log: FitLog = 
         + f", regulariser {choice['regulariser']:.3g} e*A (validation RMSE {1000 * choice['validation_rmse']:.2f} me*A on {len(validation)} structures)")
     with log.stage("solve"):
         k_nm, k_mm = design.assemble(choice["nu_max"], choice["b"], choice["charge_scale"])
-        weights = solve_projected_process(k_nm, targets, row_weights.sqrt() / choice["regulariser"], k_mm).weights
+        blocks = design.column_species(choice["charge_scale"])
+        weights = solve_projected_process(k_nm, targets, row_weights.sqrt() / choice["regulariser"], k_mm, blocks=blocks).weights
     m = kernel.n_sparse
     charges = weights[3 * m :] if options.charges else None
     report = {"choice": choice, "sparse_environments": {z: int((kernel.sparse_species == z).sum()) for z in species}}
@@ -90,6 +91,7 @@ class DipoleDesign:
 
     :param local: ``[nu_max, 3 S, 3 M]``: row ``3 A + mu``, column ``3 m + mu'``, the sum over the atoms
         ``i`` of structure ``A`` of ``k^{nu, 1+}_{mu mu'}(i, m) / s_{a nu}``. :param local_mm: ``[nu_max, 3 M, 3 M]``.
+    :param sparse_species: ``[M]`` central species of the sparse environments.
     :param charge: ``[nu_max + 1, 3 S, M]``: ``sum_{i in A} (r_i - r_A)_mu k^{nu, 0+}(i, m) / s_{a nu}`` (``nu = 0``
         the species delta; ``r_A`` the mean position of ``A``), or ``None`` without charges.
         :param charge_mm: ``[nu_max + 1, M, M]`` or ``None``.
@@ -97,6 +99,7 @@ class DipoleDesign:
 
     local: torch.Tensor
     local_mm: torch.Tensor
+    sparse_species: torch.Tensor
     charge: Optional[torch.Tensor] = None
     charge_mm: Optional[torch.Tensor] = None
 
@@ -112,10 +115,15 @@ class DipoleDesign:
             k_mm = torch.block_diag(k_mm, charge_scale * mix(self.charge_mm, omega_q))
         return k_nm, k_mm
 
+    def column_species(self, charge_scale: float = 0.0) -> torch.Tensor:
+        """The central species of each column of :meth:`assemble` (``K_MM`` vanishes across species)."""
+        local = self.sparse_species.repeat_interleave(3)
+        return torch.cat([local, self.sparse_species]) if charge_scale > 0 else local
+
     def rows(self, structures: Sequence[int]) -> "DipoleDesign":
         """The pieces of the structures ``structures`` only."""
         index = torch.tensor([3 * a + mu for a in structures for mu in range(3)], dtype=torch.long)
-        return DipoleDesign(self.local[:, index], self.local_mm, None if self.charge is None else self.charge[:, index], self.charge_mm)
+        return dataclasses.replace(self, local=self.local[:, index], charge=None if self.charge is None else self.charge[:, index])
 
 
 def check_inputs(structures: Sequence[Labelled], config: FitConfig) -> None:
@@ -160,9 +168,9 @@ def dipole_design(kernel: WignerKernel, coefficients: torch.Tensor, numbers: tor
     sparse = kernel.sparse_coefficients, kernel.sparse_species, torch.arange(kernel.n_sparse), kernel.n_sparse
     local = structure_rows(kernel, coefficients, numbers, owner, n_structures)
     if positions is None:
-        return DipoleDesign(local, structure_rows(kernel, *sparse))
+        return DipoleDesign(local, structure_rows(kernel, *sparse), kernel.sparse_species)
     charge = charge_rows(kernel, coefficients, numbers, owner, n_structures, positions)
-    return DipoleDesign(local, structure_rows(kernel, *sparse), charge, kernel.rows(kernel.sparse_coefficients, kernel.sparse_species))
+    return DipoleDesign(local, structure_rows(kernel, *sparse), kernel.sparse_species, charge, kernel.rows(kernel.sparse_coefficients, kernel.sparse_species))
 
 
 def structure_rows(kernel: WignerKernel, coefficients: torch.Tensor, numbers: torch.Tensor, owner: torch.Tensor, n_structures: int) -> torch.Tensor:
@@ -227,7 +235,8 @@ def choose(design: DipoleDesign, candidates: Sequence[Dict], targets: torch.Tens
     :func:`~acdc_potential.fit.solver.sparse_projection`), its SVD ``U s V^T``, and for every
     regulariser ``sigma`` (``regulariser``, or ``10^(-k/2)`` times the spread of the training
     components, ``k = 0..10``) the ridge solution ``z = V diag(s / (s^2 + sigma^2)) U^T W^1/2 y`` (the
-    projected process of the solver, with ``w = P z``), scored on the validation rows.
+    projected process of the solver, with ``w = P z``; ``P`` species by species, as ``K_MM`` vanishes
+    across species), scored on the validation rows.
     """
     rows_of = lambda structures: torch.tensor([3 * a + mu for a in structures for mu in range(3)], dtype=torch.long)  # noqa: E731
     t, v = rows_of(train), rows_of(validation)
@@ -238,7 +247,7 @@ def choose(design: DipoleDesign, candidates: Sequence[Dict], targets: torch.Tens
     table = []
     for candidate in candidates:
         k_nm, k_mm = design.assemble(**candidate)
-        projection = sparse_projection(k_mm)
+        projection = sparse_projection(k_mm, blocks=design.column_species(candidate.get("charge_scale", 0.0)))
         u, s, vh = torch.linalg.svd(root[:, None] * (k_nm[t] @ projection), full_matrices=False)
         uy = u.T @ (root * y_train)
         predict = k_nm[v] @ projection @ vh.T

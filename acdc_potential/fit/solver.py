@@ -54,6 +54,7 @@ def solve_projected_process(
     k_mm: torch.Tensor,
     jitter: float = DEFAULT_JITTER,
     block_rows: Optional[int] = None,
+    blocks: Optional[torch.Tensor] = None,
 ) -> ProjectedProcess:
     """Minimise ``|Lambda^{-1/2} (y - K_NM w)|^2 + w^T K_MM w`` (see :class:`ProjectedProcess`).
 
@@ -62,12 +63,13 @@ def solve_projected_process(
     :param targets: ``[R]``; :param inverse_sigma: ``[R]`` ``Lambda^{-1/2}``;
     :param k_mm: ``[M, M]``.
     :param block_rows: rows of the stacked system factorised at once (default ``4 (r + 1)``).
+    :param blocks: ``[M]`` labels of the blocks of a block-diagonal ``K_MM`` (:func:`sparse_projection`).
 
     The R of the QR of ``[Lambda^{-1/2} K_NM P, Lambda^{-1/2} y; I, 0]`` holds ``R`` and, in
     its last column, ``Q^T y``; it is accumulated block by block (the R of ``[R_previous;
     block]``, a tall-skinny QR), so neither ``Q`` nor the stacked matrix is ever held whole.
     """
-    projection = sparse_projection(k_mm, jitter)
+    projection = sparse_projection(k_mm, jitter, blocks)
     return solution_from_triangle(stacked_triangle(k_nm, targets, inverse_sigma, projection, prior=True, block_rows=block_rows), projection)
 
 
@@ -79,9 +81,13 @@ def solution_from_triangle(augmented: torch.Tensor, projection: torch.Tensor) ->
     return ProjectedProcess(projection @ z, projection, r)
 
 
-def sparse_projection(k_mm: torch.Tensor, jitter: float = DEFAULT_JITTER) -> torch.Tensor:
+def sparse_projection(k_mm: torch.Tensor, jitter: float = DEFAULT_JITTER, blocks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``P = U lambda^{-1/2}`` ``[M, M]`` of ``K_MM = U diag(lambda) U^T`` ``[M, M]``, every
     eigenvalue raised to at least ``jitter * lambda_max`` (see :class:`ProjectedProcess`).
+
+    ``blocks`` ``[M]``: a label per column (e.g. the central species) such that ``K_MM`` vanishes
+    between different labels; each block is then decomposed on its own (the same ``P`` up to the
+    order of its columns, at a fraction of the cost).
 
     The eigen-directions of small ``lambda`` are kept, not dropped: they are smooth in
     the sparse environments but not in the forces, and dropping those below 1e-10 of the
@@ -89,9 +95,17 @@ def sparse_projection(k_mm: torch.Tensor, jitter: float = DEFAULT_JITTER) -> tor
     accuracy. The floor only keeps the problem well posed where ``K_MM`` is singular to
     working precision (duplicate environments), like GAP's sparse jitter.
     """
-    eigenvalues, vectors = torch.linalg.eigh(0.5 * (k_mm + k_mm.T))
-    floor = jitter * eigenvalues.max().clamp_min(1e-300)
-    return vectors / eigenvalues.clamp_min(floor).sqrt()
+    if blocks is None:
+        eigenvalues, vectors = torch.linalg.eigh(0.5 * (k_mm + k_mm.T))
+        floor = jitter * eigenvalues.max().clamp_min(1e-300)
+        return vectors / eigenvalues.clamp_min(floor).sqrt()
+    groups = [torch.nonzero(blocks == label).flatten() for label in torch.unique(blocks)]
+    parts = [torch.linalg.eigh(0.5 * (k_mm[g][:, g] + k_mm[g][:, g].T)) for g in groups]
+    floor = jitter * max(float(values.max()) for values, _ in parts) if parts else 0.0
+    projection = torch.zeros_like(k_mm)
+    for g, (values, vectors) in zip(groups, parts):
+        projection[g[:, None], g[None, :]] = vectors / values.clamp_min(max(floor, 1e-300)).sqrt()
+    return projection
 
 
 def stacked_triangle(
