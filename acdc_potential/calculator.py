@@ -64,8 +64,6 @@ class ACDCCalculator(MetatomicCalculator):
         self.has_energy = "energy" in outputs
         self.has_dipole = DIPOLE in outputs
         self.dipole_with_energy = self.has_dipole and self.has_energy and dipole_with_energy
-        if self.has_dipole:
-            self.implemented_properties = list(self.implemented_properties) + ["dipole"]
         if self.dipole_with_energy:
             self._additional_output_requests = {DIPOLE: ModelOutput(unit="e*A", sample_kind="system")}
 
@@ -98,6 +96,8 @@ class ACDCCalculator(MetatomicCalculator):
                 super().calculate(atoms, energy_properties, system_changes)
             else:
                 Calculator.calculate(self, atoms, properties, system_changes)
+                if system_changes:
+                    self.results = {}
             if self.dipole_with_energy:
                 self.results["dipole"] = self._dipole(self.additional_outputs)
             elif "dipole" in properties:

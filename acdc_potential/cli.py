@@ -311,7 +311,8 @@ def eval_command(args) -> int:
     # validated against the model's species here, so that errors name structures by their place in the file
     structures = read_structures(args.data, keys=keys, species=calculator.species)
     energy = calculator.has_energy
-    if not energy:
+    # a file with both models compares dipoles when the data have them, a dipole model needs them
+    if calculator.has_dipole and (not energy or any(s.dipole is not None for s in structures)):
         check_dipoles(structures, args.data, keys)
     used = {"energy": energy and not args.no_energies, "forces": energy and not args.no_forces, "stress": energy and not args.no_stress, "dipole": True, "|dipole|": True}
     if energy:

@@ -129,7 +129,8 @@ def validate(
     one atom, finite positions and cell, every atomic number among ``species`` (when
     given), no two atoms closer than :data:`MIN_DISTANCE`, labels finite and of the right
     shape, stress only on fully periodic cells, positive finite
-    weight, energy/forces/dipole present when required.
+    weight, energy/forces present when required; the dipole present, finite and of 3 components when
+    required (an energy fit ignores whatever a file stores under that key).
     """
     allowed = None if species is None else set(int(s) for s in species)
     for structure in structures:
@@ -170,7 +171,7 @@ def validate(
                 raise StructureError(f"{name}: stress contains NaN or infinity")
         if structure.dipole is None and require_dipole:
             raise StructureError(f"{name}: missing dipole")
-        if structure.dipole is not None:
+        if structure.dipole is not None and require_dipole:
             if structure.dipole.shape != (3,):
                 raise StructureError(f"{name}: dipole has shape {structure.dipole.shape}, expected (3,)")
             if not np.all(np.isfinite(structure.dipole)):
@@ -258,13 +259,14 @@ def check_label_counts(present: Sequence[bool], periodic: bool, path: str, keys:
 
 def check_dipoles(structures: Sequence[Labelled], path: str, keys: LabelKeys) -> None:
     """A :class:`DataFileError` listing the keys of the file ``path`` when no structure has a dipole, else a
-    :class:`StructureError` naming the first structure without one (a dipole model needs it on every one)."""
+    :class:`StructureError` naming the first structure without a dipole of 3 finite components (a dipole
+    model needs one on every structure)."""
     if not any(s.dipole is not None for s in structures):
         raise DataFileError(
             f"{path}: no structure has a dipole under the key '{keys.dipole}'; the file has {available_keys(structures)}. "
             "Name the key (--dipole-key, or keys: {dipole: NAME} in the configuration)"
         )
-    validate([s for s in structures if s.dipole is None][:1], require_dipole=True)
+    validate(structures, require_dipole=True)
 
 
 def available_keys(structures: Sequence[Labelled]) -> str:

@@ -57,7 +57,7 @@ def design_rows(structures):
 
 
 def targets_of(structures):
-    from acdc_potential.fit.dipole import SPHERICAL
+    from acdc_potential.model.heads import SPHERICAL
 
     return torch.from_numpy(np.stack([s.dipole[SPHERICAL] for s in structures])).reshape(-1)
 

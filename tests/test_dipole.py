@@ -13,10 +13,12 @@ from acdc_potential.config import FitConfig
 from acdc_potential.data import Labelled
 from acdc_potential.descriptors.density import DensityExpansion
 from acdc_potential.fit.checkpoint import DipoleModel, export_models, load_checkpoint
-from acdc_potential.fit.dipole import atom_environments, dipole_design, fit_dipole, sparse_kernel
+from acdc_potential.fit.dipole import atom_environments, centred_positions, chosen_kernel, dipole_design, fit_dipole, sparse_kernel
 from acdc_potential.fit.driver import fit
 from acdc_potential.kernels.wigner.iteration import WignerHypers
 from acdc_potential.model.heads import CARTESIAN
+from acdc_potential.model.potential import DIPOLE
+from metatomic.torch import ModelOutput
 
 from conftest import ethanol, random_rotation
 
@@ -116,9 +118,9 @@ def test_one_file_with_energy_and_dipole_returns_both_from_one_call(fitted, tmp_
     atoms = bare.copy()
     atoms.calc = ACDCCalculator(path, uncertainty_threshold=None)
     e = atoms.get_potential_energy()
+    # the dipole came with the energy, in the same call
+    assert "dipole" in atoms.calc.results
     mu = atoms.get_dipole_moment()
-    # the dipole came with the energy: the cached result, not a second call
-    assert atoms.calc.get_property("dipole", atoms, allow_calculation=False) is not None
     assert abs(e - float(energy.predict([bare], forces=False, stress=False)["energy"][0])) < 1e-10 * abs(e)
     np.testing.assert_allclose(mu, fitted.predict([bare]).numpy()[0], rtol=0, atol=1e-12)
     # the same file through the command line, from the two checkpoints
@@ -223,3 +225,50 @@ def test_the_fits_design_rows_predict_what_the_exported_module_does(fitted):
     from_rows = (k_nm @ fitted.weights.reshape(-1)).reshape(-1, 3)[:, CARTESIAN]
     expected = fitted.predict(structures)
     torch.testing.assert_close(from_rows, expected, rtol=0, atol=1e-10 * float(expected.abs().max()))
+
+
+def test_a_charge_models_design_rows_predict_what_the_exported_module_does():
+    """As above with atomic charges, and with the model's order below the fit's largest (the exported
+    kernel is the fit's pieces: ``k^nu`` does not depend on ``nu_max``)."""
+    train = labelled(small_generator(), range(12))
+    config = small_config(charges=True, charge_scale=[1.0], nu_max=4, b=[2.0])
+    model = fit_dipole(train, config)
+    structures = [Labelled(ethanol(seed), index=k) for k, seed in enumerate((500, 501))]
+    coefficients, numbers, owner, layout = atom_environments(model.expansion, structures)
+    wide = sparse_kernel(WignerHypers(nu_max=4, lambda_max=2), *atom_environments(model.expansion, train)[:2], layout, 6, "fps")
+    design = dipole_design(wide, coefficients, numbers, owner, len(structures), centred_positions(structures))
+    for nu in (2, 3):
+        chosen = DipoleModel(model.density_hypers, model.species, chosen_kernel(wide, nu), model.weights, model.b, 0.0, expansion=model.expansion, charge_weights=model.charge_weights, charge_scale=1.0)
+        k_nm, _ = design.assemble(nu, model.b, 1.0)
+        from_rows = (k_nm @ torch.cat([model.weights.reshape(-1), model.charge_weights])).reshape(-1, 3)[:, CARTESIAN]
+        expected = chosen.predict(structures)
+        torch.testing.assert_close(from_rows, expected, rtol=0, atol=1e-10 * float(expected.abs().max()))
+
+
+def small_generator():
+    config = small_config()
+    structures = [Labelled(ethanol(seed), index=seed) for seed in range(12)]
+    expansion = DensityExpansion(config.density, [1, 6, 8])
+    coefficients, numbers, _, layout = atom_environments(expansion, structures)
+    kernel = sparse_kernel(WignerHypers(nu_max=2, lambda_max=2), coefficients, numbers, layout, 6, "fps")
+    weights = torch.from_numpy(np.random.default_rng(1).normal(size=(kernel.n_sparse, 3)))
+    return DipoleModel(config.density, [1, 6, 8], kernel, weights, B, 0.0, expansion=expansion)
+
+
+@pytest.mark.filterwarnings("ignore::acdc_potential.errors.BaselineWarning")
+def test_energy_and_dipole_models_of_different_cutoffs_in_one_file(fitted, tmp_path):
+    """The dipole model's own neighbour list when its cutoff differs from the energy model's; per-atom
+    output: the atoms' contributions, whose sum is the dipole."""
+    structures = [Labelled(ethanol(seed), energy=float(seed), forces=np.zeros((9, 3)), index=seed) for seed in range(6)]
+    energy = fit(structures, FitConfig.from_dict({**SMALL, "density": {**SMALL["density"], "cutoff": 3.5}, "kernel": {"nu_max": 2, "lambda_max": 2}, "sparse": {"n": 4}, "options": {"tune": False}}))
+    export_models(energy, fitted, str(tmp_path / "both.pt"))
+    atoms = ethanol(600)
+    calculator = ACDCCalculator(tmp_path / "both.pt", uncertainty_threshold=None)
+    lists = calculator._model.requested_neighbor_lists()
+    assert sorted(round(o.cutoff, 6) for o in lists) == [3.5, 5.0]
+    expected = fitted.predict([atoms]).numpy()[0]
+    atoms.calc = calculator
+    np.testing.assert_allclose(atoms.get_dipole_moment(), expected, rtol=0, atol=1e-12)
+    per_atom = calculator.run_model(atoms, {DIPOLE: ModelOutput(unit="e*A", sample_kind="atom")})[DIPOLE].block().values[:, :, 0].numpy()
+    assert per_atom.shape == (9, 3)
+    np.testing.assert_allclose(per_atom.sum(axis=0), expected, rtol=0, atol=1e-12)

@@ -365,4 +365,7 @@ def export_models(energy: Optional[SparseKRRModel], dipole: Optional[DipoleModel
         return dipole.export(path, dtype, description)
     potential = energy.potential()
     combined = AtomisticPotential(potential.head, potential.baseline, potential.force_scale, None if dipole is None else dipole.head())
-    export_model(combined, path, dtype=dtype, description=description, references=energy.references())
+    references = energy.references()
+    if dipole is not None:
+        references = {kind: list(dict.fromkeys(items + dipole.references().get(kind, []))) for kind, items in references.items()}
+    export_model(combined, path, dtype=dtype, description=description, references=references)

@@ -35,14 +35,12 @@ from ..descriptors.jacobian import batch_density
 from ..descriptors.neighbors import batch_from_atoms
 from ..kernels.wigner.iteration import WignerHypers, exponential_weights
 from ..kernels.wigner.kernel import WignerKernel
-from ..model.heads import DIPOLE_BLOCK
+from ..model.heads import DIPOLE_BLOCK, SPHERICAL
 from .checkpoint import DipoleModel
 from .report import FitLog
 from .selection import select_sparse
 from .solver import solve_projected_process, sparse_projection
 
-# the spherical components y, z, x (real l = 1, m = -1, 0, 1) among the Cartesian x, y, z
-SPHERICAL = [1, 2, 0]
 # memory of one chunk of kernel blocks while the rows are built (bytes)
 CHUNK_BYTES = 2.5e8
 

@@ -53,10 +53,11 @@ def atomistic_model(
     """``potential`` (a copy, in ``dtype``, caches cleared) in metatomic's ``AtomisticModel``."""
     potential = copy.deepcopy(potential).to(dtype).eval()
     outputs = {}
-    if potential.head is not None:
-        clear_cache = getattr(potential.head, "clear_cache", None)
+    for head in (potential.head, potential.dipole):
+        clear_cache = getattr(head, "clear_cache", None)
         if clear_cache is not None:
             clear_cache()
+    if potential.head is not None:
         outputs["energy"] = ModelOutput(unit="eV", sample_kind="atom")
         outputs["energy_uncertainty"] = ModelOutput(unit="eV", sample_kind="atom")
         if bool(potential.force_scale.any()):

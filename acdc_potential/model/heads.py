@@ -39,7 +39,33 @@ class DensityHead(torch.nn.Module):
         return self.density.from_pairs(pairs)
 
 
-class WignerHead(DensityHead):
+class SparseWignerHead(DensityHead):
+    """A head that sums Wigner kernels over its sparse environments (``self.kernels``, a
+    :class:`WignerKernels`), with their ``nu = 2`` features (:meth:`WignerKernels.nu2_features`) for the
+    pairs: hundreds of MB for large models, so computed on the first call (in the caller's dtype and
+    device), not stored in the file."""
+
+    # (each subclass declares ``sparse_features: Dict[int, torch.Tensor]``: TorchScript reads the
+    # annotations of the scripted class only)
+
+    def clear_cache(self):
+        self.sparse_features = {}
+
+    def _sparse_features(self, sparse: List[torch.Tensor]) -> Dict[int, torch.Tensor]:
+        """:meth:`WignerKernels.nu2_features` of the sparse environments, computed once."""
+        if not self.kernels.use_features(sparse[0].dtype) or self.kernels.nu_max < 2:
+            return {}
+        stale = True
+        for value in self.sparse_features.values():
+            stale = value.dtype != sparse[0].dtype or value.device != sparse[0].device
+            break
+        if stale:
+            with torch.no_grad():
+                self.sparse_features = self.kernels.nu2_features(sparse)
+        return self.sparse_features
+
+
+class WignerHead(SparseWignerHead):
     """``e_i = sum_m w_m sum_nu omega_nu k^nu(A_i, M_m) / s_{a nu}``, the exponential Wigner kernel (WK eq. E4).
 
     ``s_{a nu}`` is the per-species scale of each order (see
@@ -91,26 +117,7 @@ class WignerHead(DensityHead):
         # what is left for the pairs: everything (route pairs), orders above 4, or nothing
         self.register_buffer("pair_weights", pair_weights)
         self.pairs_left = not self.collapsed or self.kernels.nu_max > FOLDED_ORDERS
-        # nu = 2 features of the sparse environments (WignerKernels.nu2_features), for the
-        # pairs and for the variance: hundreds of MB for large models, so computed on the
-        # first call (in the caller's dtype and device), not stored
         self.sparse_features = {}
-
-    def clear_cache(self):
-        self.sparse_features = {}
-
-    def _sparse_features(self, sparse: List[torch.Tensor]) -> Dict[int, torch.Tensor]:
-        """:meth:`WignerKernels.nu2_features` of the sparse environments, computed once."""
-        if not self.kernels.use_features(sparse[0].dtype) or self.kernels.nu_max < 2:
-            return {}
-        stale = True
-        for value in self.sparse_features.values():
-            stale = value.dtype != sparse[0].dtype or value.device != sparse[0].device
-            break
-        if stale:
-            with torch.no_grad():
-                self.sparse_features = self.kernels.nu2_features(sparse)
-        return self.sparse_features
 
     def _collapsed_parts(self, dtype: torch.dtype) -> List[torch.Tensor]:
         parts: List[torch.Tensor] = []
@@ -216,17 +223,20 @@ class PolynomialHead(DensityHead):
 
 # the lambda = 1, sigma = +1 block (a polar vector; descriptors.cg.block_key)
 DIPOLE_BLOCK = 2
-# Cartesian x, y, z among the real l = 1 components m = -1, 0, 1, which are y, z, x
-CARTESIAN = [2, 0, 1]
+# the real l = 1 components m = -1, 0, 1 are y, z, x: SPHERICAL picks them from Cartesian x, y, z,
+# CARTESIAN picks x, y, z from them
+SPHERICAL = [1, 2, 0]
+CARTESIAN = [SPHERICAL.index(axis) for axis in range(3)]
 
 
-class DipoleHead(DensityHead):
+class DipoleHead(SparseWignerHead):
     """Atomic dipole contributions (e*A): local dipoles, and optionally atomic charges times positions.
 
     ``mu_i = sum_m sum_nu omega_nu / s_{a nu} k^{nu, 1+}(A_i, M_m) w_m + q_i (r_i - r_A)``, the symmetry-adapted
     kernel of WK eq. 5 with ``lambda = 1, sigma = +1``, mixed over the body orders as WK eq. E4 without
-    ``c0`` (``k^{0, 1+} = 0``), with the per-species order scales ``s_{a nu}`` of the energies' kernel
-    (:class:`~acdc_potential.kernels.wigner.kernel.WignerKernel`); ``w_m`` ``[M, 3]`` the regression
+    ``c0`` (``k^{0, 1+} = 0``), with the per-species order scales ``s_{a nu}`` of the model's invariant
+    kernel (defined as for energies, :class:`~acdc_potential.kernels.wigner.kernel.WignerKernel`);
+    ``w_m`` ``[M, 3]`` the regression
     weights (spherical components). The charges ``q_i = sum_m sum_nu omega'_nu k^{nu, 0+}(A_i, M_m) / s_{a nu}
     v_m`` (``nu = 0`` the species delta) multiply positions relative to the system's mean ``r_A``, which
     keeps a system's total charge at zero. A system's dipole is the sum of its atoms' contributions
@@ -238,6 +248,8 @@ class DipoleHead(DensityHead):
         :param species: the model's atomic numbers. :param charges: ``(omega' [nu_max + 1], v [M])``, or
         ``None`` for local dipoles only.
     """
+
+    sparse_features: Dict[int, torch.Tensor]
 
     def __init__(self, density: DensityExpansion, kernel, weights: torch.Tensor, omega: torch.Tensor, species: List[int], charges: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
         super().__init__(density)
@@ -257,6 +269,7 @@ class DipoleHead(DensityHead):
         self.register_buffer("charge_weights", charge_weights)
         self.register_buffer("cartesian", torch.tensor(CARTESIAN, dtype=torch.long))
         self.block: int = DIPOLE_BLOCK
+        self.sparse_features = {}
 
     def forward(self, coefficients: List[torch.Tensor], species: torch.Tensor, centred: torch.Tensor) -> torch.Tensor:
         """``[n_atoms, 3]`` Cartesian dipole contributions (e*A) of atoms of species indices ``species`` at
@@ -266,6 +279,7 @@ class DipoleHead(DensityHead):
         spherical = self.kernels.equivariant_weighted_sum(coefficients, species, sparse, self.sparse_species, self.pair_weights.to(dtype), self.block)
         local = spherical.index_select(1, self.cartesian)
         if self.charges:
-            charges = self.kernels.weighted_sum(coefficients, species, sparse, self.sparse_species, self.charge_weights.to(dtype))
+            features = self._sparse_features(sparse)
+            charges = self.kernels.weighted_sum(coefficients, species, sparse, self.sparse_species, self.charge_weights.to(dtype), features)
             local = local + charges[:, None] * centred.to(dtype)
         return local

@@ -134,7 +134,8 @@ class AtomisticPotential(torch.nn.Module):
         n_systems = len(systems)
         results: Dict[str, TensorMap] = {}
         head = self.head
-        if head is not None:
+        wanted = "energy" in outputs or "energy_uncertainty" in outputs or self.forces_uncertainty in outputs
+        if head is not None and wanted:
             species = head.density.species_index(types)
             environments = head.environments(Pairs(vectors, centers, neighbors, species))
             # the atoms' energy uncertainty, computed once for both outputs that use it

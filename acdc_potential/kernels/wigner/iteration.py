@@ -260,7 +260,7 @@ class WignerKernels(torch.nn.Module):
         :param symmetric: ``y`` is ``x``: the ``(l2, l1)`` coupling then equals the
             ``(l1, l2)`` one (the sign of ``C^{l2 l1}`` cancels in ``C C``) and is skipped.
         :param only: a :func:`block_key`: return that block only, skipping the couplings
-            that cannot reach it (the last iteration of a tensorial target); -1: all.
+            that cannot reach it (the final coupling of a tensorial target); -1: all.
         :return: blocks ``[P, 2 lambda + 1, 2 lambda + 1]`` for ``lambda <= lambda_max``.
         """
         out: Dict[int, torch.Tensor] = {}
@@ -507,10 +507,12 @@ class WignerKernels(torch.nn.Module):
         2 lambda + 1]``, ``mu`` (of ``a``) before ``mu'``. All pairs at once: callers cut ``a`` into chunks
         of about ``chunk_size`` pairs.
 
-        As the invariant-only path (appendix F): full iterations (WK eq. C1) up to ``ceil(nu_max / 2)``, then
-        ``k^nu = iterate(k^{ceil(nu/2)}, k^{floor(nu/2)})`` restricted to the couplings that reach the block
-        (``k^4`` from ``k^2 k^2``: 1.7 times cheaper than ``k^3 k^1``, which needs every block of ``k^3``). The
-        two orders of coupling differ only by the truncation of the intermediate blocks at ``lambda_max``.
+        Every order is ``k^nu = iterate(k^{ceil(nu/2)}, k^{floor(nu/2)})`` (WK eq. C1, appendix F): every
+        block for the orders up to ``ceil(nu_max / 2)``, which the higher ones need, and for those only the
+        couplings that reach the block (``k^4`` from ``k^2 k^2``: 1.7 times cheaper than ``k^3 k^1``, which
+        needs every block of ``k^3``). Orders of coupling differ only by the truncation of the intermediate
+        blocks at ``lambda_max``; this one makes ``k^nu`` the same whatever ``nu_max`` (a fit that chooses its
+        order among the pieces of a larger one exports the same kernel).
         """
         n_a = a[0].shape[0]
         n_b = b[0].shape[0]
@@ -518,7 +520,8 @@ class WignerKernels(torch.nn.Module):
         k1 = self.nu1(a, b)
         full: List[Dict[int, torch.Tensor]] = [k1]
         for nu in range(2, (self.nu_max + 1) // 2 + 1):
-            full.append(self.iterate(full[-1], k1, nu == 2))
+            high = (nu + 1) // 2
+            full.append(self.iterate(full[high - 1], full[nu - high - 1], high == nu - high))
         blocks: List[torch.Tensor] = []
         for nu in range(1, self.nu_max + 1):
             if nu <= len(full):

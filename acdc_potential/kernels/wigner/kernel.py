@@ -5,6 +5,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ...descriptors.cg import key_lambda
 from ..base import SparseKernel
 from .features import order_features_of
 from .gradients import order_feature_gradients_of
@@ -206,7 +207,7 @@ class WignerKernel(SparseKernel):
         """
         self.check_species(species)
         module = wigner_module(self.wigner_hypers, coefficients)
-        width = 2 * (key // 2) + 1
+        width = 2 * key_lambda(key) + 1
         out = coefficients.new_zeros((self.nu_max, coefficients.shape[0], self.n_sparse, width, width))
         scale = self._order_scale(species, coefficients)[1:]
         for atoms, sparse in self._blocks(species):
