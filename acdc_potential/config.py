@@ -71,8 +71,12 @@ class Regularisers:
 class KernelConfig:
     """The kernel.
 
-    :param type: ``wigner`` (exponential body-ordered Wigner kernel, WK eq. E4) or
-        ``polynomial`` (``(x . x')^zeta`` on the normalised power spectrum, the GAP form).
+    :param type: ``wigner`` (exponential body-ordered Wigner kernel, WK eq. E4),
+        ``polynomial`` (``(x . x')^zeta`` on normalised invariant ACDC features of the orders
+        ``orders``; the GAP form on the power spectrum by default; ``zeta: 1`` is a linear model) or
+        ``mpacdc`` (the same on the message-passing ``[1 <- 1]`` invariants, MP-ACDC eq. 12, beside the
+        single-centre ``orders``, a subset of 1 and 2; an atom's energy then depends on atoms up to twice
+        the cutoff away).
     :param nu_max: largest correlation order of the Wigner kernel (body order ``nu_max + 1``),
         or ``auto`` (default): the candidates of ``grid.nu_max`` (3 and 4) are compared on
         held-out structures (:func:`~acdc_potential.fit.driver.select_on_grid`) and the
@@ -87,8 +91,17 @@ class KernelConfig:
         (``8 pi^2 / (2l + 1)``, what models of earlier versions were fitted with: weights low
         ``l`` more at every ``nu >= 2``; see :class:`~acdc_potential.kernels.wigner.iteration.WignerHypers`).
     :param zeta: exponent of the polynomial kernel.
+    :param orders: body orders ``nu`` of the polynomial kernel's invariant features, any of 1
+        (the ``l = 0`` density coefficients), 2 (the power spectrum) and 3 (the bispectrum),
+        concatenated with equal weights (docs/equations.md, "Polynomial kernel").
+    :param message_max_radial: ``max_radial`` of the ``mpacdc`` message's expansion (the density's
+        otherwise, cutoff included): its features number about ``(n_species (max_radial + 1))^3`` per coupling.
+    :param message_max_angular: ``max_angular`` of the message's expansion.
+    :param contraction: with order 3, the number of components kept of each ``nu = 2`` equivariant
+        block before the last coupling, by a PCA on the sparse environments (MP-ACDC eq. 24); 0 keeps
+        them all (the nu = 3 invariants number about the cube of the density channels per coupling).
     :param mixing: starting values of the mixing coefficients (``c0``, ``a``, ``b`` for
-        ``wigner``; ``c0``, ``a`` for ``polynomial``); tuned when ``options.tune``.
+        ``wigner``; ``c0``, ``a`` for ``polynomial`` and ``mpacdc``); tuned when ``options.tune``.
     """
 
     type: str = "wigner"
@@ -96,6 +109,10 @@ class KernelConfig:
     lambda_max: int = 3
     channel_weights: str = "uniform"
     zeta: int = 4
+    orders: List[int] = field(default_factory=lambda: [2])
+    contraction: int = 64
+    message_max_radial: int = 3
+    message_max_angular: int = 2
     mixing: Dict[str, float] = field(default_factory=dict)
 
 
@@ -413,11 +430,15 @@ RULES: Dict[Tuple[str, str], Rule] = {
     ("density", "C"): Rule(bounds=POSITIVE),
     ("density", "r0"): Rule(bounds=POSITIVE),
     ("density", "spline_accuracy"): Rule(bounds=POSITIVE),
-    ("kernel", "type"): Rule(choices=("wigner", "polynomial")),
+    ("kernel", "type"): Rule(choices=("wigner", "polynomial", "mpacdc")),
     ("kernel", "nu_max"): Rule(choices=("auto",), bounds=NON_NEGATIVE),
     ("kernel", "lambda_max"): Rule(bounds=NON_NEGATIVE),
     ("kernel", "channel_weights"): Rule(choices=("uniform", "inverse_dimension")),
     ("kernel", "zeta"): Rule(bounds=POSITIVE),
+    ("kernel", "orders"): Rule(bounds=Bounds(1.0, 4.0, inclusive=True)),
+    ("kernel", "contraction"): Rule(bounds=NON_NEGATIVE),
+    ("kernel", "message_max_radial"): Rule(bounds=NON_NEGATIVE),
+    ("kernel", "message_max_angular"): Rule(bounds=NON_NEGATIVE),
     ("kernel", "mixing"): Rule(bounds=POSITIVE),
     ("sparse", "n"): Rule(bounds=POSITIVE),
     ("sparse", "selection"): Rule(choices=("fps", "cur")),

@@ -136,11 +136,16 @@ def test_a_float_in_exponent_notation_without_a_point_gets_a_hint(tmp_path):
 
 
 def test_a_string_option_takes_one_of_its_choices():
-    assert "kernel.type: expected one of 'wigner', 'polynomial', got 'gaussian'" in rejected({"kernel": {"type": "gaussian"}})
+    assert "kernel.type: expected one of 'wigner', 'polynomial', 'mpacdc', got 'gaussian'" in rejected({"kernel": {"type": "gaussian"}})
     assert "sparse.selection: expected one of 'fps', 'cur', got 'random'" in rejected({"sparse": {"selection": "random"}})
     assert "density.basis: expected one of 'le', 'gto', got 'bessel'" in rejected({"density": {"basis": "bessel"}})
     assert "density.density: expected one of 'gaussian', 'wigner'" in rejected({"density": {"density": "soap"}})
     assert "keys.energy: expected a string, got 3" in rejected({"keys": {"energy": 3}})
+
+
+def test_kernel_orders_are_one_to_three():
+    assert "kernel.orders[1]: expected an integer in [1, 4), got 4" in rejected({"kernel": {"orders": [2, 4]}})
+    assert FitConfig.from_dict({"kernel": {"type": "polynomial", "orders": [1, 3]}}).kernel.orders == [1, 3]
 
 
 def test_nu_max_takes_an_integer_or_auto():

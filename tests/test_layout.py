@@ -200,12 +200,18 @@ def test_crafted_checkpoints_are_refused_and_run_nothing(tmp_path, monkeypatch, 
     assert not (tmp_path / "marker").exists()
 
 
-def test_crafted_version_two_checkpoint_naming_features_is_refused(tmp_path):
+def test_crafted_checkpoints_naming_features_are_refused(tmp_path):
+    """A version-4 file names its polynomial kernel's features by a name (only ``power_spectrum``
+    exists); a current one by body orders (1, 2, 3)."""
     state = SparseKRRModel.load(str(DATA / "ethanol_polynomial.ckpt")).to_dict()
-    state["kernel"]["hypers"]["features"] = "os:system"
-    torch.save(state, tmp_path / "crafted.ckpt")
-    with pytest.raises(ValueError, match="unknown features 'os:system'"):
+    old = {**state, "version": 4, "kernel": {**state["kernel"], "hypers": {"zeta": 4, "features": "os:system"}}}
+    torch.save(old, tmp_path / "crafted.ckpt")
+    with pytest.raises(CheckpointError, match="unknown features 'os:system'"):
         SparseKRRModel.load(str(tmp_path / "crafted.ckpt"))
+    state["kernel"]["hypers"]["orders"] = [2, 4]
+    torch.save(state, tmp_path / "orders.ckpt")
+    with pytest.raises(ValueError, match=r"invariant orders must be a non-empty subset of \[1, 2, 3\], got \[2, 4\]"):
+        SparseKRRModel.load(str(tmp_path / "orders.ckpt"))
 
 
 class Payload:
@@ -225,7 +231,7 @@ def test_checkpoints_round_trip_in_the_current_version(tmp_path):
     model, frames, _ = reference("copper_wigner4")
     model.save(str(tmp_path / "again.ckpt"))
     state = torch.load(tmp_path / "again.ckpt", weights_only=True)
-    assert (state["format"], state["version"]) == ("acdc-potential/sparse-krr", 4)
+    assert (state["format"], state["version"]) == ("acdc-potential/sparse-krr", 5)
     again = SparseKRRModel.load(str(tmp_path / "again.ckpt"))
     for key, value in model.predict(frames[:1], uncertainty=True).items():
         torch.testing.assert_close(again.predict(frames[:1], uncertainty=True)[key], value, equal_nan=True, rtol=0, atol=0)

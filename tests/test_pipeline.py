@@ -16,9 +16,11 @@ import ase.io
 import numpy as np
 import pytest
 import torch
+import yaml
 from ase import units
 from ase.md.velocitydistribution import Stationary, ZeroRotation, thermalize_momenta
 from ase.md.verlet import VelocityVerlet
+from ase.optimize import BFGS
 
 from conftest import check_forces_and_stress
 
@@ -56,6 +58,18 @@ def ethanol_fit(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def mpacdc_fit(tmp_path_factory):
+    """A message-passing model ([1 <- 1] on a coarse message basis beside the power spectrum)."""
+    torch.set_num_threads(1)
+    structures = read_structures(str(DATA / "ethanol_train.extxyz"), index="::10")
+    config = small_config("mpacdc").overridden("kernel", {"orders": [2], "zeta": 2, "message_max_radial": 2, "message_max_angular": 1})
+    model = fit(structures, config)
+    path = tmp_path_factory.mktemp("fit") / "mpacdc.pt"
+    export_model(model.potential(), str(path))
+    return model, str(path)
+
+
+@pytest.fixture(scope="module")
 def copper_fit(tmp_path_factory):
     torch.set_num_threads(1)
     if not COPPER.exists():
@@ -67,14 +81,20 @@ def copper_fit(tmp_path_factory):
     return model, str(path), structures
 
 
-@pytest.mark.parametrize("kernel", ["wigner", "wigner-nu4", "polynomial"])
-def test_exported_file_reproduces_the_fitted_model(kernel, ethanol_fit, tmp_path):
-    """nu_max = 3 (the fixture) and 4 run through the collapsed sums; the polynomial kernel pair by pair."""
+@pytest.mark.parametrize("kernel", ["wigner", "wigner-nu4", "polynomial", "acdc", "mpacdc"])
+def test_exported_file_reproduces_the_fitted_model(kernel, ethanol_fit, tmp_path, request):
+    """nu_max = 3 (the fixture) and 4 run through the collapsed sums; the polynomial kernel pair by
+    pair, on the power spectrum and (acdc) on invariants of orders 1, 2, 3 with a contraction, and on
+    message-passing invariants (mpacdc)."""
     if kernel == "wigner":
         model, path = ethanol_fit
+    elif kernel == "mpacdc":
+        model, path = request.getfixturevalue("mpacdc_fit")
     else:
         structures = read_structures(str(DATA / "ethanol_train.extxyz"), index="::10")
-        config = small_config("polynomial" if kernel == "polynomial" else "wigner")
+        config = small_config("wigner" if kernel.startswith("wigner") else "polynomial")
+        if kernel == "acdc":
+            config = config.overridden("kernel", {"orders": [1, 2, 3], "zeta": 2, "contraction": 8})
         if kernel == "wigner-nu4":
             config = dataclasses.replace(config, kernel=dataclasses.replace(config.kernel, nu_max=4))
         model = fit(structures, config)
@@ -107,13 +127,14 @@ def test_float32_export(ethanol_fit, tmp_path):
     assert abs(energies[1] - energies[0]) <= 1e-5 * abs(energies[0])
 
 
-def test_nve_conserves_energy(ethanol_fit):
-    """1000 steps of 0.5 fs: total-energy drift below 1e-4 eV/atom.
+@pytest.mark.parametrize("fitted", ["ethanol_fit", "mpacdc_fit"])
+def test_nve_conserves_energy(fitted, request):
+    """1000 steps of 0.5 fs: total-energy drift below 1e-4 eV/atom, with a Wigner and a message-passing model.
 
     The drift is the change of the total energy averaged over the first and the last
     100 steps: Verlet's bounded oscillation (fractions of a meV/atom at this step) is
     not a drift and averages out."""
-    _, path = ethanol_fit
+    _, path = request.getfixturevalue(fitted)
     atoms = ase.io.read(str(DATA / "ethanol_test.extxyz"), 0)
     atoms.calc = ACDCCalculator(path, uncertainty_threshold=None)
     thermalize_momenta(atoms, temperature_K=300, rng=np.random.default_rng(0))
@@ -175,6 +196,28 @@ def test_command_line(tmp_path):
     (tmp_path / "bad.yaml").write_text("kernel: {nu_maximum: 3}\n")
     bad = run_cli("fit", "train.extxyz", "-o", "x.pt", "--config", "bad.yaml", cwd=tmp_path)
     assert bad.returncode == 2 and "nu_maximum" in bad.stderr
+
+
+def test_message_passing_model_from_the_command_line_relaxes_and_runs_md(tmp_path):
+    """``fit`` with ``kernel.type: mpacdc``, then ASE's BFGS on a rattled test molecule with the exported
+    file (the largest force falls below 0.05 eV/A) and a few MD steps."""
+    ase.io.write(tmp_path / "train.extxyz", ase.io.read(str(DATA / "ethanol_train.extxyz"), "::20"))
+    (tmp_path / "config.yaml").write_text(
+        "density: {cutoff: 4.0, max_radial: 3, max_angular: 2}\n"
+        "kernel: {type: mpacdc, orders: [2], zeta: 2, message_max_radial: 2, message_max_angular: 1}\nsparse: {n: 16}\n"
+    )
+    fit = run_cli("fit", "train.extxyz", "-o", "mp.pt", "--config", "config.yaml", cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr
+    report = yaml.safe_load((tmp_path / "mp.report.yaml").read_text())
+    assert report["chosen"]["kernel"] == "mpacdc"
+    atoms = ase.io.read(str(DATA / "ethanol_test.extxyz"), 0)
+    atoms.calc = ACDCCalculator(tmp_path / "mp.pt", uncertainty_threshold=None)
+    start = np.abs(atoms.get_forces()).max()
+    assert BFGS(atoms, logfile=None).run(fmax=0.05, steps=300)
+    assert np.abs(atoms.get_forces()).max() < 0.05 < start
+    thermalize_momenta(atoms, temperature_K=300, rng=np.random.default_rng(1))
+    VelocityVerlet(atoms, timestep=0.5 * units.fs).run(20)
+    assert np.isfinite(atoms.get_potential_energy())
 
 
 def test_density_grid_picks_the_lowest_validation_loss_and_stores_every_point(tmp_path):

@@ -27,9 +27,12 @@ from acdc_potential.fit.tuning import select_hyperparameters
 from acdc_potential.fit.checkpoint import kernel_from_dict
 from acdc_potential.fit.selection import cur_selection, farthest_point_sampling, select_sparse
 from acdc_potential.kernels.base import SparseKernel
+from acdc_potential.kernels.message_passing import MessagePassingKernel, message_hypers
 from acdc_potential.kernels.polynomial import PolynomialKernel
 from acdc_potential.kernels.wigner.kernel import WignerKernel
 from acdc_potential.kernels.wigner.iteration import WignerHypers
+from acdc_potential.calculator import ACDCCalculator
+from acdc_potential.model.export import export_model
 
 HYPERS = DensityHypers(density="gaussian", cutoff=3.5, smoothing=0.5, max_angular=2, max_radial=3, basis="gto", width=0.4)
 
@@ -79,7 +82,21 @@ def wigner_model():
     return fit_kernel(training_set(), HYPERS, kernel, n_sparse=6, regularisers=Regularisers(0.01, 0.05, 0.005), tune=False)
 
 
-@pytest.fixture(params=["polynomial_model", "wigner_model"])
+@pytest.fixture(scope="module")
+def acdc_model():
+    """Linear in normalised invariants of orders 1, 2 and 3, the last contracted (eq. 24)."""
+    kernel = PolynomialKernel(zeta=1, orders=[1, 2, 3], contraction=4, mixing={"c0": 0.5, "a": 1.0})
+    return fit_kernel(training_set(), HYPERS, kernel, n_sparse=6, regularisers=Regularisers(0.01, 0.05, 0.005), tune=False)
+
+
+@pytest.fixture(scope="module")
+def mpacdc_model():
+    """Quadratic in normalised [1 <- 1] and power-spectrum invariants (a message-passing model)."""
+    kernel = MessagePassingKernel(message_hypers(HYPERS, 2, 1), zeta=2, orders=[2], mixing={"c0": 0.5, "a": 1.0})
+    return fit_kernel(training_set(), HYPERS, kernel, n_sparse=6, regularisers=Regularisers(0.01, 0.05, 0.005), tune=False)
+
+
+@pytest.fixture(params=["polynomial_model", "acdc_model", "mpacdc_model", "wigner_model"])
 def model(request):
     return request.getfixturevalue(request.param)
 
@@ -498,3 +515,75 @@ def test_sparse_selection_per_species():
     assert len(set(cur_selection(features, 10).tolist())) == 10
     with pytest.raises(ValueError, match="species 6"):
         select_sparse(features, species, {1: 5}, "fps")
+
+
+def atom_energies(model, atoms, selected=None, forces=False):
+    """Per-atom energies ``[n]`` of the scripted exported module (of the atoms ``selected``, default all),
+    and with ``forces`` the forces on every atom of ``atoms`` from their sum."""
+    from metatensor.torch import Labels
+    from metatomic.torch import ModelOutput
+
+    from acdc_potential.inference import _systems
+
+    module = model.scripted()
+    systems, positions, _ = _systems(module, [atoms], torch.float64, torch.device("cpu"), forces, False)
+    chosen = None
+    if selected is not None:
+        chosen = Labels(["system", "atom"], torch.tensor([[0, i] for i in selected], dtype=torch.int32))
+    energies = module(systems, {"energy": ModelOutput(unit="eV", sample_kind="atom")}, chosen)["energy"].block().values[:, 0]
+    if not forces:
+        return energies.detach(), None
+    (gradient,) = torch.autograd.grad(energies.sum(), positions)
+    return energies.detach(), -gradient
+
+
+@pytest.mark.parametrize("kind", ["mpacdc_model", "polynomial_model"])
+def test_message_passing_reaches_twice_the_cutoff_and_single_centre_models_do_not(kind, request):
+    """Atom 0 at the origin, atom 1 within its cutoff, atom 2 beyond it (1.6 r_c) but within atom 1's:
+    moving atom 2 changes atom 0's energy through atom 1's density, for [1 <- 1] features only."""
+    model = request.getfixturevalue(kind)
+    cutoff = HYPERS.cutoff
+    atoms = ase.Atoms("Cu3", positions=[[0.0, 0.0, 0.0], [0.75 * cutoff, 0.2, 0.0], [1.6 * cutoff, 0.5, 0.1]])
+    before = atom_energies(model, atoms)[0]
+    atoms.positions[2] += [0.05, -0.04, 0.03]
+    assert np.linalg.norm(atoms.positions[2]) > 1.5 * cutoff
+    change = abs(float(atom_energies(model, atoms)[0][0] - before[0]))
+    if kind == "mpacdc_model":
+        assert change > 1e-6
+    else:
+        assert change == 0.0
+    assert model.scripted().interaction_range == (2.0 if kind == "mpacdc_model" else 1.0) * cutoff
+
+
+def test_message_passing_model_without_single_centre_orders_fits_and_exports(tmp_path):
+    """``orders: []``: the [1 <- 1] invariants alone, scripted and exported like the others."""
+    kernel = MessagePassingKernel(message_hypers(HYPERS, 1, 1), zeta=1, orders=[], mixing={"c0": 0.5, "a": 1.0})
+    model = fit_kernel(training_set(), HYPERS, kernel, n_sparse=4, regularisers=Regularisers(0.01, 0.05, 0.005), tune=False)
+    export_model(model.potential(), str(tmp_path / "mp.pt"))
+    atoms = copper(30)
+    atoms.calc = ACDCCalculator(str(tmp_path / "mp.pt"), uncertainty_threshold=None)
+    assert abs(atoms.get_potential_energy() - float(model.predict([atoms], forces=False, stress=False)["energy"][0])) < 1e-10 * len(atoms)
+
+
+def test_message_passing_model_in_domain_decomposition_gives_the_periodic_result(mpacdc_model):
+    """A periodic copper cell evaluated as local atoms plus periodic images (ghosts) out to the interaction
+    range, a cluster, with ``selected_atoms`` the local ones: the energy equals the periodic one, and the
+    forces, once the ghosts' forces are added to the atoms they are images of (LAMMPS's reverse
+    communication), equal the periodic forces."""
+    cell = copper(21) * (2, 2, 2)
+    n = len(cell)
+    periodic = mpacdc_model.predict([cell], forces=True, stress=False)
+    shifts = [np.array([a, b, c]) for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1) if (a, b, c) != (0, 0, 0)]
+    ghosts = [cell.positions + s @ cell.cell.array for s in shifts]
+    cluster = ase.Atoms(cell.numbers.tolist() * (1 + len(shifts)), positions=np.vstack([cell.positions] + ghosts))
+    reach = np.min(np.linalg.norm(cluster.positions[n:, None] - cell.positions[None], axis=2), axis=1)
+    assert reach.max() > mpacdc_model.scripted().interaction_range  # the ghosts reach beyond the interaction range
+    energies, forces = atom_energies(mpacdc_model, cluster, selected=range(n), forces=True)
+    assert energies.shape == (n,)
+    assert abs(float(energies.sum() - periodic["energy"][0])) < 1e-10 * abs(float(periodic["energy"][0]))
+    folded = forces.reshape(1 + len(shifts), n, 3).sum(0)
+    torch.testing.assert_close(folded, periodic["forces"], rtol=0, atol=1e-10)
+    # ghosts out to the cutoff only, as for a single-centre model, are not enough
+    near = np.concatenate([np.arange(n), n + np.flatnonzero(reach <= HYPERS.cutoff)])
+    short = atom_energies(mpacdc_model, cluster[near], selected=range(n))[0]
+    assert abs(float(short.sum() - periodic["energy"][0])) > 1e-6

@@ -2,10 +2,10 @@
 checkpoints: plain dicts of tensors, numbers and strings.
 
 Nothing read from a checkpoint chooses code to run: the kernel is named by a key of
-:data:`~acdc_potential.kernels.KERNELS` (and a polynomial kernel's features by a key of
-:data:`~acdc_potential.kernels.FEATURES`); anything else is refused, with a
-:class:`~acdc_potential.errors.CheckpointError` (a ``ValueError`` from the kernel for unknown
-features), before any object of the model is built. Files are read
+:data:`~acdc_potential.kernels.KERNELS` (and a polynomial kernel's features by their body orders,
+numbers checked by the kernel); anything else is refused, with a
+:class:`~acdc_potential.errors.CheckpointError` (a ``ValueError`` from the kernel for orders it does
+not have), before any object of the model is built. Files are read
 with ``torch.load(weights_only=True)``, which unpickles tensors and plain containers only.
 
 Format history (``version``; :func:`upgrade` brings older files to the current one):
@@ -18,6 +18,8 @@ Format history (``version``; :func:`upgrade` brings older files to the current o
 3. Wigner kernels gained ``channel_weights`` (earlier files: ``inverse_dimension``).
 4. ``calibration`` of the uncertainties (earlier files: none, factors 1 and no force
    uncertainty; their atomic energy uncertainties are now the unexplained prior variance).
+5. Polynomial kernels name their features by body orders (``orders``, ``contraction``,
+   ``projections``) instead of a feature name (earlier files: ``power_spectrum``, i.e. orders ``[2]``).
 """
 
 import dataclasses
@@ -34,7 +36,7 @@ from ..kernels import KERNELS
 from ..kernels.base import SparseKernel
 from ..model.export import export_model
 from ..kernels.wigner.iteration import exponential_weights
-from ..model.heads import DipoleHead, PolynomialHead, WignerHead
+from ..model.heads import DipoleHead, MessagePassingHead, PolynomialHead, WignerHead
 from ..model.potential import AtomisticPotential
 from ..model.references import metatomic_references
 from ..model.uncertainty import Calibration, SparseState
@@ -43,7 +45,7 @@ from .solver import ProjectedProcess
 from .tuning import HyperparameterReport
 
 FORMAT = "acdc-potential/sparse-krr"
-VERSION = 4
+VERSION = 5
 # version 1 named these objects by their qualified Python name; nothing else is accepted
 _VERSION_1_NAMES = {
     "acdc_potential.wigner:WignerHypers": "wigner",
@@ -56,6 +58,8 @@ def upgrade(state: Dict) -> Dict:
     dict, ``state`` is not changed)."""
     if state.get("format") == FORMAT and state.get("version") == VERSION:
         return state
+    if state.get("format") == FORMAT and state.get("version") == 4:
+        return _upgrade_from_4(state)
     if state.get("format") == FORMAT and state.get("version") == 3:
         return _upgrade_from_3(state)
     if state.get("format") == FORMAT and state.get("version") == 2:
@@ -91,7 +95,19 @@ def _upgrade_from_2(state: Dict) -> Dict:
 
 def _upgrade_from_3(state: Dict) -> Dict:
     """Version 3 -> 4: a ``calibration`` of the uncertainties; earlier models have none."""
-    return {**state, "version": VERSION, "calibration": None}
+    return _upgrade_from_4({**state, "version": 4, "calibration": None})
+
+
+def _upgrade_from_4(state: Dict) -> Dict:
+    """Version 4 -> 5: polynomial kernels name the body orders of their features; the only
+    feature name of earlier files, ``power_spectrum``, is the order 2."""
+    kernel = dict(state["kernel"])
+    if kernel["kind"] == "polynomial":
+        hypers = dict(kernel["hypers"])
+        if hypers.get("features") != "power_spectrum":
+            raise CheckpointError(f"the checkpoint names unknown features {hypers.get('features')!r} for its polynomial kernel")
+        kernel["hypers"] = {"zeta": hypers["zeta"], "orders": [2], "contraction": 0, "projections": None}
+    return {**state, "version": VERSION, "kernel": kernel}
 
 
 def kernel_from_dict(state: Dict) -> SparseKernel:
@@ -169,6 +185,8 @@ class SparseKRRModel:
             head = WignerHead(self.expansion, self.kernel, state, self.species, route)
         elif self.kernel.kind == "polynomial":
             head = PolynomialHead(self.expansion, self.kernel, state, self.species)
+        elif self.kernel.kind == "mpacdc":
+            head = MessagePassingHead(self.expansion, self.kernel, state, self.species)
         else:
             raise ValueError(f"cannot export a '{self.kernel.kind}' kernel")
         baseline = torch.tensor([self.baseline.energies.get(z, 0.0) for z in self.species], dtype=torch.float64)

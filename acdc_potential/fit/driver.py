@@ -23,11 +23,11 @@ from ase.data import chemical_symbols
 
 from ..config import ClusterConfig, FitConfig, FitOptions, KernelConfig, Regularisers, SparseConfig, atomic_number
 from ..data import Labelled
-from ..descriptors.acdc import power_spectrum
 from ..descriptors.density import DensityExpansion
 from ..descriptors.radial import DensityHypers
 from ..errors import AccuracyWarning, BaselineWarning
 from ..kernels import PolynomialKernel, SparseKernel, WignerKernel
+from ..kernels.message_passing import MessagePassingKernel, message_hypers
 from ..kernels.wigner.iteration import WignerHypers
 from ..inference import run_module
 from . import tasks
@@ -172,17 +172,18 @@ def fit_kernel(
 
 
 def choose_sparse(kernel, source, survey, expansion, n_sparse, selection, candidates, seed, task_structures, executor, progress, log) -> torch.Tensor:
-    """Sparse environments per species (:func:`select_sparse` on the power spectrum) among the
-    atoms of :func:`selection_candidates`, whose density coefficients the executor computes;
+    """Sparse environments per species (:func:`select_sparse` on the kernel's selection features, the
+    power spectrum for most) among the atoms of :func:`selection_candidates`, whose environments
+    (:meth:`SparseKernel.environments`) the executor computes;
     stored in ``kernel`` (:meth:`SparseKernel.set_sparse`). Returns the source position of the
     structure of each sparse environment ``[M]``."""
     pool = selection_candidates(survey.n_atoms, candidates, seed)
-    log(f"density coefficients of {'every atom' if len(pool) == len(survey) else f'the atoms of {len(pool)} structures (a random sample)'}")
+    log(f"environments of {'every atom' if len(pool) == len(survey) else f'the atoms of {len(pool)} structures (a random sample)'}")
     parts = [survey.positions[part].tolist() for part in split(pool, task_structures)]
-    results = list(executor.map(tasks.coefficients, (source, expansion, progress), parts, "density coefficients" if log.progress and not progress else ""))
+    results = list(executor.map(tasks.coefficients, (source, expansion, kernel, progress), parts, "environments" if log.progress and not progress else ""))
     coefficients, numbers, layout = torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results]), results[0][2]
     del results
-    chosen = select_sparse(power_spectrum(layout.unflatten(coefficients)), numbers, n_sparse, selection)
+    chosen = select_sparse(kernel.selection_features(coefficients, layout), numbers, n_sparse, selection)
     kernel.set_sparse(coefficients[chosen], numbers[chosen], layout)
     counts = {int(z): int((kernel.sparse_species == z).sum()) for z in torch.unique(kernel.sparse_species).tolist()}
     log(f"{len(chosen)} sparse environments by {selection} ({counts} per atomic number); building the kernel rows")
@@ -292,16 +293,20 @@ def fit_fingerprint(shared: Tuple, final: "tasks.FinalSolve") -> str:
     return digest_of((source.fingerprint(), density, kernel.to_dict(), baseline.energies, kinds, final.piece_weights, final.regularisers, final.projection))
 
 
-def make_kernel(config: KernelConfig) -> SparseKernel:
-    """The sparse kernel described by ``config`` (without sparse environments yet)."""
+def make_kernel(config: KernelConfig, density: Optional[DensityHypers] = None) -> SparseKernel:
+    """The sparse kernel described by ``config`` (without sparse environments yet); ``density``, the
+    model's density, is the starting point of a message-passing kernel's message expansion."""
     if config.type == "wigner":
         if not isinstance(config.nu_max, int):
             raise ValueError(f"kernel.nu_max must be an integer here, got {config.nu_max!r} (fit resolves auto)")
         hypers = WignerHypers(nu_max=config.nu_max, lambda_max=config.lambda_max, channel_weights=config.channel_weights)
         return WignerKernel(hypers, mixing=config.mixing or None)
     if config.type == "polynomial":
-        return PolynomialKernel(zeta=config.zeta, mixing=config.mixing or None)
-    raise ValueError(f"unknown kernel type '{config.type}' (known: wigner, polynomial)")
+        return PolynomialKernel(zeta=config.zeta, orders=config.orders, contraction=config.contraction, mixing=config.mixing or None)
+    if config.type == "mpacdc":
+        message = message_hypers(density or DensityHypers(), config.message_max_radial, config.message_max_angular)
+        return MessagePassingKernel(message, zeta=config.zeta, orders=config.orders, mixing=config.mixing or None)
+    raise ValueError(f"unknown kernel type '{config.type}' (known: wigner, polynomial, mpacdc)")
 
 
 def fit(
@@ -378,7 +383,7 @@ def _fit(structures, config: FitConfig, n_sparse, tune: bool, log: Optional[FitL
     return fit_kernel(
         structures,
         config.density,
-        make_kernel(config.kernel),
+        make_kernel(config.kernel, config.density),
         n_sparse,
         regularisers=config.regularisers,
         selection=config.sparse.selection,

@@ -26,7 +26,6 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ..data import Labelled, as_labelled
-from ..descriptors.jacobian import batch_density
 from ..descriptors.neighbors import batch_from_atoms
 from .checkpoint import SparseKRRModel
 from .design import DesignMatrix, build_design_matrix, mix_pieces
@@ -101,11 +100,11 @@ class IncrementalFit:
             self._factorise()
 
     def _environments(self, frames: List, atoms: List[List[int]]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Flat density coefficients ``[m, D]`` and atomic numbers ``[m]`` of the atoms ``atoms[k]`` of each of ``frames``."""
+        """The kernel's environments ``[m, D]`` (density coefficients, or features) and atomic numbers ``[m]`` of the atoms ``atoms[k]`` of each of ``frames``."""
         batch = batch_from_atoms(frames, self.expansion.cutoff, device=self.kernel.sparse_coefficients.device)
         offsets = torch.cumsum(torch.tensor([0] + [len(f) for f in frames[:-1]]), 0)
         centres = torch.cat([offsets[k] + torch.tensor(indices) for k, indices in enumerate(atoms)]).to(batch.numbers.device)
-        coefficients, _ = batch_density(self.expansion, batch, centres)
+        coefficients, _ = self.kernel.environments(self.expansion, batch, centres)
         return coefficients, batch.numbers[centres]
 
     def _add_columns(self, coefficients: torch.Tensor, species: torch.Tensor) -> None:

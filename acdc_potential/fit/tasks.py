@@ -19,7 +19,6 @@ import torch
 from ..config import Regularisers
 from ..data import validate
 from ..descriptors.density import DensityExpansion, Layout
-from ..descriptors.jacobian import batch_density
 from ..descriptors.neighbors import batch_from_atoms
 from ..kernels.base import SparseKernel
 from .baseline import Baseline
@@ -41,19 +40,19 @@ def survey(source: StructureSource, species: Optional[List[int]], positions: Seq
 
 
 def coefficients(
-    source: StructureSource, expansion: DensityExpansion, progress: bool, positions: Sequence[int], batch_size: int = 64
+    source: StructureSource, expansion: DensityExpansion, kernel: SparseKernel, progress: bool, positions: Sequence[int], batch_size: int = 64
 ) -> Tuple[torch.Tensor, torch.Tensor, Layout]:
-    """Flat density coefficients ``[N, D]``, atomic numbers ``[N]`` and layout of every atom
-    of the structures (batches of ``batch_size``; ``progress``: a progress bar over them), on
-    the device of ``expansion``."""
+    """The kernel's environments (:meth:`SparseKernel.environments`, density coefficients for most)
+    ``[N, D]``, atomic numbers ``[N]`` and layout of every atom of the structures (batches of
+    ``batch_size``; ``progress``: a progress bar over them), on the device of ``expansion``."""
     from tqdm import tqdm
 
     structures = source.read(positions)
     flat, numbers, layout = [], [], None
-    for start in tqdm(range(0, len(structures), batch_size), desc="density coefficients", unit="batch", disable=not progress):
+    for start in tqdm(range(0, len(structures), batch_size), desc="environments", unit="batch", disable=not progress):
         members = structures[start : start + batch_size]
         batch = batch_from_atoms([s.atoms for s in members], expansion.cutoff, device=expansion.species_lookup.device, first_index=members[0].index)
-        c, layout = batch_density(expansion, batch)
+        c, layout = kernel.environments(expansion, batch)
         flat.append(c)
         numbers.append(batch.numbers)
     return torch.cat(flat), torch.cat(numbers), layout

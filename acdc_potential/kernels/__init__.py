@@ -8,9 +8,10 @@ anything else is refused (:mod:`acdc_potential.fit.checkpoint`).
 from typing import Dict, Type
 
 from .base import SparseKernel
-from .polynomial import FEATURES, PolynomialKernel
+from .message_passing import MessagePassingKernel
+from .polynomial import PolynomialKernel
 from .wigner.kernel import WignerKernel
 
-KERNELS: Dict[str, Type[SparseKernel]] = {"wigner": WignerKernel, "polynomial": PolynomialKernel}
+KERNELS: Dict[str, Type[SparseKernel]] = {"wigner": WignerKernel, "polynomial": PolynomialKernel, "mpacdc": MessagePassingKernel}
 
-__all__ = ["FEATURES", "KERNELS", "PolynomialKernel", "SparseKernel", "WignerKernel"]
+__all__ = ["KERNELS", "MessagePassingKernel", "PolynomialKernel", "SparseKernel", "WignerKernel"]

@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ..descriptors.acdc import power_spectrum
 from ..descriptors.density import DensityExpansion, Layout
 from ..descriptors.jacobian import batch_density, structure_jacobian
 from ..descriptors.neighbors import AtomsBatch
@@ -76,6 +77,17 @@ class SparseKernel:
     def from_hypers(cls, hypers: Dict, mixing: Dict[str, float]) -> "SparseKernel":
         """The kernel of :meth:`hypers` and ``mixing`` (without sparse environments)."""
         raise NotImplementedError
+
+    def environments(self, expansion: DensityExpansion, batch: AtomsBatch, centres: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Layout]:
+        """What the kernel takes as the environments of the atoms ``centres`` of ``batch`` (default: all),
+        flat ``[n, D]``, and their layout (no gradients): here their density coefficients; a kernel whose
+        atoms see their neighbours' environments returns its per-atom features."""
+        return batch_density(expansion, batch, centres)
+
+    def selection_features(self, flat: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """``[n, F]`` the features on which sparse environments are selected among :meth:`environments`:
+        the power spectrum of density coefficients."""
+        return power_spectrum(layout.unflatten(flat))
 
     def set_sparse(self, coefficients: torch.Tensor, species: torch.Tensor, layout: Layout) -> None:
         """Store the sparse environments: flat coefficients ``[M, D]`` and atomic numbers ``[M]``."""
@@ -177,7 +189,7 @@ class SparseKernel:
         meets :meth:`structure_derivatives`. A kernel whose atoms see their neighbours'
         environments (message passing) overrides this method and works from the pairs.
         """
-        c, _ = batch_density(expansion, batch, centres)
+        c, _ = self.environments(expansion, batch, centres)
         owner = batch.structure[centres]
         if not gradients:
             return sum_by_structure(self.rows(c, batch.numbers[centres]), owner, batch.n_structures), None

@@ -1,21 +1,21 @@
-"""The GAP-form polynomial kernel on the normalised power spectrum.
+"""The GAP-form polynomial kernel on normalised invariant ACDC features.
 
-Pieces ``[delta(a_i, a_m), delta(a_i, a_m) (x^_i . x^_m)^zeta]`` with ``x^`` the unit
-power spectrum (MP-ACDC eq. 7) of each environment, mixed by ``c0`` and ``a``
-(docs/equations.md, "Polynomial kernel"). :func:`polynomial_pieces` is the one
-implementation, used by the fit (:class:`PolynomialKernel`) and by the exported head
-(:class:`~acdc_potential.model.heads.PolynomialHead`).
+Pieces ``[delta(a_i, a_m), delta(a_i, a_m) (x^_i . x^_m)^zeta]`` with ``x^`` the unit invariants of
+the chosen body orders (:class:`~acdc_potential.descriptors.invariants.Invariants`; the power
+spectrum, MP-ACDC eq. 7, by default) of each environment, mixed by ``c0`` and ``a``
+(docs/equations.md, "Polynomial kernel"); ``zeta = 1`` is a linear model on the features.
+:func:`polynomial_pieces` and :class:`Invariants` are the one implementation, used by the fit
+(:class:`PolynomialKernel`) and by the exported head (:class:`~acdc_potential.model.heads.PolynomialHead`).
 """
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..descriptors.acdc import power_spectrum, unit_rows
+from ..descriptors.density import Layout
+from ..descriptors.invariants import Invariants, check_orders, fit_contraction
+from ..descriptors.acdc import unit_rows
 from .base import SparseKernel, sum_by_structure
-
-# invariant features a polynomial kernel may be built on, by the name checkpoints store
-FEATURES = {"power_spectrum": power_spectrum}
 
 
 def polynomial_pieces(x: torch.Tensor, species_x: torch.Tensor, y: torch.Tensor, species_y: torch.Tensor, zeta: int) -> torch.Tensor:
@@ -28,25 +28,52 @@ def polynomial_pieces(x: torch.Tensor, species_x: torch.Tensor, y: torch.Tensor,
 class PolynomialKernel(SparseKernel):
     """GAP-form kernel on normalised invariant features: pieces ``[delta(a_i, a_m), (x^_i . x^_m)^zeta]``.
 
-    :param zeta: exponent.
-    :param features: name in :data:`FEATURES` of the invariants ``[n, F]`` computed from a
-        coefficient list (default ``power_spectrum``).
+    :param zeta: exponent (1: linear in the features).
+    :param orders: body orders ``nu`` of the invariants (a subset of 1, 2, 3; default the power spectrum).
+    :param contraction: with ``nu = 3``, components kept per ``nu = 2`` block by the PCA of eq. 24, fitted
+        on the sparse environments when they are set (0: no contraction).
+    :param projections: that PCA, when already fitted (from a checkpoint).
     :param mixing: ``c0`` (species-delta weight), ``a`` (polynomial weight).
+
+    The feature module (:attr:`invariants`) is built when the sparse environments are set, which
+    fixes the density's ``l_max``.
     """
 
     kind = "polynomial"
     mixing_names = ("c0", "a")
 
-    def __init__(self, zeta: int = 4, features: str = "power_spectrum", mixing: Optional[Dict[str, float]] = None):
+    def __init__(
+        self,
+        zeta: int = 4,
+        orders: Sequence[int] = (2,),
+        contraction: int = 0,
+        projections: Optional[List[torch.Tensor]] = None,
+        mixing: Optional[Dict[str, float]] = None,
+    ):
         super().__init__(2, mixing or {"c0": 1.0, "a": 1.0})
-        if features not in FEATURES:
-            raise ValueError(f"unknown features {features!r} for a polynomial kernel (known: {sorted(FEATURES)})")
         self.zeta = int(zeta)
-        self.feature_name = features
-        self.features = FEATURES[features]
+        self.orders = check_orders(list(orders))
+        if contraction < 0:
+            raise ValueError(f"contraction must be 0 (none) or a number of components, got {contraction}")
+        self.contraction = int(contraction) if 3 in self.orders else 0
+        self.projections = projections
+        self.invariants: Optional[Invariants] = None
+
+    def set_sparse(self, coefficients: torch.Tensor, species: torch.Tensor, layout: Layout) -> None:
+        """As :meth:`SparseKernel.set_sparse`; also fits the contraction on these environments (when
+        asked for and not given) and builds the feature module."""
+        super().set_sparse(coefficients, species, layout)
+        l_max = len(layout.shapes) - 1
+        if self.contraction and self.projections is None:
+            self.projections = fit_contraction(l_max, layout.unflatten(self.sparse_coefficients), self.contraction)
+        self.invariants = Invariants(l_max, self.orders, self.projections).to(coefficients.device)
+
+    def features(self, coefficients: List[torch.Tensor]) -> torch.Tensor:
+        """Unit invariant features ``[n, F]`` of a coefficient list."""
+        return self.invariants(coefficients)
 
     def pairs(self, a, species_a, b, species_b):
-        return polynomial_pieces(unit_rows(self.features(a)), species_a, unit_rows(self.features(b)), species_b, self.zeta)
+        return polynomial_pieces(self.features(a), species_a, self.features(b), species_b, self.zeta)
 
     def structure_derivatives(self, coefficients, species, tangents, structure, n_structures):
         """As :meth:`SparseKernel.structure_derivatives`, in forward mode through the features.
@@ -89,8 +116,9 @@ class PolynomialKernel(SparseKernel):
         return torch.tensor([m["c0"], m["a"]], dtype=torch.float64)
 
     def hypers(self):
-        return {"zeta": self.zeta, "features": self.feature_name}
+        return {"zeta": self.zeta, "orders": list(self.orders), "contraction": self.contraction, "projections": self.projections}
 
     @classmethod
     def from_hypers(cls, hypers, mixing):
-        return cls(int(hypers["zeta"]), str(hypers["features"]), mixing)
+        projections = hypers["projections"]
+        return cls(int(hypers["zeta"]), [int(nu) for nu in hypers["orders"]], int(hypers["contraction"]), list(projections) if projections is not None else None, mixing)

@@ -67,7 +67,7 @@ def atomistic_model(
     capabilities = ModelCapabilities(
         outputs=outputs,
         atomic_types=potential.species,
-        interaction_range=potential.cutoff,
+        interaction_range=potential.interaction_range,
         length_unit="angstrom",
         supported_devices=["cpu", "cuda"],
         dtype="float64" if dtype == torch.float64 else "float32",

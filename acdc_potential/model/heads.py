@@ -15,14 +15,15 @@ Everything about the sparse environments that does not depend on the atom is pre
 at construction (docs/equations.md, "Collapsed energies").
 """
 
+import copy
 import dataclasses
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..descriptors.acdc import power_spectrum, unit_rows
 from ..descriptors.density import DensityExpansion, Pairs, unflatten
-from ..kernels.polynomial import FEATURES, polynomial_pieces
+from ..descriptors.invariants import MessagePassingInvariants
+from ..kernels.polynomial import polynomial_pieces
 from ..kernels.wigner.features import OrderFeatures
 from ..kernels.wigner.iteration import WignerKernels
 from .uncertainty import SparseState
@@ -178,7 +179,8 @@ FOLDED_ORDERS = 4
 
 class PolynomialHead(DensityHead):
     """``e_i = sum_m w_m [c0 delta(a_i, a_m) + a delta(a_i, a_m) (x^_i . x^_m)^zeta]`` on unit
-    invariant features (:func:`~acdc_potential.kernels.polynomial.polynomial_pieces`).
+    invariant features (:func:`~acdc_potential.kernels.polynomial.polynomial_pieces`, the kernel's
+    :class:`~acdc_potential.descriptors.invariants.Invariants`).
 
     :param density: the density expansion. :param kernel: the fitted
         :class:`~acdc_potential.kernels.polynomial.PolynomialKernel`. :param state: its
@@ -187,18 +189,17 @@ class PolynomialHead(DensityHead):
 
     def __init__(self, density: DensityExpansion, kernel, state: SparseState, species: List[int]):
         super().__init__(density)
-        if kernel.feature_name != "power_spectrum":
-            raise ValueError("only polynomial kernels on the power spectrum can be exported")
         self.state = state
         self.zeta = int(kernel.zeta)
-        features = FEATURES[kernel.feature_name](unflatten(self.state.sparse, self.state.shapes))
-        self.register_buffer("sparse_features", unit_rows(features))
+        self.invariants = copy.deepcopy(kernel.invariants).to(state.sparse.device)
+        with torch.no_grad():
+            self.register_buffer("sparse_features", self.invariants(unflatten(self.state.sparse, self.state.shapes)))
         # c0 sum_{m : a_m = a} w_m: the constant piece summed once, the same number at every configuration
         per_species = state.weights.new_zeros(len(species)).index_add(0, state.sparse_species, state.weights)
         self.register_buffer("constant", state.piece_weights[0] * per_species)
 
     def unit_features(self, coefficients: List[torch.Tensor]) -> torch.Tensor:
-        return unit_rows(power_spectrum(coefficients))
+        return self.invariants(coefficients)
 
     def kernel(self, x: torch.Tensor, species_x: torch.Tensor, y: torch.Tensor, species_y: torch.Tensor) -> torch.Tensor:
         """Mixed kernel ``[n_x, n_y]`` between unit feature rows."""
@@ -219,6 +220,36 @@ class PolynomialHead(DensityHead):
             if per_atom:
                 return self.state.atom_variance(k_xm, self.kernel(unit, species, unit, species).diagonal())
             return self.state.group_variance(k_xm, self.kernel(unit, species, unit, species), group, n_groups)
+
+
+class MessagePassingHead(PolynomialHead):
+    """:class:`PolynomialHead` on :class:`~acdc_potential.descriptors.invariants.MessagePassingInvariants`:
+    an atom's environment is its feature vector, computed from the pairs of the whole batch (its
+    neighbours' densities enter), so the atomic energy of ``i`` depends on atoms up to ``2 r_cut``
+    away (:attr:`interaction_range`).
+
+    :param density: the density expansion. :param kernel: the fitted
+        :class:`~acdc_potential.kernels.message_passing.MessagePassingKernel`. :param state: its
+        :class:`~acdc_potential.model.uncertainty.SparseState` (sparse environments as features).
+        :param species: the model's atomic numbers.
+    """
+
+    def __init__(self, density: DensityExpansion, kernel, state: SparseState, species: List[int]):
+        DensityHead.__init__(self, density)
+        self.state = state
+        self.zeta = int(kernel.zeta)
+        self.features = MessagePassingInvariants(density, kernel.message_expansion(density), kernel.orders).to(state.sparse.device)
+        self.interaction_range = 2.0 * float(density.cutoff)
+        # the sparse environments are features already: the state's tensor, not a second copy
+        self.register_buffer("sparse_features", state.sparse)
+        per_species = state.weights.new_zeros(len(species)).index_add(0, state.sparse_species, state.weights)
+        self.register_buffer("constant", state.piece_weights[0] * per_species)
+
+    def environments(self, pairs: Pairs) -> List[torch.Tensor]:
+        return [self.features(pairs.vectors, pairs.centers, pairs.neighbors, pairs.species)]
+
+    def unit_features(self, coefficients: List[torch.Tensor]) -> torch.Tensor:
+        return coefficients[0]
 
 
 # the lambda = 1, sigma = +1 block (a polar vector; descriptors.cg.block_key)

@@ -54,6 +54,8 @@ METHOD_REFERENCES = {
     "wigner": [WIGNER_KERNELS, MP_ACDC],
     # polynomial kernel (p.p')^zeta on the normalised SOAP power spectrum (MP-ACDC eq. 7), GAP form
     "polynomial": [SOAP, GAP, MP_ACDC],
+    # the same on message-passing ACDC invariants [1 <- 1] (MP-ACDC eq. 12, 21-23)
+    "mpacdc": [MP_ACDC, SOAP, GAP],
     # sparse kernel ridge regression, projected process, on energies, forces and stresses
     "sparse_krr": [GAP, SPARSE_GP, PROJECTED_PROCESS],
 }
@@ -66,7 +68,7 @@ IMPLEMENTATION_REFERENCES = [f"acdc-potential {__version__}", METATOMIC, ASE]
 
 
 def metatomic_references(kernel: str, density: str = "wigner", basis: str = "le") -> Dict[str, List[str]]:
-    """``ModelMetadata(references=...)`` for a model with ``kernel`` ("wigner" or "polynomial")
+    """``ModelMetadata(references=...)`` for a model with ``kernel`` ("wigner", "polynomial" or "mpacdc")
     and the density hyperparameters ``density`` ("wigner" or "gaussian") and ``basis`` ("le" or "gto")."""
     architecture = list(METHOD_REFERENCES[kernel])
     architecture += DENSITY_REFERENCES.get(f"density={density}", [])

@@ -1,0 +1,160 @@
+"""Invariant ACDC features of chosen body orders, for kernels on features (docs/equations.md, "Polynomial kernel").
+
+:class:`Invariants` maps an atom's density coefficients to the concatenation of its invariant
+features of orders ``nu`` in ``orders``, each order scaled to unit norm and divided by
+``sqrt(len(orders))`` so that every order weighs the same and the whole vector has unit norm:
+
+- ``nu = 1``: the ``l = 0`` density coefficients ``<a n 0 0 | rho_i>``;
+- ``nu = 2``: the power spectrum (MP-ACDC eq. 6-7, :func:`~acdc_potential.descriptors.acdc.power_spectrum`);
+- ``nu = 3``: the bispectrum by two CG iterations (eq. 5): ``rho_i^{2}; lambda +1`` for ``lambda <= l_max``
+  (the only blocks that couple with a density block ``l <= l_max`` to an invariant), optionally
+  contracted per block by a PCA fitted on training environments (eq. 24, the "delayed" contraction;
+  :func:`fit_contraction`), then coupled with ``rho_i`` to ``(0, +1)``.
+
+It is plain differentiable torch and TorchScript-compatible: the fit differentiates it in forward mode
+(:class:`~acdc_potential.kernels.polynomial.PolynomialKernel`), the exported head runs the same module.
+"""
+
+from typing import Dict, List, Optional
+
+import torch
+
+from .acdc import BlockPCA, CGProduct, Key, power_spectrum, unit_rows
+
+ORDERS = (1, 2, 3)
+
+
+def check_orders(orders: List[int]) -> List[int]:
+    """``orders`` sorted without repeats; a ``ValueError`` unless they are a non-empty subset of 1, 2, 3."""
+    chosen = sorted({int(nu) for nu in orders})
+    if not chosen or not set(chosen) <= set(ORDERS):
+        raise ValueError(f"invariant orders must be a non-empty subset of {list(ORDERS)}, got {list(orders)}")
+    return chosen
+
+
+def pair_keys(l_max: int) -> List[Key]:
+    """The ``nu = 2`` blocks ``(lambda, +1)``, ``lambda = 0..l_max``, that feed the ``nu = 3`` invariants."""
+    return [(lam, 1) for lam in range(l_max + 1)]
+
+
+class Invariants(torch.nn.Module):
+    """Invariants of orders ``orders`` of density coefficients with angular channels ``0..l_max``.
+
+    :param l_max: largest ``l`` of the density coefficients.
+    :param orders: body orders ``nu`` (a subset of 1, 2, 3).
+    :param projections: for ``nu = 3``, the contraction ``[Q_l^2 ... , k]`` of each ``nu = 2`` block of
+        :func:`pair_keys` (in that order; :func:`fit_contraction`), or ``None`` for all features.
+
+    ``forward(coefficients)``: list over ``l`` of ``[n, 2l + 1, Q_l]`` -> ``[n, F]``.
+    """
+
+    # (TorchScript cannot infer the type of an empty list attribute)
+    projection_shapes: List[List[int]]
+    projection_start: List[int]
+
+    def __init__(self, l_max: int, orders: List[int], projections: Optional[List[torch.Tensor]] = None):
+        super().__init__()
+        self.orders: List[int] = check_orders(orders)
+        density_keys = [(l, 1) for l in range(l_max + 1)]
+        keys = pair_keys(l_max)
+        self.pairs = CGProduct(density_keys, density_keys, l_max, keys=keys)
+        self.triples = CGProduct(keys, density_keys, 0, invariants_only=True)
+        if projections is not None and len(projections) != len(keys):
+            raise ValueError(f"expected {len(keys)} nu = 2 projections (lambda = 0..{l_max}), got {len(projections)}")
+        self.contracted = projections is not None
+        shapes = [list(p.shape) for p in projections] if projections is not None else []
+        self.projection_shapes = shapes
+        self.projection_start = [sum(s[0] * s[1] for s in shapes[:k]) for k in range(len(shapes))]
+        flat = [p.detach().to(torch.float64).reshape(-1) for p in projections] if projections is not None else []
+        self.register_buffer("projection", torch.cat([torch.zeros(0, dtype=torch.float64)] + flat))
+
+    def nu2_blocks(self, coefficients: List[torch.Tensor]) -> List[torch.Tensor]:
+        """The ``nu = 2`` blocks of :func:`pair_keys`, ``[n, 2 lambda + 1, Q^2]`` (uncontracted)."""
+        return self.pairs(coefficients, coefficients)
+
+    def bispectrum(self, coefficients: List[torch.Tensor]) -> torch.Tensor:
+        """``nu = 3`` invariants ``[n, F_3]``, contracted when the module has projections."""
+        blocks = self.nu2_blocks(coefficients)
+        if self.contracted:
+            contracted: List[torch.Tensor] = []
+            for k, block in enumerate(blocks):
+                shape = self.projection_shapes[k]
+                start = self.projection_start[k]
+                projection = self.projection[start : start + shape[0] * shape[1]].reshape(shape[0], shape[1])
+                contracted.append(block @ projection.to(block.dtype))
+            blocks = contracted
+        return self.triples(blocks, coefficients)[0][:, 0]
+
+    def forward(self, coefficients: List[torch.Tensor]) -> torch.Tensor:
+        parts: List[torch.Tensor] = []
+        for nu in self.orders:
+            if nu == 1:
+                x = coefficients[0][:, 0]
+            elif nu == 2:
+                x = power_spectrum(coefficients)
+            else:
+                x = self.bispectrum(coefficients)
+            parts.append(unit_rows(x))
+        return torch.cat(parts, dim=1) / float(len(parts)) ** 0.5
+
+
+def fit_contraction(l_max: int, coefficients: List[torch.Tensor], components: int) -> List[torch.Tensor]:
+    """PCA projections of the ``nu = 2`` blocks (eq. 24) fitted on the environments ``coefficients``
+    (list over ``l`` of ``[n, 2l + 1, Q_l]``), at most ``components`` per block: the leading
+    eigenvectors of the uncentred covariance over environments and ``mu`` (:class:`BlockPCA`)."""
+    module = Invariants(l_max, [3]).to(coefficients[0].device)
+    with torch.no_grad():
+        blocks: Dict[Key, torch.Tensor] = dict(zip(pair_keys(l_max), module.nu2_blocks([c.detach() for c in coefficients])))
+    pca = BlockPCA(components).fit(blocks)
+    return [pca.projections[key].cpu() for key in pair_keys(l_max)]
+
+
+class MessagePassingInvariants(torch.nn.Module):
+    """Invariants of every atom of a batch of pairs: single-centre orders ``orders`` of ``density``
+    (:class:`Invariants`, without ``nu = 3``) beside the message-passing ``[1 <- 1]`` invariants
+    (MP-ACDC eq. 12, 21-23; :class:`~acdc_potential.descriptors.mpacdc.MPACDC`) on the basis of
+    ``message``, each part of unit norm, together of unit norm.
+
+    An atom's ``[1 <- 1]`` invariants depend on its neighbours' densities, hence on atoms up to twice
+    the cutoff away: they are computed from the pairs of the whole batch, not from one atom's coefficients.
+
+    :param density: the model's density expansion (orders 1, 2).
+    :param message: expansion of the neighbour densities and pair terms of the message, of the same
+        cutoff and species (a coarser basis keeps the ``Q^3`` features of the message tractable).
+    :param orders: single-centre orders beside the message, a subset of 1, 2 (may be empty).
+
+    ``forward(vectors [P, 3], centers [P], neighbors [P], species [N])`` (``species`` the index of each
+    atom in the expansions' species) -> ``[N, F]``.
+    """
+
+    # (TorchScript cannot infer the type of an empty list attribute)
+    orders: List[int]
+
+    def __init__(self, density, message, orders: List[int]):
+        super().__init__()
+        from .mpacdc import MPACDC, PairBasis
+
+        if 3 in orders:
+            raise ValueError("a message-passing kernel takes single-centre orders 1 and 2 only beside its [1 <- 1] features")
+        if message.cutoff != density.cutoff or message.species != density.species:
+            raise ValueError("the message's expansion must have the density's cutoff and species")
+        self.orders = check_orders(list(orders)) if orders else []
+        self.density = density
+        self.local = Invariants(density.l_max, self.orders) if self.orders else None
+        self.message = message
+        self.pair = PairBasis(message)
+        self.mp = MPACDC(message.l_max, message.l_max, 1, 1, 0, True)
+
+    def forward(self, vectors: torch.Tensor, centers: torch.Tensor, neighbors: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
+        n_atoms = species.shape[0]
+        neighbor_species = species[neighbors]
+        parts: List[torch.Tensor] = []
+        local = self.local
+        if local is not None:
+            # Invariants divides its unit parts by sqrt(len(orders)): undone, so that every part weighs the same
+            parts.append(local(self.density(vectors, centers, neighbor_species, n_atoms)) * float(len(self.orders)) ** 0.5)
+        radial, harmonics = self.pair(vectors)
+        coefficients = self.message(vectors, centers, neighbor_species, n_atoms)
+        mp = self.mp(coefficients, harmonics, radial, neighbor_species, self.message.n_species, centers, neighbors)[0][:, 0]
+        parts.append(unit_rows(mp))
+        return torch.cat(parts, dim=1) / float(len(self.orders) + 1) ** 0.5

@@ -1,0 +1,166 @@
+"""The polynomial kernel on message-passing ACDC invariants (MP-ACDC ``[1 <- 1]`` beside single-centre orders).
+
+The pieces are those of :class:`~acdc_potential.kernels.polynomial.PolynomialKernel`,
+``[delta(a_i, a_m), delta(a_i, a_m) (x_i . x_m)^zeta]``, on the unit features ``x_i`` of
+:class:`~acdc_potential.descriptors.invariants.MessagePassingInvariants` (docs/equations.md,
+"Message-passing kernel"). Because ``x_i`` depends on the neighbours' densities, an atom's environment
+is its feature vector, not its density coefficients: the sparse environments are stored as features
+(a one-block layout ``[(1, F)]``), and the rows of a batch come from the features of all its atoms and
+their forward-mode derivatives along every position and strain direction (:meth:`structure_rows`).
+"""
+
+import dataclasses
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..descriptors.density import DensityExpansion, Layout
+from ..descriptors.invariants import MessagePassingInvariants
+from ..descriptors.neighbors import AtomsBatch
+from ..descriptors.radial import DensityHypers
+from .base import sum_by_structure
+from .polynomial import PolynomialKernel
+
+
+def batch_tangents(batch: AtomsBatch, directions: torch.Tensor) -> torch.Tensor:
+    """Derivatives of the batch's pair vectors along position and strain directions, ``[K, P, 3]``.
+
+    :param directions: ``[K]`` direction indices: ``3 j + alpha`` moves atom ``j`` (numbered within its
+        structure) of every structure along ``alpha``; ``3 n_max + 3 alpha + beta`` is the strain
+        ``x -> (1 + eps) x`` (``n_max`` the largest structure of the batch), which moves each pair vector
+        ``r`` by ``e_alpha r_beta``.
+    """
+    vectors = batch.pair_vectors().detach()
+    n_per = batch.atoms_per_structure()
+    first = torch.cumsum(n_per, 0) - n_per
+    n_max = int(n_per.max())
+    local = torch.arange(batch.n_atoms, device=vectors.device) - first[batch.structure]
+    centre, neighbour = local[batch.centers], local[batch.neighbors]
+    eye = torch.eye(3, dtype=vectors.dtype, device=vectors.device)
+    tangents = []
+    for k in directions.tolist():
+        if k < 3 * n_max:
+            atom, alpha = divmod(k, 3)
+            moved = (neighbour == atom).to(vectors.dtype) - (centre == atom).to(vectors.dtype)
+            tangents.append(moved[:, None] * eye[alpha])
+        else:
+            alpha, beta = divmod(k - 3 * n_max, 3)
+            tangents.append(vectors[:, beta : beta + 1] * eye[alpha])
+    return torch.stack(tangents)
+
+
+class MessagePassingKernel(PolynomialKernel):
+    """Polynomial kernel on :class:`MessagePassingInvariants`.
+
+    :param message: the hyperparameters of the message's expansion (its cutoff and species are the
+        model density's; a plain dict of :class:`DensityHypers` fields).
+    :param zeta: exponent. :param orders: single-centre orders beside the message (subset of 1, 2;
+        may be empty).
+    :param mixing: ``c0``, ``a``.
+
+    ``max_tangents`` (attribute, 2048) bounds the (atom, direction) pairs differentiated at once.
+    """
+
+    kind = "mpacdc"
+
+    def __init__(self, message: Dict, zeta: int = 4, orders: Sequence[int] = (2,), mixing: Optional[Dict[str, float]] = None):
+        super().__init__(zeta, [2], 0, None, mixing)
+        self.orders = sorted({int(nu) for nu in orders})
+        if not set(self.orders) <= {1, 2}:
+            raise ValueError(f"a message-passing kernel takes single-centre orders 1 and 2 beside its [1 <- 1] features, got {list(orders)}")
+        try:
+            DensityHypers(**dict(message)).validate()
+        except TypeError as error:
+            raise ValueError(f"the message's expansion is not a valid density: {error}") from None
+        self.message = dict(message)
+        self.modules: Dict[Tuple[int, str], MessagePassingInvariants] = {}
+        self.max_tangents = 2048
+
+    def message_expansion(self, expansion: DensityExpansion) -> DensityExpansion:
+        """The message's expansion for the model's density ``expansion``: its cutoff and species, the
+        message's basis, on its device."""
+        hypers = DensityHypers(**{**self.message, "cutoff": expansion.cutoff})
+        return DensityExpansion(hypers, expansion.species).to(expansion.species_lookup.device)
+
+    def module(self, expansion: DensityExpansion) -> MessagePassingInvariants:
+        """The feature module for the model's density ``expansion`` (kept for the last expansion and device)."""
+        key = (id(expansion), str(expansion.species_lookup.device))
+        if key not in self.modules:
+            self.modules = {key: MessagePassingInvariants(expansion, self.message_expansion(expansion), self.orders)}
+        return self.modules[key]
+
+    def batch_features(self, expansion: DensityExpansion, batch: AtomsBatch, vectors: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[N, F]`` unit features of every atom of ``batch`` (pair vectors ``vectors``, default the batch's)."""
+        vectors = batch.pair_vectors() if vectors is None else vectors
+        return self.module(expansion)(vectors, batch.centers, batch.neighbors, expansion.species_index(batch.numbers))
+
+    def environments(self, expansion: DensityExpansion, batch: AtomsBatch, centres: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Layout]:
+        """The features of the atoms ``centres`` (default all), ``[n, F]``, and their one-block layout."""
+        with torch.no_grad():
+            x = self.batch_features(expansion, batch)
+        x = x if centres is None else x[centres]
+        return x, Layout([(1, x.shape[1])])
+
+    def selection_features(self, flat: torch.Tensor, layout: Layout) -> torch.Tensor:
+        return flat
+
+    def set_sparse(self, coefficients: torch.Tensor, species: torch.Tensor, layout: Layout) -> None:
+        super(PolynomialKernel, self).set_sparse(coefficients, species, layout)
+
+    def features(self, coefficients: List[torch.Tensor]) -> torch.Tensor:
+        return coefficients[0][:, 0]
+
+    def structure_derivatives(self, coefficients, species, tangents, structure, n_structures):
+        raise NotImplementedError("a message-passing kernel's rows come from the batch's pairs (structure_rows), not from per-atom coefficients")
+
+    def structure_rows(self, expansion, batch, centres, gradients, strain):
+        """As :meth:`SparseKernel.structure_rows`, from the features of every atom of the batch.
+
+        With ``s = x_i . x_m`` (unit features) and ``dx_i`` the JVP of the batch's features along a
+        direction: ``d k / d dir = zeta s^(zeta - 1) x_m . dx_i``; directions go ``max_tangents / N`` at a time.
+        """
+        owner = batch.structure[centres]
+        species = batch.numbers[centres]
+        n_structures = batch.n_structures
+        if not gradients:
+            x = self.environments(expansion, batch, centres)[0]
+            return sum_by_structure(self.rows(x, species), owner, n_structures), None
+        n_max = int(batch.atoms_per_structure().max())
+        n_k = 3 * n_max + (9 if strain else 0)
+        vectors = batch.pair_vectors().detach()
+        values = vectors.new_zeros((2, n_structures, self.n_sparse))
+        derivatives = vectors.new_zeros((2, n_structures, self.n_sparse, n_k))
+
+        def features(v: torch.Tensor) -> torch.Tensor:
+            return self.batch_features(expansion, batch, v)[centres]
+
+        x = features(vectors).detach()
+        blocks = list(self._blocks(species))
+        similarity = []
+        for atoms, sparse in blocks:
+            s = x[atoms] @ self.sparse_coefficients[sparse].T
+            similarity.append(s)
+            pieces = torch.stack([torch.ones_like(s), s**self.zeta])
+            values[:, :, sparse] += sum_by_structure(pieces, owner[atoms], n_structures)
+        step = max(1, self.max_tangents // batch.n_atoms)
+        for start in range(0, n_k, step):
+            directions = torch.arange(start, min(start + step, n_k), device=vectors.device)
+            tangents = batch_tangents(batch, directions)
+            dx = torch.func.vmap(lambda t: torch.func.jvp(features, (vectors,), (t,))[1])(tangents)  # [k, n, F]
+            for (atoms, sparse), s in zip(blocks, similarity):
+                along = torch.einsum("mf,kif->imk", self.sparse_coefficients[sparse], dx[:, atoms])
+                directional = self.zeta * (s ** (self.zeta - 1))[:, :, None] * along
+                derivatives[1, :, sparse, start : start + directions.numel()] += sum_by_structure(directional[None], owner[atoms], n_structures)[0]
+        return values, derivatives
+
+    def hypers(self):
+        return {"zeta": self.zeta, "orders": list(self.orders), "message": dict(self.message)}
+
+    @classmethod
+    def from_hypers(cls, hypers, mixing):
+        return cls(dict(hypers["message"]), int(hypers["zeta"]), [int(nu) for nu in hypers["orders"]], mixing)
+
+
+def message_hypers(density: DensityHypers, max_radial: int, max_angular: int) -> Dict:
+    """The message expansion's hyperparameters: the density's with a coarser basis, as plain data."""
+    return dataclasses.asdict(dataclasses.replace(density, max_radial=max_radial, max_angular=max_angular))

@@ -1,0 +1,92 @@
+"""Invariant ACDC features of chosen orders (the polynomial kernel's features): what each order is,
+O(3) and permutation invariance, the PCA contraction of eq. 24, and TorchScript."""
+
+import ase
+import numpy as np
+import pytest
+import torch
+from conftest import copper_cell, ethanol, random_rotation
+
+from acdc_potential.descriptors.acdc import acdc_features, power_spectrum, unit_rows
+from acdc_potential.descriptors.density import DensityExpansion
+from acdc_potential.descriptors.invariants import Invariants, fit_contraction
+from acdc_potential.descriptors.neighbors import batch_from_atoms
+from acdc_potential.descriptors.radial import DensityHypers
+
+HYPERS = DensityHypers(density="gaussian", cutoff=3.5, smoothing=0.5, max_angular=2, max_radial=2, basis="gto", width=0.4)
+SPECIES = [1, 6, 8, 29]
+
+
+def coefficients(frames):
+    expansion = DensityExpansion(HYPERS, SPECIES)
+    return expansion.compute(batch_from_atoms(frames, HYPERS.cutoff))
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    return x @ x.T
+
+
+def test_each_order_is_the_unit_invariant_of_its_definition():
+    """nu = 1: the l = 0 coefficients; nu = 2: the power spectrum; nu = 3: the (0, +1) block of three
+    density couplings (acdc_features). Compared by Gram matrices, which do not depend on the order of the
+    features; the orders together are concatenated with weight 1/sqrt(3) each."""
+    c = coefficients([ethanol(0), ethanol(1)])
+    expected = {
+        1: unit_rows(c[0][:, 0]),
+        2: unit_rows(power_spectrum(c)),
+        3: unit_rows(acdc_features(c, 3, 0, invariants_only=True)[(0, 1)][:, 0]),
+    }
+    for nu, x in expected.items():
+        torch.testing.assert_close(gram(Invariants(HYPERS.max_angular, [nu])(c)), gram(x), rtol=0, atol=1e-12)
+    together = Invariants(HYPERS.max_angular, [3, 1, 2])(c)
+    torch.testing.assert_close(gram(together), sum(gram(x) for x in expected.values()) / 3, rtol=0, atol=1e-12)
+    torch.testing.assert_close(together.norm(dim=1), torch.ones(len(together), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("frame", ["ethanol", "copper"])
+def test_invariant_under_rotation_inversion_and_permutation(frame):
+    atoms = ethanol(3) if frame == "ethanol" else copper_cell()
+    c = coefficients([atoms])
+    module = Invariants(HYPERS.max_angular, [1, 2, 3], fit_contraction(HYPERS.max_angular, c, 5))
+    reference = module(c)
+    rotation = random_rotation(7)
+    for transform in (rotation, -np.eye(3), -rotation):
+        moved = atoms.copy()
+        moved.set_cell(atoms.cell.array @ transform.T)
+        moved.positions = atoms.positions @ transform.T
+        torch.testing.assert_close(module(coefficients([moved])), reference, rtol=0, atol=1e-12)
+    order = np.random.default_rng(0).permutation(len(atoms))
+    torch.testing.assert_close(module(coefficients([atoms[order]])), reference[order], rtol=0, atol=1e-12)
+
+
+def test_contraction_with_every_component_keeps_the_geometry_of_the_fitted_environments():
+    """A PCA keeping every non-null component maps the span of the fitted nu = 2 blocks orthogonally:
+    the nu = 3 invariants' dot products are unchanged; keeping two per block changes them."""
+    c = coefficients([ethanol(k) for k in range(4)])
+    full = Invariants(HYPERS.max_angular, [3])(c)
+    complete = Invariants(HYPERS.max_angular, [3], fit_contraction(HYPERS.max_angular, c, 10**6))(c)
+    torch.testing.assert_close(gram(complete), gram(full), rtol=0, atol=1e-10)
+    truncated = Invariants(HYPERS.max_angular, [3], fit_contraction(HYPERS.max_angular, c, 2))(c)
+    assert truncated.shape[1] < full.shape[1]
+    assert float((gram(truncated) - gram(full)).abs().max()) > 1e-3
+
+
+def test_torchscript_and_forward_mode_derivatives_agree_with_eager_reverse_mode():
+    c = coefficients([ethanol(5)])
+    module = Invariants(HYPERS.max_angular, [1, 2, 3], fit_contraction(HYPERS.max_angular, c, 4))
+    scripted = torch.jit.script(module)
+    torch.testing.assert_close(scripted(c), module(c), rtol=0, atol=1e-14)
+    tangents = [torch.randn_like(x) for x in c]
+    _, forward = torch.func.jvp(lambda *x: module(list(x)), tuple(c), tuple(tangents))
+    leaves = [x.clone().requires_grad_() for x in c]
+    weights = torch.randn(module(c).shape, dtype=torch.float64)
+    gradients = torch.autograd.grad((module(leaves) * weights).sum(), leaves)
+    torch.testing.assert_close((forward * weights).sum(), sum((g * t).sum() for g, t in zip(gradients, tangents)), rtol=1e-12, atol=0)
+
+
+def test_orders_outside_one_to_three_are_refused():
+    for orders in ([], [0], [4], [2, 5]):
+        with pytest.raises(ValueError, match="invariant orders must be a non-empty subset of"):
+            Invariants(2, orders)
+    atoms = ase.Atoms("H")
+    assert Invariants(HYPERS.max_angular, [1, 2])(coefficients([atoms])).abs().max() == 0  # no neighbours: zeros, not NaN
