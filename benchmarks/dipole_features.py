@@ -38,7 +38,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from dipoles import DEFAULT_DATA, design_rows, errors, split_pool, targets_of  # noqa: E402
+from dipoles import DEFAULT_DATA, design_rows, errors, plot_learning_curves, split_pool, targets_of  # noqa: E402
 
 KINDS = ("nu=2", "nu=3", "[1<-1]")
 REGULARISERS = [10.0**-k for k in range(1, 13)]
@@ -184,31 +184,10 @@ def main():
     summary = {"density": dataclasses.asdict(density), "features": features, "results": results}
     (out / "dipole_features.yaml").write_text(yaml.safe_dump(summary, sort_keys=False))
     wigner = yaml.safe_load(Path(args.wigner).read_text())["results"] if args.wigner else []
-    plot(results, wigner, sizes, out / "dipole_features.png")
+    curves = [(f"linear, {kind} features", "o-", [r for r in results if r["model"] == kind]) for kind in KINDS]
+    curves += [(f"Wigner {model}", "s--", [r for r in wigner if r["model"] == model]) for model in sorted({r["model"] for r in wigner})]
+    plot_learning_curves(curves, out / "dipole_features.png")
     print(f"\nwrote {out / 'dipole_features.yaml'} and {out / 'dipole_features.png'}")
-
-
-def plot(results, wigner, sizes, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
-    for axis, name, title in zip(axes, ("held", "test"), ("held-out frames of the training molecules", "larger molecules (extrapolation)")):
-        for kind in KINDS:
-            values = [next(r for r in results if r["train"] == n and r["model"] == kind)[name]["mae"] for n in sizes]
-            axis.loglog(sizes, values, "o-", label=f"linear, {kind} features")
-        for model in sorted({r["model"] for r in wigner}):
-            curve = sorted((r["train"], r[name]["mae"]) for r in wigner if r["model"] == model)
-            axis.loglog([c[0] for c in curve], [c[1] for c in curve], "s--", alpha=0.7, label=f"Wigner {model}")
-        axis.set_title(title, fontsize=9)
-        axis.set_xlabel("training structures")
-    axes[0].set_ylabel("dipole component MAE (me*A)")
-    axes[0].legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 if __name__ == "__main__":

@@ -152,11 +152,17 @@ def main():
             cells += [f"{e['held']['mae']:9.1f} ({e['held']['norm_mae']:5.1f})", f"{e['test']['mae']:9.1f} ({e['test']['norm_mae']:5.1f})"]
         print(f"{n:>6} " + " ".join(f"{c:>18}" for c in cells))
     (out / "dipoles.yaml").write_text(yaml.safe_dump({"sparse": kernel.n_sparse, "row_seconds": round(row_seconds, 1), "results": results}, sort_keys=False))
-    plot(results, sizes, out / "dipoles.png")
+    curves = [(f"Wigner {model.replace('nu=', 'nu_max = ').replace('+q', ' + charges')}", "o-", [r for r in results if r["model"] == model]) for model, _, _ in MODELS]
+    plot_learning_curves(curves, out / "dipoles.png")
     print(f"\nwrote {out / 'dipoles.yaml'} and {out / 'dipoles.png'}")
 
 
-def plot(results, sizes, path):
+def plot_learning_curves(curves, path):
+    """Component MAE against training frames, held-out frames and larger molecules side by side.
+
+    :param curves: ``(label, matplotlib line style, entries)``, ``entries`` the results of one model
+        (dicts with ``train`` and the ``held`` / ``test`` errors).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,9 +170,9 @@ def plot(results, sizes, path):
 
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
     for axis, name, title in zip(axes, ("held", "test"), ("held-out frames of the training molecules", "larger molecules (extrapolation)")):
-        for model, _, _ in MODELS:
-            values = [next(r for r in results if r["train"] == n and r["model"] == model)[name]["mae"] for n in sizes]
-            axis.loglog(sizes, values, "o-", label=f"Wigner {model.replace('nu=', 'nu_max = ').replace('+q', ' + charges')}")
+        for label, style, entries in curves:
+            points = sorted((r["train"], r[name]["mae"]) for r in entries)
+            axis.loglog([p[0] for p in points], [p[1] for p in points], style, label=label)
         axis.set_title(title, fontsize=9)
         axis.set_xlabel("training structures")
     axes[0].set_ylabel("dipole component MAE (me*A)")
