@@ -97,9 +97,18 @@ class KernelConfig:
     :param message_max_radial: ``max_radial`` of the ``mpacdc`` message's expansion (the density's
         otherwise, cutoff included): its features number about ``(n_species (max_radial + 1))^3`` per coupling.
     :param message_max_angular: ``max_angular`` of the message's expansion.
+    :param message_orders: the ``nu`` of the ``mpacdc`` kernel's ``[nu <- 1]`` invariants, any of 1 and 2
+        (``[2 <- 1]`` couples the centre's ``nu = 2`` blocks with the message: about ``Q^4`` invariants per
+        coupling, ``Q`` the message's density channels, so its two factors are contracted as
+        ``contraction`` says, by a PCA fitted on training structures before the sparse selection).
     :param contraction: with order 3, the number of components kept of each ``nu = 2`` equivariant
-        block before the last coupling, by a PCA on the sparse environments (MP-ACDC eq. 24); 0 keeps
-        them all (the nu = 3 invariants number about the cube of the density channels per coupling).
+        block before the last coupling, by a PCA on the sparse environments (MP-ACDC eq. 24); with
+        ``[2 <- 1]``, of each block of its two factors; 0 keeps them all (the nu = 3 invariants number
+        about the cube of the density channels per coupling).
+    :param centres: the central species whose atoms carry a learned energy: ``null`` (default) for
+        every species (a multi-centre model), or a list of elements, e.g. ``[C]`` (a single-centre
+        model, MP-ACDC Fig. 6: the other atoms enter as neighbours only, and their energy is their
+        baseline). Sparse environments are chosen among the centres' atoms only.
     :param mixing: starting values of the mixing coefficients (``c0``, ``a``, ``b`` for
         ``wigner``; ``c0``, ``a`` for ``polynomial`` and ``mpacdc``); tuned when ``options.tune``.
     """
@@ -113,6 +122,8 @@ class KernelConfig:
     contraction: int = 64
     message_max_radial: int = 3
     message_max_angular: int = 2
+    message_orders: List[int] = field(default_factory=lambda: [1])
+    centres: Optional[List[Element]] = None
     mixing: Dict[str, float] = field(default_factory=dict)
 
 
@@ -439,6 +450,7 @@ RULES: Dict[Tuple[str, str], Rule] = {
     ("kernel", "contraction"): Rule(bounds=NON_NEGATIVE),
     ("kernel", "message_max_radial"): Rule(bounds=NON_NEGATIVE),
     ("kernel", "message_max_angular"): Rule(bounds=NON_NEGATIVE),
+    ("kernel", "message_orders"): Rule(bounds=Bounds(1.0, 3.0, inclusive=True)),
     ("kernel", "mixing"): Rule(bounds=POSITIVE),
     ("sparse", "n"): Rule(bounds=POSITIVE),
     ("sparse", "selection"): Rule(choices=("fps", "cur")),

@@ -40,13 +40,21 @@ SYSTEMS = {"ethanol": "ethanol", "ethanol3": "ethanol", "cu500": "copper"}
 
 
 def structure(system: str, data: Path):
-    """The ``ase.Atoms`` timed for ``system`` (one of :data:`SYSTEMS`)."""
+    """The ``ase.Atoms`` timed for ``system``: one of :data:`SYSTEMS`, or the name of another data set
+    in ``data`` (its largest test structure)."""
     import ase.build
     import ase.io
 
     if system == "cu500":
         atoms = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True) * (5, 5, 5)
         atoms.rattle(0.05, seed=0)
+        return atoms
+    if system not in SYSTEMS:
+        # any other data set: its largest test structure
+        test = ase.io.read(str(data / f"{system}_test.extxyz"), index=":")
+        atoms = max(test, key=len)
+        atoms.info = {}
+        atoms.calc = None
         return atoms
     molecule = ase.io.read(str(data / "ethanol_test.extxyz"), index=0)
     if system == "ethanol3":

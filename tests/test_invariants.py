@@ -90,3 +90,40 @@ def test_orders_outside_one_to_three_are_refused():
             Invariants(2, orders)
     atoms = ase.Atoms("H")
     assert Invariants(HYPERS.max_angular, [1, 2])(coefficients([atoms])).abs().max() == 0  # no neighbours: zeros, not NaN
+
+
+def test_two_from_one_invariants_are_the_definition_and_their_contraction_keeps_the_geometry():
+    """[2 <- 1] of MessagePassingInvariants: uncontracted, the unit (0, +1) block of mp_acdc_features
+    with nu = 2, nu1 = 1 (MP-ACDC eq. 12, 21-23); contracted with every component of both factors, the
+    same dot products on the fitted environments; with two per block, fewer features and other dot products.
+    Invariant under rotation and inversion, and the same in TorchScript."""
+    from acdc_potential.descriptors.invariants import MessagePassingInvariants, fit_message_contraction
+    from acdc_potential.descriptors.mpacdc import batch_mp_acdc_features
+
+    hypers = DensityHypers(density="gaussian", cutoff=3.5, smoothing=0.5, max_angular=1, max_radial=1, basis="gto", width=0.4)
+    expansion = DensityExpansion(hypers, SPECIES)
+    frames = [ethanol(k) for k in range(3)]
+    batch = batch_from_atoms(frames, hypers.cutoff)
+
+    def features(projections=None, atoms=batch):
+        module = MessagePassingInvariants(expansion, expansion, [], [2], projections)
+        return module(atoms.pair_vectors(), atoms.centers, atoms.neighbors, expansion.species_index(atoms.numbers)), module
+
+    full, module = features()
+    definition = batch_mp_acdc_features(batch, expansion, nu=2, nu1=1, lambda_max=0, invariants_only=True)[(0, 1)][:, 0]
+    torch.testing.assert_close(full, unit_rows(definition), rtol=0, atol=1e-12)
+    complete, _ = features(fit_message_contraction(module, [batch], 10**6))
+    torch.testing.assert_close(gram(complete), gram(full), rtol=0, atol=1e-10)
+    projections = fit_message_contraction(module, [batch], 2)
+    truncated, contracted = features(projections)
+    assert truncated.shape[1] < full.shape[1] and float((gram(truncated) - gram(full)).abs().max()) > 1e-3
+
+    moved = ethanol(0)
+    moved.positions = -moved.positions @ random_rotation(5).T
+    turned = batch_from_atoms([ethanol(0), moved], hypers.cutoff)
+    x, _ = features(projections, turned)
+    n = len(moved)
+    torch.testing.assert_close(x[:n], x[n:], rtol=0, atol=1e-12)
+    scripted = torch.jit.script(contracted)
+    y = scripted(turned.pair_vectors(), turned.centers, turned.neighbors, expansion.species_index(turned.numbers))
+    torch.testing.assert_close(y, x, rtol=0, atol=1e-13)

@@ -32,6 +32,7 @@ from acdc_potential.kernels.polynomial import PolynomialKernel
 from acdc_potential.kernels.wigner.kernel import WignerKernel
 from acdc_potential.kernels.wigner.iteration import WignerHypers
 from acdc_potential.calculator import ACDCCalculator
+from acdc_potential.inference import run_module
 from acdc_potential.model.export import export_model
 
 HYPERS = DensityHypers(density="gaussian", cutoff=3.5, smoothing=0.5, max_angular=2, max_radial=3, basis="gto", width=0.4)
@@ -96,7 +97,14 @@ def mpacdc_model():
     return fit_kernel(training_set(), HYPERS, kernel, n_sparse=6, regularisers=Regularisers(0.01, 0.05, 0.005), tune=False)
 
 
-@pytest.fixture(params=["polynomial_model", "acdc_model", "mpacdc_model", "wigner_model"])
+@pytest.fixture(scope="module")
+def mpacdc2_model():
+    """Quadratic in normalised [1 <- 1] and contracted [2 <- 1] invariants (eq. 24 on both factors)."""
+    kernel = MessagePassingKernel(message_hypers(HYPERS, 1, 1), zeta=2, orders=[], message_orders=[1, 2], contraction=6, mixing={"c0": 0.5, "a": 1.0})
+    return fit_kernel(training_set(), HYPERS, kernel, n_sparse=6, regularisers=Regularisers(0.01, 0.05, 0.005), tune=False)
+
+
+@pytest.fixture(params=["polynomial_model", "acdc_model", "mpacdc_model", "mpacdc2_model", "wigner_model"])
 def model(request):
     return request.getfixturevalue(request.param)
 
@@ -537,7 +545,7 @@ def atom_energies(model, atoms, selected=None, forces=False):
     return energies.detach(), -gradient
 
 
-@pytest.mark.parametrize("kind", ["mpacdc_model", "polynomial_model"])
+@pytest.mark.parametrize("kind", ["mpacdc_model", "mpacdc2_model", "polynomial_model"])
 def test_message_passing_reaches_twice_the_cutoff_and_single_centre_models_do_not(kind, request):
     """Atom 0 at the origin, atom 1 within its cutoff, atom 2 beyond it (1.6 r_c) but within atom 1's:
     moving atom 2 changes atom 0's energy through atom 1's density, for [1 <- 1] features only."""
@@ -548,11 +556,12 @@ def test_message_passing_reaches_twice_the_cutoff_and_single_centre_models_do_no
     atoms.positions[2] += [0.05, -0.04, 0.03]
     assert np.linalg.norm(atoms.positions[2]) > 1.5 * cutoff
     change = abs(float(atom_energies(model, atoms)[0][0] - before[0]))
-    if kind == "mpacdc_model":
+    passing = kind.startswith("mpacdc")
+    if passing:
         assert change > 1e-6
     else:
         assert change == 0.0
-    assert model.scripted().interaction_range == (2.0 if kind == "mpacdc_model" else 1.0) * cutoff
+    assert model.scripted().interaction_range == (2.0 if passing else 1.0) * cutoff
 
 
 def test_message_passing_model_without_single_centre_orders_fits_and_exports(tmp_path):
@@ -587,3 +596,83 @@ def test_message_passing_model_in_domain_decomposition_gives_the_periodic_result
     near = np.concatenate([np.arange(n), n + np.flatnonzero(reach <= HYPERS.cutoff)])
     short = atom_energies(mpacdc_model, cluster[near], selected=range(n))[0]
     assert abs(float(short.sum() - periodic["energy"][0])) > 1e-6
+
+
+@pytest.mark.parametrize("kind", ["acdc", "mpacdc", "wigner"])
+def test_single_centre_model_learns_the_energy_of_its_centres_only(kind):
+    """``centres = [C]`` (MP-ACDC Fig. 6's C-centred models): sparse environments of carbon only; the
+    hydrogens' exported atomic energies are their baseline, with no uncertainty; the labels of a
+    C-centred teacher on the same sparse set are recovered."""
+    kernels = {
+        "acdc": lambda: PolynomialKernel(zeta=2, orders=[1, 2, 3], contraction=4, mixing={"c0": 0.5, "a": 1.0}),
+        "mpacdc": lambda: MessagePassingKernel(message_hypers(HYPERS, 2, 1), zeta=2, orders=[2], mixing={"c0": 0.5, "a": 1.0}),
+        "wigner": lambda: WignerKernel(WignerHypers(nu_max=3, lambda_max=2), mixing={"c0": 0.5, "a": 1.0, "b": 0.7}),
+    }
+    structures = [labelled(methane(k), k) for k in range(8)]
+    model = fit_kernel(structures, HYPERS, kernels[kind](), n_sparse=5, regularisers=Regularisers(0.01, 0.05, 0.005), centres=[6], tune=False)
+    assert model.kernel.sparse_species.tolist() == [6] * 5
+    atoms = methane(30)
+    energies, _ = atom_energies(model, atoms)
+    assert torch.equal(energies[1:], torch.full((4,), model.baseline.energies[1], dtype=torch.float64))
+    assert abs(float(energies[0]) - model.baseline.energies[6]) > 1e-6
+    sigma = run_module(model.scripted(), [atoms], forces=False, stress=False, uncertainty=True)["atom_uncertainty"]
+    assert torch.equal(sigma[1:], torch.zeros(4, dtype=torch.float64)) and float(sigma[0]) > 0.0
+
+    teacher = SparseKRRModel(
+        HYPERS, model.species, model.kernel,
+        ProjectedProcess(torch.randn(5, generator=torch.Generator().manual_seed(4), dtype=torch.float64), model.solution.projection, model.solution.triangular),
+        model.baseline, model.regularisers, expansion=model.expansion,
+    )
+    labels = teacher.predict([s.atoms for s in structures])
+    relabelled = [Labelled(atoms=s.atoms, energy=float(e), forces=f.numpy()) for s, e, f in zip(structures, labels["energy"], torch.split(labels["forces"], 5))]
+    kernel = kernel_from_dict({**model.kernel.to_dict(), "sparse_coefficients": None})
+    student = fit_kernel(relabelled, HYPERS, kernel, n_sparse=5, regularisers=Regularisers(1e-7, 1e-7, 1e-7), isolated_energies=model.baseline.energies, centres=[6], tune=False)
+    unseen = [methane(40), methane(41)]
+    expected, got = teacher.predict(unseen), student.predict(unseen)
+    scale = float(labels["forces"].abs().max())
+    for key in ("energy", "forces"):
+        assert torch.allclose(got[key], expected[key], atol=1e-7 * scale, rtol=0)
+
+
+def test_centres_outside_the_training_set_are_refused():
+    from acdc_potential.config import ConfigError, FitConfig
+    from acdc_potential.fit.driver import fit
+
+    config = FitConfig.from_dict({"kernel": {"type": "polynomial", "centres": ["C", "Au"]}, "options": {"tune": False}})
+    with pytest.raises(ConfigError, match="kernel.centres: Au not in the training set"):
+        fit([labelled(methane(k), k) for k in range(3)], config)
+
+
+def test_version_5_message_passing_checkpoints_read_as_one_from_one_models(mpacdc_model, tmp_path):
+    """Format 5 had [1 <- 1] message-passing invariants only, uncontracted: read as such."""
+    mpacdc_model.save(str(tmp_path / "current.ckpt"))
+    state = torch.load(tmp_path / "current.ckpt", weights_only=True)
+    assert state["version"] == 6 and state["kernel"]["hypers"]["message_orders"] == [1]
+    for key in ("message_orders", "contraction", "projections"):
+        del state["kernel"]["hypers"][key]
+    torch.save({**state, "version": 5}, tmp_path / "version5.ckpt")
+    loaded = SparseKRRModel.load(str(tmp_path / "version5.ckpt"))
+    probe = [methane(82)]
+    torch.testing.assert_close(loaded.predict(probe)["energy"], mpacdc_model.predict(probe)["energy"], rtol=0, atol=0)
+
+
+def test_two_from_one_model_from_the_configuration_fits_its_contraction_first():
+    """``kernel: {type: mpacdc, message_orders: [1, 2]}``: the fit contracts [2 <- 1] by a PCA fitted on
+    training structures before the sparse selection, stores it, and exports a file that uses it."""
+    from acdc_potential.config import FitConfig
+    from acdc_potential.fit.driver import fit
+
+    config = FitConfig.from_dict({
+        "density": {"cutoff": 3.5, "max_radial": 3, "max_angular": 2},
+        "kernel": {"type": "mpacdc", "message_orders": [1, 2], "message_max_radial": 1, "message_max_angular": 1, "contraction": 3, "zeta": 2},
+        "sparse": {"n": 5},
+        "options": {"tune": False},
+    })
+    structures = [labelled(methane(k), k) for k in range(5)]
+    model = fit(structures, config)
+    centre, message = model.kernel.projections
+    assert all(p.shape[1] <= 3 for p in centre + message) and model.kernel.message_orders == [1, 2]
+    passing = model.potential().head.features.passing
+    assert [p.centre_projections.active for p in passing] == [False, True]
+    probe = [methane(60)]
+    torch.testing.assert_close(run_module(model.scripted(), probe, False, False, False)["energy"], model.predict(probe, forces=False, stress=False)["energy"], rtol=0, atol=1e-12)

@@ -154,3 +154,54 @@ def test_orders_above_four_add_their_pairs_to_the_collapsed_orders(kind):
     (e_pairs, f_pairs), (e_collapsed, f_collapsed) = results["pairs"], results["collapsed"]
     assert abs(e_pairs) > 1e-3 and abs(e_collapsed - e_pairs) <= 1e-10 * abs(e_pairs)
     np.testing.assert_allclose(f_collapsed, f_pairs, rtol=0, atol=1e-10 * np.abs(f_pairs).max())
+
+
+def feature_model(kernel, kind, route):
+    """An exported feature model (``kernel``: a polynomial or message-passing kernel) with random
+    weights on the environments of :func:`structures`."""
+    from acdc_potential.descriptors.neighbors import batch_from_atoms as batch_of
+    from acdc_potential.model.heads import MessagePassingHead, PolynomialHead
+
+    sparse, _ = structures(kind)
+    numbers = sorted({int(z) for atoms in sparse for z in atoms.numbers})
+    expansion = DensityExpansion(DENSITY, numbers)
+    batch = batch_of(sparse, DENSITY.cutoff, torch.float64, "cpu")
+    environments, layout = kernel.environments(expansion, batch)
+    kernel.set_sparse(environments, batch.numbers, layout)
+    n = kernel.n_sparse
+    weights = 1e3 * torch.randn(n, generator=torch.Generator().manual_seed(kernel.zeta), dtype=torch.float64)
+    state = SparseState(kernel, weights, torch.eye(n, dtype=torch.float64), torch.eye(n, dtype=torch.float64), numbers)
+    head = (MessagePassingHead if kernel.kind == "mpacdc" else PolynomialHead)(expansion, kernel, state, numbers, route)
+    return AtomisticPotential(head, torch.zeros(len(numbers), dtype=torch.float64)), head
+
+
+@pytest.mark.parametrize(
+    "name, zeta, folded",
+    [("orders [1], zeta 1", 1, "vector"), ("orders [1], zeta 2", 2, {"Cu": "matrix", "CHO": "eigenpairs"}),
+     ("power spectrum, zeta 2", 2, "eigenpairs"), ("power spectrum, zeta 3", 3, "pairs"), ("[1 <- 1], zeta 2", 2, "eigenpairs")],
+)
+@pytest.mark.parametrize("kind", ["Cu", "CHO"])
+def test_feature_models_collapse_onto_the_pair_sum(name, zeta, folded, kind):
+    """A polynomial head of zeta 1 (a linear model) or 2 folds its sum over the sparse environments
+    into per-species tensors (a vector; the weighted Gram matrix where a species has at least as many
+    environments as features, else its eigenpairs); its energies and forces equal the pair sum's."""
+    from acdc_potential.kernels.message_passing import MessagePassingKernel, message_hypers
+    from acdc_potential.kernels.polynomial import PolynomialKernel
+
+    def kernel():
+        if name.startswith("[1 <- 1]"):
+            return MessagePassingKernel(message_hypers(DENSITY, 1, 1), zeta=zeta, orders=[1], mixing={"c0": 0.5, "a": 1.3})
+        return PolynomialKernel(zeta=zeta, orders=[1] if name.startswith("orders [1]") else [2], mixing={"c0": 0.5, "a": 1.3})
+
+    _, test = structures(kind)
+    results = {}
+    for route in ("pairs", "collapsed"):
+        potential, head = feature_model(kernel(), kind, route)
+        module = torch.jit.script(potential.eval())
+        out = run_module(module, [test], forces=True, stress=False, uncertainty=False)
+        results[route] = (float(out["energy"][0]), out["forces"].numpy())
+    kept = {1: "vector", 2: "matrix" if head.values.shape[1] == 0 else "eigenpairs"}.get(zeta, "pairs") if head.collapsed else "pairs"
+    assert kept == (folded[kind] if isinstance(folded, dict) else folded)
+    (e_pairs, f_pairs), (e_collapsed, f_collapsed) = results["pairs"], results["collapsed"]
+    assert abs(e_pairs) > 1e-3 and abs(e_collapsed - e_pairs) <= 1e-10 * abs(e_pairs)
+    np.testing.assert_allclose(f_collapsed, f_pairs, rtol=0, atol=1e-10 * np.abs(f_pairs).max())

@@ -348,3 +348,42 @@ class BlockPCA(torch.nn.Module):
         return {key: block @ self.projections[key].to(block) for key, block in blocks.items()}
 
     transform = forward
+
+
+class BlockProjections(torch.nn.Module):
+    """Fixed projections of a list of blocks on their feature index (a fitted :class:`BlockPCA`, eq.
+    24), TorchScript-compatible: ``forward(blocks)`` maps ``[n, 2 lambda + 1, F_k]`` to ``[n, 2 lambda +
+    1, K_k]`` with ``projections[k]`` ``[F_k, K_k]``, or returns ``blocks`` unchanged without projections.
+
+    :param projections: one ``[F_k, K_k]`` per block, in the order of ``forward``'s list, or ``None``.
+    """
+
+    # (TorchScript cannot infer the type of an empty list attribute)
+    shapes: List[List[int]]
+    starts: List[int]
+
+    def __init__(self, projections: Optional[List[torch.Tensor]] = None):
+        super().__init__()
+        self.active = projections is not None
+        self.shapes = [list(p.shape) for p in projections] if projections is not None else []
+        self.starts = [sum(s[0] * s[1] for s in self.shapes[:k]) for k in range(len(self.shapes))]
+        flat = [p.detach().to(torch.float64).reshape(-1) for p in projections] if projections is not None else []
+        self.register_buffer("flat", torch.cat([torch.zeros(0, dtype=torch.float64)] + flat))
+
+    def forward(self, blocks: List[torch.Tensor]) -> List[torch.Tensor]:
+        if not self.active:
+            return blocks
+        out: List[torch.Tensor] = []
+        for k, block in enumerate(blocks):
+            shape = self.shapes[k]
+            projection = self.flat[self.starts[k] : self.starts[k] + shape[0] * shape[1]].reshape(shape[0], shape[1])
+            out.append(block @ projection.to(block.dtype))
+        return out
+
+
+def fit_block_projections(blocks: List[torch.Tensor], components: int) -> List[torch.Tensor]:
+    """The :class:`BlockPCA` projections ``[F_k, K_k]`` (``K_k <= components``) of each block of
+    ``blocks`` (``[n, 2 lambda + 1, F_k]``, environments of a training sample), in their order."""
+    keyed = {(k, 1): block.detach() for k, block in enumerate(blocks)}
+    pca = BlockPCA(components).fit(keyed)
+    return [pca.projections[(k, 1)].cpu() for k in range(len(blocks))]

@@ -15,11 +15,11 @@ It is plain differentiable torch and TorchScript-compatible: the fit differentia
 (:class:`~acdc_potential.kernels.polynomial.PolynomialKernel`), the exported head runs the same module.
 """
 
-from typing import Dict, List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
-from .acdc import BlockPCA, CGProduct, Key, power_spectrum, unit_rows
+from .acdc import BlockProjections, CGProduct, Key, fit_block_projections, power_spectrum, unit_rows
 
 ORDERS = (1, 2, 3)
 
@@ -48,10 +48,6 @@ class Invariants(torch.nn.Module):
     ``forward(coefficients)``: list over ``l`` of ``[n, 2l + 1, Q_l]`` -> ``[n, F]``.
     """
 
-    # (TorchScript cannot infer the type of an empty list attribute)
-    projection_shapes: List[List[int]]
-    projection_start: List[int]
-
     def __init__(self, l_max: int, orders: List[int], projections: Optional[List[torch.Tensor]] = None):
         super().__init__()
         self.orders: List[int] = check_orders(orders)
@@ -61,12 +57,7 @@ class Invariants(torch.nn.Module):
         self.triples = CGProduct(keys, density_keys, 0, invariants_only=True)
         if projections is not None and len(projections) != len(keys):
             raise ValueError(f"expected {len(keys)} nu = 2 projections (lambda = 0..{l_max}), got {len(projections)}")
-        self.contracted = projections is not None
-        shapes = [list(p.shape) for p in projections] if projections is not None else []
-        self.projection_shapes = shapes
-        self.projection_start = [sum(s[0] * s[1] for s in shapes[:k]) for k in range(len(shapes))]
-        flat = [p.detach().to(torch.float64).reshape(-1) for p in projections] if projections is not None else []
-        self.register_buffer("projection", torch.cat([torch.zeros(0, dtype=torch.float64)] + flat))
+        self.contraction = BlockProjections(projections)
 
     def nu2_blocks(self, coefficients: List[torch.Tensor]) -> List[torch.Tensor]:
         """The ``nu = 2`` blocks of :func:`pair_keys`, ``[n, 2 lambda + 1, Q^2]`` (uncontracted)."""
@@ -74,16 +65,7 @@ class Invariants(torch.nn.Module):
 
     def bispectrum(self, coefficients: List[torch.Tensor]) -> torch.Tensor:
         """``nu = 3`` invariants ``[n, F_3]``, contracted when the module has projections."""
-        blocks = self.nu2_blocks(coefficients)
-        if self.contracted:
-            contracted: List[torch.Tensor] = []
-            for k, block in enumerate(blocks):
-                shape = self.projection_shapes[k]
-                start = self.projection_start[k]
-                projection = self.projection[start : start + shape[0] * shape[1]].reshape(shape[0], shape[1])
-                contracted.append(block @ projection.to(block.dtype))
-            blocks = contracted
-        return self.triples(blocks, coefficients)[0][:, 0]
+        return self.triples(self.contraction(self.nu2_blocks(coefficients)), coefficients)[0][:, 0]
 
     def forward(self, coefficients: List[torch.Tensor]) -> torch.Tensor:
         parts: List[torch.Tensor] = []
@@ -104,24 +86,28 @@ def fit_contraction(l_max: int, coefficients: List[torch.Tensor], components: in
     eigenvectors of the uncentred covariance over environments and ``mu`` (:class:`BlockPCA`)."""
     module = Invariants(l_max, [3]).to(coefficients[0].device)
     with torch.no_grad():
-        blocks: Dict[Key, torch.Tensor] = dict(zip(pair_keys(l_max), module.nu2_blocks([c.detach() for c in coefficients])))
-    pca = BlockPCA(components).fit(blocks)
-    return [pca.projections[key].cpu() for key in pair_keys(l_max)]
+        return fit_block_projections(module.nu2_blocks([c.detach() for c in coefficients]), components)
 
 
 class MessagePassingInvariants(torch.nn.Module):
     """Invariants of every atom of a batch of pairs: single-centre orders ``orders`` of ``density``
-    (:class:`Invariants`, without ``nu = 3``) beside the message-passing ``[1 <- 1]`` invariants
-    (MP-ACDC eq. 12, 21-23; :class:`~acdc_potential.descriptors.mpacdc.MPACDC`) on the basis of
-    ``message``, each part of unit norm, together of unit norm.
+    (:class:`Invariants`, without ``nu = 3``) beside the message-passing ``[nu <- 1]`` invariants for
+    ``nu`` in ``message_orders`` (MP-ACDC eq. 12, 21-23; :class:`~acdc_potential.descriptors.mpacdc.MPACDC`)
+    on the basis of ``message``, each part of unit norm, together of unit norm.
 
-    An atom's ``[1 <- 1]`` invariants depend on its neighbours' densities, hence on atoms up to twice
+    An atom's ``[nu <- 1]`` invariants depend on its neighbours' densities, hence on atoms up to twice
     the cutoff away: they are computed from the pairs of the whole batch, not from one atom's coefficients.
+    ``[2 <- 1]`` couples the centre's ``nu = 2`` blocks with the message, about ``Q^4`` invariants per
+    coupling (``Q`` the message's density channels): the two factors are contracted by a PCA per block
+    (eq. 24; ``projections``, :func:`fit_message_contraction`).
 
     :param density: the model's density expansion (orders 1, 2).
     :param message: expansion of the neighbour densities and pair terms of the message, of the same
         cutoff and species (a coarser basis keeps the ``Q^3`` features of the message tractable).
     :param orders: single-centre orders beside the message, a subset of 1, 2 (may be empty).
+    :param message_orders: the ``nu`` of the ``[nu <- 1]`` invariants, a non-empty subset of 1, 2.
+    :param projections: for ``[2 <- 1]``, ``(centre, message)`` projections of the factors'
+        blocks (:meth:`MPACDC.intermediates`), or ``None`` for all features.
 
     ``forward(vectors [P, 3], centers [P], neighbors [P], species [N])`` (``species`` the index of each
     atom in the expansions' species) -> ``[N, F]``.
@@ -130,20 +116,39 @@ class MessagePassingInvariants(torch.nn.Module):
     # (TorchScript cannot infer the type of an empty list attribute)
     orders: List[int]
 
-    def __init__(self, density, message, orders: List[int]):
+    def __init__(
+        self,
+        density,
+        message,
+        orders: List[int],
+        message_orders: Optional[List[int]] = None,
+        projections: Optional[Tuple[List[torch.Tensor], List[torch.Tensor]]] = None,
+    ):
         super().__init__()
         from .mpacdc import MPACDC, PairBasis
 
         if 3 in orders:
-            raise ValueError("a message-passing kernel takes single-centre orders 1 and 2 only beside its [1 <- 1] features")
+            raise ValueError("a message-passing kernel takes single-centre orders 1 and 2 only beside its [nu <- 1] features")
         if message.cutoff != density.cutoff or message.species != density.species:
             raise ValueError("the message's expansion must have the density's cutoff and species")
+        self.message_orders: List[int] = check_message_orders([1] if message_orders is None else message_orders)
         self.orders = check_orders(list(orders)) if orders else []
         self.density = density
         self.local = Invariants(density.l_max, self.orders) if self.orders else None
         self.message = message
         self.pair = PairBasis(message)
-        self.mp = MPACDC(message.l_max, message.l_max, 1, 1, 0, True)
+        l_max = message.l_max
+        self.passing = torch.nn.ModuleList(
+            [MPACDC(l_max, l_max, nu, 1, 0, True, projections=projections if nu == 2 else None) for nu in self.message_orders]
+        )
+
+    def factors(self, vectors: torch.Tensor, centers: torch.Tensor, neighbors: torch.Tensor, species: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """The uncontracted factors of the ``[2 <- 1]`` coupling of every atom (:meth:`MPACDC.intermediates`)."""
+        radial, harmonics = self.pair(vectors)
+        neighbor_species = species[neighbors]
+        coefficients = self.message(vectors, centers, neighbor_species, species.shape[0])
+        passing = self.passing[self.message_orders.index(2)]
+        return passing.intermediates(coefficients, harmonics, radial, neighbor_species, self.message.n_species, centers, neighbors)
 
     def forward(self, vectors: torch.Tensor, centers: torch.Tensor, neighbors: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
         n_atoms = species.shape[0]
@@ -155,6 +160,38 @@ class MessagePassingInvariants(torch.nn.Module):
             parts.append(local(self.density(vectors, centers, neighbor_species, n_atoms)) * float(len(self.orders)) ** 0.5)
         radial, harmonics = self.pair(vectors)
         coefficients = self.message(vectors, centers, neighbor_species, n_atoms)
-        mp = self.mp(coefficients, harmonics, radial, neighbor_species, self.message.n_species, centers, neighbors)[0][:, 0]
-        parts.append(unit_rows(mp))
-        return torch.cat(parts, dim=1) / float(len(self.orders) + 1) ** 0.5
+        for passing in self.passing:
+            mp = passing(coefficients, harmonics, radial, neighbor_species, self.message.n_species, centers, neighbors)[0][:, 0]
+            parts.append(unit_rows(mp))
+        return torch.cat(parts, dim=1) / float(len(parts)) ** 0.5
+
+
+MESSAGE_ORDERS = (1, 2)
+
+
+def check_message_orders(orders: List[int]) -> List[int]:
+    """``orders`` sorted without repeats; a ``ValueError`` unless a non-empty subset of 1, 2."""
+    chosen = sorted({int(nu) for nu in orders})
+    if not chosen or not set(chosen) <= set(MESSAGE_ORDERS):
+        raise ValueError(f"message orders (the nu of [nu <- 1]) must be a non-empty subset of {list(MESSAGE_ORDERS)}, got {list(orders)}")
+    return chosen
+
+
+def fit_message_contraction(module: MessagePassingInvariants, batches, components: int) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """PCA projections (eq. 24) of the two factors of the ``[2 <- 1]`` coupling, at most ``components``
+    per block, fitted on every atom of ``batches`` (:class:`~acdc_potential.descriptors.neighbors.AtomsBatch`
+    objects of training structures; ``module`` uncontracted)."""
+    centre: List[List[torch.Tensor]] = []
+    message: List[List[torch.Tensor]] = []
+    with torch.no_grad():
+        for batch in batches:
+            species = module.message.species_index(batch.numbers)
+            c, m = module.factors(batch.pair_vectors(), batch.centers, batch.neighbors, species)
+            centre.append(c)
+            message.append(m)
+    return fit_block_projections(concatenated(centre), components), fit_block_projections(concatenated(message), components)
+
+
+def concatenated(parts: List[List[torch.Tensor]]) -> List[torch.Tensor]:
+    """Blocks of several batches ``parts[b][k]`` joined over the batches, block by block."""
+    return [torch.cat([blocks[k] for blocks in parts]) for k in range(len(parts[0]))]

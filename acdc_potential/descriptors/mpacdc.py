@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .cg import real_clebsch_gordan
-from .acdc import ACDCFeatures, Blocks, CGProduct, Key, couplings
+from .acdc import ACDCFeatures, BlockProjections, Blocks, CGProduct, Key, couplings
 from .density import DensityExpansion
 from .neighbors import AtomsBatch
 
@@ -224,6 +224,9 @@ class MPACDC(torch.nn.Module):
 
     :param l_max: largest ``l`` of the density coefficients.
     :param l_pair_max: largest ``l2`` of the pair terms.
+    :param projections: optional contraction (eq. 24) of the two factors of the last coupling:
+        ``(centre, message)``, one ``[F_k, K_k]`` per block of :attr:`centre_keys` and of
+        :attr:`message_keys` (:meth:`intermediates`; :func:`~acdc_potential.descriptors.acdc.fit_block_projections`).
     """
 
     def __init__(
@@ -235,6 +238,7 @@ class MPACDC(torch.nn.Module):
         lambda_max: int = 0,
         invariants_only: bool = False,
         intermediate_lambda_max: Optional[int] = None,
+        projections: Optional[Tuple[List[torch.Tensor], List[torch.Tensor]]] = None,
     ):
         super().__init__()
 
@@ -260,6 +264,26 @@ class MPACDC(torch.nn.Module):
         self.message = Message(self.nodes.keys, l_pair_max, message_lambda, message_keys)
         self.interaction = CGProduct(self.centre.keys, self.message.keys, lambda_max, invariants_only)
         self.keys: List[Key] = self.interaction.keys
+        self.centre_keys: List[Key] = self.centre.keys
+        self.message_keys: List[Key] = self.message.keys
+        self.centre_projections = BlockProjections(None if projections is None else projections[0])
+        self.message_projections = BlockProjections(None if projections is None else projections[1])
+
+    def intermediates(
+        self,
+        coefficients: List[torch.Tensor],
+        harmonics: List[torch.Tensor],
+        radial: List[torch.Tensor],
+        pair_species: torch.Tensor,
+        n_species: int,
+        centers: torch.Tensor,
+        neighbors: torch.Tensor,
+    ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """The uncontracted factors of the last coupling: ``rho_i^{nu}`` blocks (:attr:`centre_keys`)
+        and message blocks (:attr:`message_keys`)."""
+        nodes = self.nodes(coefficients)
+        messages = self.message(nodes, harmonics, radial, pair_species, n_species, centers, neighbors)
+        return self.centre(coefficients), messages
 
     def forward(
         self,
@@ -273,9 +297,8 @@ class MPACDC(torch.nn.Module):
     ) -> List[torch.Tensor]:
         """Arguments as :func:`mp_acdc_features`, with the fields of :class:`PairTerms` spelled
         out; returns blocks in the order of :attr:`keys`."""
-        nodes = self.nodes(coefficients)
-        messages = self.message(nodes, harmonics, radial, pair_species, n_species, centers, neighbors)
-        return self.interaction(self.centre(coefficients), messages)
+        centre, messages = self.intermediates(coefficients, harmonics, radial, pair_species, n_species, centers, neighbors)
+        return self.interaction(self.centre_projections(centre), self.message_projections(messages))
 
 
 def mp_acdc_features(

@@ -45,7 +45,7 @@ from .solver import ProjectedProcess
 from .tuning import HyperparameterReport
 
 FORMAT = "acdc-potential/sparse-krr"
-VERSION = 5
+VERSION = 6
 # version 1 named these objects by their qualified Python name; nothing else is accepted
 _VERSION_1_NAMES = {
     "acdc_potential.wigner:WignerHypers": "wigner",
@@ -58,6 +58,8 @@ def upgrade(state: Dict) -> Dict:
     dict, ``state`` is not changed)."""
     if state.get("format") == FORMAT and state.get("version") == VERSION:
         return state
+    if state.get("format") == FORMAT and state.get("version") == 5:
+        return _upgrade_from_5(state)
     if state.get("format") == FORMAT and state.get("version") == 4:
         return _upgrade_from_4(state)
     if state.get("format") == FORMAT and state.get("version") == 3:
@@ -107,6 +109,15 @@ def _upgrade_from_4(state: Dict) -> Dict:
         if hypers.get("features") != "power_spectrum":
             raise CheckpointError(f"the checkpoint names unknown features {hypers.get('features')!r} for its polynomial kernel")
         kernel["hypers"] = {"zeta": hypers["zeta"], "orders": [2], "contraction": 0, "projections": None}
+    return _upgrade_from_5({**state, "version": 5, "kernel": kernel})
+
+
+def _upgrade_from_5(state: Dict) -> Dict:
+    """Version 5 -> 6: message-passing kernels name the orders of their ``[nu <- 1]`` invariants and
+    their contraction; earlier ones had ``[1 <- 1]`` only, uncontracted."""
+    kernel = dict(state["kernel"])
+    if kernel["kind"] == "mpacdc":
+        kernel["hypers"] = {**kernel["hypers"], "message_orders": [1], "contraction": 0, "projections": None}
     return {**state, "version": VERSION, "kernel": kernel}
 
 
@@ -178,15 +189,15 @@ class SparseKRRModel:
 
     def potential(self, route: str = "collapsed") -> AtomisticPotential:
         """The deployable :class:`~acdc_potential.model.potential.AtomisticPotential`; ``route``
-        chooses how a Wigner head sums over its sparse environments
-        (:class:`~acdc_potential.model.heads.WignerHead`)."""
+        chooses how a head sums over its sparse environments
+        (:class:`~acdc_potential.model.heads.WignerHead`, :class:`~acdc_potential.model.heads.PolynomialHead`)."""
         state = SparseState(self.kernel, self.solution.weights, self.solution.projection, self.solution.triangular, self.species, self.calibration, self.regularisers.energy**2)
         if self.kernel.kind == "wigner":
             head = WignerHead(self.expansion, self.kernel, state, self.species, route)
         elif self.kernel.kind == "polynomial":
-            head = PolynomialHead(self.expansion, self.kernel, state, self.species)
+            head = PolynomialHead(self.expansion, self.kernel, state, self.species, route)
         elif self.kernel.kind == "mpacdc":
-            head = MessagePassingHead(self.expansion, self.kernel, state, self.species)
+            head = MessagePassingHead(self.expansion, self.kernel, state, self.species, route)
         else:
             raise ValueError(f"cannot export a '{self.kernel.kind}' kernel")
         baseline = torch.tensor([self.baseline.energies.get(z, 0.0) for z in self.species], dtype=torch.float64)

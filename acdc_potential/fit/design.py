@@ -149,7 +149,6 @@ def build_design_matrix(
     stress: bool = True,
     budget: float = 3e7,
     progress: bool = False,
-    partial_sparse: bool = False,
 ) -> DesignMatrix:
     """Rows for every label of ``structures`` (those absent are skipped).
 
@@ -157,12 +156,14 @@ def build_design_matrix(
     sparse environments of ``a`` (the kernels are zero across species), so the rows are
     built one central species at a time: the columns of ``a`` from the atoms of ``a``.
     Whatever the kernel keeps about one species' sparse environments between batches
-    (:meth:`SparseKernel.clear_cache`) is then held for that species only. ``progress``
-    shows a progress bar per species.
+    (:meth:`SparseKernel.clear_cache`) is then held for that species only. A kernel that
+    computes the features of a whole batch at once (``rows_by_species`` false) builds every
+    species' columns in one pass instead. ``progress`` shows a progress bar per pass.
 
-    :param partial_sparse: the kernel's sparse environments need not cover every species of the
-        structures (the new columns of an update, :mod:`~acdc_potential.fit.incremental`): atoms of a
-        species without any add nothing to them, the kernel being zero across species.
+    Atoms of a species without sparse environments add nothing (the kernel is zero across
+    species): the other atoms of a single-centre model (``kernel.centres``), or the species
+    without new environments in an update's new columns (:mod:`~acdc_potential.fit.incremental`).
+
     :param budget: largest number of entries of the per-batch derivatives (``n_pieces x M x K``
         per structure, ``K = 3 n_atoms + 9`` directions) and coefficient Jacobians
         (``n_atoms x K x D``) held at once; sets the batch size (float64, 8 bytes each). The
@@ -206,13 +207,13 @@ def build_design_matrix(
         (group, batch_from_atoms([structures[k].atoms for k in group], expansion.cutoff, device=device, first_index=group[0]))
         for group in _batches(structures, cost, budget)
     ]
-    for z in sorted({int(z) for s in structures for z in s.atoms.numbers}):
-        if partial_sparse and not bool((kernel.sparse_species == z).any()):
-            continue
-        columns = kernel.sparse_of(z)
-        bar = tqdm(total=len(structures), desc=f"kernel rows, {chemical_symbols[z]} centres", unit="structure", disable=not progress)
+    centred = [z for z in sorted({int(z) for s in structures for z in s.atoms.numbers}) if bool((kernel.sparse_species == z).any())]
+    for species in [[z] for z in centred] if kernel.rows_by_species else [centred]:
+        columns = torch.cat([kernel.sparse_of(z) for z in species])
+        label = "".join(chemical_symbols[z] for z in species)
+        bar = tqdm(total=len(structures), desc=f"kernel rows, {label} centres", unit="structure", disable=not progress)
         for group, batch in groups:
-            centres = torch.nonzero(batch.numbers == z).flatten()
+            centres = torch.nonzero(torch.isin(batch.numbers, torch.tensor(species, device=batch.numbers.device))).flatten()
             bar.update(len(group))
             if centres.numel() == 0:
                 continue
@@ -233,6 +234,6 @@ def build_design_matrix(
                     strain = derivatives[:, t, columns, 3 * n_max :].reshape(n_pieces, columns.numel(), 3, 3)
                     pieces[:, end - 6 : end, columns] = _voigt(strain / abs(s.atoms.get_volume())).transpose(1, 2)
         bar.close()
-        # the kernel may keep this species' sparse invariants between groups: free them
+        # the kernel may keep these species' sparse invariants between groups: free them
         kernel.clear_cache()
     return DesignMatrix(pieces, targets, kind, row_structure, row_atoms, row_weight)

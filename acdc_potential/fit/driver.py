@@ -21,9 +21,10 @@ import ase
 import torch
 from ase.data import chemical_symbols
 
-from ..config import ClusterConfig, FitConfig, FitOptions, KernelConfig, Regularisers, SparseConfig, atomic_number
+from ..config import ClusterConfig, ConfigError, FitConfig, FitOptions, KernelConfig, Regularisers, SparseConfig, atomic_number
 from ..data import Labelled
 from ..descriptors.density import DensityExpansion
+from ..descriptors.neighbors import batch_from_atoms
 from ..descriptors.radial import DensityHypers
 from ..errors import AccuracyWarning, BaselineWarning
 from ..kernels import PolynomialKernel, SparseKernel, WignerKernel
@@ -69,6 +70,7 @@ def fit_kernel(
     stress: bool = FitOptions.stress,
     isolated_energies: Optional[Dict[int, float]] = None,
     species: Optional[Sequence[int]] = None,
+    centres: Optional[Sequence[int]] = None,
     tune: bool = FitOptions.tune,
     tune_options: Optional[Dict] = None,
     jitter: float = DEFAULT_JITTER,
@@ -99,6 +101,9 @@ def fit_kernel(
     calibration of the uncertainties (:func:`calibrate_on`); the projected-process solve. ``log`` (a :class:`~acdc_potential.fit.report.FitLog`, default one
     that prints when ``verbose``) reports and times each step; progress bars show when it prints.
 
+    ``centres``: the atomic numbers whose atoms carry a learned energy (default: all; see
+    :class:`~acdc_potential.config.KernelConfig`).
+
     ``design_memory`` (bytes) bounds the design matrix held at once: beyond it the tuning
     sees the rows of a random sample of the structures that fits (:func:`design_groups`),
     and the rows of the others are built group by group after it and folded into the
@@ -126,6 +131,7 @@ def fit_kernel(
             with log.stage("survey"):
                 survey = survey_source(source, executor, task_structures, species, "survey" if bars else "")
         species = sorted(int(z) for z in species) if species is not None else survey.species()
+        check_centres(centres, species)
         log(f"tabulating the radial integrals ({len(survey)} structures, species {species})")
         with log.stage("radial integrals"):
             expansion = DensityExpansion(density_hypers, species)
@@ -133,7 +139,7 @@ def fit_kernel(
                 expansion = expansion.to(device)
         baseline = Baseline.fit(survey, species, isolated_energies)
         with log.stage("density coefficients and sparse selection"):
-            sparse_owners = choose_sparse(kernel, source, survey, expansion, n_sparse, selection, candidates, seed, task_structures, executor, progress, log)
+            sparse_owners = choose_sparse(kernel, source, survey, expansion, n_sparse, selection, candidates, seed, task_structures, executor, progress, log, centres)
         rows = survey.row_counts(energies, forces, stress)
         # tasks: the groups of design_groups cut to task_memory, as sorted source positions (file order within a task)
         groups = [split_group(group, rows, kernel.n_pieces, kernel.n_sparse, task_memory) for group in design_groups(rows, kernel.n_pieces, kernel.n_sparse, design_memory, seed)]
@@ -171,19 +177,39 @@ def fit_kernel(
     return SparseKRRModel(density_hypers, species, kernel, solution, baseline, regularisers, report, expansion.to("cpu") if device is not None else expansion, recorded, calibration, sparse_owners)
 
 
-def choose_sparse(kernel, source, survey, expansion, n_sparse, selection, candidates, seed, task_structures, executor, progress, log) -> torch.Tensor:
+def check_centres(centres: Optional[Sequence[int]], species: Sequence[int]) -> None:
+    """Raise a :class:`~acdc_potential.errors.ConfigError` unless every one of ``centres`` (atomic
+    numbers, or ``None``: all) is among the training set's ``species``."""
+    if centres is None:
+        return
+    if not centres:
+        raise ConfigError("kernel.centres: an empty list leaves no atom with a learned energy; give elements, or null for all")
+    missing = [chemical_symbols[z] for z in centres if z not in species]
+    if missing:
+        raise ConfigError(f"kernel.centres: {', '.join(missing)} not in the training set (its elements: {', '.join(chemical_symbols[z] for z in species)})")
+
+
+def choose_sparse(kernel, source, survey, expansion, n_sparse, selection, candidates, seed, task_structures, executor, progress, log, centres=None) -> torch.Tensor:
     """Sparse environments per species (:func:`select_sparse` on the kernel's selection features, the
-    power spectrum for most) among the atoms of :func:`selection_candidates`, whose environments
-    (:meth:`SparseKernel.environments`) the executor computes;
+    power spectrum for most) among the atoms of :func:`selection_candidates` of the species ``centres``
+    (default all), whose environments (:meth:`SparseKernel.environments`) the executor computes;
     stored in ``kernel`` (:meth:`SparseKernel.set_sparse`). Returns the source position of the
     structure of each sparse environment ``[M]``."""
+    if kernel.unprepared:
+        sample = selection_candidates(survey.n_atoms, PREPARATION_ATOMS, seed)
+        log(f"fitting the kernel's contraction on the atoms of {len(sample)} structures")
+        structures = source.read(sample)
+        kernel.prepare(expansion, [batch_from_atoms([s.atoms for s in part], expansion.cutoff, device=expansion.species_lookup.device) for part in split(structures, 64)])
     pool = selection_candidates(survey.n_atoms, candidates, seed)
     log(f"environments of {'every atom' if len(pool) == len(survey) else f'the atoms of {len(pool)} structures (a random sample)'}")
     parts = [survey.positions[part].tolist() for part in split(pool, task_structures)]
     results = list(executor.map(tasks.coefficients, (source, expansion, kernel, progress), parts, "environments" if log.progress and not progress else ""))
     coefficients, numbers, layout = torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results]), results[0][2]
     del results
-    chosen = select_sparse(kernel.selection_features(coefficients, layout), numbers, n_sparse, selection)
+    eligible = torch.arange(numbers.shape[0], device=numbers.device)
+    if centres is not None:
+        eligible = eligible[torch.isin(numbers, torch.tensor(list(centres), device=numbers.device))]
+    chosen = eligible[select_sparse(kernel.selection_features(coefficients[eligible], layout), numbers[eligible], n_sparse, selection)]
     kernel.set_sparse(coefficients[chosen], numbers[chosen], layout)
     counts = {int(z): int((kernel.sparse_species == z).sum()) for z in torch.unique(kernel.sparse_species).tolist()}
     log(f"{len(chosen)} sparse environments by {selection} ({counts} per atomic number); building the kernel rows")
@@ -220,6 +246,8 @@ def calibrate_on(design, k_mm_pieces, kernel, regularisers, jitter, source, samp
     return calibration
 
 
+# atoms of the training sample on which a kernel fits what its environments depend on (SparseKernel.prepare)
+PREPARATION_ATOMS = 2000
 # fewer held-out structures than this give a calibration warning
 MIN_CALIBRATION = 10
 
@@ -305,7 +333,7 @@ def make_kernel(config: KernelConfig, density: Optional[DensityHypers] = None) -
         return PolynomialKernel(zeta=config.zeta, orders=config.orders, contraction=config.contraction, mixing=config.mixing or None)
     if config.type == "mpacdc":
         message = message_hypers(density or DensityHypers(), config.message_max_radial, config.message_max_angular)
-        return MessagePassingKernel(message, zeta=config.zeta, orders=config.orders, mixing=config.mixing or None)
+        return MessagePassingKernel(message, config.zeta, config.orders, config.message_orders, config.contraction, mixing=config.mixing or None)
     raise ValueError(f"unknown kernel type '{config.type}' (known: wigner, polynomial, mpacdc)")
 
 
@@ -391,6 +419,7 @@ def _fit(structures, config: FitConfig, n_sparse, tune: bool, log: Optional[FitL
         forces=config.options.forces,
         stress=config.options.stress,
         isolated_energies=isolated,
+        centres=None if config.kernel.centres is None else sorted({atomic_number(element) for element in config.kernel.centres}),
         tune=tune,
         design_memory=config.options.design_memory * 1e9,
         candidates=config.sparse.candidates,

@@ -110,7 +110,7 @@ class IncrementalFit:
     def _add_columns(self, coefficients: torch.Tensor, species: torch.Tensor) -> None:
         """The kept rows and ``K_MM`` extended by the sparse environments ``coefficients [m, D]``."""
         species = species.to(torch.long)
-        columns = build_design_matrix(self.structures, self.expansion, self.kernel.with_sparse(coefficients, species), self.baseline, *self.kinds, partial_sparse=True).pieces
+        columns = build_design_matrix(self.structures, self.expansion, self.kernel.with_sparse(coefficients, species), self.baseline, *self.kinds).pieces
         extended = self.kernel.with_sparse(torch.cat([self.kernel.sparse_coefficients, coefficients]), torch.cat([self.kernel.sparse_species, species]))
         with torch.no_grad():
             block = extended.rows(coefficients, species)  # [n_pieces, m, M + m]

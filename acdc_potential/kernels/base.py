@@ -36,6 +36,26 @@ def sum_by_structure(x: torch.Tensor, owner: torch.Tensor, n_structures: int) ->
     return out.index_add(1, owner, x)
 
 
+def weighted_gram_eigenpairs(rows: torch.Tensor, omega: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The exact eigenpairs of ``W = rows^T diag(omega) rows`` without forming it: ``V [D, rank]``
+    and ``values [rank]`` with ``W = V diag(values) V^T``, zero-padded to ``rank >= n``.
+
+    ``rows^T = Q R`` (thin QR) gives ``W = Q (R diag(omega) R^T) Q^T``, whose ``[n, n]`` middle is
+    diagonalised. Large weights of both signs that cancel in ``W`` cancel here once, in ``values``
+    (docs/equations.md, "Numerical precision").
+
+    :param rows: ``[n, D]``, ``n <= D``. :param omega: ``[n]``. :param rank: columns of the result.
+    """
+    q, r = torch.linalg.qr(rows.T)
+    middle = r @ (omega[:, None] * r.T)
+    values, inner = torch.linalg.eigh(0.5 * (middle + middle.T))
+    vectors = rows.new_zeros((rows.shape[1], rank))
+    padded = rows.new_zeros(rank)
+    vectors[:, : values.shape[0]] = q @ inner
+    padded[: values.shape[0]] = values
+    return vectors, padded
+
+
 class SparseKernel:
     """Base class: sparse state, species blocks and gradients; subclasses define :meth:`pairs`.
 
@@ -47,6 +67,9 @@ class SparseKernel:
 
     kind = ""
     mixing_names: Tuple[str, ...] = ()
+    # the design builds rows one central species at a time (False: every species in one pass, for a
+    # kernel whose per-atom features come from the whole batch and would be recomputed per species)
+    rows_by_species = True
 
     def __init__(self, n_pieces: int, mixing: Dict[str, float]):
         self.n_pieces = n_pieces
@@ -77,6 +100,15 @@ class SparseKernel:
     def from_hypers(cls, hypers: Dict, mixing: Dict[str, float]) -> "SparseKernel":
         """The kernel of :meth:`hypers` and ``mixing`` (without sparse environments)."""
         raise NotImplementedError
+
+    @property
+    def unprepared(self) -> bool:
+        """Whether :meth:`prepare` must see training structures before any environment is computed."""
+        return False
+
+    def prepare(self, expansion: DensityExpansion, batches: List[AtomsBatch]) -> None:
+        """Fit what the kernel's environments depend on (e.g. a contraction) on the atoms of ``batches``
+        of training structures (nothing here)."""
 
     def environments(self, expansion: DensityExpansion, batch: AtomsBatch, centres: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Layout]:
         """What the kernel takes as the environments of the atoms ``centres`` of ``batch`` (default: all),

@@ -1,4 +1,4 @@
-"""The polynomial kernel on message-passing ACDC invariants (MP-ACDC ``[1 <- 1]`` beside single-centre orders).
+"""The polynomial kernel on message-passing ACDC invariants (MP-ACDC ``[1 <- 1]``, ``[2 <- 1]``, beside single-centre orders).
 
 The pieces are those of :class:`~acdc_potential.kernels.polynomial.PolynomialKernel`,
 ``[delta(a_i, a_m), delta(a_i, a_m) (x_i . x_m)^zeta]``, on the unit features ``x_i`` of
@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..descriptors.density import DensityExpansion, Layout
-from ..descriptors.invariants import MessagePassingInvariants
+from ..descriptors.invariants import MessagePassingInvariants, check_message_orders, fit_message_contraction
 from ..descriptors.neighbors import AtomsBatch
 from ..descriptors.radial import DensityHypers
 from .base import sum_by_structure
@@ -56,18 +56,38 @@ class MessagePassingKernel(PolynomialKernel):
         model density's; a plain dict of :class:`DensityHypers` fields).
     :param zeta: exponent. :param orders: single-centre orders beside the message (subset of 1, 2;
         may be empty).
+    :param message_orders: the ``nu`` of the ``[nu <- 1]`` invariants (a non-empty subset of 1, 2).
+    :param contraction: with ``[2 <- 1]``, components kept per block of its two factors by the PCA of
+        eq. 24, fitted on training structures before any environment is computed (:meth:`prepare`;
+        0: no contraction).
+    :param projections: that PCA, ``(centre, message)``, when already fitted (from a checkpoint).
     :param mixing: ``c0``, ``a``.
 
     ``max_tangents`` (attribute, 2048) bounds the (atom, direction) pairs differentiated at once.
     """
 
     kind = "mpacdc"
+    rows_by_species = False
 
-    def __init__(self, message: Dict, zeta: int = 4, orders: Sequence[int] = (2,), mixing: Optional[Dict[str, float]] = None):
+    def __init__(
+        self,
+        message: Dict,
+        zeta: int = 4,
+        orders: Sequence[int] = (2,),
+        message_orders: Sequence[int] = (1,),
+        contraction: int = 0,
+        projections: Optional[Tuple[List[torch.Tensor], List[torch.Tensor]]] = None,
+        mixing: Optional[Dict[str, float]] = None,
+    ):
         super().__init__(zeta, [2], 0, None, mixing)
         self.orders = sorted({int(nu) for nu in orders})
         if not set(self.orders) <= {1, 2}:
-            raise ValueError(f"a message-passing kernel takes single-centre orders 1 and 2 beside its [1 <- 1] features, got {list(orders)}")
+            raise ValueError(f"a message-passing kernel takes single-centre orders 1 and 2 beside its [nu <- 1] features, got {list(orders)}")
+        self.message_orders = check_message_orders(list(message_orders))
+        if contraction < 0:
+            raise ValueError(f"contraction must be 0 (none) or a number of components, got {contraction}")
+        self.contraction = int(contraction) if 2 in self.message_orders else 0
+        self.projections = projections
         try:
             DensityHypers(**dict(message)).validate()
         except TypeError as error:
@@ -75,6 +95,18 @@ class MessagePassingKernel(PolynomialKernel):
         self.message = dict(message)
         self.modules: Dict[Tuple[int, str], MessagePassingInvariants] = {}
         self.max_tangents = 2048
+
+    @property
+    def unprepared(self) -> bool:
+        return bool(self.contraction) and self.projections is None
+
+    def prepare(self, expansion: DensityExpansion, batches: List[AtomsBatch]) -> None:
+        """Fit the contraction of ``[2 <- 1]`` (when asked for and not given) on every atom of ``batches``."""
+        if not self.unprepared:
+            return
+        module = MessagePassingInvariants(expansion, self.message_expansion(expansion), self.orders, self.message_orders)
+        self.projections = fit_message_contraction(module, batches, self.contraction)
+        self.modules = {}
 
     def message_expansion(self, expansion: DensityExpansion) -> DensityExpansion:
         """The message's expansion for the model's density ``expansion``: its cutoff and species, the
@@ -86,8 +118,14 @@ class MessagePassingKernel(PolynomialKernel):
         """The feature module for the model's density ``expansion`` (kept for the last expansion and device)."""
         key = (id(expansion), str(expansion.species_lookup.device))
         if key not in self.modules:
-            self.modules = {key: MessagePassingInvariants(expansion, self.message_expansion(expansion), self.orders)}
+            if self.unprepared:
+                raise RuntimeError("the [2 <- 1] contraction is not fitted yet: call prepare first")
+            self.modules = {key: self.feature_module(expansion).to(expansion.species_lookup.device)}
         return self.modules[key]
+
+    def feature_module(self, expansion: DensityExpansion) -> MessagePassingInvariants:
+        """A new feature module of this kernel for the model's density ``expansion`` (what the exported head runs)."""
+        return MessagePassingInvariants(expansion, self.message_expansion(expansion), self.orders, self.message_orders, self.projections)
 
     def batch_features(self, expansion: DensityExpansion, batch: AtomsBatch, vectors: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``[N, F]`` unit features of every atom of ``batch`` (pair vectors ``vectors``, default the batch's)."""
@@ -154,11 +192,18 @@ class MessagePassingKernel(PolynomialKernel):
         return values, derivatives
 
     def hypers(self):
-        return {"zeta": self.zeta, "orders": list(self.orders), "message": dict(self.message)}
+        projections = None if self.projections is None else [list(self.projections[0]), list(self.projections[1])]
+        return {
+            "zeta": self.zeta, "orders": list(self.orders), "message": dict(self.message),
+            "message_orders": list(self.message_orders), "contraction": self.contraction, "projections": projections,
+        }
 
     @classmethod
     def from_hypers(cls, hypers, mixing):
-        return cls(dict(hypers["message"]), int(hypers["zeta"]), [int(nu) for nu in hypers["orders"]], mixing)
+        projections = hypers["projections"]
+        projections = None if projections is None else (list(projections[0]), list(projections[1]))
+        orders = [int(nu) for nu in hypers["orders"]]
+        return cls(dict(hypers["message"]), int(hypers["zeta"]), orders, [int(nu) for nu in hypers["message_orders"]], int(hypers["contraction"]), projections, mixing)
 
 
 def message_hypers(density: DensityHypers, max_radial: int, max_angular: int) -> Dict:

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..descriptors.density import DensityExpansion, Pairs, unflatten
-from ..descriptors.invariants import MessagePassingInvariants
+from ..kernels.base import weighted_gram_eigenpairs
 from ..kernels.polynomial import polynomial_pieces
 from ..kernels.wigner.features import OrderFeatures
 from ..kernels.wigner.iteration import WignerKernels
@@ -168,8 +168,8 @@ class WignerHead(SparseWignerHead):
                 inverse_scale = self.inverse_scale.to(a[0].dtype)[species].T
                 piece_weights = self.state.piece_weights.to(a[0].dtype)
                 k_xx = piece_weights[0] + piece_weights[1:] @ (self.kernels.invariant_matched(a, a) * inverse_scale[1:])
-                return self.state.atom_variance(k_xm, k_xx)
-            return self.state.group_variance(k_xm, self.kernel(a, species, a, species), group, n_groups)
+                return self.state.atom_variance(k_xm, k_xx, species)
+            return self.state.group_variance(k_xm, self.kernel(a, species, a, species), species, group, n_groups)
 
 
 ROUTES = ("collapsed", "pairs")
@@ -182,21 +182,66 @@ class PolynomialHead(DensityHead):
     invariant features (:func:`~acdc_potential.kernels.polynomial.polynomial_pieces`, the kernel's
     :class:`~acdc_potential.descriptors.invariants.Invariants`).
 
+    The constant piece is summed once per species. The polynomial piece goes through one of two
+    routes (as :class:`WignerHead`'s):
+
+    - ``collapsed`` (default): for ``zeta = 1`` and ``2`` folded exactly into per-species tensors at
+      export (:meth:`collapse`): ``e_i = a x^_i . v_a`` with ``v_a = sum_{m : a_m = a} w_m x^_m`` (a
+      linear model on the features), or ``e_i = a x^_i^T W_a x^_i`` with ``W_a = sum_m w_m x^_m
+      x^_m^T``, kept whole where some species has at least ``F`` sparse environments and otherwise
+      as its exact eigenpairs; the cancellation among large fitted weights is then rounded once, and
+      a linear model costs ``F`` per atom. Larger ``zeta`` sum pair by pair;
+    - ``pairs``: every ``zeta`` pair by pair, the reference the collapse is tested against; its
+      energies are rounded anew at every configuration (docs/equations.md, "Numerical precision").
+
     :param density: the density expansion. :param kernel: the fitted
         :class:`~acdc_potential.kernels.polynomial.PolynomialKernel`. :param state: its
         :class:`~acdc_potential.model.uncertainty.SparseState`. :param species: the model's atomic numbers.
+        :param route: ``collapsed`` (default) or ``pairs``.
     """
 
-    def __init__(self, density: DensityExpansion, kernel, state: SparseState, species: List[int]):
+    def __init__(self, density: DensityExpansion, kernel, state: SparseState, species: List[int], route: str = "collapsed"):
         super().__init__(density)
         self.state = state
         self.zeta = int(kernel.zeta)
         self.invariants = copy.deepcopy(kernel.invariants).to(state.sparse.device)
         with torch.no_grad():
             self.register_buffer("sparse_features", self.invariants(unflatten(self.state.sparse, self.state.shapes)))
-        # c0 sum_{m : a_m = a} w_m: the constant piece summed once, the same number at every configuration
-        per_species = state.weights.new_zeros(len(species)).index_add(0, state.sparse_species, state.weights)
+        self.collapse(species, route)
+
+    def collapse(self, species: List[int], route: str) -> None:
+        """Precompute what does not depend on the atom: ``constant`` ``[S]`` (``c0 sum_{m : a_m = a}
+        w_m``), and on the ``collapsed`` route for ``zeta <= 2`` the tensors of the polynomial piece,
+        ``folded`` (``[S, F]`` for ``zeta = 1``; ``[S, F, r]`` for ``zeta = 2``) and ``values``
+        (``[S, r]`` eigenvalues, or ``[S, 0]`` where ``folded`` is ``W_a`` itself)."""
+        if route not in ROUTES:
+            raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+        state, n_species = self.state, len(species)
+        per_species = state.weights.new_zeros(n_species).index_add(0, state.sparse_species, state.weights)
         self.register_buffer("constant", state.piece_weights[0] * per_species)
+        self.collapsed = route == "collapsed" and self.zeta <= 2
+        x = self.sparse_features
+        weights = state.piece_weights[1] * state.weights
+        folded = x.new_zeros((n_species, 0))
+        values = x.new_zeros((n_species, 0))
+        if self.collapsed and self.zeta == 1:
+            folded = x.new_zeros((n_species, x.shape[1])).index_add(0, state.sparse_species, weights[:, None] * x)
+        elif self.collapsed:
+            d = x.shape[1]
+            largest = int(torch.bincount(state.sparse_species, minlength=n_species).max())
+            folded = x.new_zeros((n_species, d, min(largest, d)))
+            values = x.new_zeros((n_species, largest if largest < d else 0))
+            for s in range(n_species):
+                rows = torch.nonzero(state.sparse_species == s).flatten()
+                if rows.numel() == 0:
+                    continue
+                if largest >= d:
+                    gram = x[rows].T @ (weights[rows, None] * x[rows])
+                    folded[s] = 0.5 * (gram + gram.T)
+                else:
+                    folded[s], values[s] = weighted_gram_eigenpairs(x[rows], weights[rows], largest)
+        self.register_buffer("folded", folded)
+        self.register_buffer("values", values)
 
     def unit_features(self, coefficients: List[torch.Tensor]) -> torch.Tensor:
         return self.invariants(coefficients)
@@ -206,10 +251,31 @@ class PolynomialHead(DensityHead):
         pieces = polynomial_pieces(x, species_x, y, species_y, self.zeta)
         return torch.einsum("p,pnm->nm", self.state.piece_weights.to(x.dtype), pieces)
 
+    def polynomial_energy(self, unit: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
+        """``[n]`` the polynomial piece ``a sum_m w_m delta (x^_i . x^_m)^zeta`` of unit features ``[n, F]``."""
+        if not self.collapsed:
+            polynomial = polynomial_pieces(unit, species, self.sparse_features.to(unit.dtype), self.state.sparse_species, self.zeta)[1]
+            return self.state.piece_weights[1].to(unit.dtype) * (polynomial @ self.state.weights.to(unit.dtype))
+        folded = self.folded.to(unit.dtype)
+        if self.zeta == 1:
+            return (unit * folded[species]).sum(dim=1)
+        energy = torch.zeros(species.shape[0], dtype=unit.dtype, device=unit.device)
+        present = torch.unique(species)
+        for index in range(present.shape[0]):
+            s = int(present[index])
+            atoms = torch.nonzero(species == s).flatten()
+            rows = unit.index_select(0, atoms)
+            projected = rows @ folded[s]
+            if self.values.shape[1] == 0:  # W_a itself
+                term = (projected * rows).sum(dim=1)
+            else:  # its eigenvectors V, W_a = V diag(values) V^T
+                term = (projected * projected * self.values[s].to(unit.dtype)).sum(dim=1)
+            energy = energy.index_add(0, atoms, term)
+        return energy
+
     def forward(self, coefficients: List[torch.Tensor], species: torch.Tensor) -> torch.Tensor:
         unit = self.unit_features(coefficients)
-        polynomial = polynomial_pieces(unit, species, self.sparse_features.to(unit.dtype), self.state.sparse_species, self.zeta)[1]
-        return self.constant.to(unit.dtype)[species] + self.state.piece_weights[1].to(unit.dtype) * (polynomial @ self.state.weights.to(unit.dtype))
+        return self.constant.to(unit.dtype)[species] + self.polynomial_energy(unit, species)
 
     def variance(
         self, coefficients: List[torch.Tensor], species: torch.Tensor, group: torch.Tensor, n_groups: int, per_atom: bool
@@ -218,8 +284,8 @@ class PolynomialHead(DensityHead):
             unit = self.unit_features([c.detach() for c in coefficients])
             k_xm = self.kernel(unit, species, self.sparse_features.to(unit.dtype), self.state.sparse_species)
             if per_atom:
-                return self.state.atom_variance(k_xm, self.kernel(unit, species, unit, species).diagonal())
-            return self.state.group_variance(k_xm, self.kernel(unit, species, unit, species), group, n_groups)
+                return self.state.atom_variance(k_xm, self.kernel(unit, species, unit, species).diagonal(), species)
+            return self.state.group_variance(k_xm, self.kernel(unit, species, unit, species), species, group, n_groups)
 
 
 class MessagePassingHead(PolynomialHead):
@@ -234,16 +300,15 @@ class MessagePassingHead(PolynomialHead):
         :param species: the model's atomic numbers.
     """
 
-    def __init__(self, density: DensityExpansion, kernel, state: SparseState, species: List[int]):
+    def __init__(self, density: DensityExpansion, kernel, state: SparseState, species: List[int], route: str = "collapsed"):
         DensityHead.__init__(self, density)
         self.state = state
         self.zeta = int(kernel.zeta)
-        self.features = MessagePassingInvariants(density, kernel.message_expansion(density), kernel.orders).to(state.sparse.device)
+        self.features = kernel.feature_module(density).to(state.sparse.device)
         self.interaction_range = 2.0 * float(density.cutoff)
         # the sparse environments are features already: the state's tensor, not a second copy
         self.register_buffer("sparse_features", state.sparse)
-        per_species = state.weights.new_zeros(len(species)).index_add(0, state.sparse_species, state.weights)
-        self.register_buffer("constant", state.piece_weights[0] * per_species)
+        self.collapse(species, route)
 
     def environments(self, pairs: Pairs) -> List[torch.Tensor]:
         return [self.features(pairs.vectors, pairs.centers, pairs.neighbors, pairs.species)]

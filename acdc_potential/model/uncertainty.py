@@ -76,7 +76,9 @@ class SparseState(torch.nn.Module):
     ``piece_weights [n_pieces]``, ``projection [M, r]`` and ``triangular [r, r]`` for the
     variances; ``energy_scale`` ``[]``, the ``alpha`` of the :class:`Calibration` (1 without);
     ``energy_noise`` ``[]``, the variance of an atom's share of an energy label (the energy
-    regulariser squared), added per atom to the variance of a structure's energy.
+    regulariser squared), added per atom to the variance of a structure's energy; ``centres``
+    ``[n_species]``, 1 for the species with sparse environments and 0 for the others, whose atoms carry
+    no learned energy (single-centre models), hence no prior variance.
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class SparseState(torch.nn.Module):
         self.register_buffer("triangular", triangular.detach().to(torch.float64).clone())
         self.register_buffer("energy_scale", torch.tensor(float(calibration.energy), dtype=torch.float64))
         self.register_buffer("energy_noise", torch.tensor(float(energy_noise), dtype=torch.float64))
+        self.register_buffer("centres", torch.zeros(len(species), dtype=torch.float64).index_fill(0, sparse_species, 1.0))
 
     def variance(self, k_xm: torch.Tensor, k_xx: torch.Tensor) -> torch.Tensor:
         """``[n]`` calibrated projected-process variances from kernel rows ``k_xm [n, M]`` and ``k(x, x)`` ``[n]``."""
@@ -116,18 +119,22 @@ class SparseState(torch.nn.Module):
         variance = projected_variance(k_xm.to(dtype), k_xx.to(dtype), self.projection, self.triangular)
         return (self.energy_scale**2 * variance).to(k_xm.dtype)
 
-    def atom_variance(self, k_xm: torch.Tensor, k_xx: torch.Tensor) -> torch.Tensor:
-        """``[n]`` calibrated :func:`unexplained_variance` of atomic energies, from ``k_xm [n, M]`` and ``k_xx [n]``."""
+    def atom_variance(self, k_xm: torch.Tensor, k_xx: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
+        """``[n]`` calibrated :func:`unexplained_variance` of atomic energies, from ``k_xm [n, M]``,
+        ``k_xx [n]`` and the atoms' species indices ``[n]``."""
         dtype = self.projection.dtype
-        variance = unexplained_variance(k_xm.to(dtype), k_xx.to(dtype), self.projection)
+        k_xx = k_xx.to(dtype) * self.centres.to(dtype)[species]
+        variance = unexplained_variance(k_xm.to(dtype), k_xx, self.projection)
         return (self.energy_scale**2 * variance).to(k_xm.dtype)
 
-    def group_variance(self, k_xm: torch.Tensor, k_xy: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:
+    def group_variance(self, k_xm: torch.Tensor, k_xy: torch.Tensor, species: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:
         """``[n_groups]`` calibrated variances of the energy labels of groups of atoms (structures):
-        the projected-process variance of the sum over each group, from atom rows ``k_xm [n, M]``
-        and the kernel between all atoms ``k_xy [n, n]``, plus ``energy_noise`` per atom."""
+        the projected-process variance of the sum over each group, from atom rows ``k_xm [n, M]``,
+        the kernel between all atoms ``k_xy [n, n]`` and their species indices ``[n]``, plus
+        ``energy_noise`` per atom."""
         k_gm = torch.zeros((n_groups, k_xm.shape[1]), dtype=k_xm.dtype, device=k_xm.device).index_add(0, group, k_xm)
-        same = (group.unsqueeze(1) == group.unsqueeze(0)).to(k_xy.dtype)
+        carries = self.centres.to(k_xy.dtype)[species]
+        same = (group.unsqueeze(1) == group.unsqueeze(0)).to(k_xy.dtype) * carries.unsqueeze(1) * carries.unsqueeze(0)
         k_gg = torch.zeros(n_groups, dtype=k_xy.dtype, device=k_xy.device).index_add(0, group, (k_xy * same).sum(dim=1))
         atoms = torch.zeros(n_groups, dtype=k_xy.dtype, device=k_xy.device).index_add(0, group, torch.ones_like(group, dtype=k_xy.dtype))
         noise = self.energy_scale.to(k_xy.dtype) ** 2 * self.energy_noise.to(k_xy.dtype) * atoms

@@ -19,6 +19,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from ...descriptors.cg import block_key, key_lambda, parity_sign
+from ..base import weighted_gram_eigenpairs
 from .iteration import WignerHypers, WignerKernels, wigner_module
 
 
@@ -156,14 +157,12 @@ class OrderFeatures:
                     out[key] = [b[0].new_zeros((n_species,) + gram.shape), b[0].new_zeros((n_species, 0))]
                 out[key][0][s] = 0.5 * (gram + gram.T)
             for key, parts in stacked.items():
-                q, r = torch.linalg.qr(torch.cat([f for f, _ in parts]).T)
-                middle = r @ (torch.cat([omega for _, omega in parts])[:, None] * r.T)
-                values, inner = torch.linalg.eigh(0.5 * (middle + middle.T))
+                rank = largest * (2 * key_lambda(key) + 1)
+                vectors, values = weighted_gram_eigenpairs(torch.cat([f for f, _ in parts]), torch.cat([omega for _, omega in parts]), rank)
                 if key not in out:
-                    rank = largest * (2 * key_lambda(key) + 1)
-                    out[key] = [b[0].new_zeros((n_species, q.shape[0], rank)), b[0].new_zeros((n_species, rank))]
-                out[key][0][s, :, : values.shape[0]] = q @ inner
-                out[key][1][s, : values.shape[0]] = values
+                    out[key] = [b[0].new_zeros((n_species,) + vectors.shape), b[0].new_zeros((n_species, rank))]
+                out[key][0][s] = vectors
+                out[key][1][s] = values
         return [tensor for key in sorted(out.keys()) for tensor in out[key]]
 
     def order3_reduction(self, widths: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
