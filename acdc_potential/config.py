@@ -98,13 +98,13 @@ class KernelConfig:
         otherwise, cutoff included): its features number about ``(n_species (max_radial + 1))^3`` per coupling.
     :param message_max_angular: ``max_angular`` of the message's expansion.
     :param message_orders: the ``nu`` of the ``mpacdc`` kernel's ``[nu <- 1]`` invariants, any of 1 and 2
-        (``[2 <- 1]`` couples the centre's ``nu = 2`` blocks with the message: about ``Q^4`` invariants per
-        coupling, ``Q`` the message's density channels, so its two factors are contracted as
-        ``contraction`` says, by a PCA fitted on training structures before the sparse selection).
+        (``[1 <- 1]`` has about ``Q^3`` invariants per coupling, ``Q`` the message's density channels;
+        ``[2 <- 1]``, which couples the centre's ``nu = 2`` blocks with the message, about ``Q^4``).
     :param contraction: with order 3, the number of components kept of each ``nu = 2`` equivariant
-        block before the last coupling, by a PCA on the sparse environments (MP-ACDC eq. 24); with
-        ``[2 <- 1]``, of each block of its two factors; 0 keeps them all (the nu = 3 invariants number
-        about the cube of the density channels per coupling).
+        block before the last coupling, by a PCA on the sparse environments (MP-ACDC eq. 24); for
+        ``mpacdc``, of each block of the two factors of every ``[nu <- 1]`` coupling, by a PCA on the
+        atoms of a sample of training structures before the sparse selection; 0 keeps them all (the
+        nu = 3 invariants number about the cube of the density channels per coupling).
     :param centres: the central species whose atoms carry a learned energy: ``null`` (default) for
         every species (a multi-centre model), or a list of elements, e.g. ``[C]`` (a single-centre
         model, MP-ACDC Fig. 6: the other atoms enter as neighbours only, and their energy is their

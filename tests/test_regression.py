@@ -657,8 +657,9 @@ def test_version_5_message_passing_checkpoints_read_as_one_from_one_models(mpacd
 
 
 def test_two_from_one_model_from_the_configuration_fits_its_contraction_first():
-    """``kernel: {type: mpacdc, message_orders: [1, 2]}``: the fit contracts [2 <- 1] by a PCA fitted on
-    training structures before the sparse selection, stores it, and exports a file that uses it."""
+    """``kernel: {type: mpacdc, message_orders: [1, 2]}``: the fit contracts the factors of [1 <- 1] and
+    [2 <- 1] by a PCA fitted on training structures before the sparse selection, stores it, and exports
+    a file that uses it."""
     from acdc_potential.config import FitConfig
     from acdc_potential.fit.driver import fit
 
@@ -670,9 +671,9 @@ def test_two_from_one_model_from_the_configuration_fits_its_contraction_first():
     })
     structures = [labelled(methane(k), k) for k in range(5)]
     model = fit(structures, config)
-    centre, message = model.kernel.projections
-    assert all(p.shape[1] <= 3 for p in centre + message) and model.kernel.message_orders == [1, 2]
+    assert model.kernel.message_orders == [1, 2] and len(model.kernel.projections) == 2
+    assert all(p.shape[1] <= 3 for centre, message in model.kernel.projections for p in centre + message)
     passing = model.potential().head.features.passing
-    assert [p.centre_projections.active for p in passing] == [False, True]
+    assert [p.centre_projections.active and p.message_projections.active for p in passing] == [True, True]
     probe = [methane(60)]
     torch.testing.assert_close(run_module(model.scripted(), probe, False, False, False)["energy"], model.predict(probe, forces=False, stress=False)["energy"], rtol=0, atol=1e-12)

@@ -97,17 +97,18 @@ class MessagePassingInvariants(torch.nn.Module):
 
     An atom's ``[nu <- 1]`` invariants depend on its neighbours' densities, hence on atoms up to twice
     the cutoff away: they are computed from the pairs of the whole batch, not from one atom's coefficients.
-    ``[2 <- 1]`` couples the centre's ``nu = 2`` blocks with the message, about ``Q^4`` invariants per
-    coupling (``Q`` the message's density channels): the two factors are contracted by a PCA per block
-    (eq. 24; ``projections``, :func:`fit_message_contraction`).
+    ``[1 <- 1]`` has about ``Q^3`` invariants per coupling and ``[2 <- 1]``, which couples the centre's
+    ``nu = 2`` blocks with the message, about ``Q^4`` (``Q`` the message's density channels): the two
+    factors of each coupling may be contracted by a PCA per block (eq. 24; ``projections``,
+    :func:`fit_message_contraction`).
 
     :param density: the model's density expansion (orders 1, 2).
     :param message: expansion of the neighbour densities and pair terms of the message, of the same
         cutoff and species (a coarser basis keeps the ``Q^3`` features of the message tractable).
     :param orders: single-centre orders beside the message, a subset of 1, 2 (may be empty).
     :param message_orders: the ``nu`` of the ``[nu <- 1]`` invariants, a non-empty subset of 1, 2.
-    :param projections: for ``[2 <- 1]``, ``(centre, message)`` projections of the factors'
-        blocks (:meth:`MPACDC.intermediates`), or ``None`` for all features.
+    :param projections: per message order (in the order of ``message_orders``), the ``(centre, message)``
+        projections of the factors' blocks (:meth:`MPACDC.intermediates`), or ``None`` for all features.
 
     ``forward(vectors [P, 3], centers [P], neighbors [P], species [N])`` (``species`` the index of each
     atom in the expansions' species) -> ``[N, F]``.
@@ -122,7 +123,7 @@ class MessagePassingInvariants(torch.nn.Module):
         message,
         orders: List[int],
         message_orders: Optional[List[int]] = None,
-        projections: Optional[Tuple[List[torch.Tensor], List[torch.Tensor]]] = None,
+        projections: Optional[List[Tuple[List[torch.Tensor], List[torch.Tensor]]]] = None,
     ):
         super().__init__()
         from .mpacdc import MPACDC, PairBasis
@@ -138,17 +139,22 @@ class MessagePassingInvariants(torch.nn.Module):
         self.message = message
         self.pair = PairBasis(message)
         l_max = message.l_max
+        if projections is not None and len(projections) != len(self.message_orders):
+            raise ValueError(f"expected projections for {len(self.message_orders)} message orders, got {len(projections)}")
         self.passing = torch.nn.ModuleList(
-            [MPACDC(l_max, l_max, nu, 1, 0, True, projections=projections if nu == 2 else None) for nu in self.message_orders]
+            [MPACDC(l_max, l_max, nu, 1, 0, True, projections=None if projections is None else projections[k]) for k, nu in enumerate(self.message_orders)]
         )
 
-    def factors(self, vectors: torch.Tensor, centers: torch.Tensor, neighbors: torch.Tensor, species: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        """The uncontracted factors of the ``[2 <- 1]`` coupling of every atom (:meth:`MPACDC.intermediates`)."""
+    def factors(self, vectors: torch.Tensor, centers: torch.Tensor, neighbors: torch.Tensor, species: torch.Tensor) -> List[Tuple[List[torch.Tensor], List[torch.Tensor]]]:
+        """The uncontracted factors of the ``[nu <- 1]`` coupling of every atom, per message order
+        (:meth:`MPACDC.intermediates`)."""
         radial, harmonics = self.pair(vectors)
         neighbor_species = species[neighbors]
         coefficients = self.message(vectors, centers, neighbor_species, species.shape[0])
-        passing = self.passing[self.message_orders.index(2)]
-        return passing.intermediates(coefficients, harmonics, radial, neighbor_species, self.message.n_species, centers, neighbors)
+        return [
+            passing.intermediates(coefficients, harmonics, radial, neighbor_species, self.message.n_species, centers, neighbors)
+            for passing in self.passing
+        ]
 
     def forward(self, vectors: torch.Tensor, centers: torch.Tensor, neighbors: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
         n_atoms = species.shape[0]
@@ -177,19 +183,20 @@ def check_message_orders(orders: List[int]) -> List[int]:
     return chosen
 
 
-def fit_message_contraction(module: MessagePassingInvariants, batches, components: int) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-    """PCA projections (eq. 24) of the two factors of the ``[2 <- 1]`` coupling, at most ``components``
-    per block, fitted on every atom of ``batches`` (:class:`~acdc_potential.descriptors.neighbors.AtomsBatch`
-    objects of training structures; ``module`` uncontracted)."""
-    centre: List[List[torch.Tensor]] = []
-    message: List[List[torch.Tensor]] = []
+def fit_message_contraction(module: MessagePassingInvariants, batches, components: int) -> List[Tuple[List[torch.Tensor], List[torch.Tensor]]]:
+    """PCA projections (eq. 24) of the two factors of each ``[nu <- 1]`` coupling (per message order of
+    ``module``, uncontracted), at most ``components`` per block, fitted on every atom of ``batches``
+    (:class:`~acdc_potential.descriptors.neighbors.AtomsBatch` objects of training structures)."""
+    factors = []
     with torch.no_grad():
         for batch in batches:
-            species = module.message.species_index(batch.numbers)
-            c, m = module.factors(batch.pair_vectors(), batch.centers, batch.neighbors, species)
-            centre.append(c)
-            message.append(m)
-    return fit_block_projections(concatenated(centre), components), fit_block_projections(concatenated(message), components)
+            factors.append(module.factors(batch.pair_vectors(), batch.centers, batch.neighbors, module.message.species_index(batch.numbers)))
+    projections = []
+    for k in range(len(module.message_orders)):
+        centre = concatenated([per_batch[k][0] for per_batch in factors])
+        message = concatenated([per_batch[k][1] for per_batch in factors])
+        projections.append((fit_block_projections(centre, components), fit_block_projections(message, components)))
+    return projections
 
 
 def concatenated(parts: List[List[torch.Tensor]]) -> List[torch.Tensor]:

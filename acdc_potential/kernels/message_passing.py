@@ -57,10 +57,10 @@ class MessagePassingKernel(PolynomialKernel):
     :param zeta: exponent. :param orders: single-centre orders beside the message (subset of 1, 2;
         may be empty).
     :param message_orders: the ``nu`` of the ``[nu <- 1]`` invariants (a non-empty subset of 1, 2).
-    :param contraction: with ``[2 <- 1]``, components kept per block of its two factors by the PCA of
-        eq. 24, fitted on training structures before any environment is computed (:meth:`prepare`;
-        0: no contraction).
-    :param projections: that PCA, ``(centre, message)``, when already fitted (from a checkpoint).
+    :param contraction: components kept per block of the two factors of each ``[nu <- 1]`` coupling by
+        the PCA of eq. 24, fitted on training structures before any environment is computed
+        (:meth:`prepare`; 0: no contraction).
+    :param projections: that PCA, ``(centre, message)`` per message order, when already fitted (from a checkpoint).
     :param mixing: ``c0``, ``a``.
 
     ``max_tangents`` (attribute, 2048) bounds the (atom, direction) pairs differentiated at once.
@@ -76,7 +76,7 @@ class MessagePassingKernel(PolynomialKernel):
         orders: Sequence[int] = (2,),
         message_orders: Sequence[int] = (1,),
         contraction: int = 0,
-        projections: Optional[Tuple[List[torch.Tensor], List[torch.Tensor]]] = None,
+        projections: Optional[List[Tuple[List[torch.Tensor], List[torch.Tensor]]]] = None,
         mixing: Optional[Dict[str, float]] = None,
     ):
         super().__init__(zeta, [2], 0, None, mixing)
@@ -86,7 +86,7 @@ class MessagePassingKernel(PolynomialKernel):
         self.message_orders = check_message_orders(list(message_orders))
         if contraction < 0:
             raise ValueError(f"contraction must be 0 (none) or a number of components, got {contraction}")
-        self.contraction = int(contraction) if 2 in self.message_orders else 0
+        self.contraction = int(contraction)
         self.projections = projections
         try:
             DensityHypers(**dict(message)).validate()
@@ -101,7 +101,7 @@ class MessagePassingKernel(PolynomialKernel):
         return bool(self.contraction) and self.projections is None
 
     def prepare(self, expansion: DensityExpansion, batches: List[AtomsBatch]) -> None:
-        """Fit the contraction of ``[2 <- 1]`` (when asked for and not given) on every atom of ``batches``."""
+        """Fit the contraction of the ``[nu <- 1]`` couplings (when asked for and not given) on every atom of ``batches``."""
         if not self.unprepared:
             return
         module = MessagePassingInvariants(expansion, self.message_expansion(expansion), self.orders, self.message_orders)
@@ -119,7 +119,7 @@ class MessagePassingKernel(PolynomialKernel):
         key = (id(expansion), str(expansion.species_lookup.device))
         if key not in self.modules:
             if self.unprepared:
-                raise RuntimeError("the [2 <- 1] contraction is not fitted yet: call prepare first")
+                raise RuntimeError("the message-passing contraction is not fitted yet: call prepare first")
             self.modules = {key: self.feature_module(expansion).to(expansion.species_lookup.device)}
         return self.modules[key]
 
@@ -192,7 +192,7 @@ class MessagePassingKernel(PolynomialKernel):
         return values, derivatives
 
     def hypers(self):
-        projections = None if self.projections is None else [list(self.projections[0]), list(self.projections[1])]
+        projections = None if self.projections is None else [[list(centre), list(message)] for centre, message in self.projections]
         return {
             "zeta": self.zeta, "orders": list(self.orders), "message": dict(self.message),
             "message_orders": list(self.message_orders), "contraction": self.contraction, "projections": projections,
@@ -201,7 +201,7 @@ class MessagePassingKernel(PolynomialKernel):
     @classmethod
     def from_hypers(cls, hypers, mixing):
         projections = hypers["projections"]
-        projections = None if projections is None else (list(projections[0]), list(projections[1]))
+        projections = None if projections is None else [(list(centre), list(message)) for centre, message in projections]
         orders = [int(nu) for nu in hypers["orders"]]
         return cls(dict(hypers["message"]), int(hypers["zeta"]), orders, [int(nu) for nu in hypers["message_orders"]], int(hypers["contraction"]), projections, mixing)
 
