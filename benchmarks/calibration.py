@@ -100,14 +100,14 @@ def extrapolation(name: str, calculator, test, data: Path, reference: float):
 def md_largest_uncertainty(path: Path, atoms, steps: int, temperature: float, every: int = 10):
     """Largest per-atom energy uncertainty (eV) along NVE MD from ``atoms``, checked every ``every`` steps."""
     from ase import units
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+    from ase.md.velocitydistribution import thermalize_momenta
     from ase.md.verlet import VelocityVerlet
 
     from acdc_potential.calculator import ACDCCalculator
 
     atoms = atoms.copy()
     atoms.calc = ACDCCalculator(str(path), uncertainty_threshold=None)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=np.random.default_rng(0))
+    thermalize_momenta(atoms, temperature_K=temperature, rng=np.random.default_rng(0))
     dynamics = VelocityVerlet(atoms, 0.5 * units.fs)
     largest = 0.0
     for _ in range(0, steps, every):

@@ -200,12 +200,12 @@ def time_md(atoms, calc, steps: int = 30, blocks: int = 3, warmup: int = 3, time
         "n_atoms": atoms}``; the ``warmup`` steps before timing are not counted.
     """
     from ase import units
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+    from ase.md.velocitydistribution import thermalize_momenta
     from ase.md.verlet import VelocityVerlet
 
     atoms = atoms.copy()
     atoms.calc = calc
-    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=np.random.default_rng(0))
+    thermalize_momenta(atoms, temperature_K=temperature, rng=np.random.default_rng(0))
     dynamics = VelocityVerlet(atoms, timestep=timestep_fs * units.fs)
     dynamics.run(warmup)
     per_atom_step = []

@@ -45,7 +45,7 @@ def trajectory(args, dipole_path: str):
     """Kept frames (``ase.Atoms``), their model dipoles ``[T, 3]`` (e*A), and seconds per MD step and per dipole."""
     import ase.io
     from ase import units
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+    from ase.md.velocitydistribution import Stationary, ZeroRotation, thermalize_momenta
     from ase.md.verlet import VelocityVerlet
 
     from acdc_potential.calculator import ACDCCalculator
@@ -53,7 +53,7 @@ def trajectory(args, dipole_path: str):
     atoms = ase.io.read(str(HERE / "ethanol_test.extxyz"), 0)
     atoms.calc = ACDCCalculator(args.energy)
     dipoles = ACDCCalculator(dipole_path)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=args.temperature, rng=np.random.default_rng(args.seed))
+    thermalize_momenta(atoms, temperature_K=args.temperature, rng=np.random.default_rng(args.seed))
     Stationary(atoms)
     ZeroRotation(atoms)
     frames, values, dipole_seconds = [], [], 0.0

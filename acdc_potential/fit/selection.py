@@ -18,18 +18,32 @@ def farthest_point_sampling(features: torch.Tensor, n_select: int, first: int = 
     :return: ``[k]`` indices, ``k <= n_select``; stops early when the remaining points
         duplicate selected ones (distance below ``1e-12`` of the largest), since duplicate
         sparse environments only make ``K_MM`` singular.
+
+    Squared distances to each new point come from one matrix-vector product,
+    ``|x|^2 + |x_b|^2 - 2 x . x_b`` (a pass over the features, without an ``[n, F]`` temporary:
+    wide feature sets make this step memory-bound); that form rounds at ``1e-16 |x|^2``, so the
+    stopping test recomputes the chosen point's distance to its nearest selected one directly.
     """
     n = features.shape[0]
     n_select = min(n_select, n)
+    squares = (features * features).sum(dim=1)
+
+    def to(b: int) -> torch.Tensor:
+        return (squares + squares[b] - 2.0 * (features @ features[b])).clamp_min(0.0)
+
     selected = [first]
-    distance = torch.linalg.vector_norm(features - features[first], dim=1) ** 2
+    distance = to(first)
+    nearest = torch.full((n,), first, dtype=torch.long, device=features.device)
     scale = float(distance.max()) if n > 1 else 0.0
     while len(selected) < n_select:
         best = int(torch.argmax(distance))
-        if float(distance[best]) <= 1e-24 * max(scale, 1e-300):
+        exact = float(torch.linalg.vector_norm(features[best] - features[int(nearest[best])]) ** 2)
+        if exact <= 1e-24 * max(scale, 1e-300):
             break
         selected.append(best)
-        distance = torch.minimum(distance, torch.linalg.vector_norm(features - features[best], dim=1) ** 2)
+        new = to(best)
+        nearest = torch.where(new < distance, best, nearest)
+        distance = torch.minimum(distance, new)
     return torch.tensor(selected, dtype=torch.long, device=features.device)
 
 
