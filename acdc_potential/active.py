@@ -96,9 +96,11 @@ def bare(atoms: ase.Atoms, momenta: bool = False) -> ase.Atoms:
     return ase.Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc, momenta=atoms.get_momenta() if momenta else None)
 
 
-def sparse_candidates(sigma: torch.Tensor, limit: float, most: int) -> List[int]:
+def sparse_candidates(sigma: torch.Tensor, limit: float, most: int, centres: torch.Tensor) -> List[int]:
     """The atoms to make sparse environments: at most ``most`` of those whose force uncertainty
-    ``sigma [n]`` exceeds half the ``limit``, the most uncertain first."""
+    ``sigma [n]`` exceeds half the ``limit``, the most uncertain first, among the ``centres`` ``[n]``
+    (bool: the atoms of species that carry a learned energy, so that a single-centre model stays one)."""
+    sigma = torch.where(centres, sigma, torch.zeros_like(sigma))
     order = torch.argsort(sigma, descending=True)
     return order[sigma[order] > 0.5 * limit][:most].tolist()
 
@@ -296,7 +298,8 @@ class ActiveLearner:
         labelled = time.perf_counter()
         self.write_labelled(self.incremental.structures + [structure])
         error = float(np.abs(predicted - structure.forces).mean())
-        chosen = sparse_candidates(sigma, limit, self.options.new_sparse)
+        centres = torch.isin(torch.as_tensor(structure.atoms.numbers), self.incremental.kernel.sparse_species.cpu())
+        chosen = sparse_candidates(sigma, limit, self.options.new_sparse, centres.to(sigma.device))
         self.incremental.add([structure], [chosen])
         tuned = self.retune_if_grown()
         self.state.history.append({

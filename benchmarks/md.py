@@ -156,7 +156,7 @@ def parse_arguments():
     parser.add_argument("--fit-structures", type=int, default=200, help="training structures of on-the-fly fits of ours")
     parser.add_argument("--steps", type=int, default=30, help="MD steps per timed block")
     parser.add_argument("--blocks", type=int, default=3, help="timed blocks per run (the fastest is reported)")
-    parser.add_argument("--systems", default="ethanol,ethanol3,cu500", help="comma-separated: ethanol, ethanol3, cu500")
+    parser.add_argument("--systems", default="ethanol,ethanol3,cu500", help="comma-separated: ethanol, ethanol3, cu500, or a data set's name (its largest test structure)")
     parser.add_argument("--gap-structures", type=int, default=None, help="training structures of GAP fits made here (default: all)")
     parser.add_argument("--uncertainty", action="store_true", help="also time ours with the per-atom uncertainty requested")
     parser.add_argument("--skip-gap", action="store_true")
@@ -185,7 +185,7 @@ def main():
     for system in args.systems.split(","):
         for method, provider in providers:
             try:
-                model = provider(SYSTEMS[system], args)
+                model = provider(SYSTEMS.get(system, system), args)
             except Exception as error:
                 print(f"{system} {method}: no model ({type(error).__name__}: {error})", file=sys.stderr)
                 rows.append((system, method, 0, "-", {"failed": f"no model: {type(error).__name__}"}))

@@ -146,7 +146,8 @@ def main():
     for name in sets:
         for model in models:
             key = f"{name}/{model}"
-            if key in results and "failed" not in results[key] and not args.redo:
+            done = key in results and "failed" not in results[key] and "failed" not in results[key].get("md", {})
+            if done and not args.redo:
                 continue
             results[key] = measure(name, model, args)
             results_path.write_text(json.dumps(results, indent=1))

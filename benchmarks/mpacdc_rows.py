@@ -3,8 +3,8 @@ against one pass per species (what the other kernels do, and this one did before
 same sparse set.
 
 For every set NAME in the data directory, the default ``mpacdc`` kernel (``FitConfig`` with
-``kernel.type: mpacdc``) gets ``--sparse`` environments per species drawn by farthest point sampling
-from the first ``--candidates`` training structures, and the energy and force rows of the next
+``kernel.type: mpacdc``; its contraction fitted on the candidates) gets ``--sparse`` environments per
+species drawn by farthest point sampling from the first ``--candidates`` training structures, and the energy and force rows of the next
 ``--structures`` ones are built both ways (``build_design_matrix`` with ``rows_by_species`` false and
 true). Prints seconds per structure, their ratio, and the largest difference of the rows (the two
 must agree to rounding).
@@ -25,6 +25,7 @@ def measure(name: str, args) -> dict:
     from acdc_potential.config import FitConfig
     from acdc_potential.data import read_structures
     from acdc_potential.descriptors.density import DensityExpansion
+    from acdc_potential.descriptors.neighbors import batch_from_atoms
     from acdc_potential.fit.baseline import Baseline
     from acdc_potential.fit.design import build_design_matrix
     from acdc_potential.fit.driver import make_kernel
@@ -38,6 +39,7 @@ def measure(name: str, args) -> dict:
     config = FitConfig.from_dict({"kernel": {"type": "mpacdc"}})
     expansion = DensityExpansion(config.density, species)
     kernel = make_kernel(config.kernel, config.density)
+    kernel.prepare(expansion, [batch_from_atoms([s.atoms for s in candidates], expansion.cutoff)])
     flat, numbers, layout = coefficients(MemorySource(candidates), expansion, kernel, False, list(range(len(candidates))))
     chosen = select_sparse(kernel.selection_features(flat, layout), numbers, args.sparse)
     kernel.set_sparse(flat[chosen], numbers[chosen], layout)

@@ -1,8 +1,8 @@
 """Numerical precision of exported energies: rounding under exact symmetries and finite differences.
 
-For each checkpoint (``.ckpt``) and each route of its Wigner head (``pairs``: the reference sum
-over sparse environments pair by pair; ``collapsed``: what exported files run) or its polynomial
-head (pairs), the float64 scripted module, and for each exported file (``.pt``) metatomic's own
+For each checkpoint (``.ckpt``) and each route of its head (``pairs``: the reference sum over
+sparse environments pair by pair; ``collapsed``: what exported files run, every Wigner order up to 4
+and polynomial kernels of ``zeta`` 1 and 2 folded into per-species tensors), the float64 scripted module, and for each exported file (``.pt``) metatomic's own
 ASE calculator, is probed on
 the first structure of a test file by
 :func:`acdc_potential.evaluation.numerical_precision`: the energy change under a 1e-12 A
@@ -39,13 +39,13 @@ def models(path: str):
         yield "file (metatomic calculator)", MetatomicCalculator(path), None
         return
     model = SparseKRRModel.load(path)
-    for route in ("pairs", "collapsed") if model.kernel.kind == "wigner" else ("collapsed",):
+    for route in ("pairs", "collapsed"):
         start = time.perf_counter()
         module = torch.jit.script(model.potential(route).eval())
         seconds = time.perf_counter() - start
         buffer = io.BytesIO()
         torch.jit.save(module, buffer)  # before any call: what an export writes
-        yield (route if model.kernel.kind == "wigner" else "pairs"), module, (seconds, buffer.tell() / 1e6)
+        yield route, module, (seconds, buffer.tell() / 1e6)
 
 
 def route_cost(module, atoms, built, repeats: int = 10) -> str:

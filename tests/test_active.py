@@ -101,11 +101,15 @@ def test_the_learners_force_uncertainty_is_the_exported_files(first, tmp_path):
         assert mine.max() > 0.0
 
 
-def test_new_sparse_environments_are_the_most_uncertain_atoms_above_half_the_limit():
+def test_new_sparse_environments_are_the_most_uncertain_centres_above_half_the_limit():
+    """... and only atoms of species that carry energy (a single-centre model stays one)."""
     sigma = torch.tensor([0.1, 0.9, 0.6, 0.4, 0.8, 0.55])
-    assert sparse_candidates(sigma, limit=1.0, most=3) == [1, 4, 2]
-    assert sparse_candidates(sigma, limit=1.0, most=10) == [1, 4, 2, 5]
-    assert sparse_candidates(sigma, limit=2.0, most=10) == []
+    every = torch.ones(6, dtype=torch.bool)
+    assert sparse_candidates(sigma, limit=1.0, most=3, centres=every) == [1, 4, 2]
+    assert sparse_candidates(sigma, limit=1.0, most=10, centres=every) == [1, 4, 2, 5]
+    assert sparse_candidates(sigma, limit=2.0, most=10, centres=every) == []
+    centres = torch.tensor([True, False, True, True, False, True])
+    assert sparse_candidates(sigma, limit=1.0, most=10, centres=centres) == [2, 5]
 
 
 def test_retuning_changes_the_regularisers_and_keeps_the_solution_exact(first):

@@ -127,3 +127,15 @@ def test_two_from_one_invariants_are_the_definition_and_their_contraction_keeps_
     scripted = torch.jit.script(contracted)
     y = scripted(turned.pair_vectors(), turned.centers, turned.neighbors, expansion.species_index(turned.numbers))
     torch.testing.assert_close(y, x, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("orders, message_orders", [([1, 2], [1]), ([1, 2], [1, 2]), ([2], [1, 2]), ([], [2])])
+def test_message_passing_invariants_have_unit_norm_with_every_part_weighing_the_same(orders, message_orders):
+    from acdc_potential.descriptors.invariants import MessagePassingInvariants
+
+    hypers = DensityHypers(density="gaussian", cutoff=3.5, smoothing=0.5, max_angular=1, max_radial=1, basis="gto", width=0.4)
+    expansion = DensityExpansion(hypers, SPECIES)
+    batch = batch_from_atoms([ethanol(1)], hypers.cutoff)
+    module = MessagePassingInvariants(expansion, expansion, orders, message_orders)
+    x = module(batch.pair_vectors(), batch.centers, batch.neighbors, expansion.species_index(batch.numbers))
+    torch.testing.assert_close(torch.linalg.vector_norm(x, dim=1), torch.ones(x.shape[0], dtype=torch.float64), rtol=0, atol=1e-13)

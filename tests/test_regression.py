@@ -677,3 +677,21 @@ def test_two_from_one_model_from_the_configuration_fits_its_contraction_first():
     assert [p.centre_projections.active and p.message_projections.active for p in passing] == [True, True]
     probe = [methane(60)]
     torch.testing.assert_close(run_module(model.scripted(), probe, False, False, False)["energy"], model.predict(probe, forces=False, stress=False)["energy"], rtol=0, atol=1e-12)
+
+
+def test_farthest_point_sampling_keeps_near_duplicates_that_are_not_duplicates():
+    """Points 1e-9 from a selected one are distinct environments: all are taken; exact copies stop it."""
+    generator = torch.Generator().manual_seed(2)
+    distinct = torch.randn(5, 40, generator=generator, dtype=torch.float64)
+    near = distinct[0] + 1e-9 * torch.randn(20, 40, generator=generator, dtype=torch.float64)
+    assert farthest_point_sampling(torch.cat([distinct, near]), 30).numel() == 25
+    assert farthest_point_sampling(torch.cat([distinct, distinct]), 10).numel() == 5
+
+
+def test_the_selection_candidates_cover_every_species():
+    """A random sample of structures lacking a species gains the first structure that has it."""
+    from acdc_potential.fit.driver import covering
+
+    structures = [labelled(methane(k), k) for k in range(4)] + [labelled(copper(0), 0)]
+    survey = Survey.of(structures)
+    assert covering([0, 2], survey) == [0, 2, 4] and covering([1, 4], survey) == [1, 4]

@@ -383,7 +383,12 @@ class BlockProjections(torch.nn.Module):
 
 def fit_block_projections(blocks: List[torch.Tensor], components: int) -> List[torch.Tensor]:
     """The :class:`BlockPCA` projections ``[F_k, K_k]`` (``K_k <= components``) of each block of
-    ``blocks`` (``[n, 2 lambda + 1, F_k]``, environments of a training sample), in their order."""
-    keyed = {(k, 1): block.detach() for k, block in enumerate(blocks)}
+    ``blocks`` (``[n, 2 lambda + 1, F_k]``, environments of a training sample), in their order; a block
+    of at most ``components`` features keeps them all (the identity), so that nothing the sample
+    happens not to span is lost."""
+    keyed = {(k, 1): block.detach() for k, block in enumerate(blocks) if block.shape[2] > components}
     pca = BlockPCA(components).fit(keyed)
-    return [pca.projections[(k, 1)].cpu() for k in range(len(blocks))]
+    return [
+        pca.projections[(k, 1)].cpu() if (k, 1) in keyed else torch.eye(block.shape[2], dtype=torch.float64)
+        for k, block in enumerate(blocks)
+    ]

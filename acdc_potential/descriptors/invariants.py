@@ -169,7 +169,8 @@ class MessagePassingInvariants(torch.nn.Module):
         for passing in self.passing:
             mp = passing(coefficients, harmonics, radial, neighbor_species, self.message.n_species, centers, neighbors)[0][:, 0]
             parts.append(unit_rows(mp))
-        return torch.cat(parts, dim=1) / float(len(parts)) ** 0.5
+        # every single-centre order and every message order one unit part
+        return torch.cat(parts, dim=1) / float(len(self.orders) + len(self.message_orders)) ** 0.5
 
 
 MESSAGE_ORDERS = (1, 2)

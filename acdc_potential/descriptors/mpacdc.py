@@ -266,6 +266,11 @@ class MPACDC(torch.nn.Module):
         self.keys: List[Key] = self.interaction.keys
         self.centre_keys: List[Key] = self.centre.keys
         self.message_keys: List[Key] = self.message.keys
+        if projections is not None and (len(projections[0]), len(projections[1])) != (len(self.centre.keys), len(self.message.keys)):
+            raise ValueError(
+                f"expected {len(self.centre.keys)} centre and {len(self.message.keys)} message projections, "
+                f"got {len(projections[0])} and {len(projections[1])}"
+            )
         self.centre_projections = BlockProjections(None if projections is None else projections[0])
         self.message_projections = BlockProjections(None if projections is None else projections[1])
 

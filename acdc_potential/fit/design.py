@@ -208,7 +208,8 @@ def build_design_matrix(
         for group in _batches(structures, cost, budget)
     ]
     centred = [z for z in sorted({int(z) for s in structures for z in s.atoms.numbers}) if bool((kernel.sparse_species == z).any())]
-    for species in [[z] for z in centred] if kernel.rows_by_species else [centred]:
+    passes = [[z] for z in centred] if kernel.rows_by_species else ([centred] if centred else [])
+    for species in passes:
         columns = torch.cat([kernel.sparse_of(z) for z in species])
         label = "".join(chemical_symbols[z] for z in species)
         bar = tqdm(total=len(structures), desc=f"kernel rows, {label} centres", unit="structure", disable=not progress)

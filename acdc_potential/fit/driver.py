@@ -18,6 +18,7 @@ import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import ase
+import numpy as np
 import torch
 from ase.data import chemical_symbols
 
@@ -196,11 +197,11 @@ def choose_sparse(kernel, source, survey, expansion, n_sparse, selection, candid
     stored in ``kernel`` (:meth:`SparseKernel.set_sparse`). Returns the source position of the
     structure of each sparse environment ``[M]``."""
     if kernel.unprepared:
-        sample = selection_candidates(survey.n_atoms, PREPARATION_ATOMS, seed)
+        sample = covering(selection_candidates(survey.n_atoms, PREPARATION_ATOMS, seed), survey)
         log(f"fitting the kernel's contraction on the atoms of {len(sample)} structures")
-        structures = source.read(sample)
+        structures = source.read(survey.positions[sample].tolist())
         kernel.prepare(expansion, [batch_from_atoms([s.atoms for s in part], expansion.cutoff, device=expansion.species_lookup.device) for part in split(structures, 64)])
-    pool = selection_candidates(survey.n_atoms, candidates, seed)
+    pool = covering(selection_candidates(survey.n_atoms, candidates, seed), survey)
     log(f"environments of {'every atom' if len(pool) == len(survey) else f'the atoms of {len(pool)} structures (a random sample)'}")
     parts = [survey.positions[part].tolist() for part in split(pool, task_structures)]
     results = list(executor.map(tasks.coefficients, (source, expansion, kernel, progress), parts, "environments" if log.progress and not progress else ""))
@@ -304,6 +305,14 @@ def selection_candidates(n_atoms: Sequence[int], candidates: int, seed: int) -> 
         chosen.append(k)
         total += int(n_atoms[k])
     return sorted(chosen)
+
+
+def covering(sample: List[int], survey: Survey) -> List[int]:
+    """``sample`` (indices of the survey's structures) with, for every species that none of them has,
+    the first structure that has it, so that every species of the training set is represented."""
+    present = survey.counts[sample].sum(axis=0) > 0 if sample else np.zeros(len(survey.elements), dtype=bool)
+    extra = [int(np.nonzero(survey.counts[:, column])[0][0]) for column in np.nonzero(~present)[0]]
+    return sorted(set(sample) | set(extra))
 
 
 def split(positions: Sequence[int], size: int) -> List[List[int]]:

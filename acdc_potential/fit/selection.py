@@ -21,29 +21,39 @@ def farthest_point_sampling(features: torch.Tensor, n_select: int, first: int = 
 
     Squared distances to each new point come from one matrix-vector product,
     ``|x|^2 + |x_b|^2 - 2 x . x_b`` (a pass over the features, without an ``[n, F]`` temporary:
-    wide feature sets make this step memory-bound); that form rounds at ``1e-16 |x|^2``, so the
-    stopping test recomputes the chosen point's distance to its nearest selected one directly.
+    wide feature sets make this step memory-bound). That form rounds at about ``1e-16 |x|^2``: once
+    the farthest remaining point is closer than ``1e-12 |x|^2`` (squared), the distances are
+    recomputed as ``|x - x_b|^2`` and kept so from then on.
     """
     n = features.shape[0]
     n_select = min(n_select, n)
     squares = (features * features).sum(dim=1)
+    resolution = 1e-12 * float(squares.max()) if n else 0.0
+    exact = False
 
     def to(b: int) -> torch.Tensor:
+        if exact:
+            return torch.linalg.vector_norm(features - features[b], dim=1) ** 2
         return (squares + squares[b] - 2.0 * (features @ features[b])).clamp_min(0.0)
 
     selected = [first]
     distance = to(first)
+    distance[first] = 0.0
     nearest = torch.full((n,), first, dtype=torch.long, device=features.device)
     scale = float(distance.max()) if n > 1 else 0.0
     while len(selected) < n_select:
         best = int(torch.argmax(distance))
-        exact = float(torch.linalg.vector_norm(features[best] - features[int(nearest[best])]) ** 2)
-        if exact <= 1e-24 * max(scale, 1e-300):
+        if not exact and float(distance[best]) <= resolution:
+            exact = True
+            distance = torch.linalg.vector_norm(features - features[nearest], dim=1) ** 2
+            best = int(torch.argmax(distance))
+        if float(distance[best]) <= 1e-24 * max(scale, 1e-300):
             break
         selected.append(best)
         new = to(best)
         nearest = torch.where(new < distance, best, nearest)
         distance = torch.minimum(distance, new)
+        distance[best] = 0.0  # not the rounding of its distance to itself
     return torch.tensor(selected, dtype=torch.long, device=features.device)
 
 

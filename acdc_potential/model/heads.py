@@ -297,7 +297,7 @@ class MessagePassingHead(PolynomialHead):
     :param density: the density expansion. :param kernel: the fitted
         :class:`~acdc_potential.kernels.message_passing.MessagePassingKernel`. :param state: its
         :class:`~acdc_potential.model.uncertainty.SparseState` (sparse environments as features).
-        :param species: the model's atomic numbers.
+        :param species: the model's atomic numbers. :param route: as :class:`PolynomialHead`'s.
     """
 
     def __init__(self, density: DensityExpansion, kernel, state: SparseState, species: List[int], route: str = "collapsed"):
