@@ -24,11 +24,12 @@ from .acdc import BlockProjections, CGProduct, Key, fit_block_projections, power
 ORDERS = (1, 2, 3)
 
 
-def check_orders(orders: List[int]) -> List[int]:
-    """``orders`` sorted without repeats; a ``ValueError`` unless they are a non-empty subset of 1, 2, 3."""
+def check_orders(orders: List[int], allowed: Tuple[int, ...] = ORDERS, what: str = "invariant orders", empty: bool = False) -> List[int]:
+    """``orders`` sorted without repeats; a ``ValueError`` naming them as ``what`` unless they are a
+    subset of ``allowed`` (1, 2, 3 by default), non-empty unless ``empty``."""
     chosen = sorted({int(nu) for nu in orders})
-    if not chosen or not set(chosen) <= set(ORDERS):
-        raise ValueError(f"invariant orders must be a non-empty subset of {list(ORDERS)}, got {list(orders)}")
+    if (not chosen and not empty) or not set(chosen) <= set(allowed):
+        raise ValueError(f"{what} must be a {'' if empty else 'non-empty '}subset of {list(allowed)}, got {list(orders)}")
     return chosen
 
 
@@ -128,12 +129,10 @@ class MessagePassingInvariants(torch.nn.Module):
         super().__init__()
         from .mpacdc import MPACDC, PairBasis
 
-        if 3 in orders:
-            raise ValueError("a message-passing kernel takes single-centre orders 1 and 2 only beside its [nu <- 1] features")
         if message.cutoff != density.cutoff or message.species != density.species:
             raise ValueError("the message's expansion must have the density's cutoff and species")
         self.message_orders: List[int] = check_message_orders([1] if message_orders is None else message_orders)
-        self.orders = check_orders(list(orders)) if orders else []
+        self.orders = check_orders(list(orders), MESSAGE_ORDERS, SINGLE_CENTRE_BESIDE_MESSAGE, empty=True)
         self.density = density
         self.local = Invariants(density.l_max, self.orders) if self.orders else None
         self.message = message
@@ -173,15 +172,14 @@ class MessagePassingInvariants(torch.nn.Module):
         return torch.cat(parts, dim=1) / float(len(self.orders) + len(self.message_orders)) ** 0.5
 
 
+# the nu of [nu <- 1], and the single-centre orders a message-passing kernel takes beside them
 MESSAGE_ORDERS = (1, 2)
+SINGLE_CENTRE_BESIDE_MESSAGE = "single-centre orders beside [nu <- 1] features"
 
 
 def check_message_orders(orders: List[int]) -> List[int]:
-    """``orders`` sorted without repeats; a ``ValueError`` unless a non-empty subset of 1, 2."""
-    chosen = sorted({int(nu) for nu in orders})
-    if not chosen or not set(chosen) <= set(MESSAGE_ORDERS):
-        raise ValueError(f"message orders (the nu of [nu <- 1]) must be a non-empty subset of {list(MESSAGE_ORDERS)}, got {list(orders)}")
-    return chosen
+    """``orders`` (the nu of ``[nu <- 1]``) sorted without repeats; a ``ValueError`` unless a non-empty subset of 1, 2."""
+    return check_orders(orders, MESSAGE_ORDERS, "message orders (the nu of [nu <- 1])")
 
 
 def fit_message_contraction(module: MessagePassingInvariants, batches, components: int) -> List[Tuple[List[torch.Tensor], List[torch.Tensor]]]:

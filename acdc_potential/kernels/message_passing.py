@@ -15,7 +15,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..descriptors.density import DensityExpansion, Layout
-from ..descriptors.invariants import MessagePassingInvariants, check_message_orders, fit_message_contraction
+from ..descriptors.invariants import (
+    MESSAGE_ORDERS,
+    SINGLE_CENTRE_BESIDE_MESSAGE,
+    MessagePassingInvariants,
+    check_message_orders,
+    check_orders,
+    fit_message_contraction,
+)
 from ..descriptors.neighbors import AtomsBatch
 from ..descriptors.radial import DensityHypers
 from .base import sum_by_structure
@@ -80,9 +87,7 @@ class MessagePassingKernel(PolynomialKernel):
         mixing: Optional[Dict[str, float]] = None,
     ):
         super().__init__(zeta, [2], 0, None, mixing)
-        self.orders = sorted({int(nu) for nu in orders})
-        if not set(self.orders) <= {1, 2}:
-            raise ValueError(f"a message-passing kernel takes single-centre orders 1 and 2 beside its [nu <- 1] features, got {list(orders)}")
+        self.orders = check_orders(list(orders), MESSAGE_ORDERS, SINGLE_CENTRE_BESIDE_MESSAGE, empty=True)
         self.message_orders = check_message_orders(list(message_orders))
         if contraction < 0:
             raise ValueError(f"contraction must be 0 (none) or a number of components, got {contraction}")
