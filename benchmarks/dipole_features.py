@@ -38,7 +38,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from dipoles import DEFAULT_DATA, design_rows, errors, plot_learning_curves, split_pool, targets_of  # noqa: E402
+from dipoles import DEFAULT_DATA, design_rows, errors, molecule_splits, plot_learning_curves, targets_of  # noqa: E402
 
 KINDS = ("nu=2", "nu=3", "[1<-1]")
 REGULARISERS = [10.0**-k for k in range(1, 13)]
@@ -114,19 +114,14 @@ def main():
     torch.set_num_threads(args.threads)
 
     from acdc_potential.config import FitConfig
-    from acdc_potential.data import read_structures, species_of
+    from acdc_potential.data import species_of
     from acdc_potential.descriptors.density import DensityExpansion
     from acdc_potential.fit.dipole import validation_split
 
     out = Path(args.out)
     scratch = Path(args.scratch) if args.scratch else out / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
-    data = Path(args.data)
-    train = read_structures(str(data / "molecules_train.extxyz"), require_dipole=True)
-    test = read_structures(str(data / "molecules_test.extxyz"), require_dipole=True)
-    pool_index, held_index = split_pool(train, args.held, args.seed)
-    pool, held = [train[k] for k in pool_index], [train[k] for k in held_index]
-    sizes = [n for n in args.sizes if n <= len(pool)]
+    pool, held, test, sizes = molecule_splits(Path(args.data), args.held, args.seed, args.sizes)
     structures = pool + held + test
     frames = [s.atoms for s in structures]
     offsets = {"pool": 0, "held": len(pool), "test": len(pool) + len(held)}

@@ -34,15 +34,23 @@ DEFAULT_DATA = HERE.parent.parent / "shared" / "data"
 MODELS = (("nu=2", 2, False), ("nu=3", 3, False), ("nu=4", 4, False), ("nu=4+q", 4, True))
 
 
-def split_pool(structures, held: int, seed: int):
-    """``held`` random frames of every molecule (info ``name``) held out; the rest is the pool."""
+def molecule_splits(data: Path, held: int, seed: int, sizes):
+    """The splits of the learning curves: ``(pool, held_out, test, sizes)``. ``held`` random frames of
+    every training molecule (info ``name``) are held out, the rest of ``molecules_train`` is the pool
+    the training sets are drawn from, ``molecules_test`` (larger molecules) the test; ``sizes``: those of
+    the requested training-set sizes that the pool can give."""
+    from acdc_potential.data import read_structures
+
+    train = read_structures(str(data / "molecules_train.extxyz"), require_dipole=True)
+    test = read_structures(str(data / "molecules_test.extxyz"), require_dipole=True)
     by_name = defaultdict(list)
-    for k, s in enumerate(structures):
+    for k, s in enumerate(train):
         by_name[s.atoms.info.get("name", s.atoms.get_chemical_formula())].append(k)
     rng = random.Random(seed)
-    held_out = sorted(k for members in by_name.values() for k in rng.sample(members, min(held, len(members) - 1)))
-    chosen = set(held_out)
-    return [k for k in range(len(structures)) if k not in chosen], held_out
+    chosen = {k for members in by_name.values() for k in rng.sample(members, min(held, len(members) - 1))}
+    pool = [s for k, s in enumerate(train) if k not in chosen]
+    held_out = [train[k] for k in sorted(chosen)]
+    return pool, held_out, test, [n for n in sizes if n <= len(pool)]
 
 
 def design_of(kernel, expansion, structures):
@@ -87,7 +95,7 @@ def main():
     torch.set_num_threads(args.threads)
 
     from acdc_potential.config import FitConfig
-    from acdc_potential.data import read_structures, species_of
+    from acdc_potential.data import species_of
     from acdc_potential.descriptors.density import DensityExpansion
     from acdc_potential.fit.dipole import atom_environments, choose, sparse_kernel, validation_split
     from acdc_potential.fit.solver import solve_projected_process
@@ -95,16 +103,11 @@ def main():
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = Path(args.data)
-    train = read_structures(str(data / "molecules_train.extxyz"), require_dipole=True)
-    test = read_structures(str(data / "molecules_test.extxyz"), require_dipole=True)
-    pool_index, held_index = split_pool(train, args.held, args.seed)
-    pool, held = [train[k] for k in pool_index], [train[k] for k in held_index]
-    sizes = [n for n in args.sizes if n <= len(pool)]
+    pool, held, test, sizes = molecule_splits(Path(args.data), args.held, args.seed, args.sizes)
     print(f"molecules: pool {len(pool)} frames, held-out {len(held)} frames of the same molecules, test {len(test)} frames of larger ones")
 
     config = FitConfig()
-    species = species_of(train + test)
+    species = species_of(pool + held + test)
     expansion = DensityExpansion(config.density, species)
     start = time.perf_counter()
     coefficients, numbers, _, layout = atom_environments(expansion, pool)
@@ -112,7 +115,7 @@ def main():
     kernel = sparse_kernel(hypers, coefficients, numbers, layout, args.sparse, "fps")
     designs = {name: design_of(kernel, expansion, structures) for name, structures in (("pool", pool), ("held", held), ("test", test))}
     row_seconds = time.perf_counter() - start
-    n_pairs = sum(len(s.atoms) for s in train + test)
+    n_pairs = sum(len(s.atoms) for s in pool + held + test)
     print(f"{kernel.n_sparse} sparse environments; kernel rows of {n_pairs} atoms up to nu = {max(nu for _, nu, _ in MODELS)} in {row_seconds:.0f} s")
     y = {"pool": targets_of(pool), "held": targets_of(held), "test": targets_of(test)}
 
