@@ -298,7 +298,10 @@ class ActiveLearner:
         labelled = time.perf_counter()
         self.write_labelled(self.incremental.structures + [structure])
         error = float(np.abs(predicted - structure.forces).mean())
-        centres = torch.isin(torch.as_tensor(structure.atoms.numbers), self.incremental.kernel.sparse_species.cpu())
+        numbers = torch.as_tensor(structure.atoms.numbers)
+        kernel = self.incremental.kernel
+        complete = torch.tensor(kernel.complete_species(), dtype=numbers.dtype)
+        centres = torch.isin(numbers, kernel.sparse_species.cpu()) & ~torch.isin(numbers, complete)
         chosen = sparse_candidates(sigma, limit, self.options.new_sparse, centres.to(sigma.device))
         self.incremental.add([structure], [chosen])
         tuned = self.retune_if_grown()

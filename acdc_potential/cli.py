@@ -133,6 +133,7 @@ def _fit_dipole(args, config, output: Path) -> int:
     """``fit --target dipole``: a dipole model, its checkpoint, file, errors and report."""
     from .data import check_dipoles, read_structures, species_of
     from .evaluation import errors, format_table, pairs_of, parity_plots, predict_with_file
+    from .fit.checkpoint import WignerDipoleModel
     from .fit.dipole import fit_dipole
     from .fit.report import fingerprint, peak_memory_gb, versions, write_report
 
@@ -161,7 +162,8 @@ def _fit_dipole(args, config, output: Path) -> int:
                 print(f"parity plots of the test set: {plot}")
         print("\n" + format_table(tables))
         used = config.to_dict()
-        used["dipole"]["nu_max"] = int(model.kernel.nu_max)
+        if isinstance(model, WignerDipoleModel):
+            used["dipole"]["nu_max"] = int(model.kernel.nu_max)
         with open(output.with_suffix(".config.yaml"), "w") as file:
             yaml.safe_dump(used, file, sort_keys=False)
         data = {"train": {**fingerprint(args.train), "structures": len(train)}}
@@ -171,7 +173,7 @@ def _fit_dipole(args, config, output: Path) -> int:
             "acdc-potential": "fit report", "target": "dipole", "command": ["acdc-potential", *args.argv], "data": data,
             "configuration": used, "species": model.species, **model.report, "errors_meA": tables,
             "timings_s": {**{k: round(v, 2) for k, v in log.timings.items()}, "total": round(log.elapsed(), 2)},
-            "threads": threads, "peak_memory_GB": round(peak_memory_gb(), 3), "versions": versions(),
+            "threads": threads, "peak_memory_GB": round(peak_memory_gb(), 3), "peak_memory_after_GB": dict(log.peaks), "versions": versions(),
         }
         write_report(str(output.with_suffix(".report.yaml")), report)
         log(f"report: {output.with_suffix('.report.yaml')}, log: {output.with_suffix('.log')}, configuration used: {output.with_suffix('.config.yaml')}")
@@ -215,6 +217,7 @@ def _fit_on_cluster(args, config, output: Path) -> int:
     from .data import available_keys, check_label_counts
     from .fit.driver import survey_source
     from .fit.executors import make_executor
+    from .fit.report import peak_memory_gb
     from .fit.sources import ExtxyzSource
 
     source = ExtxyzSource(args.train, config.keys)
@@ -233,6 +236,7 @@ def _fit_on_cluster(args, config, output: Path) -> int:
             log(f"acdc-potential {__version__}: {len(source)} training structures in {args.train}, fitted on {where}; "
                 f"its workers read and checked them in {seconds:.1f} s" + (f", {len(test)} test structures from {args.test}" if test else ""))
             log.timings["survey"] = seconds
+            log.peaks["survey"] = round(peak_memory_gb(), 3)
             return _fit_and_report(args, config, source, sample, test, output, log, executor=executor, survey=survey)
 
 

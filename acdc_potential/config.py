@@ -101,10 +101,15 @@ class KernelConfig:
         (``[1 <- 1]`` has about ``Q^3`` invariants per coupling, ``Q`` the message's density channels;
         ``[2 <- 1]``, which couples the centre's ``nu = 2`` blocks with the message, about ``Q^4``).
     :param contraction: with order 3, the number of components kept of each ``nu = 2`` equivariant
-        block before the last coupling, by a PCA on the sparse environments (MP-ACDC eq. 24); for
-        ``mpacdc``, of each block of the two factors of every ``[nu <- 1]`` coupling, by a PCA on the
-        atoms of a sample of training structures before the sparse selection; 0 keeps them all (the
-        nu = 3 invariants number about the cube of the density channels per coupling).
+        block before the last coupling; for ``mpacdc``, of each block of the two factors of every
+        ``[nu <- 1]`` coupling; by a PCA (MP-ACDC eq. 24) on the atoms of a sample of about 2000
+        training atoms, before the sparse selection; 0 keeps them all (the nu = 3 invariants number
+        about the cube of the density channels per coupling).
+    :param feature_space: for ``polynomial`` and ``mpacdc`` with ``zeta: 1`` (a linear model on the
+        features): when a species' features are fewer than its sparse environments (``sparse.n``), its
+        sparse set is the origin and the principal axes of its features instead of selected environments,
+        so the fit is the exact ridge regression in feature space, with ``F + 1`` rather than ``sparse.n``
+        columns (default true; ``false`` always selects environments).
     :param centres: the central species whose atoms carry a learned energy: ``null`` (default) for
         every species (a multi-centre model), or a list of elements, e.g. ``[C]`` (a single-centre
         model, MP-ACDC Fig. 6: the other atoms enter as neighbours only, and their energy is their
@@ -123,6 +128,7 @@ class KernelConfig:
     message_max_radial: int = 3
     message_max_angular: int = 2
     message_orders: List[int] = field(default_factory=lambda: [1])
+    feature_space: bool = True
     centres: Optional[List[Element]] = None
     mixing: Dict[str, float] = field(default_factory=dict)
 
@@ -305,27 +311,42 @@ class LearnConfig:
 class DipoleConfig:
     """Dipole models (``fit --target dipole``; docs/equations.md, "Dipoles").
 
-    The dipole of a structure is the sum of atomic ``lambda = 1`` contributions, each a sparse
-    kernel expansion with the symmetry-adapted Wigner kernels ``k^{nu, 1+}`` (WK eq. 5) mixed over
-    the body orders as WK eq. E4 (``b^nu / nu!``; no ``nu = 0`` piece), on the ``density``
-    section's environments and ``kernel.lambda_max``. On a held-out ``options.validation``
-    fraction the fit chooses the largest order (``1..nu_max``), ``b`` and the regulariser; then it
-    solves on every structure.
+    The dipole of a structure is the sum of atomic ``lambda = 1`` contributions. With ``kernel:
+    wigner`` (default) each is a sparse kernel expansion with the symmetry-adapted Wigner kernels
+    ``k^{nu, 1+}`` (WK eq. 5) mixed over the body orders as WK eq. E4 (``b^nu / nu!``; no ``nu = 0``
+    piece), on the ``density`` section's environments and ``kernel.lambda_max``; on a held-out
+    ``options.validation`` fraction the fit chooses the largest order (``1..nu_max``), ``b`` and the
+    regulariser. With ``kernel: acdc`` or ``mpacdc`` it is a linear model on true-vector features
+    (MP-ACDC Fig. 10), ``mu_i = x_i v_a``: the ``(1, +1)`` ACDC of body order ``order``, or the
+    ``[1 <- 1]`` features, of a density expansion with the ``density`` section's cutoff and density but
+    the basis ``max_radial``, ``max_angular``; the fit chooses the regulariser. Then it solves on every
+    structure.
 
-    :param nu_max: largest body order considered (the choice costs nothing more: lower orders
-        come with the highest's iterations).
-    :param sparse: sparse environments per species (farthest points of the power spectrum).
+    :param kernel: ``wigner`` (Wigner kernels), ``acdc`` or ``mpacdc`` (linear on ``(1, +1)`` features).
+    :param nu_max: largest body order considered by Wigner kernels (the choice costs nothing more:
+        lower orders come with the highest's iterations).
+    :param order: the body order ``nu`` of ``acdc`` features: 1 (the ``l = 1`` density coefficients), 2
+        (lambda-SOAP) or 3 (the features number about ``Q^3``, ``Q`` the density channels).
+    :param max_radial: ``max_radial`` of the feature models' density (the seed's ``n_max = 4``).
+    :param max_angular: ``max_angular`` of the feature models' density (the seed's ``l_max = 2``).
+    :param sparse: sparse environments per species (farthest points of the power spectrum; a feature
+        model's weights live in the span of their features).
     :param b: candidate values of the order mixing ``b``.
     :param regulariser: expected error of a dipole component, e*A; 0: chosen on the validation
         split among ``10^(-k/2)`` times the standard deviation of the components, ``k = 0..10``.
     :param charges: add atomic charges times positions to the local dipoles, the charges an
         invariant kernel expansion (same orders and ``b``, with the constant ``nu = 0`` piece) and
-        their sum over a molecule kept at zero (the charge model the seeds compare with; molecules only).
+        their sum over a molecule kept at zero (the charge model the seeds compare with; molecules
+        only; Wigner kernels only).
     :param charge_scale: candidate scales of the charges' kernel relative to the local dipoles'
         (the a priori share of the dipole each explains), chosen on the validation split.
     """
 
+    kernel: str = "wigner"
     nu_max: int = 4
+    order: int = 2
+    max_radial: int = 3
+    max_angular: int = 2
     sparse: int = 300
     b: List[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
     regulariser: float = 0.0
@@ -481,7 +502,11 @@ RULES: Dict[Tuple[str, str], Rule] = {
     ("learn", "new_sparse"): Rule(bounds=NON_NEGATIVE),
     ("learn", "max_labels"): Rule(bounds=AT_LEAST_ONE),
     ("learn", "retune"): Rule(bounds=NON_NEGATIVE),
+    ("dipole", "kernel"): Rule(choices=("wigner", "acdc", "mpacdc")),
     ("dipole", "nu_max"): Rule(bounds=AT_LEAST_ONE),
+    ("dipole", "order"): Rule(bounds=Bounds(1.0, 4.0, inclusive=True)),
+    ("dipole", "max_radial"): Rule(bounds=NON_NEGATIVE),
+    ("dipole", "max_angular"): Rule(bounds=AT_LEAST_ONE),
     ("dipole", "sparse"): Rule(bounds=AT_LEAST_ONE),
     ("dipole", "b"): Rule(bounds=POSITIVE),
     ("dipole", "regulariser"): Rule(bounds=NON_NEGATIVE),

@@ -92,7 +92,7 @@ def worker_ours(args):
         model.export(str(Path(args.export_dir) / f"{model_tag(args)}.pt"))
         model.save(str(Path(args.export_dir) / f"{model_tag(args)}.ckpt"))
     predictions = predictions_of(model, test)
-    chosen = {"kernel": model.kernel.kind, "nu_max": getattr(model.kernel, "nu_max", None)}
+    chosen = {"kernel": model.kernel.kind, "nu_max": getattr(model.kernel, "nu_max", None), "sparse": int(model.kernel.n_sparse)}
     return {"fit_time": fit_time, "peak_memory": peak_memory, "reused": False, "errors": test_errors(test, predictions), **chosen}
 
 

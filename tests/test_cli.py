@@ -151,6 +151,9 @@ def test_the_fit_writes_a_log_a_report_and_the_configuration_used(files, fitted)
     assert report["versions"]["torch"] == torch.__version__.split("+")[0] or report["versions"]["torch"] == torch.__version__
     assert report["versions"]["acdc-potential"] == __version__
     assert report["threads"] == 1 and report["peak_memory_GB"] > 0
+    # the peak so far after every timed step of the fit
+    assert set(report["peak_memory_after_GB"]) == set(report["timings_s"]) - {"total"}
+    assert min(report["peak_memory_after_GB"].values()) > 0
     # without tuning (SMALL) every row goes straight into the final solve: no tuning sample's design matrix
     assert {"survey", "radial integrals", "solve", "errors", "total"} <= set(report["timings_s"]) and "design matrix" not in report["timings_s"]
     assert any("isolated-atom energies" in w for w in report["warnings"])

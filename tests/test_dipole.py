@@ -1,6 +1,8 @@
 """Dipole models: symmetry of the predicted vector, recovery of a dipole of the model's own class,
 the exported file against in-memory predictions, and the command line."""
 
+import dataclasses
+
 import ase.io
 import numpy as np
 import pytest
@@ -9,11 +11,17 @@ import yaml
 
 from acdc_potential.calculator import ACDCCalculator
 from acdc_potential.cli import main
-from acdc_potential.config import FitConfig
+from acdc_potential.config import ConfigError, FitConfig
 from acdc_potential.data import Labelled
 from acdc_potential.descriptors.density import DensityExpansion
-from acdc_potential.fit.checkpoint import DipoleModel, export_models, load_checkpoint
-from acdc_potential.fit.dipole import atom_environments, centred_positions, chosen_kernel, dipole_design, fit_dipole, sparse_kernel
+from acdc_potential.fit.checkpoint import DipoleModel, FeatureDipoleModel, WignerDipoleModel, export_models, load_checkpoint
+from acdc_potential.fit.dipole import (
+    atom_environments, atom_features, centred_positions, chosen_kernel, dipole_design, feature_batches, feature_rows, fit_dipole, folded_vectors,
+    sparse_block, sparse_kernel, species_scales,
+)
+from acdc_potential.fit.selection import select_sparse
+from acdc_potential.descriptors.acdc import power_spectrum
+from acdc_potential.descriptors.vectors import VectorFeatures
 from acdc_potential.fit.driver import fit
 from acdc_potential.kernels.wigner.iteration import WignerHypers
 from acdc_potential.model.heads import CARTESIAN
@@ -42,7 +50,7 @@ def generator():
     hypers = WignerHypers(nu_max=3, lambda_max=2)
     kernel = sparse_kernel(hypers, coefficients, numbers, layout, 6, "fps")
     weights = torch.from_numpy(np.random.default_rng(0).normal(size=(kernel.n_sparse, 3)))
-    return DipoleModel(config.density, [1, 6, 8], kernel, weights, B, 0.0, expansion=expansion)
+    return WignerDipoleModel(config.density, [1, 6, 8], kernel, weights, B, 0.0, expansion=expansion)
 
 
 def labelled(generator, seeds):
@@ -66,26 +74,27 @@ def test_a_dipole_of_the_models_own_class_is_recovered_with_tiny_regularisation(
     assert np.abs(predicted - expected).max() < 1e-5 * np.abs(expected).max()
 
 
-def test_rotating_a_molecule_rotates_its_dipole_and_inversion_flips_it(fitted):
+def check_dipole_symmetries(model):
+    """A rotation rotates ``model``'s dipole, inversion flips it (a polar vector), a translation and a
+    permutation of the atoms leave it (1e-10 relative)."""
     atoms = ethanol(7)
     rotated, inverted, moved = atoms.copy(), atoms.copy(), atoms.copy()
     rotation = random_rotation(3)
     rotated.positions = atoms.positions @ rotation.T
     inverted.positions = -atoms.positions
     moved.positions = atoms.positions + [3.0, -1.0, 0.5]
-    mu, mu_rotated, mu_inverted, mu_moved = fitted.predict([atoms, rotated, inverted, moved]).numpy()
+    permuted = atoms[np.random.default_rng(1).permutation(len(atoms))]
+    mu, mu_rotated, mu_inverted, mu_moved, mu_permuted = model.predict([atoms, rotated, inverted, moved, permuted]).numpy()
     scale = np.linalg.norm(mu)
     assert scale > 1e-3
     assert np.abs(mu_rotated - rotation @ mu).max() < 1e-10 * scale
-    assert np.abs(mu_inverted + mu).max() < 1e-10 * scale  # a polar vector
+    assert np.abs(mu_inverted + mu).max() < 1e-10 * scale
     assert np.abs(mu_moved - mu).max() < 1e-10 * scale
+    assert np.abs(mu_permuted - mu).max() < 1e-10 * scale
 
 
-def test_permuting_the_atoms_leaves_the_dipole(fitted):
-    atoms = ethanol(8)
-    order = np.random.default_rng(1).permutation(len(atoms))
-    mu, mu_permuted = fitted.predict([atoms, atoms[order]]).numpy()
-    assert np.abs(mu_permuted - mu).max() < 1e-10 * np.linalg.norm(mu)
+def test_rotating_a_molecule_rotates_its_dipole_and_inversion_flips_it(fitted):
+    check_dipole_symmetries(fitted)
 
 
 def test_the_exported_file_and_its_checkpoint_give_the_in_memory_dipoles(fitted, tmp_path):
@@ -145,8 +154,14 @@ def test_a_dipole_fit_without_dipoles_or_with_a_polynomial_kernel_is_refused():
         fit_dipole(structures, small_config())
     for s in structures:
         s.dipole = np.zeros(3)
-    with pytest.raises(ValueError, match="dipole models use Wigner kernels"):
+    with pytest.raises(ValueError, match="dipole models of Wigner kernels take kernel.lambda_max"):
         fit_dipole(structures, FitConfig.from_dict({**SMALL, "kernel": {"type": "polynomial"}}))
+    with pytest.raises(ValueError, match="dipole.charges needs Wigner kernels"):
+        fit_dipole(structures, small_config(kernel="acdc", charges=True))
+    with pytest.raises(ConfigError, match=r"dipole.order: expected an integer in \[1, 4\), got 4"):
+        small_config(kernel="acdc", order=4)
+    with pytest.raises(ConfigError, match="dipole.kernel: .*'soap'"):
+        small_config(kernel="soap")
 
 
 def test_fit_eval_and_export_through_the_command_line(generator, tmp_path, capsys):
@@ -238,7 +253,7 @@ def test_a_charge_models_design_rows_predict_what_the_exported_module_does():
     wide = sparse_kernel(WignerHypers(nu_max=4, lambda_max=2), *atom_environments(model.expansion, train)[:2], layout, 6, "fps")
     design = dipole_design(wide, coefficients, numbers, owner, len(structures), centred_positions(structures))
     for nu in (2, 3):
-        chosen = DipoleModel(model.density_hypers, model.species, chosen_kernel(wide, nu), model.weights, model.b, 0.0, expansion=model.expansion, charge_weights=model.charge_weights, charge_scale=1.0)
+        chosen = WignerDipoleModel(model.density_hypers, model.species, chosen_kernel(wide, nu), model.weights, model.b, 0.0, expansion=model.expansion, charge_weights=model.charge_weights, charge_scale=1.0)
         k_nm, _ = design.assemble(nu, model.b, 1.0)
         from_rows = (k_nm @ torch.cat([model.weights.reshape(-1), model.charge_weights])).reshape(-1, 3)[:, CARTESIAN]
         expected = chosen.predict(structures)
@@ -252,7 +267,7 @@ def small_generator():
     coefficients, numbers, _, layout = atom_environments(expansion, structures)
     kernel = sparse_kernel(WignerHypers(nu_max=2, lambda_max=2), coefficients, numbers, layout, 6, "fps")
     weights = torch.from_numpy(np.random.default_rng(1).normal(size=(kernel.n_sparse, 3)))
-    return DipoleModel(config.density, [1, 6, 8], kernel, weights, B, 0.0, expansion=expansion)
+    return WignerDipoleModel(config.density, [1, 6, 8], kernel, weights, B, 0.0, expansion=expansion)
 
 
 @pytest.mark.filterwarnings("ignore::acdc_potential.errors.BaselineWarning")
@@ -272,3 +287,145 @@ def test_energy_and_dipole_models_of_different_cutoffs_in_one_file(fitted, tmp_p
     per_atom = calculator.run_model(atoms, {DIPOLE: ModelOutput(unit="e*A", sample_kind="atom")})[DIPOLE].block().values[:, :, 0].numpy()
     assert per_atom.shape == (9, 3)
     np.testing.assert_allclose(per_atom.sum(axis=0), expected, rtol=0, atol=1e-12)
+
+
+FEATURE_KINDS = [("acdc", 1), ("acdc", 2), ("mpacdc", 1)]
+
+
+def feature_generator(kind, order):
+    """A linear feature dipole model on the sparse environments a fit of ``sparse: 6`` selects on the first
+    24 structures, with random weights on them (for ``acdc`` of order 1, whose 12 features those 18
+    environments span, random ``v_a`` themselves): the labels a fit should recover."""
+    config = small_config(kernel=kind, order=order)
+    structures = [Labelled(ethanol(seed), index=seed) for seed in range(24)]
+    hypers = dataclasses.replace(config.density, max_radial=config.dipole.max_radial, max_angular=config.dipole.max_angular)
+    expansion = DensityExpansion(hypers, [1, 6, 8])
+    module = VectorFeatures(expansion, kind, order)
+    coefficients, numbers, _, layout = atom_environments(expansion, structures)
+    chosen = select_sparse(power_spectrum(layout.unflatten(coefficients)), numbers, 6, "fps")
+    sparse = atom_features(module, structures, chosen)
+    rng = np.random.default_rng(5)
+    if kind == "acdc" and order == 1:
+        vectors = torch.from_numpy(rng.normal(size=(3, sparse.shape[2])))
+    else:
+        weights = torch.from_numpy(rng.normal(size=(chosen.numel(), 3)))
+        vectors = folded_vectors(sparse, numbers[chosen], species_scales(sparse, numbers[chosen], [1, 6, 8]), [1, 6, 8], weights)
+    return FeatureDipoleModel(hypers, [1, 6, 8], kind, order, vectors, 0.0, expansion=expansion)
+
+
+@pytest.fixture(scope="module", params=FEATURE_KINDS, ids=[f"{kind}-{order}" for kind, order in FEATURE_KINDS])
+def feature_models(request):
+    generator = feature_generator(*request.param)
+    fitted = fit_dipole(labelled(generator, range(24)), small_config(kernel=request.param[0], order=request.param[1], regulariser=1e-7))
+    return generator, fitted
+
+
+def test_a_feature_dipole_of_the_models_own_class_is_recovered_with_tiny_regularisation(feature_models):
+    generator, fitted = feature_models
+    test = labelled(generator, range(100, 110))
+    expected = np.array([s.dipole for s in test])
+    assert np.abs(expected).max() > 1e-2
+    assert isinstance(fitted, FeatureDipoleModel) and fitted.vectors.shape == generator.vectors.shape
+    assert np.abs(fitted.predict(test).numpy() - expected).max() < 1e-5 * np.abs(expected).max()
+
+
+def test_feature_dipoles_rotate_with_the_molecule_flip_under_inversion_and_ignore_translation_and_order(feature_models):
+    check_dipole_symmetries(feature_models[1])
+
+
+def test_a_feature_models_rows_predict_what_its_exported_file_does(feature_models, tmp_path):
+    """The fit's rows (sums of ``s_a^2 x_i x_m^T`` over each structure) times the weights equal the exported head's
+    ``x_i v_a`` with ``v_a`` folded from them; the file and the checkpoint give the in-memory dipoles."""
+    _, fitted = feature_models
+    structures = [Labelled(ethanol(seed), index=k) for k, seed in enumerate((400, 401, 402))]
+    module = fitted.feature_module()
+    sparse = torch.from_numpy(np.random.default_rng(3).normal(size=(4, 3, fitted.vectors.shape[1])))
+    sparse_species = torch.tensor([1, 6, 6, 8])
+    scales = torch.tensor([0.5, 2.0, 1.5], dtype=torch.float64)
+    weights = torch.from_numpy(np.random.default_rng(4).normal(size=(4, 3)))
+    rows = feature_rows(module, structures, sparse, sparse_species, scales, [1, 6, 8])
+    model = FeatureDipoleModel(fitted.density_hypers, [1, 6, 8], fitted.features, fitted.order, folded_vectors(sparse, sparse_species, scales, [1, 6, 8], weights), 0.0)
+    expected = model.predict(structures)
+    torch.testing.assert_close((rows @ weights.reshape(-1)).reshape(-1, 3)[:, CARTESIAN], expected, rtol=0, atol=1e-10 * float(expected.abs().max()))
+    fitted.export(str(tmp_path / "dipole.pt"))
+    fitted.save(str(tmp_path / "dipole.ckpt"))
+    frames = [s.atoms for s in structures]
+    in_memory = fitted.predict(frames).numpy()
+    calculator = ACDCCalculator(tmp_path / "dipole.pt")
+    for atoms, mu in zip(frames, in_memory):
+        atoms.calc = calculator
+        assert np.abs(atoms.get_dipole_moment() - mu).max() < 1e-10 * np.linalg.norm(mu)
+    reloaded = load_checkpoint(str(tmp_path / "dipole.ckpt"))
+    assert isinstance(reloaded, FeatureDipoleModel) and (reloaded.features, reloaded.order) == (fitted.features, fitted.order)
+    np.testing.assert_allclose(reloaded.predict(frames).numpy(), in_memory, rtol=0, atol=1e-12)
+    if fitted.features == "mpacdc":
+        assert calculator._model.capabilities().interaction_range == pytest.approx(2 * fitted.density_hypers.cutoff)
+
+
+def test_version_1_dipole_checkpoints_read_as_wigner_models(fitted, tmp_path):
+    state = fitted.to_dict()
+    assert state["kind"] == "wigner"
+    old = {key: value for key, value in state.items() if key != "kind"}
+    torch.save({**old, "version": 1}, tmp_path / "old.ckpt")
+    frames = [ethanol(300)]
+    np.testing.assert_allclose(load_checkpoint(str(tmp_path / "old.ckpt")).predict(frames).numpy(), fitted.predict(frames).numpy(), rtol=0, atol=0)
+
+
+def test_a_feature_dipole_model_through_the_command_line(feature_models, tmp_path):
+    generator, _ = feature_models
+    frames = []
+    for structure in labelled(generator, range(20)):
+        atoms = structure.atoms.copy()
+        atoms.info["dipole"] = structure.dipole
+        frames.append(atoms)
+    ase.io.write(str(tmp_path / "train.extxyz"), frames)
+    config = {**SMALL, "dipole": {"kernel": generator.features, "order": generator.order, "sparse": 6}}
+    (tmp_path / "features.yaml").write_text(yaml.safe_dump(config))
+    output = tmp_path / "dipole.pt"
+    assert main(["fit", str(tmp_path / "train.extxyz"), "-o", str(output), "--target", "dipole", "--config", str(tmp_path / "features.yaml")]) == 0
+    used = yaml.safe_load(output.with_suffix(".config.yaml").read_text())
+    assert (used["dipole"]["kernel"], used["dipole"]["order"]) == (generator.features, generator.order)
+    report = yaml.safe_load(output.with_suffix(".report.yaml").read_text())
+    assert report["errors_meA"]["train"]["dipole"]["count"] == 60 and report["choice"]["regulariser"] > 0
+    model = load_checkpoint(str(output.with_suffix(".ckpt")))
+    calculator = ACDCCalculator(output)
+    atoms = ethanol(700)
+    atoms.calc = calculator
+    np.testing.assert_allclose(atoms.get_dipole_moment(), model.predict([atoms]).numpy()[0], rtol=0, atol=1e-12)
+
+
+def test_the_feature_models_sparse_block_and_atom_features_equal_their_definitions(feature_models):
+    """``K_MM`` against the kernel's definition entry by entry, ``atom_features`` against the features of
+    every atom in file order (its chunks and structures need not line up), and a fit at a large
+    regulariser against the closed-form projected process of those pieces."""
+    _, fitted = feature_models
+    module = fitted.feature_module()
+    structures = [Labelled(ethanol(seed), index=k) for k, seed in enumerate(range(800, 860))]
+    every = torch.cat([x for _, _, x in feature_batches(module, structures)])
+    numbers = torch.cat([torch.as_tensor(s.atoms.numbers) for s in structures])
+    chosen = torch.tensor([3, 0, 531, 100, 450, 9, 287, 8])
+    torch.testing.assert_close(atom_features(module, structures, chosen), every[chosen], rtol=0, atol=0)
+    sparse, species = every[chosen], numbers[chosen]
+    scales = species_scales(sparse, species, [1, 6, 8])
+    block = sparse_block(sparse, species, scales, [1, 6, 8]).reshape(8, 3, 8, 3)
+    index = {1: 0, 6: 1, 8: 2}
+    for m in range(8):
+        for n in range(8):
+            same = int(species[m]) == int(species[n])
+            expected = scales[index[int(species[m])]] ** 2 * sparse[m] @ sparse[n].T if same else torch.zeros((3, 3), dtype=torch.float64)
+            torch.testing.assert_close(block[m, :, n, :], expected, rtol=1e-12, atol=1e-14)
+    assert float(block.abs().max()) > 0.5
+    # the fit at regulariser sigma = 0.3: w = (K_MN K_NM / sigma^2 + K_MM)^+ K_MN y / sigma^2 (its sparse set and scales)
+    train = labelled(feature_models[0], range(24))
+    model = fit_dipole(train, small_config(kernel=fitted.features, order=fitted.order, regulariser=0.3))
+    y = torch.from_numpy(np.stack([s.dipole[[1, 2, 0]] for s in train])).reshape(-1)
+    config = small_config(kernel=fitted.features, order=fitted.order)
+    coefficients, all_numbers, _, layout = atom_environments(model.expansion, train)
+    picked = select_sparse(power_spectrum(layout.unflatten(coefficients)), all_numbers, config.dipole.sparse, "fps")
+    x_m = atom_features(module, train, picked)
+    s_a = species_scales(x_m, all_numbers[picked], [1, 6, 8])
+    k_nm = feature_rows(module, train, x_m, all_numbers[picked], s_a, [1, 6, 8]).numpy()
+    k_mm = sparse_block(x_m, all_numbers[picked], s_a, [1, 6, 8]).numpy()
+    weights = np.linalg.lstsq(k_nm.T @ k_nm / 0.09 + k_mm, k_nm.T @ y.numpy() / 0.09, rcond=1e-13)[0]
+    expected = folded_vectors(x_m, all_numbers[picked], s_a, [1, 6, 8], torch.from_numpy(weights).reshape(-1, 3))
+    torch.testing.assert_close(model.vectors, expected, rtol=1e-6, atol=1e-8 * float(expected.abs().max()))

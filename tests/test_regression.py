@@ -474,6 +474,43 @@ def test_tuning_on_a_prefix_of_the_sparse_selection(wigner_model):
     assert on_prefix.loss != pytest.approx(subset.loss, rel=1e-6)
 
 
+def test_linear_kernel_solved_in_feature_space_is_the_exact_gaussian_process():
+    """With ``zeta = 1`` and more sparse environments asked for than features, the sparse set of each
+    species is its feature directions and the origin; the fit equals one on every training environment
+    (another sparse set that spans the kernel's whole function space, ``[1, x^]``, once a species has
+    more atoms than features): both are the exact Gaussian process."""
+    structures = [labelled(methane(k), k) for k in range(14)]
+    probe = [methane(40), methane(41)]
+
+    def fitted(feature_space):
+        kernel = PolynomialKernel(zeta=1, orders=[1], mixing={"c0": 0.5, "a": 1.3}, feature_space=feature_space)
+        return fit_kernel(structures, HYPERS, kernel, n_sparse=100, regularisers=Regularisers(0.01, 0.05, 0.005), tune=False)
+
+    basis, every = fitted(True), fitted(False)
+    n_features = basis.kernel.sparse_coefficients.shape[1]
+    assert 14 > n_features + 1  # every environment spans the function space too
+    assert basis.kernel.n_sparse == 2 * (n_features + 1) and bool((basis.sparse_owners == -1).all())
+    assert every.kernel.n_sparse == 5 * 14 and bool((every.sparse_owners >= 0).all())
+    # complete: active learning adds no sparse environment to these species
+    assert basis.kernel.complete_species() == [1, 6] and every.kernel.complete_species() == []
+    expected, got = every.predict(probe, uncertainty=True), basis.predict(probe, uncertainty=True)
+    assert float(expected["forces"].abs().max()) > 1e-2
+    for key in ("energy", "forces", "energy_uncertainty"):
+        scale = float(expected[key].abs().max())
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-7 * scale)
+    # the exported head folds the weights into one vector per species, as for any linear model
+    torch.testing.assert_close(run_module(basis.scripted(), probe, True, False, False)["energy"], got["energy"], rtol=0, atol=1e-10)
+    # the origin, then orthonormal directions, the most populated first
+    directions = basis.kernel.sparse_coefficients[basis.kernel.sparse_species == 6]
+    assert float(directions[0].abs().max()) == 0.0
+    torch.testing.assert_close(directions[1:] @ directions[1:].T, torch.eye(n_features, dtype=torch.float64), rtol=0, atol=1e-12)
+    environments = every.kernel.sparse_coefficients[every.kernel.sparse_species == 6]
+    spread = (environments @ directions[1:].T).square().sum(dim=0)
+    assert bool((spread[:-1] >= spread[1:] - 1e-12).all())
+    with pytest.raises(ValueError, match="zeta = 1"):
+        PolynomialKernel(zeta=2).feature_basis(environments, torch.full((len(environments),), 6), [6])
+
+
 def test_regularisation_path_equals_refits(wigner_model):
     """The predictions for every scale of the regularisers from one QR and one SVD equal
     those of separate projected-process fits."""
@@ -647,8 +684,8 @@ def test_version_5_message_passing_checkpoints_read_as_one_from_one_models(mpacd
     """Format 5 had [1 <- 1] message-passing invariants only, uncontracted: read as such."""
     mpacdc_model.save(str(tmp_path / "current.ckpt"))
     state = torch.load(tmp_path / "current.ckpt", weights_only=True)
-    assert state["version"] == 6 and state["kernel"]["hypers"]["message_orders"] == [1]
-    for key in ("message_orders", "contraction", "projections"):
+    assert state["version"] == 7 and state["kernel"]["hypers"]["message_orders"] == [1]
+    for key in ("message_orders", "contraction", "projections", "feature_space"):
         del state["kernel"]["hypers"][key]
     torch.save({**state, "version": 5}, tmp_path / "version5.ckpt")
     loaded = SparseKRRModel.load(str(tmp_path / "version5.ckpt"))

@@ -20,6 +20,14 @@ Format history (``version``; :func:`upgrade` brings older files to the current o
    uncertainty; their atomic energy uncertainties are now the unexplained prior variance).
 5. Polynomial kernels name their features by body orders (``orders``, ``contraction``,
    ``projections``) instead of a feature name (earlier files: ``power_spectrum``, i.e. orders ``[2]``).
+6. Message-passing kernels name their ``message_orders`` and their ``contraction`` (earlier files:
+   ``[1 <- 1]`` only, uncontracted).
+7. Polynomial kernels store their sparse environments as unit features, not density coefficients (the
+   upgrade computes them with the kernel's own invariants); polynomial and message-passing kernels name
+   ``feature_space`` (earlier files: ``false``, selected environments).
+
+Dipole checkpoints (``format: acdc-potential/dipole-krr``): version 1 held Wigner models; version 2
+names the ``kind`` of model (``wigner``, ``features``).
 """
 
 import dataclasses
@@ -29,6 +37,8 @@ import torch
 
 from ..config import Regularisers
 from ..descriptors.density import DensityExpansion, Layout
+from ..descriptors.invariants import Invariants
+from ..descriptors.vectors import VECTOR_KINDS, VectorFeatures
 from ..descriptors.radial import DensityHypers
 from ..errors import CheckpointError
 from ..inference import predict, predict_dipoles
@@ -36,7 +46,7 @@ from ..kernels import KERNELS
 from ..kernels.base import SparseKernel
 from ..model.export import export_model
 from ..kernels.wigner.iteration import exponential_weights
-from ..model.heads import DipoleHead, MessagePassingHead, PolynomialHead, WignerHead
+from ..model.heads import DipoleHead, FeatureDipoleHead, MessagePassingHead, PolynomialHead, WignerHead
 from ..model.potential import AtomisticPotential
 from ..model.references import metatomic_references
 from ..model.uncertainty import Calibration, SparseState
@@ -45,7 +55,7 @@ from .solver import ProjectedProcess
 from .tuning import HyperparameterReport
 
 FORMAT = "acdc-potential/sparse-krr"
-VERSION = 6
+VERSION = 7
 # version 1 named these objects by their qualified Python name; nothing else is accepted
 _VERSION_1_NAMES = {
     "acdc_potential.wigner:WignerHypers": "wigner",
@@ -58,6 +68,8 @@ def upgrade(state: Dict) -> Dict:
     dict, ``state`` is not changed)."""
     if state.get("format") == FORMAT and state.get("version") == VERSION:
         return state
+    if state.get("format") == FORMAT and state.get("version") == 6:
+        return _upgrade_from_6(state)
     if state.get("format") == FORMAT and state.get("version") == 5:
         return _upgrade_from_5(state)
     if state.get("format") == FORMAT and state.get("version") == 4:
@@ -118,6 +130,24 @@ def _upgrade_from_5(state: Dict) -> Dict:
     kernel = dict(state["kernel"])
     if kernel["kind"] == "mpacdc":
         kernel["hypers"] = {**kernel["hypers"], "message_orders": [1], "contraction": 0, "projections": None}
+    return _upgrade_from_6({**state, "version": 6, "kernel": kernel})
+
+
+def _upgrade_from_6(state: Dict) -> Dict:
+    """Version 6 -> 7: polynomial kernels store their sparse environments as unit features (they stored
+    density coefficients), and polynomial and message-passing kernels name ``feature_space`` (earlier
+    fits chose their sparse environments, as ``feature_space: false`` does)."""
+    kernel = dict(state["kernel"])
+    if kernel["kind"] in ("polynomial", "mpacdc"):
+        kernel["hypers"] = {**kernel["hypers"], "feature_space": False}
+    if kernel["kind"] == "polynomial" and kernel["sparse_coefficients"] is not None:
+        layout = Layout(kernel["layout"])
+        hypers = kernel["hypers"]
+        coefficients = kernel["sparse_coefficients"]
+        invariants = Invariants(len(layout.shapes) - 1, [int(nu) for nu in hypers["orders"]], hypers["projections"]).to(coefficients.device)
+        with torch.no_grad():
+            features = invariants(layout.unflatten(coefficients))
+        kernel["sparse_coefficients"], kernel["layout"] = features, [[1, features.shape[1]]]
     return {**state, "version": VERSION, "kernel": kernel}
 
 
@@ -150,7 +180,8 @@ class SparseKRRModel:
         if the fit held out structures for it.
     :param sparse_owners: ``[M]`` position in the training set of the structure of each sparse
         environment, when the model comes from a fit (what a later calibration must hold out
-        with a structure; not kept in checkpoints).
+        with a structure; -1 for the feature directions of a solve in feature space, owned by none;
+        not kept in checkpoints).
 
     :meth:`potential` is the deployable module; :meth:`predict` runs it (scripted, as the
     exported file) on structures in memory.
@@ -287,11 +318,64 @@ def _read_checkpoint(path: str, map_location=None) -> Dict:
 
 
 DIPOLE_FORMAT = "acdc-potential/dipole-krr"
-DIPOLE_VERSION = 1
+DIPOLE_VERSION = 2
 
 
 class DipoleModel:
-    """A fitted dipole model (:class:`~acdc_potential.model.heads.DipoleHead`): density, Wigner
+    """What every fitted dipole model does with its head (:meth:`head`, defined by each kind): the
+    deployable module, export, predictions, checkpoints (``to_dict`` with its ``kind``)."""
+
+    kind = ""
+
+    def head(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def references(self) -> Dict[str, List[str]]:
+        raise NotImplementedError
+
+    def fields(self) -> Dict:
+        """What the checkpoint holds besides its format, version and kind (plain data and tensors)."""
+        raise NotImplementedError
+
+    def to_dict(self) -> Dict:
+        return {"format": DIPOLE_FORMAT, "version": DIPOLE_VERSION, "kind": self.kind, **self.fields()}
+
+    def potential(self) -> AtomisticPotential:
+        """The deployable module, a dipole-only :class:`~acdc_potential.model.potential.AtomisticPotential`."""
+        return AtomisticPotential(dipole=self.head())
+
+    def export(self, path: str, dtype: torch.dtype = torch.float64, description: str = "") -> None:
+        export_model(self.potential(), path, dtype=dtype, description=description, references=self.references())
+
+    def scripted(self) -> torch.jit.ScriptModule:
+        if self._scripted is None:
+            self._scripted = torch.jit.script(self.potential().eval())
+        return self._scripted
+
+    def predict(self, structures: Sequence, batch_size: int = 16) -> torch.Tensor:
+        """``[S, 3]`` dipoles (e*A) of ``structures`` by the scripted :meth:`potential`."""
+        return predict_dipoles(self.scripted(), self.species, structures, batch_size)
+
+    def save(self, path: str) -> None:
+        torch.save(self.to_dict(), path)
+
+    @staticmethod
+    def from_dict(state: Dict) -> "DipoleModel":
+        """The dipole model of a checkpoint dict (version 1 files hold Wigner models)."""
+        if state.get("format") != DIPOLE_FORMAT or state.get("version") not in (1, DIPOLE_VERSION):
+            raise CheckpointError(f"not an acdc-potential dipole checkpoint of a known version (format {state.get('format')!r}, version {state.get('version')!r})")
+        kind = state.get("kind", "wigner")
+        kinds = {model.kind: model for model in (WignerDipoleModel, FeatureDipoleModel)}
+        if kind not in kinds:
+            raise CheckpointError(f"the checkpoint names an unknown kind of dipole model {kind!r} (known: {sorted(kinds)})")
+        try:
+            return kinds[kind].from_state(state)
+        except (KeyError, TypeError, AttributeError) as error:
+            raise CheckpointError(f"the checkpoint is incomplete or malformed ({type(error).__name__}: {error})") from None
+
+
+class WignerDipoleModel(DipoleModel):
+    """A dipole model of Wigner kernels (:class:`~acdc_potential.model.heads.DipoleHead`): density, Wigner
     kernel with its sparse environments (``nu_max`` the chosen order), weights, mixing ``b``.
 
     :param density_hypers: the density expansion's hyperparameters. :param species: atomic numbers.
@@ -303,6 +387,8 @@ class DipoleModel:
     :param charge_weights: ``[M]`` weights of the atomic charges' invariant kernel, or ``None`` (local
         dipoles only). :param charge_scale: the scale of the charges' kernel.
     """
+
+    kind = "wigner"
 
     def __init__(
         self, density_hypers: DensityHypers, species: Sequence[int], kernel: SparseKernel, weights: torch.Tensor, b: float, regulariser: float,
@@ -326,29 +412,11 @@ class DipoleModel:
         charges = None if self.charge_weights is None else (self.charge_scale * omega, self.charge_weights)
         return DipoleHead(self.expansion, self.kernel, self.weights, omega[1:], self.species, charges)
 
-    def potential(self) -> AtomisticPotential:
-        """The deployable module, a dipole-only :class:`~acdc_potential.model.potential.AtomisticPotential`."""
-        return AtomisticPotential(dipole=self.head())
-
     def references(self) -> Dict[str, List[str]]:
         return metatomic_references("wigner", self.density_hypers.density, self.density_hypers.basis)
 
-    def export(self, path: str, dtype: torch.dtype = torch.float64, description: str = "") -> None:
-        export_model(self.potential(), path, dtype=dtype, description=description, references=self.references())
-
-    def scripted(self) -> torch.jit.ScriptModule:
-        if self._scripted is None:
-            self._scripted = torch.jit.script(self.potential().eval())
-        return self._scripted
-
-    def predict(self, structures: Sequence, batch_size: int = 16) -> torch.Tensor:
-        """``[S, 3]`` dipoles (e*A) of ``structures`` by the scripted :meth:`potential`."""
-        return predict_dipoles(self.scripted(), self.species, structures, batch_size)
-
-    def to_dict(self) -> Dict:
+    def fields(self) -> Dict:
         return {
-            "format": DIPOLE_FORMAT,
-            "version": DIPOLE_VERSION,
             "density_hypers": dataclasses.asdict(self.density_hypers),
             "species": list(self.species),
             "kernel": self.kernel.to_dict(),
@@ -360,23 +428,74 @@ class DipoleModel:
             "charge_scale": self.charge_scale,
         }
 
-    def save(self, path: str) -> None:
-        torch.save(self.to_dict(), path)
+    @classmethod
+    def from_state(cls, state: Dict) -> "WignerDipoleModel":
+        kernel = kernel_from_dict(state["kernel"])
+        if kernel.kind != "wigner":
+            raise CheckpointError(f"a Wigner dipole model needs a Wigner kernel, the checkpoint has '{kernel.kind}'")
+        return cls(
+            DensityHypers(**state["density_hypers"]), state["species"], kernel, state["weights"], state["b"], state["regulariser"], state["report"],
+            charge_weights=state["charge_weights"], charge_scale=state["charge_scale"],
+        )
+
+
+class FeatureDipoleModel(DipoleModel):
+    """A linear dipole model on true-vector features (:class:`~acdc_potential.model.heads.FeatureDipoleHead`):
+    ``mu_i = x_i v_{a_i}``, ``x_i`` the ``(1, +1)`` features of :class:`~acdc_potential.descriptors.vectors.VectorFeatures`.
+
+    :param density_hypers: hyperparameters of the features' density expansion. :param species: atomic numbers.
+    :param features: ``acdc`` or ``mpacdc``. :param order: the body order of ``acdc`` features.
+    :param vectors: ``[S, Q]`` ``v_a`` per species (in the order of ``species``). :param regulariser: expected
+        error of a dipole component (e*A) the weights were solved with. :param report: what the fit chose and
+        measured (plain data). :param expansion: an already built density expansion.
+    """
+
+    kind = "features"
+
+    def __init__(
+        self, density_hypers: DensityHypers, species: Sequence[int], features: str, order: int, vectors: torch.Tensor, regulariser: float,
+        report: Optional[Dict] = None, expansion: Optional[DensityExpansion] = None,
+    ):
+        self.density_hypers = density_hypers
+        self.species = [int(z) for z in species]
+        self.expansion = expansion if expansion is not None else DensityExpansion(density_hypers, self.species)
+        self.features = features
+        self.order = int(order)
+        self.vectors = vectors
+        self.regulariser = float(regulariser)
+        self.report = dict(report or {})
+        self._scripted: Optional[torch.jit.ScriptModule] = None
+
+    def feature_module(self) -> VectorFeatures:
+        return VectorFeatures(self.expansion, self.features, self.order)
+
+    def head(self) -> FeatureDipoleHead:
+        return FeatureDipoleHead(self.feature_module(), self.vectors)
+
+    def references(self) -> Dict[str, List[str]]:
+        return metatomic_references("vector_features", self.density_hypers.density, self.density_hypers.basis)
+
+    def fields(self) -> Dict:
+        return {
+            "density_hypers": dataclasses.asdict(self.density_hypers),
+            "species": list(self.species),
+            "features": self.features,
+            "order": self.order,
+            "vectors": self.vectors,
+            "regulariser": self.regulariser,
+            "report": self.report,
+        }
 
     @classmethod
-    def from_dict(cls, state: Dict) -> "DipoleModel":
-        if state.get("format") != DIPOLE_FORMAT or state.get("version") != DIPOLE_VERSION:
-            raise CheckpointError(f"not an acdc-potential dipole checkpoint of a known version (format {state.get('format')!r}, version {state.get('version')!r})")
-        try:
-            kernel = kernel_from_dict(state["kernel"])
-            if kernel.kind != "wigner":
-                raise CheckpointError(f"a dipole model needs a Wigner kernel, the checkpoint has '{kernel.kind}'")
-            return cls(
-                DensityHypers(**state["density_hypers"]), state["species"], kernel, state["weights"], state["b"], state["regulariser"], state["report"],
-                charge_weights=state["charge_weights"], charge_scale=state["charge_scale"],
-            )
-        except (KeyError, TypeError, AttributeError) as error:
-            raise CheckpointError(f"the checkpoint is incomplete or malformed ({type(error).__name__}: {error})") from None
+    def from_state(cls, state: Dict) -> "FeatureDipoleModel":
+        if state["features"] not in VECTOR_KINDS:
+            raise CheckpointError(f"the checkpoint names unknown vector features {state['features']!r} (known: {list(VECTOR_KINDS)})")
+        vectors = state["vectors"]
+        if not isinstance(vectors, torch.Tensor) or vectors.dim() != 2 or vectors.shape[0] != len(state["species"]):
+            raise CheckpointError(f"the checkpoint's vectors are not one row per species ({len(state['species'])})")
+        if int(state["order"]) not in (1, 2, 3):
+            raise CheckpointError(f"the checkpoint names an unknown body order {state['order']!r} of its features")
+        return cls(DensityHypers(**state["density_hypers"]), state["species"], state["features"], state["order"], state["vectors"], state["regulariser"], state["report"])
 
 
 def load_checkpoint(path: str, map_location=None):

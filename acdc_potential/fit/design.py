@@ -175,7 +175,7 @@ def build_design_matrix(
     n_rows, n_sparse, n_pieces = int(offsets[-1]), kernel.n_sparse, kernel.n_pieces
     if n_rows == 0:
         raise ValueError("no rows to fit: the structures have no energies, forces or stress to use")
-    dimension = kernel.layout.size
+    dimension = kernel.tangent_size(expansion)
     device = kernel.sparse_coefficients.device
 
     pieces = torch.zeros((n_pieces, n_rows, n_sparse), dtype=torch.float64, device=device)

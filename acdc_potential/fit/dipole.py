@@ -32,11 +32,12 @@ from ..data import Labelled, species_of
 from ..descriptors.acdc import power_spectrum
 from ..descriptors.density import DensityExpansion, Layout
 from ..descriptors.jacobian import batch_density
-from ..descriptors.neighbors import batch_from_atoms
+from ..descriptors.neighbors import AtomsBatch, batch_from_atoms
+from ..descriptors.vectors import VectorFeatures
 from ..kernels.wigner.iteration import WignerHypers, exponential_weights
 from ..kernels.wigner.kernel import WignerKernel
 from ..model.heads import DIPOLE_BLOCK, SPHERICAL
-from .checkpoint import DipoleModel
+from .checkpoint import DipoleModel, FeatureDipoleModel, WignerDipoleModel
 from .report import FitLog
 from .selection import select_sparse
 from .solver import solve_projected_process, sparse_projection
@@ -50,6 +51,8 @@ def fit_dipole(structures: Sequence[Labelled], config: FitConfig, log: FitLog = 
     log = log if log is not None else FitLog(verbose=False)
     options = config.dipole
     check_inputs(structures, config)
+    if options.kernel != "wigner":
+        return fit_feature_dipole(structures, config, log)
     species = species_of(structures)
     expansion = DensityExpansion(config.density, species)
     with log.stage("density"):
@@ -77,7 +80,7 @@ def fit_dipole(structures: Sequence[Labelled], config: FitConfig, log: FitLog = 
     m = kernel.n_sparse
     charges = weights[3 * m :] if options.charges else None
     report = {"choice": choice, "sparse_environments": {z: int((kernel.sparse_species == z).sum()) for z in species}}
-    return DipoleModel(
+    return WignerDipoleModel(
         config.density, species, chosen_kernel(kernel, choice["nu_max"]), weights[: 3 * m].reshape(m, 3), choice["b"], choice["regulariser"],
         report, expansion, charge_weights=charges, charge_scale=choice["charge_scale"],
     )
@@ -131,8 +134,13 @@ def check_inputs(structures: Sequence[Labelled], config: FitConfig) -> None:
         raise ValueError(f"structures {missing[:5]}{' ...' if len(missing) > 5 else ''} have no dipole (key '{config.keys.dipole}'): a dipole fit needs it on every structure")
     if len(structures) < 2:
         raise ValueError("a dipole fit needs at least 2 structures (one to validate the choice of hyperparameters)")
+    options = config.dipole
+    if options.kernel != "wigner":
+        if options.charges:
+            raise ValueError(f"dipole.charges needs Wigner kernels; dipole.kernel is {options.kernel!r}")
+        return
     if config.kernel.type != "wigner":
-        raise ValueError(f"dipole models use Wigner kernels; kernel.type is {config.kernel.type!r}")
+        raise ValueError(f"dipole models of Wigner kernels take kernel.lambda_max from the kernel section, whose type is {config.kernel.type!r}; set kernel.type: wigner, or dipole.kernel: acdc or mpacdc")
     if config.kernel.lambda_max < 1 or config.density.max_angular < 1:
         raise ValueError("a dipole (lambda = 1) needs kernel.lambda_max >= 1 and density.max_angular >= 1")
 
@@ -253,7 +261,7 @@ def choose(design: DipoleDesign, candidates: Sequence[Dict], targets: torch.Tens
             error = predict @ (s / (s**2 + sigma**2) * uy) - y_validation
             table.append({**candidate, "regulariser": float(sigma), "validation_rmse": float(error.square().mean().sqrt()), "validation_mae": float(error.abs().mean())})
     best = min(table, key=lambda row: row["validation_rmse"])
-    orders = sorted({c["nu_max"] for c in candidates})
+    orders = sorted({c["nu_max"] for c in candidates if "nu_max" in c})
     return {**best, "candidates": len(table), "best_of_each_order": [min((r for r in table if r["nu_max"] == nu), key=lambda r: r["validation_rmse"]) for nu in orders]}
 
 
@@ -263,3 +271,126 @@ def chosen_kernel(kernel: WignerKernel, nu_max: int) -> WignerKernel:
     chosen = WignerKernel(dataclasses.replace(kernel.wigner_hypers, nu_max=nu_max), species_scale=scales)
     chosen.set_sparse(kernel.sparse_coefficients, kernel.sparse_species, kernel.layout)
     return chosen
+
+
+def fit_feature_dipole(structures: Sequence[Labelled], config: FitConfig, log: FitLog) -> FeatureDipoleModel:
+    """A linear dipole model on true-vector features (``dipole.kernel`` ``acdc`` or ``mpacdc``), as a
+    sparse KRR of the kernel ``k(i, m) = delta(a_i, a_m) s_a^2 x_i x_m^T`` (``[3, 3]`` blocks, ``x``
+    the ``(1, +1)`` features of :class:`~acdc_potential.descriptors.vectors.VectorFeatures`, ``s_a`` a
+    scale per species that gives its sparse environments unit mean ``|x_m|^2``), whose weights fold into
+    ``v_a = s_a^2 sum_{m : a_m = a} x_m^T w_m``: ``mu_i = x_i v_{a_i}``.
+
+    Steps: the features' expansion; sparse environments (farthest points of the power spectrum of that
+    expansion); their features and the scales; the rows; the regulariser on a validation split; the solve.
+    """
+    options = config.dipole
+    species = species_of(structures)
+    hypers = dataclasses.replace(config.density, max_radial=options.max_radial, max_angular=options.max_angular)
+    expansion = DensityExpansion(hypers, species)
+    module = VectorFeatures(expansion, options.kernel, options.order)
+    with log.stage("sparse environments"):
+        coefficients, numbers, owner, layout = atom_environments(expansion, structures)
+        chosen = select_sparse(power_spectrum(layout.unflatten(coefficients)), numbers, options.sparse, config.sparse.selection)
+        sparse = atom_features(module, structures, chosen)
+        sparse_species = numbers[chosen]
+        scales = species_scales(sparse, sparse_species, species)
+    log(f"{chosen.numel()} sparse environments ({', '.join(f'{int((sparse_species == z).sum())} of Z={z}' for z in species)}); "
+        f"linear in {sparse.shape[2]} {options.kernel} (1, +1) features" + (f" of body order {options.order}" if options.kernel == "acdc" else ""))
+    with log.stage("kernel rows"):
+        design = LinearDipoleDesign(feature_rows(module, structures, sparse, sparse_species, scales, species), sparse_block(sparse, sparse_species, scales, species), sparse_species)
+    targets = torch.from_numpy(np.stack([s.dipole[SPHERICAL] for s in structures])).reshape(-1)
+    row_weights = torch.tensor([s.weight for s in structures], dtype=torch.float64).repeat_interleave(3)
+    with log.stage("choice"):
+        train, validation = validation_split(len(structures), config.options.validation, config.options.seed)
+        choice = choose(design, [{}], targets, row_weights, train, validation, options.regulariser)
+    log(f"chose the regulariser {choice['regulariser']:.3g} e*A (validation RMSE {1000 * choice['validation_rmse']:.2f} me*A on {len(validation)} structures)")
+    with log.stage("solve"):
+        k_nm, k_mm = design.assemble()
+        weights = solve_projected_process(k_nm, targets, row_weights.sqrt() / choice["regulariser"], k_mm, blocks=design.column_species()).weights
+    report = {"choice": choice, "sparse_environments": {z: int((sparse_species == z).sum()) for z in species}}
+    vectors = folded_vectors(sparse, sparse_species, scales, species, weights.reshape(-1, 3))
+    return FeatureDipoleModel(hypers, species, options.kernel, options.order, vectors, choice["regulariser"], report, expansion)
+
+
+@dataclass
+class LinearDipoleDesign:
+    """The regression of a feature dipole model: one kernel, nothing to mix (the interface of
+    :class:`DipoleDesign` that :func:`choose` uses).
+
+    :param local: ``[3 S, 3 M]`` (row ``3 A + mu``, column ``3 m + mu'``). :param local_mm: ``[3 M, 3 M]``.
+    :param sparse_species: ``[M]``.
+    """
+
+    local: torch.Tensor
+    local_mm: torch.Tensor
+    sparse_species: torch.Tensor
+
+    def assemble(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.local, self.local_mm
+
+    def column_species(self, charge_scale: float = 0.0) -> torch.Tensor:
+        return self.sparse_species.repeat_interleave(3)
+
+
+def feature_batches(module: VectorFeatures, structures: Sequence[Labelled], chunk: int = 50):
+    """For each chunk of ``structures``: the index of its first structure, its batch and its atoms' features ``[n, 3, Q]``."""
+    for start in range(0, len(structures), chunk):
+        batch = batch_from_atoms([s.atoms for s in structures[start : start + chunk]], module.expansion.cutoff)
+        yield start, batch, batch_features(module, batch)
+
+
+def batch_features(module: VectorFeatures, batch: AtomsBatch) -> torch.Tensor:
+    """``[n, 3, Q]`` the features of every atom of ``batch``."""
+    with torch.no_grad():
+        return module(batch.pair_vectors(), batch.centers, batch.neighbors, module.expansion.species_index(batch.numbers))
+
+
+def atom_features(module: VectorFeatures, structures: Sequence[Labelled], atoms: torch.Tensor) -> torch.Tensor:
+    """``[m, 3, Q]`` the features of the atoms ``atoms`` (indices in the concatenation of ``structures``' atoms),
+    computed from the structures that hold them only."""
+    owner = torch.repeat_interleave(torch.tensor([len(s.atoms) for s in structures]))
+    first = torch.cumsum(torch.tensor([0] + [len(s.atoms) for s in structures]), 0)
+    needed = sorted(set(owner[atoms].tolist()))
+    out = None
+    for start in range(0, len(needed), 50):
+        members = needed[start : start + 50]
+        x = batch_features(module, batch_from_atoms([structures[k].atoms for k in members], module.expansion.cutoff))
+        local_first = torch.cumsum(torch.tensor([0] + [len(structures[k].atoms) for k in members]), 0)
+        out = x.new_zeros((atoms.numel(),) + x.shape[1:]) if out is None else out
+        for position, k in enumerate(members):
+            mine = torch.nonzero(owner[atoms] == k).flatten()
+            out[mine] = x[local_first[position] + atoms[mine] - first[k]]
+    return out
+
+
+def species_scales(sparse: torch.Tensor, sparse_species: torch.Tensor, species: Sequence[int]) -> torch.Tensor:
+    """``[S]`` ``s_a = (mean_{m : a_m = a} |x_m|^2)^(-1/2)`` of the sparse features ``[M, 3, Q]``."""
+    squares = sparse.square().sum(dim=(1, 2))
+    return torch.stack([squares[sparse_species == z].mean().clamp_min(1e-300).rsqrt() for z in species])
+
+
+def feature_rows(module: VectorFeatures, structures: Sequence[Labelled], sparse: torch.Tensor, sparse_species: torch.Tensor, scales: torch.Tensor, species: Sequence[int]) -> torch.Tensor:
+    """``[3 S, 3 M]``: ``sum_{i in A, a_i = a_m} s_a^2 x_i[mu] . x_m[mu']`` at row ``3 A + mu``, column ``3 m + mu'``."""
+    out = sparse.new_zeros((len(structures), 3, sparse.shape[0], 3))
+    for start, batch, x in feature_batches(module, structures):
+        for k, z in enumerate(species):
+            atoms, columns = batch.numbers == z, torch.nonzero(sparse_species == z).flatten()
+            sums = x.new_zeros((batch.n_structures,) + x.shape[1:]).index_add_(0, batch.structure[atoms], x[atoms])
+            block = scales[k] ** 2 * torch.einsum("sxq,myq->sxmy", sums, sparse[columns])
+            out[start : start + batch.n_structures, :, columns] = block
+    return out.reshape(3 * len(structures), 3 * sparse.shape[0])
+
+
+def sparse_block(sparse: torch.Tensor, sparse_species: torch.Tensor, scales: torch.Tensor, species: Sequence[int]) -> torch.Tensor:
+    """``K_MM`` ``[3 M, 3 M]`` of the sparse features (zero across species)."""
+    m = sparse.shape[0]
+    out = sparse.new_zeros((m, 3, m, 3))
+    for k, z in enumerate(species):
+        columns = torch.nonzero(sparse_species == z).flatten()
+        out[columns[:, None], :, columns[None, :], :] = scales[k] ** 2 * torch.einsum("nxq,myq->nxmy", sparse[columns], sparse[columns]).permute(0, 2, 1, 3)
+    return out.reshape(3 * m, 3 * m)
+
+
+def folded_vectors(sparse: torch.Tensor, sparse_species: torch.Tensor, scales: torch.Tensor, species: Sequence[int], weights: torch.Tensor) -> torch.Tensor:
+    """``[S, Q]`` ``v_a = s_a^2 sum_{m : a_m = a} x_m^T w_m`` from the weights ``[M, 3]``."""
+    return torch.stack([scales[k] ** 2 * torch.einsum("myq,my->q", sparse[sparse_species == z], weights[sparse_species == z]) for k, z in enumerate(species)])

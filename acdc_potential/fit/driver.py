@@ -194,8 +194,9 @@ def choose_sparse(kernel, source, survey, expansion, n_sparse, selection, candid
     """Sparse environments per species (:func:`select_sparse` on the kernel's selection features, the
     power spectrum for most) among the atoms of :func:`selection_candidates` of the species ``centres``
     (default all), whose environments (:meth:`SparseKernel.environments`) the executor computes;
-    stored in ``kernel`` (:meth:`SparseKernel.set_sparse`). Returns the source position of the
-    structure of each sparse environment ``[M]``."""
+    stored in ``kernel`` (:meth:`SparseKernel.set_sparse`); the species of :func:`feature_space_species`
+    take the feature directions instead. Returns the source position of the structure of each sparse
+    environment ``[M]`` (-1 for a feature direction)."""
     if kernel.unprepared:
         sample = covering(selection_candidates(survey.n_atoms, PREPARATION_ATOMS, seed), survey)
         log(f"fitting the kernel's contraction on the atoms of {len(sample)} structures")
@@ -210,12 +211,30 @@ def choose_sparse(kernel, source, survey, expansion, n_sparse, selection, candid
     eligible = torch.arange(numbers.shape[0], device=numbers.device)
     if centres is not None:
         eligible = eligible[torch.isin(numbers, torch.tensor(list(centres), device=numbers.device))]
-    chosen = eligible[select_sparse(kernel.selection_features(coefficients[eligible], layout), numbers[eligible], n_sparse, selection)]
-    kernel.set_sparse(coefficients[chosen], numbers[chosen], layout)
+    basis = feature_space_species(kernel, torch.unique(numbers[eligible]).tolist(), n_sparse, layout.size)
+    selectable = eligible[~torch.isin(numbers[eligible], torch.tensor(basis, dtype=numbers.dtype, device=numbers.device))]
+    chosen = selectable[select_sparse(kernel.selection_features(coefficients[selectable], layout), numbers[selectable], n_sparse, selection)] if selectable.numel() else selectable
+    owners = torch.repeat_interleave(torch.as_tensor(survey.positions[pool]), torch.as_tensor(survey.n_atoms[pool]))[chosen.cpu()]
+    sparse, sparse_numbers = coefficients[chosen], numbers[chosen]
+    if basis:
+        directions, direction_numbers = kernel.feature_basis(coefficients[eligible], numbers[eligible], basis)
+        sparse, sparse_numbers = torch.cat([sparse, directions]), torch.cat([sparse_numbers, direction_numbers])
+        # owned by no structure: every calibration split keeps them
+        owners = torch.cat([owners, torch.full((directions.shape[0],), -1, dtype=owners.dtype)])
+        log(f"solving in feature space for {', '.join(chemical_symbols[z] for z in basis)}: a linear kernel on {layout.size} features, whose sparse set is the origin and the features' principal axes")
+    kernel.set_sparse(sparse, sparse_numbers, layout)
     counts = {int(z): int((kernel.sparse_species == z).sum()) for z in torch.unique(kernel.sparse_species).tolist()}
-    log(f"{len(chosen)} sparse environments by {selection} ({counts} per atomic number); building the kernel rows")
-    owners = torch.repeat_interleave(torch.as_tensor(survey.positions[pool]), torch.as_tensor(survey.n_atoms[pool]))
-    return owners[chosen.cpu()]
+    log(f"{kernel.n_sparse} sparse environments{f' by {selection}' if selectable.numel() else ''} ({counts} per atomic number); building the kernel rows")
+    return owners
+
+
+def feature_space_species(kernel: SparseKernel, species: Sequence[int], n_sparse: Union[int, Dict[int, int]], n_features: int) -> List[int]:
+    """The species of ``species`` whose sparse set is the feature directions (:meth:`PolynomialKernel.feature_basis`):
+    those of a linear feature kernel with ``feature_space`` on and more sparse environments asked for than ``n_features``."""
+    if not isinstance(kernel, PolynomialKernel) or not kernel.feature_space or kernel.zeta != 1:
+        return []
+    wanted = {int(z): (n_sparse.get(z, 0) if isinstance(n_sparse, dict) else n_sparse) for z in species}
+    return [z for z, n in sorted(wanted.items()) if n > n_features]
 
 
 def calibrate_on(design, k_mm_pieces, kernel, regularisers, jitter, source, sample_positions, sparse_owners, parts, kinds, fraction, seed, log):
@@ -339,10 +358,10 @@ def make_kernel(config: KernelConfig, density: Optional[DensityHypers] = None) -
         hypers = WignerHypers(nu_max=config.nu_max, lambda_max=config.lambda_max, channel_weights=config.channel_weights)
         return WignerKernel(hypers, mixing=config.mixing or None)
     if config.type == "polynomial":
-        return PolynomialKernel(zeta=config.zeta, orders=config.orders, contraction=config.contraction, mixing=config.mixing or None)
+        return PolynomialKernel(zeta=config.zeta, orders=config.orders, contraction=config.contraction, mixing=config.mixing or None, feature_space=config.feature_space)
     if config.type == "mpacdc":
         message = message_hypers(density or DensityHypers(), config.message_max_radial, config.message_max_angular)
-        return MessagePassingKernel(message, config.zeta, config.orders, config.message_orders, config.contraction, mixing=config.mixing or None)
+        return MessagePassingKernel(message, config.zeta, config.orders, config.message_orders, config.contraction, mixing=config.mixing or None, feature_space=config.feature_space)
     raise ValueError(f"unknown kernel type '{config.type}' (known: wigner, polynomial, mpacdc)")
 
 

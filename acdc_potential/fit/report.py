@@ -39,6 +39,8 @@ class FitLog:
         self.progress = verbose if progress is None else progress
         self.file: Optional[TextIO] = open(path, "a" if append else "w") if path is not None else None
         self.timings: Dict[str, float] = {}
+        # the process's peak memory (GB) at the end of each step: the step that raised it names the culprit
+        self.peaks: Dict[str, float] = {}
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -56,10 +58,11 @@ class FitLog:
 
     @contextlib.contextmanager
     def stage(self, name: str):
-        """Time the step ``name`` (seconds added to :attr:`timings`)."""
+        """Time the step ``name`` (seconds added to :attr:`timings`; the peak memory so far in :attr:`peaks`)."""
         start = time.perf_counter()
         yield
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+        self.peaks[name] = round(peak_memory_gb(), 3)
 
     def close(self) -> None:
         if self.file is not None:
@@ -133,6 +136,7 @@ def fit_report(
         "timings_s": {**{k: round(v, 2) for k, v in log.timings.items()}, "total": round(log.elapsed(), 2)},
         "threads": threads,
         "peak_memory_GB": round(peak_memory_gb(), 3),
+        "peak_memory_after_GB": dict(log.peaks),
         "versions": versions(),
     }
 

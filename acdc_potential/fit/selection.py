@@ -134,7 +134,7 @@ def shortfall(symbol: str, features: torch.Tensor, selected: int, count: int, me
 def selection_prefix(species: torch.Tensor, count: int) -> torch.Tensor:
     """Indices of the first ``count`` sparse environments of every species ``[M]`` (in the
     order of :func:`select_sparse`, whose prefixes are themselves
-    farthest-point or CUR selections)."""
+    farthest-point or CUR selections; or of a feature-space basis, the principal axes first)."""
     keep = torch.zeros_like(species, dtype=torch.bool)
     for z in torch.unique(species).tolist():
         keep[torch.nonzero(species == z).flatten()[:count]] = True

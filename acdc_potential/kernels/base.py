@@ -116,6 +116,11 @@ class SparseKernel:
         atoms see their neighbours' environments returns its per-atom features."""
         return batch_density(expansion, batch, centres)
 
+    def tangent_size(self, expansion: DensityExpansion) -> int:
+        """Numbers held per (atom, direction) while design rows are built: here the size of an atom's
+        density coefficients (their Jacobian meets the kernel)."""
+        return sum((2 * l + 1) * expansion.n_species * n for l, n in enumerate(expansion.n_radial))
+
     def selection_features(self, flat: torch.Tensor, layout: Layout) -> torch.Tensor:
         """``[n, F]`` the features on which sparse environments are selected among :meth:`environments`:
         the power spectrum of density coefficients."""
@@ -153,6 +158,11 @@ class SparseKernel:
         if sparse.numel() == 0:
             raise ValueError(f"no sparse environment has central species {z}: the model was not fitted on it")
         return sparse
+
+    def complete_species(self) -> List[int]:
+        """Atomic numbers whose sparse set spans the kernel's whole function space, so that more sparse
+        environments of them would add nothing (none here)."""
+        return []
 
     def check_species(self, species: torch.Tensor) -> None:
         """Raise ``ValueError`` if some central species ``[n]`` has no sparse environment."""
@@ -218,8 +228,9 @@ class SparseKernel:
 
         Here an atom's kernel depends on its own density coefficients only: their Jacobian,
         from the batch's pairs (:func:`~acdc_potential.descriptors.jacobian.structure_jacobian`),
-        meets :meth:`structure_derivatives`. A kernel whose atoms see their neighbours'
-        environments (message passing) overrides this method and works from the pairs.
+        meets :meth:`structure_derivatives`. Kernels on features override this method (the
+        polynomial kernel differentiates its features along the same Jacobian; the message-passing
+        kernel, whose atoms see their neighbours' environments, works from the pairs).
         """
         c, _ = self.environments(expansion, batch, centres)
         owner = batch.structure[centres]

@@ -68,7 +68,7 @@ class MessagePassingKernel(PolynomialKernel):
         the PCA of eq. 24, fitted on training structures before any environment is computed
         (:meth:`prepare`; 0: no contraction).
     :param projections: that PCA, ``(centre, message)`` per message order, when already fitted (from a checkpoint).
-    :param mixing: ``c0``, ``a``.
+    :param mixing: ``c0``, ``a``. :param feature_space: as :class:`PolynomialKernel`'s.
 
     ``max_tangents`` (attribute, 2048) bounds the (atom, direction) pairs differentiated at once.
     """
@@ -85,25 +85,20 @@ class MessagePassingKernel(PolynomialKernel):
         contraction: int = 0,
         projections: Optional[List[Tuple[List[torch.Tensor], List[torch.Tensor]]]] = None,
         mixing: Optional[Dict[str, float]] = None,
+        feature_space: bool = True,
     ):
-        super().__init__(zeta, [2], 0, None, mixing)
+        super().__init__(zeta, [2], contraction, projections, mixing, feature_space)
         self.orders = check_orders(list(orders), MESSAGE_ORDERS, SINGLE_CENTRE_BESIDE_MESSAGE, empty=True)
         self.message_orders = check_message_orders(list(message_orders))
-        if contraction < 0:
-            raise ValueError(f"contraction must be 0 (none) or a number of components, got {contraction}")
-        self.contraction = int(contraction)
-        self.projections = projections
         try:
             DensityHypers(**dict(message)).validate()
         except TypeError as error:
             raise ValueError(f"the message's expansion is not a valid density: {error}") from None
         self.message = dict(message)
-        self.modules: Dict[Tuple[int, str], MessagePassingInvariants] = {}
         self.max_tangents = 2048
 
-    @property
-    def unprepared(self) -> bool:
-        return bool(self.contraction) and self.projections is None
+    def contracts(self) -> bool:
+        return True
 
     def prepare(self, expansion: DensityExpansion, batches: List[AtomsBatch]) -> None:
         """Fit the contraction of the ``[nu <- 1]`` couplings (when asked for and not given) on every atom of ``batches``."""
@@ -118,15 +113,6 @@ class MessagePassingKernel(PolynomialKernel):
         message's basis, on its device."""
         hypers = DensityHypers(**{**self.message, "cutoff": expansion.cutoff})
         return DensityExpansion(hypers, expansion.species).to(expansion.species_lookup.device)
-
-    def module(self, expansion: DensityExpansion) -> MessagePassingInvariants:
-        """The feature module for the model's density ``expansion`` (kept for the last expansion and device)."""
-        key = (id(expansion), str(expansion.species_lookup.device))
-        if key not in self.modules:
-            if self.unprepared:
-                raise RuntimeError("the message-passing contraction is not fitted yet: call prepare first")
-            self.modules = {key: self.feature_module(expansion).to(expansion.species_lookup.device)}
-        return self.modules[key]
 
     def feature_module(self, expansion: DensityExpansion) -> MessagePassingInvariants:
         """A new feature module of this kernel for the model's density ``expansion`` (what the exported head runs)."""
@@ -144,17 +130,9 @@ class MessagePassingKernel(PolynomialKernel):
         x = x if centres is None else x[centres]
         return x, Layout([(1, x.shape[1])])
 
-    def selection_features(self, flat: torch.Tensor, layout: Layout) -> torch.Tensor:
-        return flat
-
-    def set_sparse(self, coefficients: torch.Tensor, species: torch.Tensor, layout: Layout) -> None:
-        super(PolynomialKernel, self).set_sparse(coefficients, species, layout)
-
-    def features(self, coefficients: List[torch.Tensor]) -> torch.Tensor:
-        return coefficients[0][:, 0]
-
-    def structure_derivatives(self, coefficients, species, tangents, structure, n_structures):
-        raise NotImplementedError("a message-passing kernel's rows come from the batch's pairs (structure_rows), not from per-atom coefficients")
+    def tangent_size(self, expansion: DensityExpansion) -> int:
+        """The features' size: the rows differentiate the features of the batch."""
+        return self.layout.size
 
     def structure_rows(self, expansion, batch, centres, gradients, strain):
         """As :meth:`SparseKernel.structure_rows`, from the features of every atom of the batch.
@@ -201,6 +179,7 @@ class MessagePassingKernel(PolynomialKernel):
         return {
             "zeta": self.zeta, "orders": list(self.orders), "message": dict(self.message),
             "message_orders": list(self.message_orders), "contraction": self.contraction, "projections": projections,
+            "feature_space": self.feature_space,
         }
 
     @classmethod
@@ -208,7 +187,7 @@ class MessagePassingKernel(PolynomialKernel):
         projections = hypers["projections"]
         projections = None if projections is None else [(list(centre), list(message)) for centre, message in projections]
         orders = [int(nu) for nu in hypers["orders"]]
-        return cls(dict(hypers["message"]), int(hypers["zeta"]), orders, [int(nu) for nu in hypers["message_orders"]], int(hypers["contraction"]), projections, mixing)
+        return cls(dict(hypers["message"]), int(hypers["zeta"]), orders, [int(nu) for nu in hypers["message_orders"]], int(hypers["contraction"]), projections, mixing, bool(hypers["feature_space"]))
 
 
 def message_hypers(density: DensityHypers, max_radial: int, max_angular: int) -> Dict:

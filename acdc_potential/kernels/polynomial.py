@@ -6,15 +6,20 @@ spectrum, MP-ACDC eq. 7, by default) of each environment, mixed by ``c0`` and ``
 (docs/equations.md, "Polynomial kernel"); ``zeta = 1`` is a linear model on the features.
 :func:`polynomial_pieces` and :class:`Invariants` are the one implementation, used by the fit
 (:class:`PolynomialKernel`) and by the exported head (:class:`~acdc_potential.model.heads.PolynomialHead`).
+
+An environment of these kernels is its unit feature vector (a one-block layout ``[(1, F)]``): the
+sparse environments are stored as features, which lets a linear kernel take the feature directions
+themselves as its sparse set (:meth:`PolynomialKernel.feature_basis`, the solve in feature space).
 """
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..descriptors.density import Layout
-from ..descriptors.invariants import Invariants, check_orders, fit_contraction
-from ..descriptors.acdc import unit_rows
+from ..descriptors.density import DensityExpansion, Layout
+from ..descriptors.invariants import Invariants, check_orders, concatenated, fit_contraction
+from ..descriptors.jacobian import batch_density, structure_jacobian
+from ..descriptors.neighbors import AtomsBatch
 from .base import SparseKernel, sum_by_structure
 
 
@@ -31,12 +36,11 @@ class PolynomialKernel(SparseKernel):
     :param zeta: exponent (1: linear in the features).
     :param orders: body orders ``nu`` of the invariants (a subset of 1, 2, 3; default the power spectrum).
     :param contraction: with ``nu = 3``, components kept per ``nu = 2`` block by the PCA of eq. 24, fitted
-        on the sparse environments when they are set (0: no contraction).
+        on training atoms before any environment is computed (:meth:`prepare`; 0: no contraction).
     :param projections: that PCA, when already fitted (from a checkpoint).
     :param mixing: ``c0`` (species-delta weight), ``a`` (polynomial weight).
-
-    The feature module (:attr:`invariants`) is built when the sparse environments are set, which
-    fixes the density's ``l_max``.
+    :param feature_space: a linear kernel (``zeta = 1``) whose features are fewer than the sparse
+        environments asked for takes the feature directions as its sparse set (:meth:`feature_basis`).
     """
 
     kind = "polynomial"
@@ -47,68 +51,140 @@ class PolynomialKernel(SparseKernel):
         zeta: int = 4,
         orders: Sequence[int] = (2,),
         contraction: int = 0,
-        projections: Optional[List[torch.Tensor]] = None,
+        projections: Optional[List] = None,
         mixing: Optional[Dict[str, float]] = None,
+        feature_space: bool = True,
     ):
         super().__init__(2, mixing or {"c0": 1.0, "a": 1.0})
         self.zeta = int(zeta)
         self.orders = check_orders(list(orders))
         if contraction < 0:
             raise ValueError(f"contraction must be 0 (none) or a number of components, got {contraction}")
-        self.contraction = int(contraction) if 3 in self.orders else 0
+        self.contraction = int(contraction) if self.contracts() else 0
         self.projections = projections
-        self.invariants: Optional[Invariants] = None
+        self.feature_space = bool(feature_space)
+        self.modules: Dict[Tuple[int, str], torch.nn.Module] = {}
 
-    def set_sparse(self, coefficients: torch.Tensor, species: torch.Tensor, layout: Layout) -> None:
-        """As :meth:`SparseKernel.set_sparse`; also fits the contraction on these environments (when
-        asked for and not given) and builds the feature module."""
-        super().set_sparse(coefficients, species, layout)
-        l_max = len(layout.shapes) - 1
-        if self.contraction and self.projections is None:
-            self.projections = fit_contraction(l_max, layout.unflatten(self.sparse_coefficients), self.contraction)
-        self.invariants = Invariants(l_max, self.orders, self.projections).to(coefficients.device)
+    def contracts(self) -> bool:
+        """Whether the features have factors that ``contraction`` applies to (``nu = 3``)."""
+        return 3 in self.orders
 
-    def features(self, coefficients: List[torch.Tensor]) -> torch.Tensor:
-        """Unit invariant features ``[n, F]`` of a coefficient list."""
-        return self.invariants(coefficients)
+    @property
+    def unprepared(self) -> bool:
+        return bool(self.contraction) and self.projections is None
+
+    def prepare(self, expansion: DensityExpansion, batches: List[AtomsBatch]) -> None:
+        """Fit the contraction of the ``nu = 2`` blocks (when asked for and not given) on every atom of ``batches``."""
+        if not self.unprepared:
+            return
+        blocks = []
+        with torch.no_grad():
+            for batch in batches:
+                c, layout = batch_density(expansion, batch)
+                blocks.append(layout.unflatten(c))
+        self.projections = fit_contraction(expansion.l_max, concatenated(blocks), self.contraction)
+        self.modules = {}
+
+    def feature_module(self, expansion: DensityExpansion) -> torch.nn.Module:
+        """A new feature module of this kernel for the model's density ``expansion`` (what the exported head runs)."""
+        return Invariants(expansion.l_max, self.orders, self.projections)
+
+    def module(self, expansion: DensityExpansion) -> torch.nn.Module:
+        """:meth:`feature_module`, kept for the last expansion and device."""
+        key = (id(expansion), str(expansion.species_lookup.device))
+        if key not in self.modules:
+            if self.unprepared:
+                raise RuntimeError("the kernel's contraction is not fitted yet: call prepare first")
+            self.modules = {key: self.feature_module(expansion).to(expansion.species_lookup.device)}
+        return self.modules[key]
+
+    def environments(self, expansion: DensityExpansion, batch: AtomsBatch, centres: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Layout]:
+        """The unit features of the atoms ``centres`` (default all), ``[n, F]``, and their one-block layout."""
+        with torch.no_grad():
+            c, layout = batch_density(expansion, batch, centres)
+            x = self.module(expansion)(layout.unflatten(c))
+        return x, Layout([(1, x.shape[1])])
+
+    def selection_features(self, flat: torch.Tensor, layout: Layout) -> torch.Tensor:
+        return flat
+
+    def feature_basis(self, environments: torch.Tensor, species: torch.Tensor, chosen: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The sparse set of the solve in feature space: per species of ``chosen``, the origin and ``F``
+        orthonormal feature directions, ``[S (F + 1), F]``, and their atomic numbers.
+
+        With ``zeta = 1`` their kernel columns span the whole function space of the kernel,
+        ``w_a0 + w_a . x^``, so the projected process on them is the exact Gaussian process (ridge
+        regression on ``[1, x^]`` with prior variances ``c0`` and ``a``, whichever orthonormal directions),
+        at the cost of ``F + 1`` sparse environments per species. The directions are the principal axes
+        of the species' ``environments`` ``[n, F]`` (atomic numbers ``species [n]``), the most populated
+        first, so that a prefix of the set (the tuning's) is the best low-rank model of its size.
+        """
+        if self.zeta != 1:
+            raise ValueError(f"only a linear kernel (zeta = 1) has a feature-space basis, not zeta = {self.zeta}")
+        rows, numbers = [], []
+        for z in chosen:
+            x = environments[species == z]
+            _, axes = torch.linalg.eigh(x.T @ x)
+            rows += [x.new_zeros((1, x.shape[1])), axes.flip(1).T]
+            numbers.append(torch.full((x.shape[1] + 1,), int(z), dtype=torch.long, device=x.device))
+        return torch.cat(rows), torch.cat(numbers)
+
+    def complete_species(self) -> List[int]:
+        """The species whose sparse set is a :meth:`feature_basis` (the origin, then ``F`` orthonormal rows)."""
+        if self.zeta != 1 or self.sparse_coefficients is None:
+            return []
+        complete = []
+        for z in torch.unique(self.sparse_species).tolist():
+            rows = self.sparse_coefficients[self.sparse_species == z]
+            if rows.shape[0] == rows.shape[1] + 1 and float(rows[0].abs().max()) == 0.0:
+                identity = torch.eye(rows.shape[1], dtype=rows.dtype, device=rows.device)
+                if bool(torch.allclose(rows[1:] @ rows[1:].T, identity, rtol=0.0, atol=1e-10)):
+                    complete.append(int(z))
+        return complete
 
     def pairs(self, a, species_a, b, species_b):
-        return polynomial_pieces(self.features(a), species_a, self.features(b), species_b, self.zeta)
+        return polynomial_pieces(a[0][:, 0], species_a, b[0][:, 0], species_b, self.zeta)
 
-    def structure_derivatives(self, coefficients, species, tangents, structure, n_structures):
-        """As :meth:`SparseKernel.structure_derivatives`, in forward mode through the features.
+    def structure_rows(self, expansion, batch, centres, gradients, strain):
+        """As :meth:`SparseKernel.structure_rows`, in forward mode through the features.
 
-        With ``s = x^_i . x^_m``: ``d k / d c_i . t = zeta s^(zeta-1) / |x_i| (x^_m - s x^_i) . dx_i``
-        where ``dx_i = (d x_i / d c_i) t`` comes from one feature JVP per tangent at the
-        atom level, so the cost per (atom, sparse environment) pair is a dot product. Atoms
-        are processed in chunks of ``max_pairs / K`` (atom, tangent) JVPs.
+        With ``s = x^_i . x^_m``: ``d k / d dir = zeta s^(zeta-1) x^_m . dx^_i`` where
+        ``dx^_i = (d x^_i / d c_i) t_i`` comes from one feature JVP per tangent ``t_i`` of the atom's
+        density coefficients (:func:`~acdc_potential.descriptors.jacobian.structure_jacobian`), so
+        the cost per (atom, sparse environment) pair is a dot product. Atoms are processed in chunks
+        of ``max_pairs / K`` (atom, tangent) JVPs.
         """
+        coefficients, layout = batch_density(expansion, batch, centres)
         coefficients = coefficients.detach()
+        species, owner, n_structures = batch.numbers[centres], batch.structure[centres], batch.n_structures
+        module = self.module(expansion)
+
+        def features(flat: torch.Tensor) -> torch.Tensor:
+            return module(layout.unflatten(flat))
+
+        if not gradients:
+            with torch.no_grad():
+                return sum_by_structure(self.rows(features(coefficients), species), owner, n_structures), None
+        tangents = structure_jacobian(expansion, batch, centres=centres)
+        if not strain:
+            tangents = tangents[:, : tangents.shape[1] - 9]  # no stress rows: the strain directions would only cost time
         n_k = tangents.shape[1]
         values = coefficients.new_zeros((2, n_structures, self.n_sparse))
         derivatives = coefficients.new_zeros((2, n_structures, self.n_sparse, n_k))
-
-        def features(flat):
-            return self.features(self.layout.unflatten(flat))
-
         step = max(1, self.max_pairs // n_k)
         for block, sparse in self._blocks(species):
-            unit_sparse = unit_rows(features(self.sparse_coefficients[sparse]))
+            x_m = self.sparse_coefficients[sparse]
             for start in range(0, block.numel(), step):
                 atoms = block[start : start + step]
                 c = coefficients[atoms]
                 x = features(c)
-                norm = torch.linalg.vector_norm(x, dim=1).clamp_min(1e-150)
-                unit = x / norm[:, None]
                 dx = torch.func.vmap(lambda t: torch.func.jvp(features, (c,), (t,))[1], in_dims=1, out_dims=1)(tangents[atoms])
-                similarity = unit @ unit_sparse.T
-                along_sparse = torch.einsum("mf,ikf->imk", unit_sparse, dx)
-                along_self = torch.einsum("if,ikf->ik", unit, dx)
-                scale = self.zeta * similarity ** (self.zeta - 1) / norm[:, None]
-                directional = scale[:, :, None] * (along_sparse - similarity[:, :, None] * along_self[:, None, :])
+                similarity = x @ x_m.T
+                along = torch.einsum("mf,ikf->imk", x_m, dx)
+                directional = (self.zeta * similarity ** (self.zeta - 1))[:, :, None] * along
                 pieces = torch.stack([torch.ones_like(similarity), similarity**self.zeta])
-                values[:, :, sparse] += sum_by_structure(pieces, structure[atoms], n_structures)
-                derivatives[1, :, sparse] += sum_by_structure(directional[None], structure[atoms], n_structures)[0]
+                values[:, :, sparse] += sum_by_structure(pieces, owner[atoms], n_structures)
+                derivatives[1, :, sparse] += sum_by_structure(directional[None], owner[atoms], n_structures)[0]
         return values, derivatives
 
     def piece_weights(self, mixing=None):
@@ -116,9 +192,9 @@ class PolynomialKernel(SparseKernel):
         return torch.tensor([m["c0"], m["a"]], dtype=torch.float64)
 
     def hypers(self):
-        return {"zeta": self.zeta, "orders": list(self.orders), "contraction": self.contraction, "projections": self.projections}
+        return {"zeta": self.zeta, "orders": list(self.orders), "contraction": self.contraction, "projections": self.projections, "feature_space": self.feature_space}
 
     @classmethod
     def from_hypers(cls, hypers, mixing):
         projections = hypers["projections"]
-        return cls(int(hypers["zeta"]), [int(nu) for nu in hypers["orders"]], int(hypers["contraction"]), list(projections) if projections is not None else None, mixing)
+        return cls(int(hypers["zeta"]), [int(nu) for nu in hypers["orders"]], int(hypers["contraction"]), list(projections) if projections is not None else None, mixing, bool(hypers["feature_space"]))

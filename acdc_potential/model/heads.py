@@ -15,13 +15,13 @@ Everything about the sparse environments that does not depend on the atom is pre
 at construction (docs/equations.md, "Collapsed energies").
 """
 
-import copy
 import dataclasses
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from ..descriptors.density import DensityExpansion, Pairs, unflatten
+from ..descriptors.vectors import VectorFeatures
 from ..kernels.base import weighted_gram_eigenpairs
 from ..kernels.polynomial import polynomial_pieces
 from ..kernels.wigner.features import OrderFeatures
@@ -204,9 +204,9 @@ class PolynomialHead(DensityHead):
         super().__init__(density)
         self.state = state
         self.zeta = int(kernel.zeta)
-        self.invariants = copy.deepcopy(kernel.invariants).to(state.sparse.device)
-        with torch.no_grad():
-            self.register_buffer("sparse_features", self.invariants(unflatten(self.state.sparse, self.state.shapes)))
+        self.features = kernel.feature_module(density).to(state.sparse.device)
+        # the sparse environments are unit features already: the state's tensor, not a second copy
+        self.register_buffer("sparse_features", state.sparse)
         self.collapse(species, route)
 
     def collapse(self, species: List[int], route: str) -> None:
@@ -244,7 +244,7 @@ class PolynomialHead(DensityHead):
         self.register_buffer("values", values)
 
     def unit_features(self, coefficients: List[torch.Tensor]) -> torch.Tensor:
-        return self.invariants(coefficients)
+        return self.features(coefficients)
 
     def kernel(self, x: torch.Tensor, species_x: torch.Tensor, y: torch.Tensor, species_y: torch.Tensor) -> torch.Tensor:
         """Mixed kernel ``[n_x, n_y]`` between unit feature rows."""
@@ -301,14 +301,8 @@ class MessagePassingHead(PolynomialHead):
     """
 
     def __init__(self, density: DensityExpansion, kernel, state: SparseState, species: List[int], route: str = "collapsed"):
-        DensityHead.__init__(self, density)
-        self.state = state
-        self.zeta = int(kernel.zeta)
-        self.features = kernel.feature_module(density).to(state.sparse.device)
+        super().__init__(density, kernel, state, species, route)
         self.interaction_range = 2.0 * float(density.cutoff)
-        # the sparse environments are features already: the state's tensor, not a second copy
-        self.register_buffer("sparse_features", state.sparse)
-        self.collapse(species, route)
 
     def environments(self, pairs: Pairs) -> List[torch.Tensor]:
         return [self.features(pairs.vectors, pairs.centers, pairs.neighbors, pairs.species)]
@@ -379,3 +373,33 @@ class DipoleHead(SparseWignerHead):
             charges = self.kernels.weighted_sum(coefficients, species, sparse, self.sparse_species, self.charge_weights.to(dtype), features)
             local = local + charges[:, None] * centred.to(dtype)
         return local
+
+
+class FeatureDipoleHead(DensityHead):
+    """Atomic dipole contributions (e*A) of a linear model on true-vector features: ``mu_i = x_i v_{a_i}``,
+    ``x_i`` ``[3, Q]`` the ``(1, +1)`` block of :class:`~acdc_potential.descriptors.vectors.VectorFeatures`
+    and ``v_a`` ``[Q]`` one weight vector per species, shared by the three components (docs/equations.md,
+    "Dipoles"). With message-passing features an atom's dipole depends on atoms up to twice the cutoff away
+    (:attr:`interaction_range`).
+
+    :param features: the feature module (its expansion is the head's density). :param vectors: ``[S, Q]`` ``v_a``.
+    """
+
+    def __init__(self, features: VectorFeatures, vectors: torch.Tensor):
+        super().__init__(features.expansion)
+        self.features = features
+        self.register_buffer("vectors", vectors.detach().to(torch.float64).clone())
+        self.register_buffer("cartesian", torch.tensor(CARTESIAN, dtype=torch.long))
+        self.charges = False
+        if features.passing is not None:
+            self.interaction_range = 2.0 * float(features.expansion.cutoff)
+
+    def environments(self, pairs: Pairs) -> List[torch.Tensor]:
+        return [self.features(pairs.vectors, pairs.centers, pairs.neighbors, pairs.species)]
+
+    def forward(self, environments: List[torch.Tensor], species: torch.Tensor, centred: torch.Tensor) -> torch.Tensor:
+        """``[n_atoms, 3]`` Cartesian dipole contributions (e*A) of atoms of species indices ``species``
+        (``centred``, the positions about the system's mean, unused: no charges)."""
+        x = environments[0]
+        spherical = torch.einsum("nmq,nq->nm", x, self.vectors.to(x.dtype).index_select(0, species))
+        return spherical.index_select(1, self.cartesian)

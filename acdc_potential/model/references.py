@@ -56,6 +56,8 @@ METHOD_REFERENCES = {
     "polynomial": [SOAP, GAP, MP_ACDC],
     # the same on message-passing ACDC invariants [1 <- 1] (MP-ACDC eq. 12, 21-23)
     "mpacdc": [MP_ACDC, SOAP, GAP],
+    # a linear model on (lambda = 1, sigma = +1) ACDC or MP-ACDC features (MP-ACDC eq. 5, 12, 21-23)
+    "vector_features": [MP_ACDC],
     # sparse kernel ridge regression, projected process, on energies, forces and stresses
     "sparse_krr": [GAP, SPARSE_GP, PROJECTED_PROCESS],
 }
@@ -68,7 +70,8 @@ IMPLEMENTATION_REFERENCES = [f"acdc-potential {__version__}", METATOMIC, ASE]
 
 
 def metatomic_references(kernel: str, density: str = "wigner", basis: str = "le") -> Dict[str, List[str]]:
-    """``ModelMetadata(references=...)`` for a model with ``kernel`` ("wigner", "polynomial" or "mpacdc")
+    """``ModelMetadata(references=...)`` for a model with ``kernel`` ("wigner", "polynomial", "mpacdc" or
+    "vector_features")
     and the density hyperparameters ``density`` ("wigner" or "gaussian") and ``basis`` ("le" or "gto")."""
     architecture = list(METHOD_REFERENCES[kernel])
     architecture += DENSITY_REFERENCES.get(f"density={density}", [])

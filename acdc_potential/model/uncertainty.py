@@ -71,8 +71,8 @@ class Calibration:
 class SparseState(torch.nn.Module):
     """What a head keeps of a fitted sparse-KRR model (see :class:`~acdc_potential.fit.solver.ProjectedProcess`).
 
-    Buffers: ``sparse [M, D]`` flat coefficients of the sparse environments (sorted by
-    species), ``sparse_species [M]`` their central species index, ``weights [M]``,
+    Buffers: ``sparse [M, D]`` the flat sparse environments (density coefficients, or the unit
+    features of a polynomial or message-passing kernel; sorted by species), ``sparse_species [M]`` their central species index, ``weights [M]``,
     ``piece_weights [n_pieces]``, ``projection [M, r]`` and ``triangular [r, r]`` for the
     variances; ``energy_scale`` ``[]``, the ``alpha`` of the :class:`Calibration` (1 without);
     ``energy_noise`` ``[]``, the variance of an atom's share of an energy label (the energy
