@@ -213,11 +213,11 @@ def choose_sparse(kernel, source, survey, expansion, n_sparse, selection, candid
         eligible = eligible[torch.isin(numbers, torch.tensor(list(centres), device=numbers.device))]
     basis = feature_space_species(kernel, torch.unique(numbers[eligible]).tolist(), n_sparse, layout.size)
     selectable = eligible[~torch.isin(numbers[eligible], torch.tensor(basis, dtype=numbers.dtype, device=numbers.device))]
-    chosen = selectable[select_sparse(kernel.selection_features(coefficients[selectable], layout), numbers[selectable], n_sparse, selection)] if selectable.numel() else selectable
+    chosen = selectable[select_sparse(kernel.selection_features(taken(coefficients, selectable), layout), numbers[selectable], n_sparse, selection)] if selectable.numel() else selectable
     owners = torch.repeat_interleave(torch.as_tensor(survey.positions[pool]), torch.as_tensor(survey.n_atoms[pool]))[chosen.cpu()]
     sparse, sparse_numbers = coefficients[chosen], numbers[chosen]
     if basis:
-        directions, direction_numbers = kernel.feature_basis(coefficients[eligible], numbers[eligible], basis)
+        directions, direction_numbers = kernel.feature_basis(taken(coefficients, eligible), numbers[eligible], basis)
         sparse, sparse_numbers = torch.cat([sparse, directions]), torch.cat([sparse_numbers, direction_numbers])
         # owned by no structure: every calibration split keeps them
         owners = torch.cat([owners, torch.full((directions.shape[0],), -1, dtype=owners.dtype)])
@@ -226,6 +226,12 @@ def choose_sparse(kernel, source, survey, expansion, n_sparse, selection, candid
     counts = {int(z): int((kernel.sparse_species == z).sum()) for z in torch.unique(kernel.sparse_species).tolist()}
     log(f"{kernel.n_sparse} sparse environments{f' by {selection}' if selectable.numel() else ''} ({counts} per atomic number); building the kernel rows")
     return owners
+
+
+def taken(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``values[rows]`` for ascending ``rows``, without a copy when they are every row (the candidates'
+    environments may take gigabytes)."""
+    return values if rows.numel() == values.shape[0] else values[rows]
 
 
 def feature_space_species(kernel: SparseKernel, species: Sequence[int], n_sparse: Union[int, Dict[int, int]], n_features: int) -> List[int]:
