@@ -7,7 +7,8 @@ forces and stress, fit time, peak memory):
 - ``gap``: GAP with the fitting issue's settings (``benchmarks/gap.py``);
 - ``wigner``: the default configuration (``FitConfig()``);
 - ``acdc``: the polynomial kernel on ACDC invariants (:data:`MODEL_CONFIGS`, or ``--config-acdc``);
-- ``mpacdc``: the same on message-passing ``[1 <- 1]`` invariants (:data:`MODEL_CONFIGS`, or ``--config-mpacdc``).
+- ``mpacdc``: the same on message-passing ``[1 <- 1]`` invariants beside orders 1 and 2 (:data:`MODEL_CONFIGS`,
+  or ``--config-mpacdc``).
 
 Then each fitted model (ours: the exported file; GAP: its xml) runs velocity-Verlet MD on the set's
 MD system, one thread (``benchmarks/md.py``'s workers): copper the 500-atom cell, ethanol one
@@ -39,7 +40,7 @@ MODELS = ("gap", "wigner", "acdc", "mpacdc")
 MODEL_CONFIGS = {
     "wigner": {},
     "acdc": {"kernel": {"type": "polynomial", "orders": [1, 2, 3], "zeta": 2}},
-    "mpacdc": {"kernel": {"type": "mpacdc"}},
+    "mpacdc": {"kernel": {"type": "mpacdc", "orders": [1, 2], "zeta": 2}},
 }
 MD_SYSTEMS = {"copper": "cu500", "ethanol": "ethanol"}
 
