@@ -105,6 +105,14 @@ def sparse_candidates(sigma: torch.Tensor, limit: float, most: int, centres: tor
     return order[sigma[order] > 0.5 * limit][:most].tolist()
 
 
+def learning_centres(kernel, numbers: torch.Tensor) -> torch.Tensor:
+    """``[n]`` bool: the atoms (atomic numbers ``numbers``) that may become sparse environments of ``kernel``:
+    of a species that carries a learned energy (so that a single-centre model stays one) and whose sparse set
+    does not already span the kernel's whole function space (:meth:`SparseKernel.complete_species`)."""
+    complete = torch.tensor(kernel.complete_species(), dtype=numbers.dtype)
+    return torch.isin(numbers, kernel.sparse_species.cpu()) & ~torch.isin(numbers, complete)
+
+
 def thermalize(atoms: ase.Atoms, temperature: float, seed: int) -> None:
     """Maxwell-Boltzmann momenta at ``temperature`` (K), without centre-of-mass motion."""
     thermalize_momenta(atoms, temperature, rng=np.random.RandomState(seed))
@@ -298,10 +306,7 @@ class ActiveLearner:
         labelled = time.perf_counter()
         self.write_labelled(self.incremental.structures + [structure])
         error = float(np.abs(predicted - structure.forces).mean())
-        numbers = torch.as_tensor(structure.atoms.numbers)
-        kernel = self.incremental.kernel
-        complete = torch.tensor(kernel.complete_species(), dtype=numbers.dtype)
-        centres = torch.isin(numbers, kernel.sparse_species.cpu()) & ~torch.isin(numbers, complete)
+        centres = learning_centres(self.incremental.kernel, torch.as_tensor(structure.atoms.numbers))
         chosen = sparse_candidates(sigma, limit, self.options.new_sparse, centres.to(sigma.device))
         self.incremental.add([structure], [chosen])
         tuned = self.retune_if_grown()

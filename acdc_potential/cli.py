@@ -224,7 +224,7 @@ def _fit_on_cluster(args, config, output: Path) -> int:
     with make_executor(config.cluster) as executor:
         start = time.perf_counter()
         survey = survey_source(source, executor, config.cluster.task_structures, desc="survey")
-        seconds = time.perf_counter() - start
+        seconds, survey_peak = time.perf_counter() - start, round(peak_memory_gb(), 3)
         check_label_counts(survey.labels.any(axis=0), bool(survey.periodic.any()), args.train, config.keys,
                            (config.options.energies, config.options.forces, config.options.stress),
                            lambda: available_keys(source.read(range(min(len(source), 100)))))
@@ -236,7 +236,7 @@ def _fit_on_cluster(args, config, output: Path) -> int:
             log(f"acdc-potential {__version__}: {len(source)} training structures in {args.train}, fitted on {where}; "
                 f"its workers read and checked them in {seconds:.1f} s" + (f", {len(test)} test structures from {args.test}" if test else ""))
             log.timings["survey"] = seconds
-            log.peaks["survey"] = round(peak_memory_gb(), 3)
+            log.peaks["survey"] = survey_peak
             return _fit_and_report(args, config, source, sample, test, output, log, executor=executor, survey=survey)
 
 

@@ -142,11 +142,13 @@ class SparseConfig:
         The default, 1000, is what GAP fits commonly use; the fitting cost grows linearly
         with it (and the memory of the design matrix), the cost of a collapsed exported
         model per MD step does not (every order up to 4; docs/equations.md, "Collapsed energies").
-    :param selection: ``fps`` (farthest point sampling) or ``cur``, on the power spectrum.
+    :param selection: ``fps`` (farthest point sampling) or ``cur``, on the power spectrum (Wigner
+        kernels) or on the kernel's own features (``polynomial``, ``mpacdc``).
     :param candidates: atoms among which the selection chooses: every atom of the training set
         when it has at most this many, else those of a random sample of its structures (seed
         ``options.seed``) with at most this many atoms, so that the memory of the selection
-        (their density coefficients and power spectra) does not grow with the data.
+        (their environments: density coefficients and power spectra, or a feature kernel's
+        features) does not grow with the data.
     """
 
     n: Union[int, Dict[Element, int]] = 1000

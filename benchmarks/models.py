@@ -15,8 +15,9 @@ MD system, one thread (``benchmarks/md.py``'s workers): copper the 500-atom cell
 molecule, every other set its largest test structure; the table gives microseconds per atom per
 step of the fastest block and the ratio to GAP's.
 
-Every (set, model) result is written to ``WORK/results.json`` as soon as it is measured, and a
-rerun reuses it (an interrupted run resumes; ``--redo`` measures again). Fitted models stay in
+Every (set, model) result is written to ``WORK/results.json`` with its configuration as soon as it is
+measured, and a rerun reuses it when the configuration is the same (an interrupted run resumes; ``--redo``
+measures again). Fitted models stay in
 ``WORK/MODEL/NAME.{pt,ckpt}`` and ``WORK/gap/NAME.xml``.
 
 usage: python benchmarks/models.py --work DIR [--sets molecules,copper,...] [--models gap,wigner,acdc,mpacdc]
@@ -81,11 +82,19 @@ def md_cost(name: str, model: str, args) -> dict:
     return {**run_result_process(command, 1, f"{name}: MD {model} on {system}"), "system": system}
 
 
+def model_config(model: str, args):
+    """The configuration of ``model`` this run measures (``None`` for GAP, whose settings are fixed)."""
+    if model == "gap":
+        return None
+    given = getattr(args, f"config_{model}", None)
+    return yaml.safe_load(Path(given).read_text()) if given else MODEL_CONFIGS[model]
+
+
 def measure(name: str, model: str, args) -> dict:
     fitted = fit_and_test(name, model, args)
     if "failed" in fitted:
         return fitted
-    return {**fitted, "md": md_cost(name, model, args)}
+    return {**fitted, "md": md_cost(name, model, args), "config": model_config(model, args)}
 
 
 def format_table(results: dict, sets, models) -> str:
@@ -148,6 +157,8 @@ def main():
         for model in models:
             key = f"{name}/{model}"
             done = key in results and "failed" not in results[key] and "failed" not in results[key].get("md", {})
+            # a result of another configuration is measured again (those written before configurations were recorded are kept)
+            done = done and results[key].get("config", model_config(model, args)) == model_config(model, args)
             if done and not args.redo:
                 continue
             results[key] = measure(name, model, args)

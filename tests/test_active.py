@@ -11,7 +11,7 @@ from ase.calculators.emt import EMT
 from ase.io import read, write
 from conftest import random_cluster
 
-from acdc_potential.active import ActiveLearner, reference_calculator, sparse_candidates
+from acdc_potential.active import ActiveLearner, learning_centres, reference_calculator, sparse_candidates
 from acdc_potential.cli import main
 from acdc_potential.config import FitConfig, Regularisers
 from acdc_potential.data import Labelled
@@ -110,6 +110,22 @@ def test_new_sparse_environments_are_the_most_uncertain_centres_above_half_the_l
     assert sparse_candidates(sigma, limit=2.0, most=10, centres=every) == []
     centres = torch.tensor([True, False, True, True, False, True])
     assert sparse_candidates(sigma, limit=1.0, most=10, centres=centres) == [2, 5]
+
+
+def test_species_whose_sparse_set_is_complete_take_no_new_sparse_environment(first):
+    """A linear kernel solved in feature space spans its function space for every species: learning adds no
+    sparse environment to it; a Wigner model's species all take new ones; a single-centre model's others none."""
+    from acdc_potential.kernels.polynomial import PolynomialKernel
+
+    model, structures = first
+    numbers = torch.tensor([6, 1, 1, 29])
+    assert learning_centres(model.kernel, numbers).tolist() == [True, True, True, True]
+    linear = fit_kernel(structures, HYPERS, PolynomialKernel(zeta=1, orders=[1]), n_sparse=50, regularisers=Regularisers(0.01, 0.05, 0.005), tune=False, stress=False)
+    assert linear.kernel.complete_species() == [1, 6, 29]
+    assert learning_centres(linear.kernel, numbers).tolist() == [False, False, False, False]
+    carbon = fit_kernel(structures, HYPERS, PolynomialKernel(zeta=1, orders=[1]), n_sparse=50, centres=[6], regularisers=Regularisers(0.01, 0.05, 0.005), tune=False, stress=False)
+    assert learning_centres(carbon.kernel, numbers).tolist() == [False, False, False, False]
+    assert learning_centres(model.kernel.sparse_subset(torch.nonzero(model.kernel.sparse_species == 6).flatten()), numbers).tolist() == [True, False, False, False]
 
 
 def test_retuning_changes_the_regularisers_and_keeps_the_solution_exact(first):

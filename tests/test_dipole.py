@@ -13,6 +13,7 @@ from acdc_potential.calculator import ACDCCalculator
 from acdc_potential.cli import main
 from acdc_potential.config import ConfigError, FitConfig
 from acdc_potential.data import Labelled
+from acdc_potential.errors import CheckpointError
 from acdc_potential.descriptors.density import DensityExpansion
 from acdc_potential.fit.checkpoint import DipoleModel, FeatureDipoleModel, WignerDipoleModel, export_models, load_checkpoint
 from acdc_potential.fit.dipole import (
@@ -358,6 +359,11 @@ def test_a_feature_models_rows_predict_what_its_exported_file_does(feature_model
     reloaded = load_checkpoint(str(tmp_path / "dipole.ckpt"))
     assert isinstance(reloaded, FeatureDipoleModel) and (reloaded.features, reloaded.order) == (fitted.features, fitted.order)
     np.testing.assert_allclose(reloaded.predict(frames).numpy(), in_memory, rtol=0, atol=1e-12)
+    state = fitted.to_dict()
+    for bad, message in (({"vectors": fitted.vectors[:, :-1]}, "vectors have"), ({"order": "x"}, "malformed"), ({"kind": "other"}, "unknown kind")):
+        torch.save({**state, **bad}, tmp_path / "bad.ckpt")
+        with pytest.raises(CheckpointError, match=message):
+            load_checkpoint(str(tmp_path / "bad.ckpt"))
     if fitted.features == "mpacdc":
         assert calculator._model.capabilities().interaction_range == pytest.approx(2 * fitted.density_hypers.cutoff)
 

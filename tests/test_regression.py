@@ -162,6 +162,14 @@ def test_derivative_rows_through_invariants_equal_the_per_pair_path(nu_max):
         torch.testing.assert_close(derivatives, expected_derivatives, rtol=1e-11, atol=1e-11 * float(expected_derivatives.abs().max()))
 
 
+def test_the_rows_memory_budget_counts_what_each_kernel_differentiates(polynomial_model, mpacdc_model):
+    """Density coefficients for kernels whose rows meet their Jacobian, features for message passing."""
+    batch = batch_from_atoms([methane(3), copper(4)], HYPERS.cutoff)
+    assert polynomial_model.kernel.tangent_size(polynomial_model.expansion) == batch_density(polynomial_model.expansion, batch)[1].size
+    assert mpacdc_model.kernel.tangent_size(mpacdc_model.expansion) == mpacdc_model.kernel.sparse_coefficients.shape[1]
+    assert polynomial_model.kernel.sparse_coefficients.shape[1] != batch_density(polynomial_model.expansion, batch)[1].size
+
+
 def test_coefficient_jacobian_does_not_depend_on_the_pair_chunking(polynomial_model):
     batch = batch_from_atoms([copper(14), methane(15)], HYPERS.cutoff)
     whole = structure_jacobian(polynomial_model.expansion, batch)
@@ -477,8 +485,8 @@ def test_tuning_on_a_prefix_of_the_sparse_selection(wigner_model):
 def test_linear_kernel_solved_in_feature_space_is_the_exact_gaussian_process():
     """With ``zeta = 1`` and more sparse environments asked for than features, the sparse set of each
     species is its feature directions and the origin; the fit equals one on every training environment
-    (another sparse set that spans the kernel's whole function space, ``[1, x^]``, once a species has
-    more atoms than features): both are the exact Gaussian process."""
+    (another sparse set, which spans the kernel's function space ``[1, x^]`` on every direction these
+    molecules have): both are the exact Gaussian process."""
     structures = [labelled(methane(k), k) for k in range(14)]
     probe = [methane(40), methane(41)]
 
@@ -491,8 +499,12 @@ def test_linear_kernel_solved_in_feature_space_is_the_exact_gaussian_process():
     assert 14 > n_features + 1  # every environment spans the function space too
     assert basis.kernel.n_sparse == 2 * (n_features + 1) and bool((basis.sparse_owners == -1).all())
     assert every.kernel.n_sparse == 5 * 14 and bool((every.sparse_owners >= 0).all())
-    # complete: active learning adds no sparse environment to these species
-    assert basis.kernel.complete_species() == [1, 6] and every.kernel.complete_species() == []
+    # the basis spans the function space (active learning adds no sparse environment to these species); every
+    # environment spans it for H, not for C, whose centres never see another C (zero C channels, here and in
+    # the probes, so the predictions agree all the same); a basis without its last axis spans nothing
+    assert basis.kernel.complete_species() == [1, 6] and every.kernel.complete_species() == [1]
+    hydrogen = torch.nonzero(basis.kernel.sparse_species == 1).flatten()
+    assert basis.kernel.sparse_subset(hydrogen[:-1]).complete_species() == []
     expected, got = every.predict(probe, uncertainty=True), basis.predict(probe, uncertainty=True)
     assert float(expected["forces"].abs().max()) > 1e-2
     for key in ("energy", "forces", "energy_uncertainty"):

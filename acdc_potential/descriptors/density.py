@@ -70,6 +70,11 @@ class DensityExpansion(torch.nn.Module):
         lookup[torch.tensor(self.species)] = torch.arange(self.n_species)
         self.register_buffer("species_lookup", lookup)
 
+    @torch.jit.unused
+    def coefficient_size(self) -> int:
+        """``D``, the size of an atom's flat density coefficients."""
+        return sum((2 * l + 1) * self.n_species * n for l, n in enumerate(self.n_radial))
+
     def species_index(self, numbers: torch.Tensor) -> torch.Tensor:
         """Position of each atomic number in ``species``; raises on unknown species."""
         inside = numbers < self.species_lookup.shape[0]

@@ -80,7 +80,7 @@ def structure_jacobian(
     width = 3 * n_max + 9
     local = torch.arange(batch.n_atoms, device=vectors.device) - first[batch.structure]
     alpha = torch.arange(3, device=vectors.device)
-    dimension = sum((2 * l + 1) * expansion.n_species * n for l, n in enumerate(expansion.n_radial))
+    dimension = expansion.coefficient_size()
     jacobian = vectors.new_zeros((n_centres * width, dimension))
     step = max(1, int(pair_budget // dimension))
     for start in range(0, vectors.shape[0], step):

@@ -370,7 +370,9 @@ class DipoleModel:
             raise CheckpointError(f"the checkpoint names an unknown kind of dipole model {kind!r} (known: {sorted(kinds)})")
         try:
             return kinds[kind].from_state(state)
-        except (KeyError, TypeError, AttributeError) as error:
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, AttributeError, ValueError) as error:
             raise CheckpointError(f"the checkpoint is incomplete or malformed ({type(error).__name__}: {error})") from None
 
 
@@ -469,6 +471,12 @@ class FeatureDipoleModel(DipoleModel):
     def feature_module(self) -> VectorFeatures:
         return VectorFeatures(self.expansion, self.features, self.order)
 
+    def feature_count(self) -> int:
+        """``Q``, the number of features of an atom."""
+        empty = torch.zeros(0, dtype=torch.long)
+        with torch.no_grad():
+            return int(self.feature_module()(torch.zeros((0, 3), dtype=torch.float64), empty, empty, torch.zeros(1, dtype=torch.long)).shape[2])
+
     def head(self) -> FeatureDipoleHead:
         return FeatureDipoleHead(self.feature_module(), self.vectors)
 
@@ -493,9 +501,10 @@ class FeatureDipoleModel(DipoleModel):
         vectors = state["vectors"]
         if not isinstance(vectors, torch.Tensor) or vectors.dim() != 2 or vectors.shape[0] != len(state["species"]):
             raise CheckpointError(f"the checkpoint's vectors are not one row per species ({len(state['species'])})")
-        if int(state["order"]) not in (1, 2, 3):
-            raise CheckpointError(f"the checkpoint names an unknown body order {state['order']!r} of its features")
-        return cls(DensityHypers(**state["density_hypers"]), state["species"], state["features"], state["order"], state["vectors"], state["regulariser"], state["report"])
+        model = cls(DensityHypers(**state["density_hypers"]), state["species"], state["features"], int(state["order"]), vectors, state["regulariser"], state["report"])
+        if model.feature_count() != vectors.shape[1]:
+            raise CheckpointError(f"the checkpoint's vectors have {vectors.shape[1]} components, its features {model.feature_count()}")
+        return model
 
 
 def load_checkpoint(path: str, map_location=None):

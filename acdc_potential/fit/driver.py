@@ -95,7 +95,7 @@ def fit_kernel(
     Steps: survey (validate every structure, count its labels: :func:`tasks.survey`); baseline;
     density coefficients of the selection's candidates (every atom, or a random sample of
     structures with at most ``candidates`` atoms) and sparse environments per species
-    (``selection`` = ``"fps"`` | ``"cur"`` on the power spectrum); the design matrix of the
+    (``selection`` = ``"fps"`` | ``"cur"`` on the kernel's selection features); the design matrix of the
     tuning sample; optionally :func:`select_hyperparameters` (``tune_options`` are its keyword
     arguments, and ``sparse_per_species``: tune with the first that many sparse environments of
     each species), which updates the kernel's mixing and the regularisers, and then the

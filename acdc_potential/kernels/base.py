@@ -119,7 +119,7 @@ class SparseKernel:
     def tangent_size(self, expansion: DensityExpansion) -> int:
         """Numbers held per (atom, direction) while design rows are built: here the size of an atom's
         density coefficients (their Jacobian meets the kernel)."""
-        return sum((2 * l + 1) * expansion.n_species * n for l, n in enumerate(expansion.n_radial))
+        return expansion.coefficient_size()
 
     def selection_features(self, flat: torch.Tensor, layout: Layout) -> torch.Tensor:
         """``[n, F]`` the features on which sparse environments are selected among :meth:`environments`:
@@ -161,7 +161,7 @@ class SparseKernel:
 
     def complete_species(self) -> List[int]:
         """Atomic numbers whose sparse set spans the kernel's whole function space, so that more sparse
-        environments of them would add nothing (none here)."""
+        environments of them would add nothing (none here: the kernel's space is not finite)."""
         return []
 
     def check_species(self, species: torch.Tensor) -> None:

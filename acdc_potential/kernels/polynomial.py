@@ -130,16 +130,18 @@ class PolynomialKernel(SparseKernel):
         return torch.cat(rows), torch.cat(numbers)
 
     def complete_species(self) -> List[int]:
-        """The species whose sparse set is a :meth:`feature_basis` (the origin, then ``F`` orthonormal rows)."""
+        """The species whose sparse set spans the whole function space of a linear kernel: ``[1, x_m]``
+        of rank ``F + 1`` (a :meth:`feature_basis`, or enough selected environments)."""
         if self.zeta != 1 or self.sparse_coefficients is None:
             return []
         complete = []
         for z in torch.unique(self.sparse_species).tolist():
             rows = self.sparse_coefficients[self.sparse_species == z]
-            if rows.shape[0] == rows.shape[1] + 1 and float(rows[0].abs().max()) == 0.0:
-                identity = torch.eye(rows.shape[1], dtype=rows.dtype, device=rows.device)
-                if bool(torch.allclose(rows[1:] @ rows[1:].T, identity, rtol=0.0, atol=1e-10)):
-                    complete.append(int(z))
+            if rows.shape[0] < rows.shape[1] + 1:
+                continue
+            values = torch.linalg.svdvals(torch.cat([torch.ones_like(rows[:, :1]), rows], dim=1))
+            if float(values[-1]) > max(rows.shape) * torch.finfo(rows.dtype).eps * float(values[0]):
+                complete.append(int(z))
         return complete
 
     def pairs(self, a, species_a, b, species_b):
