@@ -323,9 +323,23 @@ DIPOLE_VERSION = 2
 
 class DipoleModel:
     """What every fitted dipole model does with its head (:meth:`head`, defined by each kind): the
-    deployable module, export, predictions, checkpoints (``to_dict`` with its ``kind``)."""
+    deployable module, export, predictions, checkpoints (``to_dict`` with its ``kind``).
+
+    :param density_hypers: the hyperparameters of the model's density expansion. :param species: atomic
+        numbers. :param regulariser: expected error of a dipole component (e*A) the weights were solved with.
+        :param report: what the fit chose and measured (plain data). :param expansion: an already built
+        density expansion.
+    """
 
     kind = ""
+
+    def __init__(self, density_hypers: DensityHypers, species: Sequence[int], regulariser: float, report: Optional[Dict], expansion: Optional[DensityExpansion]):
+        self.density_hypers = density_hypers
+        self.species = [int(z) for z in species]
+        self.expansion = expansion if expansion is not None else DensityExpansion(density_hypers, self.species)
+        self.regulariser = float(regulariser)
+        self.report = dict(report or {})
+        self._scripted: Optional[torch.jit.ScriptModule] = None
 
     def head(self) -> torch.nn.Module:
         raise NotImplementedError
@@ -396,17 +410,12 @@ class WignerDipoleModel(DipoleModel):
         self, density_hypers: DensityHypers, species: Sequence[int], kernel: SparseKernel, weights: torch.Tensor, b: float, regulariser: float,
         report: Optional[Dict] = None, expansion: Optional[DensityExpansion] = None, charge_weights: Optional[torch.Tensor] = None, charge_scale: float = 0.0,
     ):
-        self.density_hypers = density_hypers
-        self.species = [int(z) for z in species]
-        self.expansion = expansion if expansion is not None else DensityExpansion(density_hypers, self.species)
+        super().__init__(density_hypers, species, regulariser, report, expansion)
         self.kernel = kernel
         self.weights = weights
         self.b = float(b)
-        self.regulariser = float(regulariser)
-        self.report = dict(report or {})
         self.charge_weights = charge_weights
         self.charge_scale = float(charge_scale)
-        self._scripted: Optional[torch.jit.ScriptModule] = None
 
     def head(self) -> DipoleHead:
         nu_max = self.kernel.nu_max
@@ -458,15 +467,10 @@ class FeatureDipoleModel(DipoleModel):
         self, density_hypers: DensityHypers, species: Sequence[int], features: str, order: int, vectors: torch.Tensor, regulariser: float,
         report: Optional[Dict] = None, expansion: Optional[DensityExpansion] = None,
     ):
-        self.density_hypers = density_hypers
-        self.species = [int(z) for z in species]
-        self.expansion = expansion if expansion is not None else DensityExpansion(density_hypers, self.species)
+        super().__init__(density_hypers, species, regulariser, report, expansion)
         self.features = features
         self.order = int(order)
         self.vectors = vectors
-        self.regulariser = float(regulariser)
-        self.report = dict(report or {})
-        self._scripted: Optional[torch.jit.ScriptModule] = None
 
     def feature_module(self) -> VectorFeatures:
         return VectorFeatures(self.expansion, self.features, self.order)

@@ -65,18 +65,11 @@ def fit_dipole(structures: Sequence[Labelled], config: FitConfig, log: FitLog = 
     with log.stage("kernel rows"):
         positions = centred_positions(structures) if options.charges else None
         design = dipole_design(kernel, coefficients, numbers, owner, len(structures), positions)
-    targets = torch.from_numpy(np.stack([s.dipole[SPHERICAL] for s in structures])).reshape(-1)
-    row_weights = torch.tensor([s.weight for s in structures], dtype=torch.float64).repeat_interleave(3)
-    with log.stage("choice"):
-        train, validation = validation_split(len(structures), config.options.validation, config.options.seed)
-        candidates = [{"nu_max": nu, "b": float(b), "charge_scale": float(a)} for nu in range(1, options.nu_max + 1) for b in options.b for a in (options.charge_scale if options.charges else [0.0])]
-        choice = choose(design, candidates, targets, row_weights, train, validation, options.regulariser)
-    log(f"chose nu_max {choice['nu_max']}, b {choice['b']:g}" + (f", charge scale {choice['charge_scale']:g}" if options.charges else "")
-        + f", regulariser {choice['regulariser']:.3g} e*A (validation RMSE {1000 * choice['validation_rmse']:.2f} me*A on {len(validation)} structures)")
-    with log.stage("solve"):
-        k_nm, k_mm = design.assemble(choice["nu_max"], choice["b"], choice["charge_scale"])
-        blocks = design.column_species(choice["charge_scale"])
-        weights = solve_projected_process(k_nm, targets, row_weights.sqrt() / choice["regulariser"], k_mm, blocks=blocks).weights
+    candidates = [{"nu_max": nu, "b": float(b), "charge_scale": float(a)} for nu in range(1, options.nu_max + 1) for b in options.b for a in (options.charge_scale if options.charges else [0.0])]
+    choice, weights = choose_and_solve(
+        design, candidates, structures, config, log,
+        lambda c: f"nu_max {c['nu_max']}, b {c['b']:g}" + (f", charge scale {c['charge_scale']:g}" if options.charges else "") + ", ",
+    )
     m = kernel.n_sparse
     charges = weights[3 * m :] if options.charges else None
     report = {"choice": choice, "sparse_environments": {z: int((kernel.sparse_species == z).sum()) for z in species}}
@@ -265,6 +258,24 @@ def choose(design: DipoleDesign, candidates: Sequence[Dict], targets: torch.Tens
     return {**best, "candidates": len(table), "best_of_each_order": [min((r for r in table if r["nu_max"] == nu), key=lambda r: r["validation_rmse"]) for nu in orders]}
 
 
+def choose_and_solve(design, candidates: Sequence[Dict], structures: Sequence[Labelled], config: FitConfig, log: FitLog, describe) -> Tuple[Dict, torch.Tensor]:
+    """The candidate (keyword arguments of ``design.assemble``) and regulariser of least validation RMSE
+    (:func:`choose`; logged, the candidate as ``describe(choice)`` says), and the weights ``[C]`` solved
+    with them on every structure of ``structures``."""
+    targets = torch.from_numpy(np.stack([s.dipole[SPHERICAL] for s in structures])).reshape(-1)
+    row_weights = torch.tensor([s.weight for s in structures], dtype=torch.float64).repeat_interleave(3)
+    with log.stage("choice"):
+        train, validation = validation_split(len(structures), config.options.validation, config.options.seed)
+        choice = choose(design, candidates, targets, row_weights, train, validation, config.dipole.regulariser)
+    log(f"chose {describe(choice)}regulariser {choice['regulariser']:.3g} e*A (validation RMSE {1000 * choice['validation_rmse']:.2f} me*A on {len(validation)} structures)")
+    with log.stage("solve"):
+        chosen = {key: choice[key] for key in candidates[0]}
+        k_nm, k_mm = design.assemble(**chosen)
+        blocks = design.column_species(chosen.get("charge_scale", 0.0))
+        weights = solve_projected_process(k_nm, targets, row_weights.sqrt() / choice["regulariser"], k_mm, blocks=blocks).weights
+    return choice, weights
+
+
 def chosen_kernel(kernel: WignerKernel, nu_max: int) -> WignerKernel:
     """``kernel`` truncated at ``nu_max``: its sparse environments and order scales kept."""
     scales = {z: values[:nu_max] for z, values in kernel.species_scale.items()}
@@ -298,15 +309,7 @@ def fit_feature_dipole(structures: Sequence[Labelled], config: FitConfig, log: F
         f"linear in {sparse.shape[2]} {options.kernel} (1, +1) features" + (f" of body order {options.order}" if options.kernel == "acdc" else ""))
     with log.stage("kernel rows"):
         design = LinearDipoleDesign(feature_rows(module, structures, sparse, sparse_species, scales, species), sparse_block(sparse, sparse_species, scales, species), sparse_species)
-    targets = torch.from_numpy(np.stack([s.dipole[SPHERICAL] for s in structures])).reshape(-1)
-    row_weights = torch.tensor([s.weight for s in structures], dtype=torch.float64).repeat_interleave(3)
-    with log.stage("choice"):
-        train, validation = validation_split(len(structures), config.options.validation, config.options.seed)
-        choice = choose(design, [{}], targets, row_weights, train, validation, options.regulariser)
-    log(f"chose the regulariser {choice['regulariser']:.3g} e*A (validation RMSE {1000 * choice['validation_rmse']:.2f} me*A on {len(validation)} structures)")
-    with log.stage("solve"):
-        k_nm, k_mm = design.assemble()
-        weights = solve_projected_process(k_nm, targets, row_weights.sqrt() / choice["regulariser"], k_mm, blocks=design.column_species()).weights
+    choice, weights = choose_and_solve(design, [{}], structures, config, log, lambda c: "the ")
     report = {"choice": choice, "sparse_environments": {z: int((sparse_species == z).sum()) for z in species}}
     vectors = folded_vectors(sparse, sparse_species, scales, species, weights.reshape(-1, 3))
     return FeatureDipoleModel(hypers, species, options.kernel, options.order, vectors, choice["regulariser"], report, expansion)

@@ -134,8 +134,8 @@ class MessagePassingKernel(PolynomialKernel):
         """The features' size: the rows differentiate the features of the batch."""
         return self.layout.size
 
-    def structure_rows(self, expansion, batch, centres, gradients, strain):
-        """As :meth:`SparseKernel.structure_rows`, from the features of every atom of the batch.
+    def derivative_rows(self, expansion, batch, centres, strain):
+        """:meth:`structure_rows` with gradients, from the features of every atom of the batch.
 
         With ``s = x_i . x_m`` (unit features) and ``dx_i`` the JVP of the batch's features along a
         direction: ``d k / d dir = zeta s^(zeta - 1) x_m . dx_i``; directions go ``max_tangents / N`` at a time.
@@ -143,9 +143,6 @@ class MessagePassingKernel(PolynomialKernel):
         owner = batch.structure[centres]
         species = batch.numbers[centres]
         n_structures = batch.n_structures
-        if not gradients:
-            x = self.environments(expansion, batch, centres)[0]
-            return sum_by_structure(self.rows(x, species), owner, n_structures), None
         n_max = int(batch.atoms_per_structure().max())
         n_k = 3 * n_max + (9 if strain else 0)
         vectors = batch.pair_vectors().detach()

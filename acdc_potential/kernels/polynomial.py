@@ -148,7 +148,15 @@ class PolynomialKernel(SparseKernel):
         return polynomial_pieces(a[0][:, 0], species_a, b[0][:, 0], species_b, self.zeta)
 
     def structure_rows(self, expansion, batch, centres, gradients, strain):
-        """As :meth:`SparseKernel.structure_rows`, in forward mode through the features.
+        """As :meth:`SparseKernel.structure_rows`: the values from the atoms' features
+        (:meth:`environments`), the derivatives in forward mode through them (:meth:`derivative_rows`)."""
+        if not gradients:
+            x, _ = self.environments(expansion, batch, centres)
+            return sum_by_structure(self.rows(x, batch.numbers[centres]), batch.structure[centres], batch.n_structures), None
+        return self.derivative_rows(expansion, batch, centres, strain)
+
+    def derivative_rows(self, expansion, batch, centres, strain):
+        """:meth:`structure_rows` with gradients.
 
         With ``s = x^_i . x^_m``: ``d k / d dir = zeta s^(zeta-1) x^_m . dx^_i`` where
         ``dx^_i = (d x^_i / d c_i) t_i`` comes from one feature JVP per tangent ``t_i`` of the atom's
@@ -164,9 +172,6 @@ class PolynomialKernel(SparseKernel):
         def features(flat: torch.Tensor) -> torch.Tensor:
             return module(layout.unflatten(flat))
 
-        if not gradients:
-            with torch.no_grad():
-                return sum_by_structure(self.rows(features(coefficients), species), owner, n_structures), None
         tangents = structure_jacobian(expansion, batch, centres=centres)
         if not strain:
             tangents = tangents[:, : tangents.shape[1] - 9]  # no stress rows: the strain directions would only cost time
