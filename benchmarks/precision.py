@@ -2,7 +2,8 @@
 
 For each checkpoint (``.ckpt``) and each route of its head (``pairs``: the reference sum over
 sparse environments pair by pair; ``collapsed``: what exported files run, every Wigner order up to 4
-and polynomial kernels of ``zeta`` 1 and 2 folded into per-species tensors), the float64 scripted module, and for each exported file (``.pt``) metatomic's own
+and polynomial kernels of ``zeta`` 1 and 2 folded into per-species tensors, larger ``zeta`` summed in
+compensated arithmetic), the float64 scripted module, and for each exported file (``.pt``) metatomic's own
 ASE calculator, is probed on
 the first structure of a test file by
 :func:`acdc_potential.evaluation.numerical_precision`: the energy change under a 1e-12 A

@@ -34,7 +34,8 @@ def export_model(
 ) -> AtomisticModel:
     """Wrap ``potential`` in metatomic's ``AtomisticModel`` and save it as one TorchScript file.
 
-    ``dtype`` float64 (default) or float32; ``references`` as
+    ``dtype`` float64 (default) or float32 (refused for heads that sum pairs at every step: their
+    weights cancel beyond float32's precision); ``references`` as
     :func:`~acdc_potential.model.references.metatomic_references` gives them. Supported
     devices are declared as cpu and cuda; the cuda path is untested (no GPU on the
     development machines).
@@ -51,6 +52,12 @@ def atomistic_model(
     references: Optional[Dict[str, List[str]]] = None,
 ) -> AtomisticModel:
     """``potential`` (a copy, in ``dtype``, caches cleared) in metatomic's ``AtomisticModel``."""
+    if dtype != torch.float64 and potential.head is not None and potential.head.pairs_left:
+        raise ValueError(
+            "this model sums its sparse environments pair by pair at every step (Wigner orders above 4, or a "
+            "polynomial kernel of zeta >= 3): float32 cannot hold the cancellation among its fitted weights "
+            '(docs/equations.md, "Numerical precision"); export it in float64'
+        )
     potential = copy.deepcopy(potential).to(dtype).eval()
     outputs = {}
     for head in (potential.head, potential.dipole):

@@ -26,15 +26,21 @@ from ..kernels.base import weighted_gram_eigenpairs
 from ..kernels.polynomial import polynomial_pieces
 from ..kernels.wigner.features import OrderFeatures
 from ..kernels.wigner.iteration import WignerKernels
+from .compensated import compensated_polynomial_sum, grid_bits, grid_split, split_halves
 from .uncertainty import SparseState
 
 
 class DensityHead(torch.nn.Module):
-    """A head whose atomic environments are the density coefficients of its own expansion."""
+    """A head whose atomic environments are the density coefficients of its own expansion.
+
+    ``pairs_left``: whether its energies sum over sparse environments pair by pair in the module's
+    dtype at every call (large, cancelling fitted weights that float32 cannot hold); false here.
+    """
 
     def __init__(self, density: DensityExpansion):
         super().__init__()
         self.density = density
+        self.pairs_left = False
 
     def environments(self, pairs: Pairs) -> List[torch.Tensor]:
         return self.density.from_pairs(pairs)
@@ -190,7 +196,8 @@ class PolynomialHead(DensityHead):
       linear model on the features), or ``e_i = a x^_i^T W_a x^_i`` with ``W_a = sum_m w_m x^_m
       x^_m^T``, kept whole where some species has at least ``F`` sparse environments and otherwise
       as its exact eigenpairs; the cancellation among large fitted weights is then rounded once, and
-      a linear model costs ``F`` per atom. Larger ``zeta`` sum pair by pair;
+      a linear model costs ``F`` per atom. Larger ``zeta`` sum pair by pair in compensated arithmetic
+    (:func:`~acdc_potential.model.compensated.compensated_polynomial_sum`), rounded once as well;
     - ``pairs``: every ``zeta`` pair by pair, the reference the collapse is tested against; its
       energies are rounded anew at every configuration (docs/equations.md, "Numerical precision").
 
@@ -213,15 +220,28 @@ class PolynomialHead(DensityHead):
         """Precompute what does not depend on the atom: ``constant`` ``[S]`` (``c0 sum_{m : a_m = a}
         w_m``), and on the ``collapsed`` route for ``zeta <= 2`` the tensors of the polynomial piece,
         ``folded`` (``[S, F]`` for ``zeta = 1``; ``[S, F, r]`` for ``zeta = 2``) and ``values``
-        (``[S, r]`` eigenvalues, or ``[S, 0]`` where ``folded`` is ``W_a`` itself)."""
+        (``[S, r]`` eigenvalues, or ``[S, 0]`` where ``folded`` is ``W_a`` itself); for ``zeta >= 3``
+        the splits of the sparse features and of the weights ``a w_m`` that the compensated sum
+        takes (``sparse_grid``, ``sparse_rest`` ``[M, F]``, ``weight_high``, ``weight_low`` ``[M]``)."""
         if route not in ROUTES:
             raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
         state, n_species = self.state, len(species)
         per_species = state.weights.new_zeros(n_species).index_add(0, state.sparse_species, state.weights)
         self.register_buffer("constant", state.piece_weights[0] * per_species)
         self.collapsed = route == "collapsed" and self.zeta <= 2
+        self.compensated = route == "collapsed" and self.zeta > 2
+        self.pairs_left = not self.collapsed
         x = self.sparse_features
         weights = state.piece_weights[1] * state.weights
+        self.grid_bits = grid_bits(x.shape[1])
+        empty = x.new_zeros((0, x.shape[1]))
+        grid, rest = grid_split(x, self.grid_bits) if self.compensated else (empty, empty)
+        high, low = split_halves(weights) if self.compensated else (x.new_zeros(0), x.new_zeros(0))
+        self.register_buffer("weights", weights if self.compensated else x.new_zeros(0))
+        self.register_buffer("sparse_grid", grid)
+        self.register_buffer("sparse_rest", rest)
+        self.register_buffer("weight_high", high)
+        self.register_buffer("weight_low", low)
         folded = x.new_zeros((n_species, 0))
         values = x.new_zeros((n_species, 0))
         if self.collapsed and self.zeta == 1:
@@ -253,6 +273,8 @@ class PolynomialHead(DensityHead):
 
     def polynomial_energy(self, unit: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
         """``[n]`` the polynomial piece ``a sum_m w_m delta (x^_i . x^_m)^zeta`` of unit features ``[n, F]``."""
+        if self.compensated and unit.dtype == torch.float64:
+            return self.compensated_energy(unit, species)
         if not self.collapsed:
             polynomial = polynomial_pieces(unit, species, self.sparse_features.to(unit.dtype), self.state.sparse_species, self.zeta)[1]
             return self.state.piece_weights[1].to(unit.dtype) * (polynomial @ self.state.weights.to(unit.dtype))
@@ -270,6 +292,28 @@ class PolynomialHead(DensityHead):
                 term = (projected * rows).sum(dim=1)
             else:  # its eigenvectors V, W_a = V diag(values) V^T
                 term = (projected * projected * self.values[s].to(unit.dtype)).sum(dim=1)
+            energy = energy.index_add(0, atoms, term)
+        return energy
+
+    def compensated_energy(self, unit: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
+        """The polynomial piece of float64 unit features ``[n, F]``, species by species, rounded once."""
+        energy = torch.zeros(species.shape[0], dtype=unit.dtype, device=unit.device)
+        present = torch.unique(species)
+        for index in range(present.shape[0]):
+            atoms = torch.nonzero(species == present[index]).flatten()
+            rows = torch.nonzero(self.state.sparse_species == present[index]).flatten()
+            if rows.shape[0] == 0:
+                continue
+            term = compensated_polynomial_sum(
+                unit.index_select(0, atoms),
+                self.sparse_features.index_select(0, rows),
+                self.sparse_grid.index_select(0, rows),
+                self.sparse_rest.index_select(0, rows),
+                self.weights.index_select(0, rows),
+                (self.weight_high.index_select(0, rows), self.weight_low.index_select(0, rows)),
+                self.zeta,
+                self.grid_bits,
+            )
             energy = energy.index_add(0, atoms, term)
         return energy
 
