@@ -26,7 +26,7 @@ from ..kernels.base import weighted_gram_eigenpairs
 from ..kernels.polynomial import polynomial_pieces
 from ..kernels.wigner.features import OrderFeatures
 from ..kernels.wigner.iteration import WignerKernels
-from .compensated import compensated_polynomial_sum, grid_bits, grid_split, split_halves
+from .compensated import compensated_polynomial_sum, grid_split, split_halves
 from .uncertainty import SparseState
 
 
@@ -196,8 +196,9 @@ class PolynomialHead(DensityHead):
       linear model on the features), or ``e_i = a x^_i^T W_a x^_i`` with ``W_a = sum_m w_m x^_m
       x^_m^T``, kept whole where some species has at least ``F`` sparse environments and otherwise
       as its exact eigenpairs; the cancellation among large fitted weights is then rounded once, and
-      a linear model costs ``F`` per atom. Larger ``zeta`` sum pair by pair in compensated arithmetic
-    (:func:`~acdc_potential.model.compensated.compensated_polynomial_sum`), rounded once as well;
+      a linear model costs ``F`` per atom. Larger ``zeta`` sum pair by pair in double-double
+      arithmetic (:func:`~acdc_potential.model.compensated.compensated_polynomial_sum`), so that the
+      cancellation is rounded once as well;
     - ``pairs``: every ``zeta`` pair by pair, the reference the collapse is tested against; its
       energies are rounded anew at every configuration (docs/equations.md, "Numerical precision").
 
@@ -221,8 +222,8 @@ class PolynomialHead(DensityHead):
         w_m``), and on the ``collapsed`` route for ``zeta <= 2`` the tensors of the polynomial piece,
         ``folded`` (``[S, F]`` for ``zeta = 1``; ``[S, F, r]`` for ``zeta = 2``) and ``values``
         (``[S, r]`` eigenvalues, or ``[S, 0]`` where ``folded`` is ``W_a`` itself); for ``zeta >= 3``
-        the splits of the sparse features and of the weights ``a w_m`` that the compensated sum
-        takes (``sparse_grid``, ``sparse_rest`` ``[M, F]``, ``weight_high``, ``weight_low`` ``[M]``)."""
+        the weights ``a w_m`` and the splits that the compensated sum takes (``scaled_weights``,
+        ``weight_high``, ``weight_low`` ``[M]``; ``sparse_grid``, ``sparse_rest`` ``[M, F]``)."""
         if route not in ROUTES:
             raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
         state, n_species = self.state, len(species)
@@ -233,11 +234,10 @@ class PolynomialHead(DensityHead):
         self.pairs_left = not self.collapsed
         x = self.sparse_features
         weights = state.piece_weights[1] * state.weights
-        self.grid_bits = grid_bits(x.shape[1])
         empty = x.new_zeros((0, x.shape[1]))
-        grid, rest = grid_split(x, self.grid_bits) if self.compensated else (empty, empty)
+        grid, rest = grid_split(x, 25) if self.compensated else (empty, empty)
         high, low = split_halves(weights) if self.compensated else (x.new_zeros(0), x.new_zeros(0))
-        self.register_buffer("weights", weights if self.compensated else x.new_zeros(0))
+        self.register_buffer("scaled_weights", weights if self.compensated else x.new_zeros(0))
         self.register_buffer("sparse_grid", grid)
         self.register_buffer("sparse_rest", rest)
         self.register_buffer("weight_high", high)
@@ -309,10 +309,9 @@ class PolynomialHead(DensityHead):
                 self.sparse_features.index_select(0, rows),
                 self.sparse_grid.index_select(0, rows),
                 self.sparse_rest.index_select(0, rows),
-                self.weights.index_select(0, rows),
+                self.scaled_weights.index_select(0, rows),
                 (self.weight_high.index_select(0, rows), self.weight_low.index_select(0, rows)),
                 self.zeta,
-                self.grid_bits,
             )
             energy = energy.index_add(0, atoms, term)
         return energy
