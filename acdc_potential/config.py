@@ -73,7 +73,8 @@ class KernelConfig:
 
     :param type: ``wigner`` (exponential body-ordered Wigner kernel, WK eq. E4),
         ``polynomial`` (``(x . x')^zeta`` on normalised invariant ACDC features of the orders
-        ``orders``; the GAP form on the power spectrum by default; ``zeta: 1`` is a linear model) or
+        ``orders``; by default ``zeta = 2`` on orders 1 and 2, which collapses exactly at export;
+        ``zeta: 4`` on ``orders: [2]`` is GAP's SOAP kernel; ``zeta: 1`` is a linear model) or
         ``mpacdc`` (the same on the message-passing ``[1 <- 1]`` invariants, MP-ACDC eq. 12, beside the
         single-centre ``orders``, a subset of 1 and 2; an atom's energy then depends on atoms up to twice
         the cutoff away).
@@ -90,7 +91,9 @@ class KernelConfig:
         kernel: ``uniform`` (default; the kernels of WK eq. 5, B1) or ``inverse_dimension``
         (``8 pi^2 / (2l + 1)``, what models of earlier versions were fitted with: weights low
         ``l`` more at every ``nu >= 2``; see :class:`~acdc_potential.kernels.wigner.iteration.WignerHypers`).
-    :param zeta: exponent of the polynomial kernel.
+    :param zeta: exponent of the polynomial kernel: 1 and 2 fold into per-species tensors at export (exact
+        energies, a cost per atom that stops growing with the sparse environments); larger values sum over
+        the sparse environments at every step (docs/equations.md, "Numerical precision").
     :param orders: body orders ``nu`` of the polynomial kernel's invariant features, any of 1
         (the ``l = 0`` density coefficients), 2 (the power spectrum) and 3 (the bispectrum),
         concatenated with equal weights (docs/equations.md, "Polynomial kernel").
@@ -122,8 +125,8 @@ class KernelConfig:
     nu_max: Union[int, str] = "auto"
     lambda_max: int = 3
     channel_weights: str = "uniform"
-    zeta: int = 4
-    orders: List[int] = field(default_factory=lambda: [2])
+    zeta: int = 2
+    orders: List[int] = field(default_factory=lambda: [1, 2])
     contraction: int = 64
     message_max_radial: int = 3
     message_max_angular: int = 2

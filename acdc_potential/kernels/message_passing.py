@@ -79,8 +79,8 @@ class MessagePassingKernel(PolynomialKernel):
     def __init__(
         self,
         message: Dict,
-        zeta: int = 4,
-        orders: Sequence[int] = (2,),
+        zeta: int = 2,
+        orders: Sequence[int] = (1, 2),
         message_orders: Sequence[int] = (1,),
         contraction: int = 0,
         projections: Optional[List[Tuple[List[torch.Tensor], List[torch.Tensor]]]] = None,

@@ -48,8 +48,8 @@ class PolynomialKernel(SparseKernel):
 
     def __init__(
         self,
-        zeta: int = 4,
-        orders: Sequence[int] = (2,),
+        zeta: int = 2,
+        orders: Sequence[int] = (1, 2),
         contraction: int = 0,
         projections: Optional[List] = None,
         mixing: Optional[Dict[str, float]] = None,
