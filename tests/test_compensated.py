@@ -74,7 +74,7 @@ def test_a_sum_of_large_cancelling_terms_is_rounded_once(zeta):
     w[largest] = 0.0
     w[largest] = -(w @ k) / k[largest]
     grid, rest = grid_split(y, 25)
-    compensated = compensated_polynomial_sum(x, y, grid, rest, w, split_halves(w), zeta)
+    compensated = compensated_polynomial_sum(x, y, grid, rest, split_halves(w), zeta)
     plain = (x @ y.T) ** zeta @ w
     errors = []
     for i in range(x.shape[0]):
@@ -93,7 +93,7 @@ def test_the_compensated_sum_carries_the_gradient_of_the_plain_one():
     x = unit_rows(2, 10, generator).requires_grad_(True)
     w = torch.randn(20, generator=generator, dtype=torch.float64)
     grid, rest = grid_split(y, 25)
-    value = compensated_polynomial_sum(x, y, grid, rest, w, split_halves(w), 4)
+    value = compensated_polynomial_sum(x, y, grid, rest, split_halves(w), 4)
     (gradient,) = torch.autograd.grad(value.sum(), x)
     expected = 4 * ((x.detach() @ y.T) ** 3 * w) @ y
     torch.testing.assert_close(gradient, expected, rtol=1e-12, atol=1e-12)
@@ -103,8 +103,8 @@ def test_empty_and_tiny_inputs():
     y = unit_rows(4, 6, torch.Generator().manual_seed(2))
     w = torch.ones(4, dtype=torch.float64)
     grid, rest = grid_split(y, 25)
-    none = compensated_polynomial_sum(y.new_zeros((0, 6)), y, grid, rest, w, split_halves(w), 4)
+    none = compensated_polynomial_sum(y.new_zeros((0, 6)), y, grid, rest, split_halves(w), 4)
     assert none.shape == (0,)
     tiny = 1e-80 * torch.ones(1, 6, dtype=torch.float64) / 6**0.5
-    value = compensated_polynomial_sum(tiny, y, grid, rest, w, split_halves(w), 4)
+    value = compensated_polynomial_sum(tiny, y, grid, rest, split_halves(w), 4)
     assert torch.isfinite(value).all()

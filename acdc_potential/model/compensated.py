@@ -117,7 +117,6 @@ def compensated_polynomial_sum(
     sparse: torch.Tensor,
     sparse_grid: torch.Tensor,
     sparse_rest: torch.Tensor,
-    weights: torch.Tensor,
     weight_halves: Tuple[torch.Tensor, torch.Tensor],
     zeta: int,
 ) -> torch.Tensor:
@@ -126,11 +125,12 @@ def compensated_polynomial_sum(
 
     :param x: ``[n, F]`` unit features; :param sparse: ``[M, F]`` unit features ``y``, with
         ``sparse_grid`` and ``sparse_rest`` their :func:`grid_split` at 25 bits (:func:`split_dot`);
-    :param weights: ``[M]`` ``w``, with ``weight_halves`` their :func:`split_halves`.
+    :param weight_halves: ``[M]`` twice, the :func:`split_halves` of the weights ``w``.
 
     The value is the plain sum plus the difference to the compensated one: that difference is
     rounding, zero in exact arithmetic, so it carries no gradient.
     """
+    weights = weight_halves[0] + weight_halves[1]
     high, low = split_dot(x, sparse_grid, sparse_rest, sparse)
     plain = high**zeta @ weights
     with torch.no_grad():

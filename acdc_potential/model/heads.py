@@ -222,8 +222,8 @@ class PolynomialHead(DensityHead):
         w_m``), and on the ``collapsed`` route for ``zeta <= 2`` the tensors of the polynomial piece,
         ``folded`` (``[S, F]`` for ``zeta = 1``; ``[S, F, r]`` for ``zeta = 2``) and ``values``
         (``[S, r]`` eigenvalues, or ``[S, 0]`` where ``folded`` is ``W_a`` itself); for ``zeta >= 3``
-        the weights ``a w_m`` and the splits that the compensated sum takes (``scaled_weights``,
-        ``weight_high``, ``weight_low`` ``[M]``; ``sparse_grid``, ``sparse_rest`` ``[M, F]``)."""
+        the splits that the compensated sum takes: of the weights ``a w_m`` (``weight_high``,
+        ``weight_low`` ``[M]``) and of the sparse features (``sparse_grid``, ``sparse_rest`` ``[M, F]``)."""
         if route not in ROUTES:
             raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
         state, n_species = self.state, len(species)
@@ -237,7 +237,6 @@ class PolynomialHead(DensityHead):
         empty = x.new_zeros((0, x.shape[1]))
         grid, rest = grid_split(x, 25) if self.compensated else (empty, empty)
         high, low = split_halves(weights) if self.compensated else (x.new_zeros(0), x.new_zeros(0))
-        self.register_buffer("scaled_weights", weights if self.compensated else x.new_zeros(0))
         self.register_buffer("sparse_grid", grid)
         self.register_buffer("sparse_rest", rest)
         self.register_buffer("weight_high", high)
@@ -309,7 +308,6 @@ class PolynomialHead(DensityHead):
                 self.sparse_features.index_select(0, rows),
                 self.sparse_grid.index_select(0, rows),
                 self.sparse_rest.index_select(0, rows),
-                self.scaled_weights.index_select(0, rows),
                 (self.weight_high.index_select(0, rows), self.weight_low.index_select(0, rows)),
                 self.zeta,
             )
