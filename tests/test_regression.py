@@ -155,9 +155,17 @@ def test_derivative_rows_through_invariants_equal_the_per_pair_path(nu_max):
     arguments = (c, batch.numbers, jacobian, batch.structure, len(structures))
     expected_values, expected_derivatives = SparseKernel.structure_derivatives(kernel, *arguments)
     assert expected_derivatives.abs().max() > 1e-3
-    for budget in (kernel.feature_budget, 2000.0):
-        kernel.feature_budget = kernel.sparse_feature_budget = budget
+    # the sparse invariants kept between groups: all, those of the species that fit one budget together, none
+    entries = {z: int((kernel.sparse_species == z).sum()) * sum(kernel.feature_sizes()) for z in (1, 6, 29)}
+    cases = ((kernel.sparse_feature_budget, sum(entries.values())), (max(entries.values()), None), (min(entries.values()) - 1, 0))
+    for budget, kept in cases:
+        kernel.clear_cache()
+        kernel.sparse_feature_budget = budget
+        if kept != cases[0][1]:  # and many chunks of structures and sparse environments
+            kernel.feature_budget = 2000.0
         values, derivatives = kernel.structure_derivatives(*arguments)
+        held = sum(x.numel() for cached in kernel._sparse_invariants.values() for x in cached)
+        assert held <= budget and (held == kept if kept is not None else 0 < held < sum(entries.values()))
         torch.testing.assert_close(values, expected_values, rtol=1e-12, atol=1e-12 * float(expected_values.abs().max()))
         torch.testing.assert_close(derivatives, expected_derivatives, rtol=1e-11, atol=1e-11 * float(expected_derivatives.abs().max()))
 

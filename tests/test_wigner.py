@@ -326,8 +326,9 @@ def test_torchscript_module_matches_eager():
 @pytest.mark.parametrize("nu_max", [0, 1, 2, 3, 4])
 @pytest.mark.parametrize("lambda_max", [1, 3])
 def test_collapsed_sums_equal_the_weighted_kernel_sum_also_scripted(nu_max, lambda_max, monkeypatch):
-    # the nu = 4 tensors are built over chunks of environments: several chunks here (eigenpairs: few environments per species)
+    # every order's tensors are built over chunks of environments: several chunks here (nu = 4 eigenpairs: few environments per species)
     monkeypatch.setattr(features_module, "COLLAPSE_CHUNK", 2)
+    monkeypatch.setattr(features_module, "COLLAPSE_ENTRIES", 1)
     a, sa = densities(molecule("CH3CH2OH", 0))
     b, sb = densities(molecule("CH3OH", 1))
     module = WignerKernels(WignerHypers(nu_max=nu_max, lambda_max=lambda_max))

@@ -110,8 +110,14 @@ class OrderFeatures:
         one_hot[species_b, torch.arange(species_b.shape[0], device=b[0].device)] = 1.0
         out: List[torch.Tensor] = [one_hot @ weights[0]]
         lower = OrderFeatures(self.kernels) if self.nu_max < 4 else OrderFeatures(wigner_module(_lowered(self.kernels), b[0]))
-        for nu, phi in enumerate(lower.order_features(b)):
-            out.append((one_hot * weights[nu + 1]) @ phi)
+        # Phi^3 of every environment at once would take n_b d_3 entries (gigabytes for many species)
+        first = lower.order_features([x[:1] for x in b])
+        out.extend(one_hot.new_zeros((n_species, phi.shape[1])) for phi in first)
+        step = max(1, COLLAPSE_ENTRIES // max(1, sum(phi.shape[1] for phi in first)))
+        for start in range(0, species_b.shape[0], step):
+            chunk = slice(start, start + step)
+            for nu, phi in enumerate(lower.order_features([x[chunk] for x in b])):
+                out[nu + 1] += (one_hot[:, chunk] * weights[nu + 1, chunk]) @ phi
         if self.nu_max == 4:
             out.extend(self._order4_tensors(b, species_b, weights[4], n_species))
         return out
@@ -251,6 +257,8 @@ class OrderFeatures:
 
 # environments per chunk of the nu = 4 collapse: bounds its nu = 2 features held at once
 COLLAPSE_CHUNK = 256
+# entries of the invariants Phi^nu of the environments that the collapse of nu <= 3 holds at once
+COLLAPSE_ENTRIES = 2**24
 
 
 def _lowered(kernels: WignerKernels) -> WignerHypers:

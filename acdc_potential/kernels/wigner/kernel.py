@@ -34,7 +34,7 @@ class WignerKernel(SparseKernel):
     (2e5: up to this size of the per-atom invariants the rows go through them, beyond it
     through per-pair reverse passes), ``feature_budget`` (5e7 entries of one block of summed
     derivatives) and ``sparse_feature_budget`` (3e8 entries of the sparse environments'
-    invariants kept for one species while the rows are built).
+    invariants kept, for all species together, while the rows are built).
     """
 
     kind = "wigner"
@@ -142,8 +142,8 @@ class WignerKernel(SparseKernel):
         Beyond ``max_feature_dimension`` the per-pair path is cheaper. The summed derivatives
         of a group of structures are bounded by ``feature_budget`` entries, as are the chunks
         in which the invariants of the sparse environments are computed; those of one species
-        are kept for later groups and calls (until :meth:`clear_cache`) if they fit in
-        ``sparse_feature_budget`` entries, else recomputed per group.
+        are kept for later groups and calls (until :meth:`clear_cache`) if they fit, with those
+        of the species kept before, in ``sparse_feature_budget`` entries, else recomputed per group.
         """
         sizes = self.feature_sizes()
         if sizes is None or sum(sizes) > self.max_feature_dimension:
@@ -162,7 +162,8 @@ class WignerKernel(SparseKernel):
             values[0, :, sparse] += torch.bincount(owner, minlength=n_structures).to(values)[:, None] * scale[0]
             sparse_chunks = [sparse[start : start + per_sparse] for start in range(0, sparse.numel(), per_sparse)]
             cached = self._sparse_invariants.get(int(species[atoms[0]]))
-            if cached is None and sparse.numel() * sum(sizes) <= self.sparse_feature_budget:
+            held = sum(x.numel() for kept in self._sparse_invariants.values() for x in kept)
+            if cached is None and held + sparse.numel() * sum(sizes) <= self.sparse_feature_budget:
                 # kept for every group and every later call (until clear_cache), built in chunks
                 parts = [self._reduce(self._order_features(self.sparse_coefficients[chunk])) for chunk in sparse_chunks]
                 cached = [torch.cat([part[nu] for part in parts]) for nu in range(len(sizes))]
