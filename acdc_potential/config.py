@@ -100,10 +100,6 @@ class KernelConfig:
     :param message_max_radial: ``max_radial`` of the ``mpacdc`` message's expansion (the density's
         otherwise, cutoff included): its features number about ``(n_species (max_radial + 1))^3`` per coupling.
     :param message_max_angular: ``max_angular`` of the message's expansion.
-    :param message_cutoff: the ``mpacdc`` message's cutoff in A, at most ``density.cutoff``: the pairs
-        that carry a message and the reach of the neighbour densities it carries, so that an atomic
-        energy depends on atoms up to ``max(density.cutoff, 2 message_cutoff)`` away (the interaction
-        range the exported model declares); ``null`` (default): the density's cutoff.
     :param message_orders: the ``nu`` of the ``mpacdc`` kernel's ``[nu <- 1]`` invariants, any of 1 and 2
         (``[1 <- 1]`` has about ``Q^3`` invariants per coupling, ``Q`` the message's density channels;
         ``[2 <- 1]``, which couples the centre's ``nu = 2`` blocks with the message, about ``Q^4``).
@@ -134,7 +130,6 @@ class KernelConfig:
     contraction: int = 64
     message_max_radial: int = 3
     message_max_angular: int = 2
-    message_cutoff: Optional[float] = None
     message_orders: List[int] = field(default_factory=lambda: [1])
     feature_space: bool = True
     centres: Optional[List[Element]] = None
@@ -481,7 +476,6 @@ RULES: Dict[Tuple[str, str], Rule] = {
     ("kernel", "contraction"): Rule(bounds=NON_NEGATIVE),
     ("kernel", "message_max_radial"): Rule(bounds=NON_NEGATIVE),
     ("kernel", "message_max_angular"): Rule(bounds=NON_NEGATIVE),
-    ("kernel", "message_cutoff"): Rule(bounds=POSITIVE),
     ("kernel", "message_orders"): Rule(bounds=Bounds(1.0, 3.0, inclusive=True)),
     ("kernel", "mixing"): Rule(bounds=POSITIVE),
     ("sparse", "n"): Rule(bounds=POSITIVE),

@@ -139,3 +139,16 @@ def test_message_passing_invariants_have_unit_norm_with_every_part_weighing_the_
     module = MessagePassingInvariants(expansion, expansion, orders, message_orders)
     x = module(batch.pair_vectors(), batch.centers, batch.neighbors, expansion.species_index(batch.numbers))
     torch.testing.assert_close(torch.linalg.vector_norm(x, dim=1), torch.ones(x.shape[0], dtype=torch.float64), rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_unit_rows_keep_zero_rows_zero_with_finite_gradients_in_both_precisions(dtype):
+    """An atom without neighbours has zero invariants: they stay zero (not 0 / 0) and their gradient is
+    finite, also in float32, where an exported file may run; other rows get unit norm."""
+    x = torch.tensor([[0.0, 0.0, 0.0], [3.0, 4.0, 0.0], [1e-20, 0.0, 0.0]], dtype=dtype, requires_grad=True)
+    for implementation in (unit_rows, torch.jit.script(unit_rows)):
+        y = implementation(x)
+        assert torch.equal(y[0], torch.zeros(3, dtype=dtype))
+        torch.testing.assert_close(torch.linalg.vector_norm(y[1:], dim=1), torch.ones(2, dtype=dtype))
+        (gradient,) = torch.autograd.grad(y.sum(), x)
+        assert bool(torch.isfinite(gradient).all())

@@ -260,7 +260,9 @@ def acdc_features(
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
     """Rows of ``x`` divided by their norm (zero rows, atoms without neighbours, stay zero)."""
-    return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-150)
+    # a floor that float32 holds (1e-150 rounds to 0 there, and a zero row would give 0 / 0)
+    floor = 1e-30 if x.dtype == torch.float32 else 1e-150
+    return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(floor)
 
 
 def power_spectrum(coefficients: List[torch.Tensor]) -> torch.Tensor:

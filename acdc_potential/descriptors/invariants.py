@@ -105,9 +105,7 @@ class MessagePassingInvariants(torch.nn.Module):
 
     :param density: the model's density expansion (orders 1, 2).
     :param message: expansion of the neighbour densities and pair terms of the message, of the same
-        species (a coarser basis keeps the ``Q^3`` features of the message tractable) and a cutoff
-        ``r_m`` at most the density's: the message part sees only the pairs within ``r_m``, so that an
-        atom's features depend on atoms up to ``max(r_cut, 2 r_m)`` away.
+        cutoff and species (a coarser basis keeps the ``Q^3`` features of the message tractable).
     :param orders: single-centre orders beside the message, a subset of 1, 2 (may be empty).
     :param message_orders: the ``nu`` of the ``[nu <- 1]`` invariants, a non-empty subset of 1, 2.
     :param projections: per message order (in the order of ``message_orders``), the ``(centre, message)``
@@ -131,8 +129,8 @@ class MessagePassingInvariants(torch.nn.Module):
         super().__init__()
         from .mpacdc import MPACDC, PairBasis
 
-        if message.cutoff > density.cutoff or message.species != density.species:
-            raise ValueError("the message's expansion must have the density's species and at most its cutoff")
+        if message.cutoff != density.cutoff or message.species != density.species:
+            raise ValueError("the message's expansion must have the density's cutoff and species")
         self.message_orders: List[int] = check_message_orders([1] if message_orders is None else message_orders)
         self.orders = check_orders(list(orders), MESSAGE_ORDERS, SINGLE_CENTRE_BESIDE_MESSAGE, empty=True)
         self.density = density
@@ -146,17 +144,9 @@ class MessagePassingInvariants(torch.nn.Module):
             [MPACDC(l_max, l_max, nu, 1, 0, True, projections=None if projections is None else projections[k]) for k, nu in enumerate(self.message_orders)]
         )
 
-    def message_pairs(self, vectors: torch.Tensor, centers: torch.Tensor, neighbors: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The pairs ``(vectors, centers, neighbors)`` within the message's cutoff (all, when it is the density's)."""
-        if self.message.cutoff >= self.density.cutoff:
-            return vectors, centers, neighbors
-        inside = torch.nonzero(torch.linalg.vector_norm(vectors.detach(), dim=1) < self.message.cutoff).flatten()
-        return vectors.index_select(0, inside), centers.index_select(0, inside), neighbors.index_select(0, inside)
-
     def factors(self, vectors: torch.Tensor, centers: torch.Tensor, neighbors: torch.Tensor, species: torch.Tensor) -> List[Tuple[List[torch.Tensor], List[torch.Tensor]]]:
         """The uncontracted factors of the ``[nu <- 1]`` coupling of every atom, per message order
         (:meth:`MPACDC.intermediates`)."""
-        vectors, centers, neighbors = self.message_pairs(vectors, centers, neighbors)
         radial, harmonics = self.pair(vectors)
         neighbor_species = species[neighbors]
         coefficients = self.message(vectors, centers, neighbor_species, species.shape[0])
@@ -173,8 +163,6 @@ class MessagePassingInvariants(torch.nn.Module):
         if local is not None:
             # Invariants divides its unit parts by sqrt(len(orders)): undone, so that every part weighs the same
             parts.append(local(self.density(vectors, centers, neighbor_species, n_atoms)) * float(len(self.orders)) ** 0.5)
-        vectors, centers, neighbors = self.message_pairs(vectors, centers, neighbors)
-        neighbor_species = species[neighbors]
         radial, harmonics = self.pair(vectors)
         coefficients = self.message(vectors, centers, neighbor_species, n_atoms)
         for passing in self.passing:

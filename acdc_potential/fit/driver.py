@@ -366,16 +366,8 @@ def make_kernel(config: KernelConfig, density: Optional[DensityHypers] = None) -
     if config.type == "polynomial":
         return PolynomialKernel(zeta=config.zeta, orders=config.orders, contraction=config.contraction, mixing=config.mixing or None, feature_space=config.feature_space)
     if config.type == "mpacdc":
-        density = density or DensityHypers()
-        if config.message_cutoff is not None and config.message_cutoff > density.cutoff:
-            raise ConfigError(f"kernel.message_cutoff ({config.message_cutoff} A) exceeds density.cutoff ({density.cutoff} A): a message reaches at most the density's neighbours")
-        if config.message_cutoff is not None and config.message_cutoff <= density.smoothing:
-            raise ConfigError(f"kernel.message_cutoff ({config.message_cutoff} A) must exceed density.smoothing ({density.smoothing} A), the width over which the message's cutoff function falls to zero")
-        message = message_hypers(density, config.message_max_radial, config.message_max_angular)
-        return MessagePassingKernel(
-            message, config.zeta, config.orders, config.message_orders, config.contraction,
-            mixing=config.mixing or None, feature_space=config.feature_space, cutoff=config.message_cutoff,
-        )
+        message = message_hypers(density or DensityHypers(), config.message_max_radial, config.message_max_angular)
+        return MessagePassingKernel(message, config.zeta, config.orders, config.message_orders, config.contraction, mixing=config.mixing or None, feature_space=config.feature_space)
     raise ValueError(f"unknown kernel type '{config.type}' (known: wigner, polynomial, mpacdc)")
 
 

@@ -69,9 +69,6 @@ class MessagePassingKernel(PolynomialKernel):
         (:meth:`prepare`; 0: no contraction).
     :param projections: that PCA, ``(centre, message)`` per message order, when already fitted (from a checkpoint).
     :param mixing: ``c0``, ``a``. :param feature_space: as :class:`PolynomialKernel`'s.
-    :param cutoff: the message's cutoff (A), at most the density's: how far a message travels and how far
-        the neighbour densities it carries reach, so that an atomic energy depends on atoms up to
-        ``max(r_cut, 2 cutoff)`` away; ``None`` (default): the density's.
 
     ``max_tangents`` (attribute, 2048) bounds the (atom, direction) pairs differentiated at once.
     """
@@ -89,12 +86,8 @@ class MessagePassingKernel(PolynomialKernel):
         projections: Optional[List[Tuple[List[torch.Tensor], List[torch.Tensor]]]] = None,
         mixing: Optional[Dict[str, float]] = None,
         feature_space: bool = True,
-        cutoff: Optional[float] = None,
     ):
         super().__init__(zeta, [2], contraction, projections, mixing, feature_space)
-        if cutoff is not None and not cutoff > 0.0:
-            raise ValueError(f"the message's cutoff must be positive, got {cutoff}")
-        self.cutoff = None if cutoff is None else float(cutoff)
         self.orders = check_orders(list(orders), MESSAGE_ORDERS, SINGLE_CENTRE_BESIDE_MESSAGE, empty=True)
         self.message_orders = check_message_orders(list(message_orders))
         try:
@@ -116,12 +109,9 @@ class MessagePassingKernel(PolynomialKernel):
         self.modules = {}
 
     def message_expansion(self, expansion: DensityExpansion) -> DensityExpansion:
-        """The message's expansion for the model's density ``expansion``: its species, the message's
-        basis and cutoff (default the density's), on its device."""
-        cutoff = expansion.cutoff if self.cutoff is None else self.cutoff
-        if cutoff > expansion.cutoff:
-            raise ValueError(f"the message's cutoff ({cutoff} A) exceeds the density's ({expansion.cutoff} A)")
-        hypers = DensityHypers(**{**self.message, "cutoff": cutoff})
+        """The message's expansion for the model's density ``expansion``: its cutoff and species, the
+        message's basis, on its device."""
+        hypers = DensityHypers(**{**self.message, "cutoff": expansion.cutoff})
         return DensityExpansion(hypers, expansion.species).to(expansion.species_lookup.device)
 
     def feature_module(self, expansion: DensityExpansion) -> MessagePassingInvariants:
@@ -186,7 +176,7 @@ class MessagePassingKernel(PolynomialKernel):
         return {
             "zeta": self.zeta, "orders": list(self.orders), "message": dict(self.message),
             "message_orders": list(self.message_orders), "contraction": self.contraction, "projections": projections,
-            "feature_space": self.feature_space, "cutoff": self.cutoff,
+            "feature_space": self.feature_space,
         }
 
     @classmethod
@@ -194,12 +184,7 @@ class MessagePassingKernel(PolynomialKernel):
         projections = hypers["projections"]
         projections = None if projections is None else [(list(centre), list(message)) for centre, message in projections]
         orders = [int(nu) for nu in hypers["orders"]]
-        # checkpoints written before the message had its own cutoff have none: the density's
-        cutoff = hypers.get("cutoff")
-        return cls(
-            dict(hypers["message"]), int(hypers["zeta"]), orders, [int(nu) for nu in hypers["message_orders"]], int(hypers["contraction"]),
-            projections, mixing, bool(hypers["feature_space"]), None if cutoff is None else float(cutoff),
-        )
+        return cls(dict(hypers["message"]), int(hypers["zeta"]), orders, [int(nu) for nu in hypers["message_orders"]], int(hypers["contraction"]), projections, mixing, bool(hypers["feature_space"]))
 
 
 def message_hypers(density: DensityHypers, max_radial: int, max_angular: int) -> Dict:

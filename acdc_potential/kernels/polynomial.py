@@ -41,6 +41,9 @@ class PolynomialKernel(SparseKernel):
     :param mixing: ``c0`` (species-delta weight), ``a`` (polynomial weight).
     :param feature_space: a linear kernel (``zeta = 1``) whose features are fewer than the sparse
         environments asked for takes the feature directions as its sparse set (:meth:`feature_basis`).
+
+    ``jvp_entries`` (attribute, 2^25) bounds the numbers that the feature JVPs of the derivative rows
+    hold at once (:meth:`derivative_rows`).
     """
 
     kind = "polynomial"
@@ -64,6 +67,7 @@ class PolynomialKernel(SparseKernel):
         self.projections = projections
         self.feature_space = bool(feature_space)
         self.modules: Dict[Tuple[int, str], torch.nn.Module] = {}
+        self.jvp_entries = 2**25
 
     def contracts(self) -> bool:
         """Whether the features have factors that ``contraction`` applies to (``nu = 3``)."""
@@ -162,7 +166,9 @@ class PolynomialKernel(SparseKernel):
         ``dx^_i = (d x^_i / d c_i) t_i`` comes from one feature JVP per tangent ``t_i`` of the atom's
         density coefficients (:func:`~acdc_potential.descriptors.jacobian.structure_jacobian`), so
         the cost per (atom, sparse environment) pair is a dot product. Atoms are processed in chunks
-        of ``max_pairs / K`` (atom, tangent) JVPs.
+        of at most ``max_pairs`` (atom, tangent) JVPs, fewer where one JVP holds many numbers: with
+        order 3 the ``nu = 2`` blocks of an atom (1.3e5 numbers for four species) are carried along
+        every tangent, so the chunks keep :attr:`jvp_entries` numbers per intermediate.
         """
         coefficients, layout = batch_density(expansion, batch, centres)
         coefficients = coefficients.detach()
@@ -178,7 +184,7 @@ class PolynomialKernel(SparseKernel):
         n_k = tangents.shape[1]
         values = coefficients.new_zeros((2, n_structures, self.n_sparse))
         derivatives = coefficients.new_zeros((2, n_structures, self.n_sparse, n_k))
-        step = max(1, self.max_pairs // n_k)
+        step = max(1, min(self.max_pairs, self.jvp_entries // self._entries_per_jvp(module, layout.unflatten(coefficients[:1]))) // n_k)
         for block, sparse in self._blocks(species):
             x_m = self.sparse_coefficients[sparse]
             for start in range(0, block.numel(), step):
@@ -193,6 +199,17 @@ class PolynomialKernel(SparseKernel):
                 values[:, :, sparse] += sum_by_structure(pieces, owner[atoms], n_structures)
                 derivatives[1, :, sparse] += sum_by_structure(directional[None], owner[atoms], n_structures)[0]
         return values, derivatives
+
+    def _entries_per_jvp(self, module: torch.nn.Module, one: List[torch.Tensor]) -> int:
+        """About the numbers of the largest intermediate of one atom's feature JVP along one tangent:
+        its features, or with order 3 its ``nu = 2`` blocks. :param one: one atom's coefficients."""
+        if one[0].shape[0] == 0:
+            return 1
+        with torch.no_grad():
+            entries = module(one).shape[1]
+            if 3 in self.orders:
+                entries = max(entries, sum(block.numel() for block in module.nu2_blocks(one)))
+        return entries
 
     def piece_weights(self, mixing=None):
         m = {**self.mixing, **(mixing or {})}
