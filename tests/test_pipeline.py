@@ -308,6 +308,7 @@ def test_copper_energies_are_as_precise_as_float64_allows(kernel):
     config = dataclasses.replace(config, kernel=dataclasses.replace(config.kernel, **kernel))
     model = fit(structures, config)
     module = torch.jit.script(model.potential().eval())
+    assert getattr(module.head, "compensated", False) == (model.kernel.kind == "polynomial" and model.kernel.zeta > 2)
     assert not module.head.pairs_left or module.head.compensated
     atoms = read_structures(str(COPPER), index="-1:")[0].atoms
     probe = numerical_precision(module, atoms, step=1e-4)
