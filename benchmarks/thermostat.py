@@ -1,6 +1,6 @@
 """Whether Langevin MD with an exported model holds the thermostat's temperature.
 
-Runs Langevin dynamics as ``acdc-potential learn`` does (ASE's ``Langevin``, centre of mass free) with an
+Runs the Langevin dynamics of ``acdc-potential learn`` (:func:`acdc_potential.active.langevin`) with an
 exported file through metatomic's ASE calculator (no uncertainty requested), samples the instantaneous
 temperature every ``--every`` steps after the first fifth of the run, and prints its mean with the standard
 error from ten block means (successive samples are correlated over the thermostat's time ``1 / (2
@@ -12,22 +12,24 @@ usage: python benchmarks/thermostat.py MODEL.pt --structure FRAMES.extxyz[@INDEX
 
 import argparse
 
+import dataclasses
+
 import ase.io
 import numpy as np
 import torch
-from ase import units
-from ase.md.langevin import Langevin
-from ase.md.velocitydistribution import Stationary, thermalize_momenta
+
+from acdc_potential.active import langevin, thermalize
+from acdc_potential.config import LearnConfig
 
 BLOCKS = 10
 
 
-def sampled_temperatures(atoms, temperature: float, steps: int, timestep: float, friction: float, every: int, seed: int = 0) -> np.ndarray:
-    """Instantaneous temperatures (K) every ``every`` steps of Langevin MD of ``atoms`` (with a calculator)
-    from momenta drawn at ``temperature``, after the first fifth of ``steps``."""
-    thermalize_momenta(atoms, temperature_K=temperature, rng=np.random.RandomState(seed))
-    Stationary(atoms)
-    dynamics = Langevin(atoms, timestep * units.fs, temperature_K=temperature, friction=friction / units.fs, fixcm=False, rng=np.random.RandomState(seed + 1))
+def sampled_temperatures(atoms, temperature: float, steps: int, options: LearnConfig, every: int, seed: int = 0) -> np.ndarray:
+    """Instantaneous temperatures (K) every ``every`` steps of ``learn``'s Langevin MD (timestep and
+    friction of ``options``) of ``atoms`` (with a calculator) from momenta drawn at ``temperature``,
+    after the first fifth of ``steps``."""
+    thermalize(atoms, temperature, seed)
+    dynamics = langevin(atoms, temperature, options, seed + 1)
     samples = []
     dynamics.attach(lambda: samples.append(atoms.get_temperature()), interval=every)
     dynamics.run(steps)
@@ -40,8 +42,8 @@ def main():
     parser.add_argument("--structure", required=True, help="FRAMES.extxyz[@INDEX] (INDEX default 0)")
     parser.add_argument("--temperature", type=float, default=500.0, help="K")
     parser.add_argument("--steps", type=int, default=20000)
-    parser.add_argument("--timestep", type=float, default=0.5, help="fs")
-    parser.add_argument("--friction", type=float, default=0.01, help="1/fs")
+    parser.add_argument("--timestep", type=float, default=LearnConfig.timestep, help="fs")
+    parser.add_argument("--friction", type=float, default=LearnConfig.friction, help="1/fs")
     parser.add_argument("--every", type=int, default=10, help="steps between temperature samples")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -51,7 +53,8 @@ def main():
     path, _, index = args.structure.partition("@")
     atoms = ase.io.read(path, index=int(index or 0))
     atoms.calc = MetatomicCalculator(args.model, uncertainty_threshold=None)
-    samples = sampled_temperatures(atoms, args.temperature, args.steps, args.timestep, args.friction, args.every)
+    options = dataclasses.replace(LearnConfig(), timestep=args.timestep, friction=args.friction)
+    samples = sampled_temperatures(atoms, args.temperature, args.steps, options, args.every)
     blocks = samples[: len(samples) // BLOCKS * BLOCKS].reshape(BLOCKS, -1).mean(axis=1)
     error = blocks.std(ddof=1) / np.sqrt(BLOCKS)
     print(f"{args.model}, {atoms.get_chemical_formula()}: {args.steps} Langevin steps of {args.timestep} fs at {args.temperature:.0f} K "
