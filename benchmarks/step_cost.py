@@ -32,12 +32,12 @@ def staged_energy(head, atoms, stage: int):
     vectors = positions[batch.neighbors] - positions[batch.centers] + batch.shifts @ batch.cells[0]
     species = head.density.species_lookup[batch.numbers]
     pairs = Pairs(vectors, batch.centers, batch.neighbors, species)
-    if stage == 0 or (stage == 1 and not hasattr(head, "unit_features")):
+    if stage == 0 or (stage == 1 and not hasattr(head, "features")):
         return positions, sum(c.sum() for c in head.density.from_pairs(pairs))
-    # a message-passing head's environments are its invariants already (computed from the whole batch)
+    # a polynomial or message-passing head's environments are its unit invariants
     environments = head.environments(pairs)
     if stage == 1:
-        return positions, head.unit_features(environments).sum()
+        return positions, environments[0].sum()
     return positions, head(environments, species).sum()
 
 

@@ -1,4 +1,5 @@
-"""Uncertainties: the exported quantities against dense algebra, the calibration estimator, the
+"""Uncertainties: the exported quantities against dense algebra (a Wigner model's and, species by
+species, a feature model's), the calibration estimator, the
 calibration factor recovered on data drawn from the model's own prior, and a fitted, exported
 calibration (docs/equations.md, "Uncertainties")."""
 
@@ -24,6 +25,8 @@ from acdc_potential.fit.checkpoint import SparseKRRModel
 from acdc_potential.fit.design import mix_pieces
 from acdc_potential.fit.driver import fit_kernel
 from acdc_potential.fit.solver import solve_projected_process
+from acdc_potential.kernels.message_passing import MessagePassingKernel, message_hypers
+from acdc_potential.kernels.polynomial import PolynomialKernel
 from acdc_potential.kernels.wigner.iteration import WignerHypers
 from acdc_potential.kernels.wigner.kernel import WignerKernel
 from acdc_potential.model.export import export_model
@@ -62,19 +65,26 @@ def fitted():
     return model
 
 
+def unexplained(k_xm: torch.Tensor, k_mm: torch.Tensor, k_xx: torch.Tensor) -> torch.Tensor:
+    """``k_xx - k_xM K_MM^-1 k_Mx`` ``[n]`` by a dense solve."""
+    return k_xx - (k_xm * torch.linalg.solve(k_mm, k_xm.T).T).sum(1)
+
+
 def test_exported_uncertainties_are_the_defined_quantities(fitted, tmp_path):
-    """Per atom: ``alpha^2 (k_xx - k_xM K_MM^-1 k_Mx)`` with ``K_MM^-1`` by a dense solve; per
-    structure: ``alpha^2`` times the projected-process variance of the summed rows (the solver's
-    variance, checked against the closed form in test_regression) plus the energy regulariser
-    squared per atom; per force component: ``beta_a`` times the atomic one; the exported file
-    gives the same as the model in memory."""
-    frames = [cluster(40, "CH4"), cluster(41)]
+    """Per atom: ``alpha^2 (k_xx - k_xM K_MM^-1 k_Mx)`` with ``K_MM^-1`` by a dense solve (an atom without
+    neighbours too); per structure: ``alpha^2`` times the projected-process variance of the summed rows
+    (the solver's variance, checked against the closed form in test_regression) plus the energy
+    regulariser squared per atom; per force component: ``beta_a`` times the atomic one; the exported
+    file gives the same as the model in memory."""
+    lonely = cluster(42, "CH4")
+    lonely.append(ase.Atom("H", lonely.positions.mean(axis=0) + [12.0, 0.0, 0.0]))  # beyond the cutoff of every atom
+    frames = [cluster(40, "CH4"), cluster(41), lonely]
     kernel, alpha = fitted.kernel, fitted.calibration.energy
     x, numbers, _ = coefficients(fitted.expansion, frames)
     k_xm = mixed(kernel, x, numbers, kernel.sparse_coefficients, kernel.sparse_species)
     k_mm = mixed(kernel, kernel.sparse_coefficients, kernel.sparse_species, kernel.sparse_coefficients, kernel.sparse_species)
     k_xx = mixed(kernel, x, numbers, x, numbers)
-    atom = alpha**2 * (k_xx.diagonal() - (k_xm * torch.linalg.solve(k_mm, k_xm.T).T).sum(1))
+    atom = alpha**2 * unexplained(k_xm, k_mm, k_xx.diagonal())
     result = fitted.predict(frames, forces=False, stress=False, uncertainty=True)
     torch.testing.assert_close(result["atom_uncertainty"] ** 2, atom, rtol=1e-6, atol=1e-12)
     beta = torch.tensor([fitted.calibration.forces[int(z)] for z in numbers], dtype=torch.float64)
@@ -100,6 +110,35 @@ def test_exported_uncertainties_are_the_defined_quantities(fitted, tmp_path):
         np.testing.assert_allclose(calculator.get_uncertainty(atoms.copy(), per_atom=True), result["atom_uncertainty"][rows].numpy(), rtol=1e-8)
         np.testing.assert_allclose(calculator.get_forces_uncertainty(atoms.copy()), result["forces_uncertainty"][rows].numpy(), rtol=1e-8)
         assert calculator.get_uncertainty(atoms.copy()) == pytest.approx(float(result["energy_uncertainty"][k]), rel=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["polynomial", "linear", "message-passing"])
+def test_feature_models_give_atoms_the_unexplained_variance_of_their_own_kernel(kind):
+    """``alpha^2 (k_xx - k_xM K_MM^-1 k_Mx)`` for ``k = c0 + a (x . y)^zeta`` of the model's unit features,
+    by a dense solve (and zero between species); ``linear``: ``zeta = 1`` solved in feature space, whose
+    sparse set is each species' origin and feature directions."""
+    frames = [cluster(k, "CH4") for k in range(6)] + [cluster(10 + k) for k in range(4)]
+    rng = np.random.default_rng(0)
+    structures = [Labelled(atoms=a, energy=float(rng.normal()), forces=rng.normal(size=(len(a), 3))) for a in frames]
+    mixing = {"c0": 0.5, "a": 1.0}
+    zeta = 1 if kind == "linear" else 2
+    if kind == "message-passing":
+        kernel = MessagePassingKernel(message_hypers(HYPERS, 1, 1), zeta=zeta, orders=[2], mixing=mixing)
+    else:
+        kernel = PolynomialKernel(zeta=zeta, mixing=mixing)
+    model = fit_kernel(structures, HYPERS, kernel, n_sparse=6, regularisers=Regularisers(0.01, 0.05, 0.005), tune=False)
+    model.calibration = Calibration(0.3, {1: 2.0, 6: 5.0, 29: 3.0}, 1, 1)
+    test = [cluster(40, "CH4"), cluster(41)]
+    batch = batch_from_atoms(test, model.expansion.cutoff)
+    x, _ = kernel.environments(model.expansion, batch)
+
+    def k(a, species_a, b, species_b):
+        return (species_a[:, None] == species_b[None, :]).to(a) * (0.5 + (a @ b.T) ** zeta)
+
+    xm, sm = kernel.sparse_coefficients, kernel.sparse_species
+    atom = 0.3**2 * unexplained(k(x, batch.numbers, xm, sm), k(xm, sm, xm, sm), k(x, batch.numbers, x, batch.numbers).diagonal())
+    result = model.predict(test, forces=False, stress=False, uncertainty=True)
+    torch.testing.assert_close(result["atom_uncertainty"] ** 2, atom, rtol=1e-6, atol=1e-12)
 
 
 def test_uncalibrated_files_declare_no_force_uncertainty(fitted, tmp_path):

@@ -11,11 +11,8 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 
 from ..config import Regularisers
-from ..model.uncertainty import projected_variance
+from ..model.uncertainty import DEFAULT_JITTER, projected_variance, sparse_projection
 from .design import DesignMatrix, mix_pieces
-
-# floor of the eigenvalues of K_MM relative to the largest (sparse_projection): ~500 machine epsilons
-DEFAULT_JITTER = 1e-13
 
 
 @dataclass
@@ -79,33 +76,6 @@ def solution_from_triangle(augmented: torch.Tensor, projection: torch.Tensor) ->
     r, rhs = augmented[:rank, :rank], augmented[:rank, rank]
     z = torch.linalg.solve_triangular(r, rhs[:, None], upper=True)[:, 0]
     return ProjectedProcess(projection @ z, projection, r)
-
-
-def sparse_projection(k_mm: torch.Tensor, jitter: float = DEFAULT_JITTER, blocks: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``P = U lambda^{-1/2}`` ``[M, M]`` of ``K_MM = U diag(lambda) U^T`` ``[M, M]``, every
-    eigenvalue raised to at least ``jitter * lambda_max`` (see :class:`ProjectedProcess`).
-
-    ``blocks`` ``[M]``: a label per column (e.g. the central species) such that ``K_MM`` vanishes
-    between different labels; each block is then decomposed on its own (the same ``P`` up to the
-    order of its columns, at a fraction of the cost).
-
-    The eigen-directions of small ``lambda`` are kept, not dropped: they are smooth in
-    the sparse environments but not in the forces, and dropping those below 1e-10 of the
-    largest (half of them for 1000 ethanol environments per species) cost 40% of the force
-    accuracy. The floor only keeps the problem well posed where ``K_MM`` is singular to
-    working precision (duplicate environments), like GAP's sparse jitter.
-    """
-    if blocks is None:
-        eigenvalues, vectors = torch.linalg.eigh(0.5 * (k_mm + k_mm.T))
-        floor = jitter * eigenvalues.max().clamp_min(1e-300)
-        return vectors / eigenvalues.clamp_min(floor).sqrt()
-    groups = [torch.nonzero(blocks == label).flatten() for label in torch.unique(blocks)]
-    parts = [torch.linalg.eigh(0.5 * (k_mm[g][:, g] + k_mm[g][:, g].T)) for g in groups]
-    floor = jitter * max(float(values.max()) for values, _ in parts) if parts else 0.0
-    projection = torch.zeros_like(k_mm)
-    for g, (values, vectors) in zip(groups, parts):
-        projection[g[:, None], g[None, :]] = vectors / values.clamp_min(max(floor, 1e-300)).sqrt()
-    return projection
 
 
 def stacked_triangle(

@@ -3,8 +3,9 @@
 A head maps the neighbour pairs of a batch to per-atom energies and variances, in two steps
 so that energies and uncertainties share one environment computation:
 
-- ``environments(pairs: Pairs) -> List[Tensor]``: the per-atom representation (here the
-  density coefficients; a message-passing head may use neighbours' environments);
+- ``environments(pairs: Pairs) -> List[Tensor]``: the per-atom representation (the density
+  coefficients of a Wigner head; the unit invariant features of a polynomial head, and of a
+  message-passing head, whose features take in the neighbours' environments);
 - ``forward(environments, species) -> Tensor`` ``[n_atoms]``: atomic energies (eV);
 - ``variance(environments, species, group, n_groups, per_atom) -> Tensor``: the calibrated
   variance (eV^2) of each atomic energy (``[n_atoms]``; the unexplained prior variance) or the
@@ -27,7 +28,7 @@ from ..kernels.polynomial import polynomial_pieces
 from ..kernels.wigner.features import OrderFeatures
 from ..kernels.wigner.iteration import WignerKernels
 from .compensated import compensated_polynomial_sum, grid_split, split_halves
-from .uncertainty import SparseState
+from .uncertainty import SparseState, feature_atom_variance
 
 
 class DensityHead(torch.nn.Module):
@@ -216,6 +217,11 @@ class PolynomialHead(DensityHead):
         # the sparse environments are unit features already: the state's tensor, not a second copy
         self.register_buffer("sparse_features", state.sparse)
         self.collapse(species, route)
+        self.atoms = feature_atom_variance(state, self.zeta)
+
+    def environments(self, pairs: Pairs) -> List[torch.Tensor]:
+        """The unit invariant features ``[n, F]`` (one tensor), shared by energies and variances."""
+        return [self.features(self.density.from_pairs(pairs))]
 
     def collapse(self, species: List[int], route: str) -> None:
         """Precompute what does not depend on the atom: ``constant`` ``[S]`` (``c0 sum_{m : a_m = a}
@@ -261,9 +267,6 @@ class PolynomialHead(DensityHead):
                     folded[s], values[s] = weighted_gram_eigenpairs(x[rows], weights[rows], largest)
         self.register_buffer("folded", folded)
         self.register_buffer("values", values)
-
-    def unit_features(self, coefficients: List[torch.Tensor]) -> torch.Tensor:
-        return self.features(coefficients)
 
     def kernel(self, x: torch.Tensor, species_x: torch.Tensor, y: torch.Tensor, species_y: torch.Tensor) -> torch.Tensor:
         """Mixed kernel ``[n_x, n_y]`` between unit feature rows."""
@@ -314,18 +317,18 @@ class PolynomialHead(DensityHead):
             energy = energy.index_add(0, atoms, term)
         return energy
 
-    def forward(self, coefficients: List[torch.Tensor], species: torch.Tensor) -> torch.Tensor:
-        unit = self.unit_features(coefficients)
+    def forward(self, environments: List[torch.Tensor], species: torch.Tensor) -> torch.Tensor:
+        unit = environments[0]
         return self.constant.to(unit.dtype)[species] + self.polynomial_energy(unit, species)
 
     def variance(
-        self, coefficients: List[torch.Tensor], species: torch.Tensor, group: torch.Tensor, n_groups: int, per_atom: bool
+        self, environments: List[torch.Tensor], species: torch.Tensor, group: torch.Tensor, n_groups: int, per_atom: bool
     ) -> torch.Tensor:
         with torch.no_grad():
-            unit = self.unit_features([c.detach() for c in coefficients])
-            k_xm = self.kernel(unit, species, self.sparse_features.to(unit.dtype), self.state.sparse_species)
+            unit = environments[0].detach()
             if per_atom:
-                return self.state.atom_variance(k_xm, self.kernel(unit, species, unit, species).diagonal(), species)
+                return self.atoms(unit, species, self.sparse_features).to(unit.dtype)
+            k_xm = self.kernel(unit, species, self.sparse_features.to(unit.dtype), self.state.sparse_species)
             return self.state.group_variance(k_xm, self.kernel(unit, species, unit, species), species, group, n_groups)
 
 
@@ -347,9 +350,6 @@ class MessagePassingHead(PolynomialHead):
 
     def environments(self, pairs: Pairs) -> List[torch.Tensor]:
         return [self.features(pairs.vectors, pairs.centers, pairs.neighbors, pairs.species)]
-
-    def unit_features(self, coefficients: List[torch.Tensor]) -> torch.Tensor:
-        return coefficients[0]
 
 
 # the lambda = 1, sigma = +1 block (a polar vector; descriptors.cg.block_key)
