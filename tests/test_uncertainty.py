@@ -113,32 +113,43 @@ def test_exported_uncertainties_are_the_defined_quantities(fitted, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["polynomial", "linear", "message-passing"])
-def test_feature_models_give_atoms_the_unexplained_variance_of_their_own_kernel(kind):
+def test_feature_models_give_atoms_the_unexplained_variance_of_their_own_kernel(kind, tmp_path):
     """``alpha^2 (k_xx - k_xM K_MM^-1 k_Mx)`` for ``k = c0 + a (x . y)^zeta`` of the model's unit features,
-    by a dense solve (and zero between species); ``linear``: ``zeta = 1`` solved in feature space, whose
-    sparse set is each species' origin and feature directions."""
+    by a dense solve (and zero between species); ``linear``: ``zeta = 1`` on order 1, solved in feature
+    space, whose sparse set is each species' origin (a zero row) and feature directions. A float32 file
+    gives the same to 1e-3 (of the prior's standard deviation)."""
     frames = [cluster(k, "CH4") for k in range(6)] + [cluster(10 + k) for k in range(4)]
     rng = np.random.default_rng(0)
     structures = [Labelled(atoms=a, energy=float(rng.normal()), forces=rng.normal(size=(len(a), 3))) for a in frames]
-    mixing = {"c0": 0.5, "a": 1.0}
+    mixing = {"c0": 0.5, "a": 1.3}
     zeta = 1 if kind == "linear" else 2
     if kind == "message-passing":
         kernel = MessagePassingKernel(message_hypers(HYPERS, 1, 1), zeta=zeta, orders=[2], mixing=mixing)
+    elif kind == "linear":
+        kernel = PolynomialKernel(zeta=zeta, orders=[1], mixing=mixing)
     else:
         kernel = PolynomialKernel(zeta=zeta, mixing=mixing)
-    model = fit_kernel(structures, HYPERS, kernel, n_sparse=6, regularisers=Regularisers(0.01, 0.05, 0.005), tune=False)
+    model = fit_kernel(structures, HYPERS, kernel, n_sparse=20 if kind == "linear" else 6, regularisers=Regularisers(0.01, 0.05, 0.005), tune=False)
+    if kind == "linear":
+        assert bool((kernel.sparse_coefficients.abs().sum(dim=1) == 0).any())
     model.calibration = Calibration(0.3, {1: 2.0, 6: 5.0, 29: 3.0}, 1, 1)
     test = [cluster(40, "CH4"), cluster(41)]
     batch = batch_from_atoms(test, model.expansion.cutoff)
     x, _ = kernel.environments(model.expansion, batch)
 
     def k(a, species_a, b, species_b):
-        return (species_a[:, None] == species_b[None, :]).to(a) * (0.5 + (a @ b.T) ** zeta)
+        return (species_a[:, None] == species_b[None, :]).to(a) * (0.5 + 1.3 * (a @ b.T) ** zeta)
 
     xm, sm = kernel.sparse_coefficients, kernel.sparse_species
     atom = 0.3**2 * unexplained(k(x, batch.numbers, xm, sm), k(xm, sm, xm, sm), k(x, batch.numbers, x, batch.numbers).diagonal())
     result = model.predict(test, forces=False, stress=False, uncertainty=True)
     torch.testing.assert_close(result["atom_uncertainty"] ** 2, atom, rtol=1e-6, atol=1e-12)
+    path = str(tmp_path / "model32.pt")
+    export_model(model.potential(), path, dtype=torch.float32)
+    calculator = ACDCCalculator(path, uncertainty_threshold=None)
+    sigma = np.concatenate([calculator.get_uncertainty(atoms.copy(), per_atom=True) for atoms in test])
+    # within 1e-3 of the prior's standard deviation (a linear model in feature space explains everything: zero, rounded)
+    np.testing.assert_allclose(sigma, result["atom_uncertainty"].numpy(), rtol=1e-3, atol=1e-3 * 0.3 * (0.5 + 1.3) ** 0.5)
 
 
 def test_uncalibrated_files_declare_no_force_uncertainty(fitted, tmp_path):

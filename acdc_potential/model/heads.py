@@ -32,7 +32,8 @@ from .uncertainty import SparseState, feature_atom_variance
 
 
 class DensityHead(torch.nn.Module):
-    """A head whose atomic environments are the density coefficients of its own expansion.
+    """A head whose atomic environments come from its own density expansion: here the density
+    coefficients themselves (subclasses may turn them into features).
 
     ``pairs_left``: whether its energies sum over sparse environments pair by pair in the module's
     dtype at every call (large, cancelling fitted weights that float32 cannot hold); false here.

@@ -234,7 +234,8 @@ class AtomVariance(torch.nn.Module):
 
 def feature_atom_variance(state: SparseState, zeta: int) -> AtomVariance:
     """The :class:`AtomVariance` of a model whose kernel is ``c0 + a (x . y)^zeta`` on its sparse
-    feature rows ``state.sparse`` (polynomial and message-passing kernels), with the fit's floor of
-    the eigenvalues of ``K_MM``."""
+    feature rows ``state.sparse`` (polynomial and message-passing kernels), the eigenvalues of each
+    species' block floored at the fit's default jitter relative to the block's largest (the fit floors
+    relative to the whole ``K_MM``'s: the same up to directions at rounding level)."""
     scale = state.energy_scale**2 * torch.ones(state.centres.shape[0], dtype=torch.float64, device=state.sparse.device)
     return AtomVariance(state.sparse, state.sparse_species, state.piece_weights[:2].tolist(), zeta, scale, DEFAULT_JITTER)
