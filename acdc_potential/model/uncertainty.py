@@ -206,10 +206,14 @@ class AtomVariance(torch.nn.Module):
             start, stop = int(starts[s]), int(starts[s + 1])
             if stop > start:
                 rows = sparse[start:stop]
-                factors[start:stop, : stop - start] = sparse_projection(self.constant + self.amplitude * (rows @ rows.T) ** self.zeta, jitter)
+                factors[start:stop, : stop - start] = sparse_projection(self.kernel(rows, rows), jitter)
         self.register_buffer("starts", starts)
         self.register_buffer("factors", factors)
         self.register_buffer("scale", scale.to(sparse.dtype) * (counts > 0).to(sparse.dtype))
+
+    def kernel(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``c0 + a (x . y)^zeta`` ``[n_x, n_y]`` between feature rows of one species."""
+        return self.constant + self.amplitude * (x @ y.T) ** self.zeta
 
     def forward(self, x: torch.Tensor, species: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         """``[n]`` variances of the atoms of feature rows ``x [n, F]`` and species indices ``[n]``, given the
@@ -225,10 +229,9 @@ class AtomVariance(torch.nn.Module):
                 continue
             atoms = torch.nonzero(species == s).flatten()
             rows = x.index_select(0, atoms)
-            k_xm = self.constant + self.amplitude * (rows @ sparse[start:stop].T) ** self.zeta
             k_xx = self.constant + self.amplitude * (rows * rows).sum(dim=1) ** self.zeta
-            explained = ((k_xm @ self.factors[start:stop, : stop - start]) ** 2).sum(dim=1)
-            variance = variance.index_add(0, atoms, self.scale[s] * (k_xx - explained))
+            unexplained = unexplained_variance(self.kernel(rows, sparse[start:stop]), k_xx, self.factors[start:stop, : stop - start])
+            variance = variance.index_add(0, atoms, self.scale[s] * unexplained)
         return variance
 
 
