@@ -469,7 +469,7 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-uncertainties", action="store_true", help="skip the calibration table and plot of the uncertainties (they cost several energy evaluations per structure)")
     _add_labels(evaluate)
     _add_threads(evaluate)
-    evaluate.add_argument("--device", help="torch device to run the model on, e.g. cpu or cuda (default: the best the model supports; CUDA is untested: no GPU was available)")
+    evaluate.add_argument("--device", help="torch device to run the model on, e.g. cpu or cuda (default: the best the model supports)")
     evaluate.set_defaults(run=eval_command)
 
     learn = commands.add_parser(

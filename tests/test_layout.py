@@ -288,14 +288,23 @@ def test_exported_metadata_names_the_package_and_the_methods(tmp_path):
 
 
 def test_float32_export_gives_energies_and_uncertainties(tmp_path):
+    """A float32 file's energy to float32's precision, and its uncertainties as the float64 file's: they
+    are computed in float64 (in float32 the unexplained variance of these environments rounded to zero)."""
     model, frames, old = reference("ethanol_wigner3")
-    path = str(tmp_path / "model32.pt")
-    export_model(model.potential(), path, dtype=torch.float32)
-    calculator = ACDCCalculator(path)  # requests the uncertainty at every call (the warning)
+    paths = {dtype: str(tmp_path / f"model-{dtype}.pt") for dtype in ("float64", "float32")}
+    for name, path in paths.items():
+        export_model(model.potential(), path, dtype=getattr(torch, name))
+    calculator = ACDCCalculator(paths["float32"])  # requests the uncertainty at every call (the warning)
     atoms = frames[0]
     atoms.calc = calculator
     assert abs(atoms.get_potential_energy() - old["file_energy"][0]) < 1e-4 * abs(old["file_energy"][0])
-    assert np.isfinite(calculator.get_uncertainty(atoms))
+    double = ACDCCalculator(paths["float64"], uncertainty_threshold=None)
+    for single in (calculator, double):
+        single.threads = 1
+    for per_atom in (False, True):
+        expected = double.get_uncertainty(atoms.copy(), per_atom=per_atom)
+        np.testing.assert_allclose(calculator.get_uncertainty(atoms.copy(), per_atom=per_atom), expected, rtol=1e-4)
+        assert np.all(np.asarray(expected) > 0)
 
 
 def test_a_molecule_in_a_box_without_periodicity_is_predicted_as_without_the_box():

@@ -770,3 +770,35 @@ def test_the_selection_candidates_cover_every_species():
     structures = [labelled(methane(k), k) for k in range(4)] + [labelled(copper(0), 0)]
     survey = Survey.of(structures)
     assert covering([0, 2], survey) == [0, 2, 4] and covering([1, 4], survey) == [1, 4]
+
+
+def _tensors(value, path="kernel"):
+    """Every tensor held by ``value`` (an object's attributes, lists, tuples, dicts), with where it is."""
+    if isinstance(value, torch.Tensor):
+        yield path, value
+    elif isinstance(value, (list, tuple)):
+        for k, item in enumerate(value):
+            yield from _tensors(item, f"{path}[{k}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _tensors(item, f"{path}[{key!r}]")
+    elif isinstance(value, SparseKernel):
+        for name, item in vars(value).items():
+            yield from _tensors(item, f"{path}.{name}")
+
+
+def test_kernel_and_solution_move_whole_to_another_device(model):
+    """A fit on a GPU hands its model to the CPU by ``kernel.to`` and ``solution.to``: every tensor they
+    hold moves (here to the meta device), the contractions' projections included, and no cached module
+    of the old device is kept."""
+    meta = torch.device("meta")
+    moved = model.kernel.to(meta)
+    held = list(_tensors(moved))
+    assert len(held) >= 2
+    assert [path for path, tensor in held if tensor.device != meta] == []
+    assert getattr(moved, "modules", {}) == {}
+    if getattr(model.kernel, "projections", None) is not None:
+        assert any("projections" in path for path, _ in held)
+    solution = model.solution.to(meta)
+    assert all(t.device == meta for t in (solution.weights, solution.projection, solution.triangular))
+    assert model.kernel.sparse_coefficients.device.type == "cpu"  # the original stays

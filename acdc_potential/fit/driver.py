@@ -9,6 +9,7 @@ held-out structures; solve the projected process. :func:`fit` does the same from
 """
 
 import contextlib
+import copy
 import dataclasses
 import itertools
 import os
@@ -164,7 +165,7 @@ def fit_kernel(
             with log.stage("calibration"):
                 sample_positions = [position for part in groups[0] for position in part]
                 fraction = (tune_options or {}).get("validation", FitOptions.validation)
-                parts = (density_hypers, species, baseline, expansion.to("cpu") if device is not None else expansion)
+                parts = (density_hypers, species, baseline, copy.deepcopy(expansion).to("cpu"))
                 calibration = calibrate_on(design, k_mm_pieces, kernel, regularisers, jitter, source, sample_positions, sparse_owners, parts, (energies, forces, stress), fraction, seed, log)
         with log.stage("solve"):
             final = tasks.FinalSolve(kernel.piece_weights(), regularisers, sparse_projection(mix_pieces(kernel.piece_weights(), k_mm_pieces), jitter), checkpoint and os.path.abspath(checkpoint))
@@ -175,7 +176,9 @@ def fit_kernel(
             rest = [part for group in groups[1 if tune else 0 :] for part in group]
             solution = solve(triangle, rest, shared, final, executor, progress, "kernel rows (final solve)" if bars else "", log)
         log("solved the projected-process regression")
-    return SparseKRRModel(density_hypers, species, kernel, solution, baseline, regularisers, report, expansion.to("cpu") if device is not None else expansion, recorded, calibration, sparse_owners)
+    # the fitted model lives on the CPU, wherever it was fitted
+    cpu = torch.device("cpu")
+    return SparseKRRModel(density_hypers, species, kernel.to(cpu), solution.to(cpu), baseline, regularisers, report, expansion.to(cpu), recorded, calibration, sparse_owners)
 
 
 def check_centres(centres: Optional[Sequence[int]], species: Sequence[int]) -> None:
@@ -255,7 +258,8 @@ def calibrate_on(design, k_mm_pieces, kernel, regularisers, jitter, source, samp
     kept = kept_sparse(sparse_owners, kernel.sparse_species.cpu(), positions)
     solution = held_out_solution(design, k_mm_pieces, kernel.piece_weights(), regularisers, jitter, held.to(design.structure.device), kept.to(k_mm_pieces.device))
     density_hypers, species, baseline, expansion = parts
-    model = SparseKRRModel(density_hypers, species, kernel.sparse_subset(kept), solution, baseline, regularisers, expansion=expansion)
+    device = expansion.species_lookup.device  # the model's, which may not be the fit's
+    model = SparseKRRModel(density_hypers, species, kernel.sparse_subset(kept).to(device), solution.to(device), baseline, regularisers, expansion=expansion)
     calibration = calibrate(model, calibration_structures(source.read(positions), kinds[0], kinds[1]))
     forces = ", ".join(f"{chemical_symbols[z]} {b:.3g}" for z, b in calibration.forces.items())
     log(

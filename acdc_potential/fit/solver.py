@@ -34,6 +34,9 @@ class ProjectedProcess:
     projection: torch.Tensor
     triangular: torch.Tensor
 
+    def to(self, device: torch.device) -> "ProjectedProcess":
+        return ProjectedProcess(self.weights.to(device), self.projection.to(device), self.triangular.to(device))
+
     def variance(self, k_xm: torch.Tensor, k_xx: torch.Tensor) -> torch.Tensor:
         """Predictive variance ``k_xx - k_xM K_MM^+ k_Mx + k_xM Sigma k_Mx`` of the projected process.
 

@@ -142,6 +142,11 @@ class SparseKernel:
         SparseKernel.set_sparse(other, coefficients, species, self.layout)
         return other
 
+    def to(self, device: torch.device) -> "SparseKernel":
+        """:meth:`with_sparse` with everything the kernel holds on ``device`` (a fit on a GPU hands its
+        model to the CPU this way)."""
+        return self.with_sparse(self.sparse_coefficients.to(device), self.sparse_species.to(device))
+
     def sparse_subset(self, indices: torch.Tensor) -> "SparseKernel":
         """:meth:`with_sparse` of the sparse environments ``indices`` only."""
         return self.with_sparse(self.sparse_coefficients[indices], self.sparse_species[indices])

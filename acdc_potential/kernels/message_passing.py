@@ -104,7 +104,7 @@ class MessagePassingKernel(PolynomialKernel):
         """Fit the contraction of the ``[nu <- 1]`` couplings (when asked for and not given) on every atom of ``batches``."""
         if not self.unprepared:
             return
-        module = MessagePassingInvariants(expansion, self.message_expansion(expansion), self.orders, self.message_orders)
+        module = MessagePassingInvariants(expansion, self.message_expansion(expansion), self.orders, self.message_orders).to(expansion.species_lookup.device)
         self.projections = fit_message_contraction(module, batches, self.contraction)
         self.modules = {}
 

@@ -89,6 +89,12 @@ class PolynomialKernel(SparseKernel):
         self.projections = fit_contraction(expansion.l_max, concatenated(blocks), self.contraction)
         self.modules = {}
 
+    def to(self, device: torch.device) -> "PolynomialKernel":
+        other = super().to(device)
+        other.projections = moved(self.projections, device)
+        other.modules = {}
+        return other
+
     def feature_module(self, expansion: DensityExpansion) -> torch.nn.Module:
         """A new feature module of this kernel for the model's density ``expansion`` (what the exported head runs)."""
         return Invariants(expansion.l_max, self.orders, self.projections)
@@ -222,3 +228,12 @@ class PolynomialKernel(SparseKernel):
     def from_hypers(cls, hypers, mixing):
         projections = hypers["projections"]
         return cls(int(hypers["zeta"]), [int(nu) for nu in hypers["orders"]], int(hypers["contraction"]), list(projections) if projections is not None else None, mixing, bool(hypers["feature_space"]))
+
+
+def moved(value, device: torch.device):
+    """``value`` (a tensor, or lists and tuples of them, or ``None``) with every tensor on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(moved(item, device) for item in value)
+    return value

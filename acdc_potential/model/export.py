@@ -37,12 +37,23 @@ def export_model(
     ``dtype`` float64 (default) or float32 (refused for heads that sum pairs at every step: their
     weights cancel beyond float32's precision); ``references`` as
     :func:`~acdc_potential.model.references.metatomic_references` gives them. Supported
-    devices are declared as cpu and cuda; the cuda path is untested (no GPU on the
-    development machines).
+    devices are declared as cpu and cuda (``benchmarks/gpu.py`` checks cuda against the cpu).
     """
     model = atomistic_model(potential, dtype, description, references)
     model.save(path, collect_extensions=extensions_directory)
     return model
+
+
+def in_dtype(potential: AtomisticPotential, dtype: torch.dtype) -> AtomisticPotential:
+    """A copy of ``potential`` in ``dtype``, but for the parts of its energy head that only the
+    variances use (``head.variance_parts()``), which stay float64: in float32 the unexplained
+    variance of a well-fitted environment (a millionth of the prior's) is lost to rounding."""
+    single = copy.deepcopy(potential).to(dtype)
+    if potential.head is not None and dtype != torch.float64:
+        memo: Dict[int, object] = {}  # one deep copy for all parts: tensors they share stay shared
+        for name in potential.head.variance_parts():
+            setattr(single.head, name, copy.deepcopy(getattr(potential.head, name), memo).to(torch.float64))
+    return single
 
 
 def atomistic_model(
@@ -58,7 +69,7 @@ def atomistic_model(
             "polynomial kernel of zeta >= 3): float32 cannot hold the cancellation among its fitted weights "
             '(docs/equations.md, "Numerical precision"); export it in float64'
         )
-    potential = copy.deepcopy(potential).to(dtype).eval()
+    potential = in_dtype(potential, dtype).eval()
     outputs = {}
     for head in (potential.head, potential.dipole):
         clear_cache = getattr(head, "clear_cache", None)

@@ -47,6 +47,13 @@ class DensityHead(torch.nn.Module):
     def environments(self, pairs: Pairs) -> List[torch.Tensor]:
         return self.density.from_pairs(pairs)
 
+    @torch.jit.unused
+    def variance_parts(self) -> List[str]:
+        """Names of the submodules and buffers that only :meth:`variance` uses: they stay float64 in a
+        file of any dtype (the unexplained variance ``k_xx - |k_xM P|^2`` cancels far below float32's
+        precision), and the variance casts its inputs to float64. None here."""
+        return []
+
 
 class SparseWignerHead(DensityHead):
     """A head that sums Wigner kernels over its sparse environments (``self.kernels``, a
@@ -108,8 +115,9 @@ class WignerHead(SparseWignerHead):
         self.state = state
         self.collapsed = route == "collapsed"
         self.kernels = WignerKernels(kernel.wigner_hypers)
-        # the orders that collapse: all of them up to nu_max = 4
-        self.folded = self.kernels if self.kernels.nu_max <= FOLDED_ORDERS else WignerKernels(dataclasses.replace(kernel.wigner_hypers, nu_max=FOLDED_ORDERS))
+        # the orders that collapse: all of them up to nu_max = 4; a module of its own, in the file's
+        # dtype, while ``kernels`` (the variance's) stays float64
+        self.folded = WignerKernels(dataclasses.replace(kernel.wigner_hypers, nu_max=min(self.kernels.nu_max, FOLDED_ORDERS)))
         self.register_buffer("inverse_scale", 1.0 / kernel.order_scales(species))
         order_weights = self.state.piece_weights[:, None] * self.inverse_scale[self.state.sparse_species].T
         pair_weights = order_weights * self.state.weights[None, :]
@@ -165,19 +173,26 @@ class WignerHead(SparseWignerHead):
         pieces = self.kernels(a, species_a, b, species_b, b_features) * inverse_scale[:, :, None]
         return torch.einsum("p,pnm->nm", self.state.piece_weights.to(a[0].dtype), pieces)
 
+    @torch.jit.unused
+    def variance_parts(self) -> List[str]:
+        return ["state", "kernels", "inverse_scale"]
+
     def variance(
         self, coefficients: List[torch.Tensor], species: torch.Tensor, group: torch.Tensor, n_groups: int, per_atom: bool
     ) -> torch.Tensor:
+        """In float64 (:meth:`variance_parts`) from the coefficients, whatever their dtype."""
         with torch.no_grad():
-            a = [c.detach() for c in coefficients]
-            sparse = unflatten(self.state.sparse.to(a[0].dtype), self.state.shapes)
+            a = [c.detach().to(self.state.sparse.dtype) for c in coefficients]
+            sparse = unflatten(self.state.sparse, self.state.shapes)
             k_xm = self.kernel(a, species, sparse, self.state.sparse_species, self._sparse_features(sparse))
             if per_atom:
-                inverse_scale = self.inverse_scale.to(a[0].dtype)[species].T
-                piece_weights = self.state.piece_weights.to(a[0].dtype)
+                inverse_scale = self.inverse_scale[species].T
+                piece_weights = self.state.piece_weights
                 k_xx = piece_weights[0] + piece_weights[1:] @ (self.kernels.invariant_matched(a, a) * inverse_scale[1:])
-                return self.state.atom_variance(k_xm, k_xx, species)
-            return self.state.group_variance(k_xm, self.kernel(a, species, a, species), species, group, n_groups)
+                variance = self.state.atom_variance(k_xm, k_xx, species)
+            else:
+                variance = self.state.group_variance(k_xm, self.kernel(a, species, a, species), species, group, n_groups)
+            return variance.to(coefficients[0].dtype)
 
 
 ROUTES = ("collapsed", "pairs")
@@ -322,15 +337,22 @@ class PolynomialHead(DensityHead):
         unit = environments[0]
         return self.constant.to(unit.dtype)[species] + self.polynomial_energy(unit, species)
 
+    @torch.jit.unused
+    def variance_parts(self) -> List[str]:
+        return ["state", "atoms", "sparse_features"]
+
     def variance(
         self, environments: List[torch.Tensor], species: torch.Tensor, group: torch.Tensor, n_groups: int, per_atom: bool
     ) -> torch.Tensor:
+        """In float64 (:meth:`variance_parts`) from the features, whatever their dtype."""
         with torch.no_grad():
-            unit = environments[0].detach()
+            unit = environments[0].detach().to(self.sparse_features.dtype)
             if per_atom:
-                return self.atoms(unit, species, self.sparse_features).to(unit.dtype)
-            k_xm = self.kernel(unit, species, self.sparse_features.to(unit.dtype), self.state.sparse_species)
-            return self.state.group_variance(k_xm, self.kernel(unit, species, unit, species), species, group, n_groups)
+                variance = self.atoms(unit, species, self.sparse_features)
+            else:
+                k_xm = self.kernel(unit, species, self.sparse_features, self.state.sparse_species)
+                variance = self.state.group_variance(k_xm, self.kernel(unit, species, unit, species), species, group, n_groups)
+            return variance.to(environments[0].dtype)
 
 
 class MessagePassingHead(PolynomialHead):

@@ -146,17 +146,12 @@ class SparseState(torch.nn.Module):
 
     def variance(self, k_xm: torch.Tensor, k_xx: torch.Tensor) -> torch.Tensor:
         """``[n]`` calibrated projected-process variances from kernel rows ``k_xm [n, M]`` and ``k(x, x)`` ``[n]``."""
-        dtype = self.projection.dtype  # float64 unless the whole model was exported in float32
-        variance = projected_variance(k_xm.to(dtype), k_xx.to(dtype), self.projection, self.triangular)
-        return (self.energy_scale**2 * variance).to(k_xm.dtype)
+        return self.energy_scale**2 * projected_variance(k_xm, k_xx, self.projection, self.triangular)
 
     def atom_variance(self, k_xm: torch.Tensor, k_xx: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
         """``[n]`` calibrated :func:`unexplained_variance` of atomic energies, from ``k_xm [n, M]``,
         ``k_xx [n]`` and the atoms' species indices ``[n]``."""
-        dtype = self.projection.dtype
-        k_xx = k_xx.to(dtype) * self.centres.to(dtype)[species]
-        variance = unexplained_variance(k_xm.to(dtype), k_xx, self.projection)
-        return (self.energy_scale**2 * variance).to(k_xm.dtype)
+        return self.energy_scale**2 * unexplained_variance(k_xm, k_xx * self.centres[species], self.projection)
 
     def group_variance(self, k_xm: torch.Tensor, k_xy: torch.Tensor, species: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:
         """``[n_groups]`` calibrated variances of the energy labels of groups of atoms (structures):
@@ -218,9 +213,7 @@ class AtomVariance(torch.nn.Module):
     def forward(self, x: torch.Tensor, species: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         """``[n]`` variances of the atoms of feature rows ``x [n, F]`` and species indices ``[n]``, given the
         sparse environments' feature rows ``sparse [M, F]`` (those of the construction)."""
-        dtype = self.factors.dtype  # float64 unless the whole model was exported in float32
-        x, sparse = x.to(dtype), sparse.to(dtype)
-        variance = torch.zeros(species.shape[0], dtype=dtype, device=x.device)
+        variance = torch.zeros(species.shape[0], dtype=x.dtype, device=x.device)
         present = torch.unique(species)
         for index in range(present.shape[0]):
             s = int(present[index])
