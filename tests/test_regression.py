@@ -1,6 +1,6 @@
 """Sparse KRR: design-matrix rows against finite differences, exact recovery, symmetries, errors, uncertainty."""
-
 import dataclasses
+import warnings
 
 import ase
 import ase.build
@@ -10,6 +10,7 @@ import torch
 from conftest import random_rotation
 
 from acdc_potential.data import Labelled
+from acdc_potential.errors import AccuracyWarning
 from acdc_potential.descriptors.neighbors import StructureError, batch_from_atoms
 from acdc_potential.descriptors.radial import DensityHypers
 from acdc_potential.descriptors.density import DensityExpansion
@@ -487,6 +488,29 @@ def test_hyperparameter_selection_lowers_the_validation_loss(model):
     assert tuned.loss < initial.loss
     assert set(tuned.tuned) == set(model.kernel.mixing_names) - {"a"} | {"energy", "forces", "stress"}
     assert tuned.mixing["a"] == model.kernel.mixing["a"]
+
+
+def test_tuning_warns_when_the_validation_loss_leaves_the_regularisers_undetermined(polynomial_model):
+    """Labels that the model's own kernel reproduces exactly: the validation loss falls as the regularisers
+    do, the search drives them towards zero, and where it stops is rounding: a warning says so. On random
+    labels (noise the kernel cannot fit) the regularisers stay large and nothing is said."""
+    model = polynomial_model
+    frames = [s.atoms for s in training_set()]
+    predicted = model.predict(frames)
+    exact, start = [], 0
+    for k, atoms in enumerate(frames):
+        n = len(atoms)
+        stress = predicted["stress"][k].numpy() if np.all(atoms.pbc) else None
+        exact.append(Labelled(atoms=atoms, energy=float(predicted["energy"][k]), forces=predicted["forces"][start : start + n].numpy(), stress=stress))
+        start += n
+    k_mm = model.kernel.sparse_block()
+    for structures, undetermined in ((exact, True), (training_set(), False)):
+        design = build_design_matrix(structures, model.expansion, model.kernel, model.baseline)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", AccuracyWarning)
+            report = select_hyperparameters(design, k_mm, model.kernel, Regularisers(0.01, 0.05, 0.005), tune=["energy", "forces", "stress"], folds=3, max_evaluations=60)
+        said = [w for w in caught if issubclass(w.category, AccuracyWarning) and "tuning drove" in str(w.message)]
+        assert bool(said) == undetermined, (report.regularisers, [str(w.message) for w in said])
 
 
 def test_tuning_on_a_prefix_of_the_sparse_selection(wigner_model):

@@ -4,6 +4,7 @@
 
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -13,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import FitOptions, Regularisers
+from ..errors import AccuracyWarning
 from ..kernels.base import SparseKernel
 from .design import DesignMatrix
 from .solver import DEFAULT_JITTER, _fit_rows, scaled_regularisation_predictions
@@ -189,7 +191,28 @@ def select_hyperparameters(
         scale, (loss, errors) = float(scales[best]), losses[best]
         regs = Regularisers(*(scale * value for value in dataclasses.astuple(regs)))
     seconds = time.perf_counter() - start
+    warn_undetermined(regs, {name: spread[name] for name in present if name in names})
     return HyperparameterReport(mixing, regs, float(loss), errors, int(result.nfev), seconds, names, regulariser_scale=scale)
+
+
+# a tuned regulariser below this fraction of its labels' spread is taken as undetermined by the validation loss
+UNDETERMINED_REGULARISER = 1e-6
+
+
+def warn_undetermined(regularisers: Regularisers, spread: Dict[str, float]) -> None:
+    """An :class:`~acdc_potential.errors.AccuracyWarning` for each tuned regulariser (names and label
+    spreads in ``spread``) that ended below :data:`UNDETERMINED_REGULARISER` of its labels' spread:
+    there the validation loss is flat, and which value the search stops at, hence the fit, depends
+    on rounding (a small message-passing fit moved by 1 % when its atoms moved by 1e-12 A)."""
+    low = {name: getattr(regularisers, name) for name, width in spread.items() if getattr(regularisers, name) < UNDETERMINED_REGULARISER * width}
+    if low:
+        values = ", ".join(f"{name} {value:.2g}" for name, value in low.items())
+        warnings.warn(
+            f"tuning drove the regularisers {values} below {UNDETERMINED_REGULARISER:g} of their labels' spread, where the "
+            "validation loss no longer determines them: the fit then depends on rounding (another machine or thread "
+            "count can give a fit that differs by about 1 %); more training structures, a larger options.validation, or "
+            "regularisers set by hand (options.tune: false) give a reproducible fit", AccuracyWarning, stacklevel=3,
+        )
 
 
 def choose_grid_point(points: List[Dict[str, float]], tolerance: float) -> Dict[str, float]:
