@@ -19,13 +19,14 @@ Stages, in this order (each writes ``--json`` when done, so that a run cut short
    GPU also the compilation of fused kernels for each new shape: their time is printed), on
    the CPU with the calculator's threads (one below 100 atoms, else every core) and on the device;
    then with the per-atom energy uncertainty (what LAMMPS's ``pair_style metatomic`` asks for at
-   every step). Structures: the first of each data set, and ``--cells`` fcc Cu supercells
+   every step), here a second model call after the energy's (LAMMPS asks for both in one call, so the
+   column overstates its cost by about one call's fixed overhead). Structures: the first of each data set, and ``--cells`` fcc Cu supercells
    (``N`` = 5: 500 atoms) for the models whose species are Cu, else a cluster of ``--grid``^3
    copies of the first structure 6 A apart.
 3. **Fit.** With ``--fit TRAIN.extxyz``, the same small fit (``--fit-sparse`` sparse environments,
-   tuned, for each kernel of ``--fit-kernels``) on the CPU and on the device: time, the sparse
-   environments chosen, and the largest difference of the predicted energies and forces on
-   ``--fit-test`` (relative to their spread).
+   tuned, for each kernel of ``--fit-kernels``) on the CPU and on the device: time, and the largest
+   difference of the predicted energies (relative to their spread) and forces (relative to the largest)
+   on ``--fit-test``.
 
 usage: python benchmarks/gpu.py MODEL.pt:DATA.extxyz [...] [--device cuda] [--steps 20]
                                 [--cells 5,10] [--fit TRAIN.extxyz --fit-test TEST.extxyz]

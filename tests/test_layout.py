@@ -22,7 +22,7 @@ from acdc_potential.descriptors.radial import DensityHypers
 from acdc_potential.errors import CheckpointError
 from acdc_potential.fit import driver, tuning
 from acdc_potential.fit.checkpoint import SparseKRRModel
-from acdc_potential.model.export import export_model
+from acdc_potential.model.export import export_model, in_dtype
 
 DATA = Path(__file__).parent / "data"
 REFERENCES = ["ethanol_wigner3", "copper_wigner4", "ethanol_polynomial"]
@@ -299,12 +299,31 @@ def test_float32_export_gives_energies_and_uncertainties(tmp_path):
     atoms.calc = calculator
     assert abs(atoms.get_potential_energy() - old["file_energy"][0]) < 1e-4 * abs(old["file_energy"][0])
     double = ACDCCalculator(paths["float64"], uncertainty_threshold=None)
-    for single in (calculator, double):
-        single.threads = 1
+    for each in (calculator, double):
+        each.threads = 1
     for per_atom in (False, True):
         expected = double.get_uncertainty(atoms.copy(), per_atom=per_atom)
         np.testing.assert_allclose(calculator.get_uncertainty(atoms.copy(), per_atom=per_atom), expected, rtol=1e-4)
         assert np.all(np.asarray(expected) > 0)
+
+
+@pytest.mark.parametrize("name", ["ethanol_wigner3", "ethanol_polynomial"])
+def test_a_float32_copy_keeps_the_parts_of_the_variances_in_float64(name):
+    """``in_dtype``: the buffers named by the head's ``variance_parts()`` stay float64 (and a tensor two of
+    them share stays one tensor), every other floating buffer takes float32; the original is untouched."""
+    model, _, _ = reference(name)
+    potential = model.potential()
+    single = in_dtype(potential, torch.float32)
+    parts = potential.head.variance_parts()
+    assert parts
+    for full_name, buffer in single.named_buffers():
+        if not buffer.is_floating_point():
+            continue
+        inside = any(full_name.startswith(f"head.{part}.") or full_name == f"head.{part}" for part in parts)
+        assert buffer.dtype == (torch.float64 if inside else torch.float32), full_name
+    if "sparse_features" in parts:
+        assert single.head.sparse_features.data_ptr() == single.head.state.sparse.data_ptr()
+    assert all(b.dtype == torch.float64 for b in potential.buffers() if b.is_floating_point())
 
 
 def test_a_molecule_in_a_box_without_periodicity_is_predicted_as_without_the_box():

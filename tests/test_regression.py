@@ -1,4 +1,5 @@
 """Sparse KRR: design-matrix rows against finite differences, exact recovery, symmetries, errors, uncertainty."""
+
 import dataclasses
 import warnings
 
@@ -10,7 +11,6 @@ import torch
 from conftest import random_rotation
 
 from acdc_potential.data import Labelled
-from acdc_potential.errors import AccuracyWarning
 from acdc_potential.descriptors.neighbors import StructureError, batch_from_atoms
 from acdc_potential.descriptors.radial import DensityHypers
 from acdc_potential.descriptors.density import DensityExpansion
@@ -33,6 +33,7 @@ from acdc_potential.kernels.polynomial import PolynomialKernel
 from acdc_potential.kernels.wigner.kernel import WignerKernel
 from acdc_potential.kernels.wigner.iteration import WignerHypers
 from acdc_potential.calculator import ACDCCalculator
+from acdc_potential.errors import AccuracyWarning
 from acdc_potential.inference import run_module
 from acdc_potential.model.export import export_model
 

@@ -150,6 +150,8 @@ def test_feature_models_give_atoms_the_unexplained_variance_of_their_own_kernel(
     sigma = np.concatenate([calculator.get_uncertainty(atoms.copy(), per_atom=True) for atoms in test])
     # a linear model in feature space explains everything: zero, rounded (here 1e-6 of the prior's standard deviation)
     np.testing.assert_allclose(sigma, result["atom_uncertainty"].numpy(), rtol=1e-4, atol=1e-6 * 0.3 * (0.5 + 1.3) ** 0.5)
+    structures = [calculator.get_uncertainty(atoms.copy()) for atoms in test]
+    np.testing.assert_allclose(structures, result["energy_uncertainty"].numpy(), rtol=1e-4)
 
 
 def test_uncalibrated_files_declare_no_force_uncertainty(fitted, tmp_path):

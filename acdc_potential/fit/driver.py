@@ -118,7 +118,9 @@ def fit_kernel(
     same weights. ``checkpoint``: a folder where the triangles of the final solve are kept
     (a rerun resumes from them). ``survey``: the survey of ``structures``, if done already.
     ``calibrate``: when tuned, calibrate the uncertainties on held-out structures of the
-    tuning sample (:func:`calibrate_on`).
+    tuning sample (:func:`calibrate_on`). ``device`` (default: the CPU) runs the density, selection,
+    kernel rows, tuning and solve on that torch device; the returned model is on the CPU, with a copy of
+    ``kernel`` (``kernel`` itself holds the sparse set on ``device``).
     """
     recorded: List[str] = []
     with recording(recorded):

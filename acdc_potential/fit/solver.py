@@ -35,6 +35,7 @@ class ProjectedProcess:
     triangular: torch.Tensor
 
     def to(self, device: torch.device) -> "ProjectedProcess":
+        """The same solution on ``device``."""
         return ProjectedProcess(self.weights.to(device), self.projection.to(device), self.triangular.to(device))
 
     def variance(self, k_xm: torch.Tensor, k_xx: torch.Tensor) -> torch.Tensor:

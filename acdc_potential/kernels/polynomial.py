@@ -90,6 +90,8 @@ class PolynomialKernel(SparseKernel):
         self.modules = {}
 
     def to(self, device: torch.device) -> "PolynomialKernel":
+        """:meth:`SparseKernel.to`, the contraction's projections included (they are fitted on the CPU
+        today; moved all the same, so that no tensor of the kernel is left behind)."""
         other = super().to(device)
         other.projections = moved(self.projections, device)
         other.modules = {}

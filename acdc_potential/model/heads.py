@@ -47,7 +47,6 @@ class DensityHead(torch.nn.Module):
     def environments(self, pairs: Pairs) -> List[torch.Tensor]:
         return self.density.from_pairs(pairs)
 
-    @torch.jit.unused
     def variance_parts(self) -> List[str]:
         """Names of the submodules and buffers that only :meth:`variance` uses: they stay float64 in a
         file of any dtype (the unexplained variance ``k_xx - |k_xM P|^2`` cancels far below float32's
@@ -173,7 +172,6 @@ class WignerHead(SparseWignerHead):
         pieces = self.kernels(a, species_a, b, species_b, b_features) * inverse_scale[:, :, None]
         return torch.einsum("p,pnm->nm", self.state.piece_weights.to(a[0].dtype), pieces)
 
-    @torch.jit.unused
     def variance_parts(self) -> List[str]:
         return ["state", "kernels", "inverse_scale"]
 
@@ -337,7 +335,6 @@ class PolynomialHead(DensityHead):
         unit = environments[0]
         return self.constant.to(unit.dtype)[species] + self.polynomial_energy(unit, species)
 
-    @torch.jit.unused
     def variance_parts(self) -> List[str]:
         return ["state", "atoms", "sparse_features"]
 

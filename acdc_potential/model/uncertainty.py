@@ -110,6 +110,9 @@ class SparseState(torch.nn.Module):
     regulariser squared), added per atom to the variance of a structure's energy; ``centres``
     ``[n_species]``, 1 for the species with sparse environments and 0 for the others, whose atoms carry
     no learned energy (single-centre models), hence no prior variance.
+
+    Its methods take kernel values in the buffers' dtype (float64 in every exported file; the heads cast
+    their inputs).
     """
 
     def __init__(
@@ -159,11 +162,11 @@ class SparseState(torch.nn.Module):
         the kernel between all atoms ``k_xy [n, n]`` and their species indices ``[n]``, plus
         ``energy_noise`` per atom."""
         k_gm = torch.zeros((n_groups, k_xm.shape[1]), dtype=k_xm.dtype, device=k_xm.device).index_add(0, group, k_xm)
-        carries = self.centres.to(k_xy.dtype)[species]
+        carries = self.centres[species]
         same = (group.unsqueeze(1) == group.unsqueeze(0)).to(k_xy.dtype) * carries.unsqueeze(1) * carries.unsqueeze(0)
         k_gg = torch.zeros(n_groups, dtype=k_xy.dtype, device=k_xy.device).index_add(0, group, (k_xy * same).sum(dim=1))
         atoms = torch.zeros(n_groups, dtype=k_xy.dtype, device=k_xy.device).index_add(0, group, torch.ones_like(group, dtype=k_xy.dtype))
-        noise = self.energy_scale.to(k_xy.dtype) ** 2 * self.energy_noise.to(k_xy.dtype) * atoms
+        noise = self.energy_scale**2 * self.energy_noise * atoms
         return self.variance(k_gm, k_gg) + noise
 
 
