@@ -42,10 +42,11 @@ import traceback
 from pathlib import Path
 from typing import Tuple
 
-import ase.build
 import ase.io
 import numpy as np
 import torch
+
+from md import copper_cell
 
 from acdc_potential.calculator import ACDCCalculator
 from acdc_potential.runtime import default_threads
@@ -199,15 +200,6 @@ def molecule_grid(atoms, n: int, spacing: float = 6.0):
     return cluster
 
 
-def copper_cells(sizes) -> dict:
-    cells = {}
-    for n in sizes:
-        atoms = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True) * (n, n, n)
-        atoms.rattle(0.05, seed=0)
-        cells[f"cu{len(atoms)}"] = atoms
-    return cells
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="*", help="MODEL.pt:DATA.extxyz pairs")
@@ -256,7 +248,7 @@ def main() -> int:
         print(f"fits on {len(train)} structures of {args.fit}", flush=True)
         results["fits"] = compare_fits(train, test, args.fit_kernels.split(","), args.fit_sparse, args.device)
         save()
-    cells = copper_cells([int(n) for n in args.cells.split(",") if n])
+    cells = {f"cu{4 * int(n) ** 3}": copper_cell(int(n)) for n in args.cells.split(",") if n}
     for path, data, structures in models:
         print(f"cost of {path.name}", flush=True)
         if set(structures[0].get_chemical_symbols()) == {"Cu"}:

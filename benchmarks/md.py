@@ -39,16 +39,22 @@ DEFAULT_DATA = HERE.parent.parent / "shared" / "data"
 SYSTEMS = {"ethanol": "ethanol", "ethanol3": "ethanol", "cu500": "copper"}
 
 
+def copper_cell(n: int = 5):
+    """``n x n x n`` cubic fcc Cu cells (a = 3.6 A, ``4 n^3`` atoms), rattled by 0.05 A (seed 0)."""
+    import ase.build
+
+    atoms = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True) * (n, n, n)
+    atoms.rattle(0.05, seed=0)
+    return atoms
+
+
 def structure(system: str, data: Path):
     """The ``ase.Atoms`` timed for ``system``: one of :data:`SYSTEMS`, or the name of another data set
     in ``data`` (its largest test structure)."""
-    import ase.build
     import ase.io
 
     if system == "cu500":
-        atoms = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True) * (5, 5, 5)
-        atoms.rattle(0.05, seed=0)
-        return atoms
+        return copper_cell(5)
     if system not in SYSTEMS:
         # any other data set: its largest test structure
         test = ase.io.read(str(data / f"{system}_test.extxyz"), index=":")
