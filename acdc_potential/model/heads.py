@@ -167,10 +167,10 @@ class WignerHead(SparseWignerHead):
         species_b: torch.Tensor,
         b_features: Optional[Dict[int, torch.Tensor]] = None,
     ) -> torch.Tensor:
-        """Mixed kernel ``[n_a, n_b]`` (all pieces, scaled and weighted)."""
-        inverse_scale = self.inverse_scale.to(a[0].dtype)[species_a].T
+        """Mixed kernel ``[n_a, n_b]`` (all pieces, scaled and weighted), in the variance's dtype."""
+        inverse_scale = self.inverse_scale[species_a].T
         pieces = self.kernels(a, species_a, b, species_b, b_features) * inverse_scale[:, :, None]
-        return torch.einsum("p,pnm->nm", self.state.piece_weights.to(a[0].dtype), pieces)
+        return torch.einsum("p,pnm->nm", self.state.piece_weights, pieces)
 
     def variance_parts(self) -> List[str]:
         return ["state", "kernels", "inverse_scale"]
@@ -283,9 +283,9 @@ class PolynomialHead(DensityHead):
         self.register_buffer("values", values)
 
     def kernel(self, x: torch.Tensor, species_x: torch.Tensor, y: torch.Tensor, species_y: torch.Tensor) -> torch.Tensor:
-        """Mixed kernel ``[n_x, n_y]`` between unit feature rows."""
+        """Mixed kernel ``[n_x, n_y]`` between unit feature rows, in the variance's dtype."""
         pieces = polynomial_pieces(x, species_x, y, species_y, self.zeta)
-        return torch.einsum("p,pnm->nm", self.state.piece_weights.to(x.dtype), pieces)
+        return torch.einsum("p,pnm->nm", self.state.piece_weights, pieces)
 
     def polynomial_energy(self, unit: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
         """``[n]`` the polynomial piece ``a sum_m w_m delta (x^_i . x^_m)^zeta`` of unit features ``[n, F]``."""
