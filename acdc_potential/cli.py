@@ -97,6 +97,7 @@ def fit_command(args) -> int:
 
     from .config import FitConfig
     from .data import check_labels, read_structures, species_of
+    from .fit.driver import check_config
 
     config = FitConfig.from_yaml(args.config)
     options = {name: False for name in ("energies", "forces", "stress") if getattr(args, f"no_{name}")}
@@ -104,6 +105,8 @@ def fit_command(args) -> int:
         options["seed"] = args.seed
     if args.target is not None:
         options["target"] = args.target
+    if args.device is not None:
+        options["device"] = args.device
     output = Path(args.output)
     cluster = {"checkpoint": config.cluster.checkpoint or str(output.with_suffix(".partial"))}
     if args.workers is not None:
@@ -116,6 +119,7 @@ def fit_command(args) -> int:
         config, keys=_keys(config.keys, args), options=dataclasses.replace(config.options, **options),
         cluster=dataclasses.replace(config.cluster, **cluster),
     )
+    check_config(config)  # before anything is read or written
     if config.options.target == "dipole":
         return _fit_dipole(args, config, output)
     if config.cluster.workers or config.cluster.scheduler:
@@ -431,16 +435,14 @@ def _add_threads(parser):
 
 def _device(name):
     """The torch device ``name`` (``None``: the model's best); an error saying why when it cannot be used here."""
-    import torch
+    from .runtime import usable_device
 
     if name is None:
         return None
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        usable_device(name)
+    except ValueError as error:
+        raise ValueError(f"--device {error}") from None
     return name
 
 
@@ -456,6 +458,7 @@ def parser() -> argparse.ArgumentParser:
     fit.add_argument("--config", help="YAML configuration; `acdc-potential config` writes every option with its meaning")
     fit.add_argument("--target", choices=["energy", "dipole"], help="what the model predicts: a potential (energy, default) or the dipole moment (options.target; the `dipole` section of the configuration)")
     fit.add_argument("--seed", type=int, help="seed of the validation split and samples (default: options.seed, 0)")
+    fit.add_argument("--device", help="torch device of the fit, e.g. cuda (options.device; default cpu); the model is written from the CPU")
     fit.add_argument("--workers", type=int, help="build the kernel rows on a local Dask cluster of this many worker processes (cluster.workers; default 0: in this process)")
     fit.add_argument("--scheduler", help="build the kernel rows on the Dask cluster of this scheduler, e.g. tcp://HOST:8786 (cluster.scheduler); TRAIN must be readable by its workers at the same path")
     _add_labels(fit)

@@ -38,6 +38,7 @@ import torch
 import yaml
 
 from .data import LabelKeys
+from .descriptors.invariants import NORM_FLOOR
 from .descriptors.radial import DensityHypers
 
 # an element as YAML may give it: a symbol or an atomic number (see :func:`atomic_number`)
@@ -76,8 +77,8 @@ class KernelConfig:
         ``orders``; by default ``zeta = 2`` on orders 1 and 2, which collapses exactly at export;
         ``zeta: 4`` on ``orders: [2]`` is GAP's SOAP kernel; ``zeta: 1`` is a linear model) or
         ``mpacdc`` (the same on the message-passing ``[1 <- 1]`` invariants, MP-ACDC eq. 12, beside the
-        single-centre ``orders``, a subset of 1 and 2; an atom's energy then depends on atoms up to twice
-        the cutoff away).
+        single-centre ``orders``, a subset of 1 and 2; an atom's energy then depends on atoms up to
+        ``max(density.cutoff, 2 message_cutoff)`` away).
     :param nu_max: largest correlation order of the Wigner kernel (body order ``nu_max + 1``),
         or ``auto`` (default): the candidates of ``grid.nu_max`` (3 and 4) are compared on
         held-out structures (:func:`~acdc_potential.fit.driver.select_on_grid`) and the
@@ -100,6 +101,11 @@ class KernelConfig:
     :param message_max_radial: ``max_radial`` of the ``mpacdc`` message's expansion (the density's
         otherwise, cutoff included): its features number about ``(n_species (max_radial + 1))^3`` per coupling.
     :param message_max_angular: ``max_angular`` of the message's expansion.
+    :param message_cutoff: the ``mpacdc`` message's cutoff in A, at most ``density.cutoff`` and above
+        ``density.smoothing``: the pairs that carry a message and the reach of the neighbour densities it
+        carries, so that an atomic energy depends on atoms up to ``max(density.cutoff, 2 message_cutoff)``
+        away (the interaction range the exported model declares, hence the ghost shell of a domain
+        decomposition); ``null`` (default): the density's cutoff.
     :param message_orders: the ``nu`` of the ``mpacdc`` kernel's ``[nu <- 1]`` invariants, any of 1 and 2
         (``[1 <- 1]`` has about ``Q^3`` invariants per coupling, ``Q`` the message's density channels;
         ``[2 <- 1]``, which couples the centre's ``nu = 2`` blocks with the message, about ``Q^4``).
@@ -108,6 +114,13 @@ class KernelConfig:
         ``[nu <- 1]`` coupling; by a PCA (MP-ACDC eq. 24) on the atoms of a sample of about 2000
         training atoms, before the sparse selection; 0 keeps them all (the nu = 3 invariants number
         about the cube of the density channels per coupling).
+    :param norm_floor: for ``polynomial`` and ``mpacdc``, the floor of each part of the features (each
+        order, each message order), relative to the median norm of that part over training atoms: the
+        floor joins the part as one more component before it is scaled to unit norm, so that the features
+        of an atom that loses its last neighbour (or its last message pair) change smoothly instead of
+        jumping, and a part carries its size (a metal's local density, a surface atom's coordination) as
+        well as its direction (docs/equations.md, "Polynomial kernel"). 0 gives plain unit parts
+        (checkpoints before version 8).
     :param feature_space: for ``polynomial`` and ``mpacdc`` with ``zeta: 1`` (a linear model on the
         features): when a species' features are fewer than its sparse environments (``sparse.n``), its
         sparse set is the origin and the principal axes of its features instead of selected environments,
@@ -130,7 +143,9 @@ class KernelConfig:
     contraction: int = 64
     message_max_radial: int = 3
     message_max_angular: int = 2
+    message_cutoff: Optional[float] = None
     message_orders: List[int] = field(default_factory=lambda: [1])
+    norm_floor: float = NORM_FLOOR
     feature_space: bool = True
     centres: Optional[List[Element]] = None
     mixing: Dict[str, float] = field(default_factory=dict)
@@ -187,6 +202,10 @@ class FitOptions:
         sample of its structures that fits, and the rows of the others are built group by
         group afterwards and folded into the final solve: the peak memory of a fit then
         stays bounded as the data grow (:func:`~acdc_potential.fit.design.design_groups`).
+    :param device: the torch device on which an energy fit computes densities, kernel rows, tuning and
+        solve, e.g. ``cuda`` for a GPU (the fitted model is written from the CPU either way; README, "On a
+        GPU", and "Known limitations" for what was run there). Fits on a Dask cluster and dipole fits run
+        on the CPU.
     """
 
     target: str = "energy"
@@ -199,6 +218,7 @@ class FitOptions:
     isolated_energies: Optional[Dict[Element, float]] = None
     seed: int = 0
     design_memory: float = 4.0
+    device: str = "cpu"
 
 
 @dataclass
@@ -476,6 +496,8 @@ RULES: Dict[Tuple[str, str], Rule] = {
     ("kernel", "contraction"): Rule(bounds=NON_NEGATIVE),
     ("kernel", "message_max_radial"): Rule(bounds=NON_NEGATIVE),
     ("kernel", "message_max_angular"): Rule(bounds=NON_NEGATIVE),
+    ("kernel", "message_cutoff"): Rule(bounds=POSITIVE),
+    ("kernel", "norm_floor"): Rule(bounds=NON_NEGATIVE),
     ("kernel", "message_orders"): Rule(bounds=Bounds(1.0, 3.0, inclusive=True)),
     ("kernel", "mixing"): Rule(bounds=POSITIVE),
     ("sparse", "n"): Rule(bounds=POSITIVE),

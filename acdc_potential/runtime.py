@@ -1,4 +1,4 @@
-"""Threads: the choice that the command line and the calculator share.
+"""Threads and devices: the choices that the command line, the fit and the calculator share.
 
 Small molecules run fastest on one thread (a 9-atom MD step is a few hundred small operations;
 on a busy 2-core machine two threads made ethanol MD 70 times slower than one), large cells and
@@ -12,6 +12,21 @@ import torch
 
 # structures with fewer atoms than this run on one thread by default
 SMALL_SYSTEM = 100
+
+
+def usable_device(name: str) -> torch.device:
+    """The torch device ``name``; a ``ValueError`` saying why this machine cannot use it (not a device
+    name, no CUDA, no CUDA device of that index)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{name!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name!r}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def available_cores() -> int:

@@ -121,6 +121,22 @@ def test_forces_only_is_an_explicit_option(files, capsys, tmp_path):
     assert code == 0
 
 
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--device", "banana"], "options.device 'banana' is not a torch device"),
+        (["--device", "cuda", "--target", "dipole"], "options.device 'cuda': dipole fits run on the CPU"),
+        (["--device", "cuda", "--workers", "2"], "options.device 'cuda': a fit on a Dask cluster runs on the CPU"),
+        (["--device", "cuda:7"], "options.device 'cuda:7': " + ("this machine has" if torch.cuda.is_available() else "CUDA is not available")),
+    ],
+)
+def test_a_device_the_fit_cannot_use_is_one_line_and_writes_nothing(files, capsys, tmp_path, extra, message):
+    code, _, err = run(["fit", str(files / "train.extxyz"), "-o", str(tmp_path / "m.pt"), "--config", str(files / "small.yaml"), *extra], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_ill_typed_configuration_names_the_key(files, capsys, tmp_path):
     (tmp_path / "bad.yaml").write_text("options: {validation: ten}\n")
     code, _, err = run(["fit", str(files / "train.extxyz"), "-o", str(tmp_path / "m.pt"), "--config", str(tmp_path / "bad.yaml")], capsys)

@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import copper_cell, ethanol, random_rotation
 
-from acdc_potential.descriptors.acdc import acdc_features, power_spectrum, unit_rows
+from acdc_potential.descriptors.acdc import acdc_features, floored_unit_rows, power_spectrum, unit_rows
 from acdc_potential.descriptors.density import DensityExpansion
-from acdc_potential.descriptors.invariants import Invariants, fit_contraction
+from acdc_potential.descriptors.invariants import Invariants, fit_contraction, joined_parts
 from acdc_potential.descriptors.neighbors import batch_from_atoms
 from acdc_potential.descriptors.radial import DensityHypers
 
@@ -111,7 +111,8 @@ def test_two_from_one_invariants_are_the_definition_and_their_contraction_keeps_
 
     full, module = features()
     definition = batch_mp_acdc_features(batch, expansion, nu=2, nu1=1, lambda_max=0, invariants_only=True)[(0, 1)][:, 0]
-    torch.testing.assert_close(full, unit_rows(definition), rtol=0, atol=1e-12)
+    torch.testing.assert_close(full[:, :-1], unit_rows(definition), rtol=0, atol=1e-12)
+    assert torch.equal(full[:, -1], torch.zeros(len(full), dtype=full.dtype))  # the floor's component (no floor given)
     complete, _ = features(fit_message_contraction(module, [batch], 10**6))
     torch.testing.assert_close(gram(complete), gram(full), rtol=0, atol=1e-10)
     projections = fit_message_contraction(module, [batch], 2)
@@ -152,3 +153,55 @@ def test_unit_rows_keep_zero_rows_zero_with_finite_gradients_in_both_precisions(
         torch.testing.assert_close(torch.linalg.vector_norm(y[1:], dim=1), torch.ones(2, dtype=dtype))
         (gradient,) = torch.autograd.grad(y.sum(), x)
         assert bool(torch.isfinite(gradient).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_floored_unit_rows_turn_smoothly_to_the_floor_as_a_row_vanishes(dtype):
+    """``[x, f] / sqrt(|x|^2 + f^2)``: unit norm; far above the floor the unit row (to ``f^2 / 2|x|^2``);
+    a zero row (an atom without neighbours) is ``[0, 1]``, and rows shrinking towards it approach it
+    continuously (within ``|x| / f``), where the plain unit row keeps its direction and then jumps to
+    zero; finite gradients, scripted too, in both precisions."""
+    floor = torch.tensor(0.5, dtype=torch.float64)
+    direction = torch.tensor([0.6, 0.8, 0.0], dtype=dtype)
+    for implementation in (floored_unit_rows, torch.jit.script(floored_unit_rows)):
+        x = torch.tensor([[0.0, 0.0, 0.0], [3.0, 4.0, 0.0], [300.0, 400.0, 0.0]], dtype=dtype, requires_grad=True)
+        y = implementation(x, floor)
+        assert y.dtype == dtype and y.shape == (3, 4)
+        torch.testing.assert_close(torch.linalg.vector_norm(y, dim=1), torch.ones(3, dtype=dtype))
+        assert torch.equal(y[0], torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=dtype))
+        torch.testing.assert_close(y[1], torch.tensor([3.0, 4.0, 0.0, 0.5], dtype=dtype) / 25.25**0.5)
+        assert float((y[2, :3].detach() - unit_rows(x[2:].detach())[0]).abs().max()) <= 0.25 / 2 / 500**2 * 1.01
+        (gradient,) = torch.autograd.grad(y.sum(), x)
+        assert bool(torch.isfinite(gradient).all())
+        for t in (1e-1, 1e-3, 1e-6):
+            shrunk = implementation(t * direction[None], floor)[0]
+            assert float((shrunk - y[0]).norm()) <= t / 0.5 * 1.01
+            assert float((unit_rows(t * direction[None])[0] - direction).norm()) < 1e-6  # the unit row does not move
+
+
+def test_joined_parts_put_the_floor_components_last_and_weigh_every_part_the_same():
+    """Two parts with floors ``f_1, f_2``: ``[x_1, x_2, f_1, f_2]`` each part (with its floor) scaled to
+    unit norm, divided by ``sqrt(2)``; with zero floors, the plain unit parts followed by two zeros."""
+    a, b = torch.tensor([[3.0, 4.0]], dtype=torch.float64), torch.tensor([[1.0, 2.0, 2.0]], dtype=torch.float64)
+    joined = joined_parts([a, b], torch.tensor([1.0, 4.0], dtype=torch.float64))
+    expected = torch.tensor([[3.0 / 26**0.5, 4.0 / 26**0.5, 1.0 / 5.0, 2.0 / 5.0, 2.0 / 5.0, 1.0 / 26**0.5, 4.0 / 5.0]], dtype=torch.float64) / 2**0.5
+    torch.testing.assert_close(joined, expected, rtol=0, atol=1e-15)
+    plain = joined_parts([a, b], torch.zeros(2, dtype=torch.float64))
+    torch.testing.assert_close(plain, torch.cat([unit_rows(a), unit_rows(b), torch.zeros((1, 2), dtype=torch.float64)], dim=1) / 2**0.5, rtol=0, atol=1e-15)
+
+
+def test_fitted_floors_are_the_relative_floor_times_the_median_norm_of_each_part():
+    """:meth:`PolynomialKernel.prepare` on training batches: floor of order 1 and order 2 = ``norm_floor``
+    times the median norm over the atoms of the l = 0 coefficients and of the power spectrum (numpy's
+    median); the feature module then carries them."""
+    from acdc_potential.kernels.polynomial import PolynomialKernel
+
+    expansion = DensityExpansion(HYPERS, SPECIES)
+    frames = [ethanol(0), ethanol(1), copper_cell()]
+    kernel = PolynomialKernel(orders=[1, 2], norm_floor=0.2)
+    kernel.prepare(expansion, [batch_from_atoms(frames[:2], HYPERS.cutoff), batch_from_atoms(frames[2:], HYPERS.cutoff)])
+    c = coefficients(frames)
+    expected = [0.2 * np.median(np.linalg.norm(x.numpy(), axis=1)) for x in (c[0][:, 0], power_spectrum(c))]
+    np.testing.assert_allclose(kernel.floors, expected, rtol=1e-12)
+    assert kernel.module(expansion).floors.tolist() == kernel.floors
+    assert not kernel.unprepared

@@ -231,7 +231,7 @@ def test_checkpoints_round_trip_in_the_current_version(tmp_path):
     model, frames, _ = reference("copper_wigner4")
     model.save(str(tmp_path / "again.ckpt"))
     state = torch.load(tmp_path / "again.ckpt", weights_only=True)
-    assert (state["format"], state["version"]) == ("acdc-potential/sparse-krr", 7)
+    assert (state["format"], state["version"]) == ("acdc-potential/sparse-krr", 8)
     again = SparseKRRModel.load(str(tmp_path / "again.ckpt"))
     for key, value in model.predict(frames[:1], uncertainty=True).items():
         torch.testing.assert_close(again.predict(frames[:1], uncertainty=True)[key], value, equal_nan=True, rtol=0, atol=0)

@@ -1,6 +1,8 @@
 """Sparse KRR: design-matrix rows against finite differences, exact recovery, symmetries, errors, uncertainty."""
 
+import copy
 import dataclasses
+from pathlib import Path
 import warnings
 
 import ase
@@ -13,7 +15,7 @@ from conftest import random_rotation
 from acdc_potential.data import Labelled
 from acdc_potential.descriptors.neighbors import StructureError, batch_from_atoms
 from acdc_potential.descriptors.radial import DensityHypers
-from acdc_potential.descriptors.density import DensityExpansion
+from acdc_potential.descriptors.density import DensityExpansion, Layout
 from acdc_potential.config import Regularisers
 from acdc_potential.descriptors.jacobian import batch_density, structure_jacobian
 from acdc_potential.fit.baseline import Baseline
@@ -106,7 +108,14 @@ def mpacdc2_model():
     return fit_kernel(training_set(), HYPERS, kernel, n_sparse=6, regularisers=Regularisers(0.01, 0.05, 0.005), tune=False)
 
 
-@pytest.fixture(params=["polynomial_model", "acdc_model", "mpacdc_model", "mpacdc2_model", "wigner_model"])
+@pytest.fixture(scope="module")
+def mpacdc_short_model():
+    """:func:`mpacdc_model` with messages of 0.7 times the density's cutoff (interaction range 1.4 r_c)."""
+    kernel = MessagePassingKernel(message_hypers(HYPERS, 2, 1), zeta=2, orders=[2], mixing={"c0": 0.5, "a": 1.0}, cutoff=0.7 * HYPERS.cutoff)
+    return fit_kernel(training_set(), HYPERS, kernel, n_sparse=6, regularisers=Regularisers(0.01, 0.05, 0.005), tune=False)
+
+
+@pytest.fixture(params=["polynomial_model", "acdc_model", "mpacdc_model", "mpacdc2_model", "mpacdc_short_model", "wigner_model"])
 def model(request):
     return request.getfixturevalue(request.param)
 
@@ -127,7 +136,7 @@ def derivative_rows(model, atoms):
 def test_force_rows_are_minus_position_derivatives_of_energy_rows(model, atoms):
     design = derivative_rows(model, atoms)
     force_rows = design.pieces[:, design.kind == FORCES]
-    h = 1e-5
+    h = 2e-6  # pairs inside the short-message model's cutoff transition: truncation error ~6e-6 at h = 1e-5
     displaced = []
     for a in range(len(atoms)):
         for alpha in range(3):
@@ -224,7 +233,7 @@ def test_stress_rows_are_strain_derivatives_of_energy_rows(model):
     atoms = copper(13)
     design = derivative_rows(model, atoms)
     stress_rows = design.pieces[:, design.kind == STRESS]
-    h = 1e-5
+    h = 2e-6  # as for the force rows
     strained = []
     for a, b in VOIGT:
         for sign in (1, -1):
@@ -664,6 +673,63 @@ def test_message_passing_reaches_twice_the_cutoff_and_single_centre_models_do_no
     assert model.scripted().interaction_range == (2.0 if passing else 1.0) * cutoff
 
 
+def test_the_message_cutoff_bounds_how_far_messages_reach(mpacdc_model, mpacdc_short_model):
+    """Atom 1 within 0.6 r_c of atom 0, atom 2 within r_c of atom 1 but beyond the short model's message
+    cutoff (0.7 r_c) from it: moving atom 2 changes atom 0's energy through atom 1's message in the model
+    whose messages reach r_c, not in the short one; with atom 2 within 0.7 r_c of atom 1 it does in both.
+    The short model declares max(r_c, 2 x 0.7 r_c) as its interaction range."""
+    cutoff = HYPERS.cutoff
+    for far, reached in ((1.45, (True, False)), (1.22, (True, True))):
+        atoms = ase.Atoms("Cu3", positions=[[0.0, 0.0, 0.0], [0.6 * cutoff, 0.1, 0.0], [far * cutoff, 0.2, 0.1]])
+        separation = np.linalg.norm(atoms.positions[2] - atoms.positions[1]) / cutoff
+        assert (separation < 0.7) == reached[1] and separation < 1.0
+        for model, expected in zip((mpacdc_model, mpacdc_short_model), reached):
+            before = atom_energies(model, atoms)[0][0]
+            moved = atoms.copy()
+            moved.positions[2] += [0.03, -0.02, 0.02]
+            change = abs(float(atom_energies(model, moved)[0][0] - before))
+            assert (change > 1e-6) if expected else (change == 0.0), (far, model.kernel.cutoff)
+    assert mpacdc_short_model.scripted().interaction_range == pytest.approx(1.4 * cutoff)
+    assert mpacdc_short_model.kernel.cutoff == pytest.approx(0.7 * cutoff)
+
+
+def without_floor_components(model):
+    """``model`` with zero floors: its features the plain unit parts (and a zero component each)."""
+    plain = copy.deepcopy(model)
+    plain.kernel.floors, plain.kernel.modules, plain._scripted = [0.0] * len(model.kernel.floors), {}, None
+    return plain
+
+
+@pytest.mark.parametrize(
+    "name, crossing",
+    [("polynomial_model", "density"), ("acdc_model", "density"), ("mpacdc_model", "density"), ("mpacdc_short_model", "density"), ("mpacdc_short_model", "message")],
+)
+def test_feature_models_stay_smooth_where_an_atom_loses_its_last_neighbour(name, crossing, request):
+    """A Cu dimer pulled through the density's cutoff r_c, where each atom loses its
+    last neighbour, and through the short-message model's message cutoff (0.7 r_c), where it loses its
+    last message pair: the energy on both sides within 1e-9 eV (plus the force times the distance, inside
+    the density's cutoff), and forces equal to central finite
+    differences of the energy over the last 0.3 A before it. With the floors set to zero (plain unit
+    parts) the same models jump by more than 1 meV there."""
+    model = request.getfixturevalue(name)
+    r_c = HYPERS.cutoff if crossing == "density" else model.kernel.cutoff
+
+    def dimers(distances):
+        return [ase.Atoms("Cu2", positions=[[0.0, 0.0, 0.0], [r, 0.0, 0.0]]) for r in distances]
+
+    sides = dimers([r_c - 1e-7, r_c + 1e-7])
+    both = model.predict(sides, stress=False)
+    energies, slope = both["energy"], float(both["forces"][1, 0].abs().max())  # inside the density: a force
+    assert abs(float(energies[0] - energies[1])) < 1e-9 + 2e-7 * 1.5 * slope
+    plain = without_floor_components(model).predict(sides, forces=False, stress=False)["energy"]
+    assert abs(float(plain[0] - plain[1])) > 1e-3
+    h = 1e-5
+    distances = np.linspace(r_c - 0.3, r_c - 1e-3, 7)
+    forces = model.predict(dimers(distances), stress=False)["forces"].reshape(-1, 2, 3)[:, 1, 0].numpy()
+    up, down = (model.predict(dimers(distances + s), forces=False, stress=False)["energy"].numpy() for s in (h, -h))
+    np.testing.assert_allclose(forces, -(up - down) / (2 * h), rtol=0, atol=1e-5 * max(1.0, float(np.abs(forces).max())))
+
+
 def test_message_passing_model_without_single_centre_orders_fits_and_exports(tmp_path):
     """``orders: []``: the [1 <- 1] invariants alone, scripted and exported like the others."""
     kernel = MessagePassingKernel(message_hypers(HYPERS, 1, 1), zeta=1, orders=[], mixing={"c0": 0.5, "a": 1.0})
@@ -674,11 +740,13 @@ def test_message_passing_model_without_single_centre_orders_fits_and_exports(tmp
     assert abs(atoms.get_potential_energy() - float(model.predict([atoms], forces=False, stress=False)["energy"][0])) < 1e-10 * len(atoms)
 
 
-def test_message_passing_model_in_domain_decomposition_gives_the_periodic_result(mpacdc_model):
+@pytest.mark.parametrize("name", ["mpacdc_model", "mpacdc_short_model"])
+def test_message_passing_model_in_domain_decomposition_gives_the_periodic_result(name, request):
     """A periodic copper cell evaluated as local atoms plus periodic images (ghosts) out to the interaction
-    range, a cluster, with ``selected_atoms`` the local ones: the energy equals the periodic one, and the
-    forces, once the ghosts' forces are added to the atoms they are images of (LAMMPS's reverse
-    communication), equal the periodic forces."""
+    range (2 r_c, or 1.4 r_c with messages of 0.7 r_c), a cluster, with ``selected_atoms`` the local ones:
+    the energy equals the periodic one, and the forces, once the ghosts' forces are added to the atoms they
+    are images of (LAMMPS's reverse communication), equal the periodic forces."""
+    mpacdc_model = request.getfixturevalue(name)
     cell = copper(21) * (2, 2, 2)
     n = len(cell)
     periodic = mpacdc_model.predict([cell], forces=True, stress=False)
@@ -734,6 +802,35 @@ def test_single_centre_model_learns_the_energy_of_its_centres_only(kind):
         assert torch.allclose(got[key], expected[key], atol=1e-7 * scale, rtol=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_fit_on_the_gpu_predicts_as_the_fit_on_the_cpu():
+    """``options.device: cuda`` (``fit --device cuda``): the same polynomial model as on the CPU, handed
+    back on the CPU (energies and forces to 1e-8 relative)."""
+    from acdc_potential.config import FitConfig
+    from acdc_potential.fit.driver import fit
+
+    structures = [labelled(methane(k), k) for k in range(8)]
+    models = [
+        fit(structures, FitConfig.from_dict({"kernel": {"type": "polynomial"}, "sparse": {"n": 10}, "options": {"tune": False, "device": device}}))
+        for device in ("cpu", "cuda")
+    ]
+    assert models[1].kernel.sparse_coefficients.device.type == "cpu"
+    probe = [methane(90), methane(91)]
+    cpu, gpu = (model.predict(probe, stress=False) for model in models)
+    for key in ("energy", "forces"):
+        torch.testing.assert_close(gpu[key], cpu[key], rtol=0, atol=1e-8 * float(cpu[key].abs().max()))
+
+
+@pytest.mark.parametrize("cutoff, problem", [(5.5, "exceeds density.cutoff"), (0.4, "must exceed density.smoothing")])
+def test_a_message_cutoff_beyond_the_density_or_inside_its_smoothing_is_refused(cutoff, problem):
+    from acdc_potential.config import ConfigError, FitConfig
+    from acdc_potential.fit.driver import fit
+
+    config = FitConfig.from_dict({"density": {"cutoff": 5.0, "smoothing": 0.5}, "kernel": {"type": "mpacdc", "message_cutoff": cutoff}, "options": {"tune": False}})
+    with pytest.raises(ConfigError, match=f"kernel.message_cutoff \\({cutoff} A\\) {problem}"):
+        fit([labelled(methane(k), k) for k in range(3)], config)
+
+
 def test_centres_outside_the_training_set_are_refused():
     from acdc_potential.config import ConfigError, FitConfig
     from acdc_potential.fit.driver import fit
@@ -743,17 +840,45 @@ def test_centres_outside_the_training_set_are_refused():
         fit([labelled(methane(k), k) for k in range(3)], config)
 
 
-def test_version_5_message_passing_checkpoints_read_as_one_from_one_models(mpacdc_model, tmp_path):
-    """Format 5 had [1 <- 1] message-passing invariants only, uncontracted: read as such."""
-    mpacdc_model.save(str(tmp_path / "current.ckpt"))
-    state = torch.load(tmp_path / "current.ckpt", weights_only=True)
-    assert state["version"] == 7 and state["kernel"]["hypers"]["message_orders"] == [1]
+VERSION_7 = Path(__file__).parent / "data"
+
+
+def test_the_components_of_zero_floors_are_no_dimensions_of_a_linear_model():
+    """A feature-space basis of a model fitted before floors, read with its floors' components appended
+    (zero): still complete (active learning adds nothing to it); the same rows with nonzero floors are not,
+    since the floors' components then vary."""
+    n_features = 5
+    basis = torch.cat([torch.zeros((1, n_features)), torch.eye(n_features)]).to(torch.float64)
+    rows = torch.cat([basis, torch.zeros((n_features + 1, 2), dtype=torch.float64)], dim=1)
+    for floors, complete in (([0.0, 0.0], [29]), ([0.4, 0.7], [])):
+        kernel = PolynomialKernel(zeta=1, orders=[1, 2], floors=floors)
+        kernel.set_sparse(rows, torch.full((n_features + 1,), 29), Layout([(1, n_features + 2)]))
+        assert kernel.complete_species() == complete, floors
+
+
+@pytest.mark.parametrize("name", ["polynomial", "mpacdc"])
+def test_version_7_checkpoints_predict_as_the_code_that_wrote_them(name):
+    """Format 7 had no floors (and the density's cutoff for messages): files written by that code
+    (tests/data/README.md) read as models with zero floors and predict what it predicted."""
+    model = SparseKRRModel.load(str(VERSION_7 / f"version7_{name}.ckpt"))
+    assert model.kernel.floors == [0.0] * len(model.kernel.floors) and model.kernel.norm_floor == 0.0
+    expected = np.load(VERSION_7 / f"version7_{name}.npz")
+    got = model.predict([methane(82), copper(83)])
+    np.testing.assert_allclose(got["energy"].numpy(), expected["energy"], rtol=0, atol=1e-12 * np.abs(expected["energy"]).max())
+    np.testing.assert_allclose(got["forces"].numpy(), expected["forces"], rtol=0, atol=1e-12 * np.abs(expected["forces"]).max())
+
+
+def test_version_5_message_passing_checkpoints_read_as_one_from_one_models(tmp_path):
+    """Format 5 had [1 <- 1] message-passing invariants only, uncontracted: read as such (here the
+    version 7 file of a [1 <- 1] model without the keys format 6 added)."""
+    state = torch.load(VERSION_7 / "version7_mpacdc.ckpt", weights_only=True)
+    assert state["kernel"]["hypers"]["message_orders"] == [1] and state["kernel"]["hypers"]["contraction"] == 0
     for key in ("message_orders", "contraction", "projections", "feature_space"):
         del state["kernel"]["hypers"][key]
     torch.save({**state, "version": 5}, tmp_path / "version5.ckpt")
     loaded = SparseKRRModel.load(str(tmp_path / "version5.ckpt"))
-    probe = [methane(82)]
-    torch.testing.assert_close(loaded.predict(probe)["energy"], mpacdc_model.predict(probe)["energy"], rtol=0, atol=0)
+    expected = np.load(VERSION_7 / "version7_mpacdc.npz")
+    np.testing.assert_allclose(loaded.predict([methane(82), copper(83)])["energy"].numpy(), expected["energy"], rtol=0, atol=1e-12 * np.abs(expected["energy"]).max())
 
 
 def test_two_from_one_model_from_the_configuration_fits_its_contraction_first():

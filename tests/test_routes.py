@@ -170,6 +170,7 @@ def feature_model(kernel, kind, route):
     numbers = sorted({int(z) for atoms in sparse for z in atoms.numbers})
     expansion = DensityExpansion(DENSITY, numbers)
     batch = batch_of(sparse, DENSITY.cutoff, torch.float64, "cpu")
+    kernel.prepare(expansion, [batch])  # its floors
     environments, layout = kernel.environments(expansion, batch)
     kernel.set_sparse(environments, batch.numbers, layout)
     n = kernel.n_sparse

@@ -265,6 +265,17 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
     return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(floor)
 
 
+def floored_unit_rows(x: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """``[x_i, f] / sqrt(|x_i|^2 + f^2)`` ``[n, F + 1]``: the rows of ``x [n, F]`` with the floor ``f``
+    (a scalar tensor, in the units of ``x``) as one more component, then of unit norm.
+
+    Far above the floor a row is ``x_i / |x_i|``; as ``x_i`` goes to zero (an atom losing its last
+    neighbour) it turns smoothly to ``[0, 1]``, where ``x_i / |x_i|`` would jump. ``f = 0`` is
+    :func:`unit_rows` with a zero column."""
+    column = floor.to(device=x.device, dtype=x.dtype).expand(x.shape[0], 1)
+    return unit_rows(torch.cat([x, column], dim=1))
+
+
 def power_spectrum(coefficients: List[torch.Tensor]) -> torch.Tensor:
     """SOAP power spectrum, the ``nu = 2`` invariants (eq. 6-7), by a direct sum over ``m``.
 

@@ -25,6 +25,10 @@ Format history (``version``; :func:`upgrade` brings older files to the current o
 7. Polynomial kernels store their sparse environments as unit features, not density coefficients (the
    upgrade computes them with the kernel's own invariants); polynomial and message-passing kernels name
    ``feature_space`` (earlier files: ``false``, selected environments).
+8. Polynomial and message-passing kernels give each part of their features a floor (``norm_floor``,
+   ``floors``, one more feature per part) and message-passing kernels their message's ``cutoff``
+   (earlier files: floors 0, i.e. zero components of the floors appended to the sparse features, and the
+   density's cutoff).
 
 Dipole checkpoints (``format: acdc-potential/dipole-krr``): version 1 held Wigner models; version 2
 names the ``kind`` of model (``wigner``, ``features``).
@@ -55,7 +59,7 @@ from .solver import ProjectedProcess
 from .tuning import HyperparameterReport
 
 FORMAT = "acdc-potential/sparse-krr"
-VERSION = 7
+VERSION = 8
 # version 1 named these objects by their qualified Python name; nothing else is accepted
 _VERSION_1_NAMES = {
     "acdc_potential.wigner:WignerHypers": "wigner",
@@ -68,6 +72,8 @@ def upgrade(state: Dict) -> Dict:
     dict, ``state`` is not changed)."""
     if state.get("format") == FORMAT and state.get("version") == VERSION:
         return state
+    if state.get("format") == FORMAT and state.get("version") == 7:
+        return _upgrade_from_7(state)
     if state.get("format") == FORMAT and state.get("version") == 6:
         return _upgrade_from_6(state)
     if state.get("format") == FORMAT and state.get("version") == 5:
@@ -147,7 +153,28 @@ def _upgrade_from_6(state: Dict) -> Dict:
         invariants = Invariants(len(layout.shapes) - 1, [int(nu) for nu in hypers["orders"]], hypers["projections"]).to(coefficients.device)
         with torch.no_grad():
             features = invariants(layout.unflatten(coefficients))
+        # version 7 had no floors: the (zero) components that today's invariants append dropped
+        features = features[:, : features.shape[1] - len(invariants.orders)]
         kernel["sparse_coefficients"], kernel["layout"] = features, [[1, features.shape[1]]]
+    return _upgrade_from_7({**state, "version": 7, "kernel": kernel})
+
+
+def _upgrade_from_7(state: Dict) -> Dict:
+    """Version 7 -> 8: polynomial and message-passing kernels had no floors (``norm_floor`` 0) and
+    message-passing kernels the density's cutoff: zero components of the floors appended to the sparse
+    features, which leave every kernel value as it was."""
+    kernel = dict(state["kernel"])
+    if kernel["kind"] in ("polynomial", "mpacdc"):
+        hypers = dict(kernel["hypers"])
+        n_parts = len(hypers["orders"]) + len(hypers.get("message_orders", []))
+        hypers.update(norm_floor=0.0, floors=[0.0] * n_parts)
+        if kernel["kind"] == "mpacdc":
+            hypers["cutoff"] = None
+        kernel["hypers"] = hypers
+        features = kernel["sparse_coefficients"]
+        if features is not None:
+            kernel["sparse_coefficients"] = torch.cat([features, features.new_zeros((features.shape[0], n_parts))], dim=1)
+            kernel["layout"] = [[1, features.shape[1] + n_parts]]
     return {**state, "version": VERSION, "kernel": kernel}
 
 

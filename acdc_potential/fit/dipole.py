@@ -127,6 +127,8 @@ def check_inputs(structures: Sequence[Labelled], config: FitConfig) -> None:
         raise ValueError(f"structures {missing[:5]}{' ...' if len(missing) > 5 else ''} have no dipole (key '{config.keys.dipole}'): a dipole fit needs it on every structure")
     if len(structures) < 2:
         raise ValueError("a dipole fit needs at least 2 structures (one to validate the choice of hyperparameters)")
+    if torch.device(config.options.device).type != "cpu":
+        raise ValueError(f"options.device {config.options.device!r}: dipole fits run on the CPU")
     options = config.dipole
     if options.kernel != "wigner":
         if options.charges:

@@ -33,6 +33,7 @@ from ..kernels import PolynomialKernel, SparseKernel, WignerKernel
 from ..kernels.message_passing import MessagePassingKernel, message_hypers
 from ..kernels.wigner.iteration import WignerHypers
 from ..inference import run_module
+from ..runtime import usable_device
 from . import tasks
 from .baseline import Baseline
 from .calibration import calibrate, calibration_structures, held_out_solution, held_out_structures, kept_sparse
@@ -204,7 +205,7 @@ def choose_sparse(kernel, source, survey, expansion, n_sparse, selection, candid
     environment ``[M]`` (-1 for a feature direction)."""
     if kernel.unprepared:
         sample = covering(selection_candidates(survey.n_atoms, PREPARATION_ATOMS, seed), survey)
-        log(f"fitting the kernel's contraction on the atoms of {len(sample)} structures")
+        log(f"fitting the kernel's contraction and floors on the atoms of {len(sample)} structures")
         structures = source.read(survey.positions[sample].tolist())
         kernel.prepare(expansion, [batch_from_atoms([s.atoms for s in part], expansion.cutoff, device=expansion.species_lookup.device) for part in split(structures, 64)])
     pool = covering(selection_candidates(survey.n_atoms, candidates, seed), survey)
@@ -370,10 +371,18 @@ def make_kernel(config: KernelConfig, density: Optional[DensityHypers] = None) -
         hypers = WignerHypers(nu_max=config.nu_max, lambda_max=config.lambda_max, channel_weights=config.channel_weights)
         return WignerKernel(hypers, mixing=config.mixing or None)
     if config.type == "polynomial":
-        return PolynomialKernel(zeta=config.zeta, orders=config.orders, contraction=config.contraction, mixing=config.mixing or None, feature_space=config.feature_space)
+        return PolynomialKernel(
+            zeta=config.zeta, orders=config.orders, contraction=config.contraction, mixing=config.mixing or None,
+            feature_space=config.feature_space, norm_floor=config.norm_floor,
+        )
     if config.type == "mpacdc":
-        message = message_hypers(density or DensityHypers(), config.message_max_radial, config.message_max_angular)
-        return MessagePassingKernel(message, config.zeta, config.orders, config.message_orders, config.contraction, mixing=config.mixing or None, feature_space=config.feature_space)
+        density = density or DensityHypers()
+        check_message_cutoff(config, density)
+        message = message_hypers(density, config.message_max_radial, config.message_max_angular)
+        return MessagePassingKernel(
+            message, config.zeta, config.orders, config.message_orders, config.contraction, mixing=config.mixing or None,
+            feature_space=config.feature_space, cutoff=config.message_cutoff, norm_floor=config.norm_floor,
+        )
     raise ValueError(f"unknown kernel type '{config.type}' (known: wigner, polynomial, mpacdc)")
 
 
@@ -398,6 +407,7 @@ def fit(
     caller has saved the model (:func:`~acdc_potential.fit.tasks.discard_kept` removes them)."""
     config = config if config is not None else FitConfig()
     log = log if log is not None else FitLog(verbose)
+    check_config(config, executor)
     source = as_source(structures)
     owned = executor is None
     executor = make_executor(config.cluster) if owned else executor
@@ -423,6 +433,44 @@ def fit(
         if missing:
             warn_isolated_atoms(model, missing)
     return model
+
+
+def check_message_cutoff(kernel: KernelConfig, density: DensityHypers) -> None:
+    """A :class:`~acdc_potential.errors.ConfigError` unless ``kernel.message_cutoff`` is unset or within
+    ``density``'s cutoff and beyond its smoothing width."""
+    cutoff = kernel.message_cutoff
+    if cutoff is not None and cutoff > density.cutoff:
+        raise ConfigError(f"kernel.message_cutoff ({cutoff} A) exceeds density.cutoff ({density.cutoff} A): a message reaches at most the density's neighbours")
+    if cutoff is not None and cutoff <= density.smoothing:
+        raise ConfigError(f"kernel.message_cutoff ({cutoff} A) must exceed density.smoothing ({density.smoothing} A), the width over which the message's cutoff function falls to zero")
+
+
+def check_config(config: FitConfig, executor: Optional[Executor] = None) -> None:
+    """What :func:`fit` checks before it reads any structure: the device (:func:`check_device`) and the
+    message's cutoff (:func:`check_message_cutoff`)."""
+    check_device(config, executor)
+    check_message_cutoff(config.kernel, config.density)
+
+
+def check_device(config: FitConfig, executor: Optional[Executor] = None) -> None:
+    """A :class:`~acdc_potential.errors.ConfigError` unless ``options.device`` names a torch device that
+    this machine has, for a fit that can run on it: an energy fit in this process (not on the Dask
+    cluster of ``config.cluster`` or of ``executor``)."""
+    name = config.options.device
+    try:
+        device = usable_device(name)
+    except ValueError as error:
+        problem = error
+    else:
+        problem = None
+        if device.type == "cpu":
+            return
+    if config.options.target == "dipole":
+        raise ConfigError(f"options.device {name!r}: dipole fits run on the CPU")
+    if config.cluster.workers or config.cluster.scheduler or (executor is not None and not executor.in_process):
+        raise ConfigError(f"options.device {name!r}: a fit on a Dask cluster runs on the CPU (cluster.workers, cluster.scheduler)")
+    if problem is not None:
+        raise ConfigError(f"options.device {problem}")
 
 
 def warn_isolated_atoms(model: SparseKRRModel, species: List[int]) -> None:
@@ -462,6 +510,7 @@ def _fit(structures, config: FitConfig, n_sparse, tune: bool, log: Optional[FitL
         centres=None if config.kernel.centres is None else sorted({atomic_number(element) for element in config.kernel.centres}),
         tune=tune,
         design_memory=config.options.design_memory * 1e9,
+        device=None if torch.device(config.options.device).type == "cpu" else torch.device(config.options.device),
         candidates=config.sparse.candidates,
         task_memory=config.cluster.task_memory * 1e9,
         task_structures=config.cluster.task_structures,

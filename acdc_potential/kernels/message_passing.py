@@ -17,16 +17,18 @@ import torch
 from ..descriptors.density import DensityExpansion, Layout
 from ..descriptors.invariants import (
     MESSAGE_ORDERS,
+    NORM_FLOOR,
     SINGLE_CENTRE_BESIDE_MESSAGE,
     MessagePassingInvariants,
     check_message_orders,
     check_orders,
+    fit_floors,
     fit_message_contraction,
 )
 from ..descriptors.neighbors import AtomsBatch
 from ..descriptors.radial import DensityHypers
 from .base import sum_by_structure
-from .polynomial import PolynomialKernel
+from .polynomial import PolynomialKernel, floats
 
 
 def batch_tangents(batch: AtomsBatch, directions: torch.Tensor) -> torch.Tensor:
@@ -59,8 +61,8 @@ def batch_tangents(batch: AtomsBatch, directions: torch.Tensor) -> torch.Tensor:
 class MessagePassingKernel(PolynomialKernel):
     """Polynomial kernel on :class:`MessagePassingInvariants`.
 
-    :param message: the hyperparameters of the message's expansion (its cutoff and species are the
-        model density's; a plain dict of :class:`DensityHypers` fields).
+    :param message: the hyperparameters of the message's basis (a plain dict of :class:`DensityHypers`
+        fields; its species are the model density's, its cutoff is ``cutoff``).
     :param zeta: exponent. :param orders: single-centre orders beside the message (subset of 1, 2;
         may be empty).
     :param message_orders: the ``nu`` of the ``[nu <- 1]`` invariants (a non-empty subset of 1, 2).
@@ -69,6 +71,12 @@ class MessagePassingKernel(PolynomialKernel):
         (:meth:`prepare`; 0: no contraction).
     :param projections: that PCA, ``(centre, message)`` per message order, when already fitted (from a checkpoint).
     :param mixing: ``c0``, ``a``. :param feature_space: as :class:`PolynomialKernel`'s.
+    :param cutoff: the message's cutoff (A), at most the density's: how far a message travels and how far
+        the neighbour densities it carries reach, so that an atomic energy depends on atoms up to
+        ``max(r_cut, 2 cutoff)`` away; ``None`` (default): the density's.
+    :param norm_floor: :param floors: as :class:`PolynomialKernel`'s, one floor per single-centre order
+        and per message order (an atom whose last pair leaves the message's cutoff loses its message
+        part smoothly).
 
     ``max_tangents`` (attribute, 2048) bounds the (atom, direction) pairs differentiated at once.
     """
@@ -86,8 +94,14 @@ class MessagePassingKernel(PolynomialKernel):
         projections: Optional[List[Tuple[List[torch.Tensor], List[torch.Tensor]]]] = None,
         mixing: Optional[Dict[str, float]] = None,
         feature_space: bool = True,
+        cutoff: Optional[float] = None,
+        norm_floor: float = NORM_FLOOR,
+        floors: Optional[List[float]] = None,
     ):
-        super().__init__(zeta, [2], contraction, projections, mixing, feature_space)
+        super().__init__(zeta, [2], contraction, projections, mixing, feature_space, norm_floor, floors)
+        if cutoff is not None and not cutoff > 0.0:
+            raise ValueError(f"the message's cutoff must be positive, got {cutoff}")
+        self.cutoff = None if cutoff is None else float(cutoff)
         self.orders = check_orders(list(orders), MESSAGE_ORDERS, SINGLE_CENTRE_BESIDE_MESSAGE, empty=True)
         self.message_orders = check_message_orders(list(message_orders))
         try:
@@ -101,22 +115,39 @@ class MessagePassingKernel(PolynomialKernel):
         return True
 
     def prepare(self, expansion: DensityExpansion, batches: List[AtomsBatch]) -> None:
-        """Fit the contraction of the ``[nu <- 1]`` couplings (when asked for and not given) on every atom of ``batches``."""
+        """Fit on every atom of ``batches`` what is not given: the contraction of the ``[nu <- 1]``
+        couplings (when asked for), then the floors of the parts (:func:`fit_floors`)."""
         if not self.unprepared:
             return
-        module = MessagePassingInvariants(expansion, self.message_expansion(expansion), self.orders, self.message_orders).to(expansion.species_lookup.device)
-        self.projections = fit_message_contraction(module, batches, self.contraction)
+        message = self.message_expansion(expansion)
+        device = expansion.species_lookup.device
+        if bool(self.contraction) and self.projections is None:
+            module = MessagePassingInvariants(expansion, message, self.orders, self.message_orders).to(device)
+            self.projections = fit_message_contraction(module, batches, self.contraction)
+        if self.floors is None and self.norm_floor == 0.0:
+            self.floors = [0.0] * (len(self.orders) + len(self.message_orders))
+        if self.floors is None:
+            module = MessagePassingInvariants(expansion, message, self.orders, self.message_orders, self.projections).to(device)
+            with torch.no_grad():
+                norms = [
+                    [torch.linalg.vector_norm(x, dim=1) for x in module.parts(b.pair_vectors(), b.centers, b.neighbors, message.species_index(b.numbers))]
+                    for b in batches
+                ]
+            self.floors = fit_floors([torch.cat(part) for part in zip(*norms)], self.norm_floor)
         self.modules = {}
 
     def message_expansion(self, expansion: DensityExpansion) -> DensityExpansion:
-        """The message's expansion for the model's density ``expansion``: its cutoff and species, the
-        message's basis, on its device."""
-        hypers = DensityHypers(**{**self.message, "cutoff": expansion.cutoff})
+        """The message's expansion for the model's density ``expansion``: its species, the message's
+        basis and cutoff (default the density's), on its device."""
+        cutoff = expansion.cutoff if self.cutoff is None else self.cutoff
+        if cutoff > expansion.cutoff:
+            raise ValueError(f"the message's cutoff ({cutoff} A) exceeds the density's ({expansion.cutoff} A)")
+        hypers = DensityHypers(**{**self.message, "cutoff": cutoff})
         return DensityExpansion(hypers, expansion.species).to(expansion.species_lookup.device)
 
     def feature_module(self, expansion: DensityExpansion) -> MessagePassingInvariants:
         """A new feature module of this kernel for the model's density ``expansion`` (what the exported head runs)."""
-        return MessagePassingInvariants(expansion, self.message_expansion(expansion), self.orders, self.message_orders, self.projections)
+        return MessagePassingInvariants(expansion, self.message_expansion(expansion), self.orders, self.message_orders, self.projections, self.floors)
 
     def batch_features(self, expansion: DensityExpansion, batch: AtomsBatch, vectors: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``[N, F]`` unit features of every atom of ``batch`` (pair vectors ``vectors``, default the batch's)."""
@@ -176,7 +207,7 @@ class MessagePassingKernel(PolynomialKernel):
         return {
             "zeta": self.zeta, "orders": list(self.orders), "message": dict(self.message),
             "message_orders": list(self.message_orders), "contraction": self.contraction, "projections": projections,
-            "feature_space": self.feature_space,
+            "feature_space": self.feature_space, "cutoff": self.cutoff, "norm_floor": self.norm_floor, "floors": self.floors,
         }
 
     @classmethod
@@ -184,7 +215,11 @@ class MessagePassingKernel(PolynomialKernel):
         projections = hypers["projections"]
         projections = None if projections is None else [(list(centre), list(message)) for centre, message in projections]
         orders = [int(nu) for nu in hypers["orders"]]
-        return cls(dict(hypers["message"]), int(hypers["zeta"]), orders, [int(nu) for nu in hypers["message_orders"]], int(hypers["contraction"]), projections, mixing, bool(hypers["feature_space"]))
+        cutoff = hypers["cutoff"]
+        return cls(
+            dict(hypers["message"]), int(hypers["zeta"]), orders, [int(nu) for nu in hypers["message_orders"]], int(hypers["contraction"]), projections,
+            mixing, bool(hypers["feature_space"]), None if cutoff is None else float(cutoff), float(hypers["norm_floor"]), floats(hypers["floors"]),
+        )
 
 
 def message_hypers(density: DensityHypers, max_radial: int, max_angular: int) -> Dict:

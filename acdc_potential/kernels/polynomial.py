@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..descriptors.density import DensityExpansion, Layout
-from ..descriptors.invariants import Invariants, check_orders, concatenated, fit_contraction
+from ..descriptors.invariants import NORM_FLOOR, Invariants, check_orders, concatenated, fit_contraction, fit_floors
 from ..descriptors.jacobian import batch_density, structure_jacobian
 from ..descriptors.neighbors import AtomsBatch
 from .base import SparseKernel, sum_by_structure
@@ -41,6 +41,9 @@ class PolynomialKernel(SparseKernel):
     :param mixing: ``c0`` (species-delta weight), ``a`` (polynomial weight).
     :param feature_space: a linear kernel (``zeta = 1``) whose features are fewer than the sparse
         environments asked for takes the feature directions as its sparse set (:meth:`feature_basis`).
+    :param norm_floor: the floor of each order's features relative to its median norm over training
+        atoms (:func:`~acdc_potential.descriptors.invariants.joined_parts`; 0: plain unit parts).
+    :param floors: those floors, when already fitted (from a checkpoint); fitted by :meth:`prepare` otherwise.
 
     ``jvp_entries`` (attribute, 2^25) bounds the numbers that the feature JVPs of the derivative rows
     hold at once (:meth:`derivative_rows`).
@@ -57,8 +60,14 @@ class PolynomialKernel(SparseKernel):
         projections: Optional[List] = None,
         mixing: Optional[Dict[str, float]] = None,
         feature_space: bool = True,
+        norm_floor: float = NORM_FLOOR,
+        floors: Optional[List[float]] = None,
     ):
         super().__init__(2, mixing or {"c0": 1.0, "a": 1.0})
+        if not norm_floor >= 0.0:
+            raise ValueError(f"norm_floor must be non-negative, got {norm_floor}")
+        self.norm_floor = float(norm_floor)
+        self.floors = None if floors is None else [float(f) for f in floors]
         self.zeta = int(zeta)
         self.orders = check_orders(list(orders))
         if contraction < 0:
@@ -75,19 +84,36 @@ class PolynomialKernel(SparseKernel):
 
     @property
     def unprepared(self) -> bool:
-        return bool(self.contraction) and self.projections is None
+        return (bool(self.contraction) and self.projections is None) or self.floors is None
 
     def prepare(self, expansion: DensityExpansion, batches: List[AtomsBatch]) -> None:
-        """Fit the contraction of the ``nu = 2`` blocks (when asked for and not given) on every atom of ``batches``."""
+        """Fit on every atom of ``batches`` what is not given: the contraction of the ``nu = 2`` blocks
+        (when asked for), then the floors of the parts (:func:`fit_floors`)."""
         if not self.unprepared:
             return
-        blocks = []
         with torch.no_grad():
+            blocks = []
             for batch in batches:
                 c, layout = batch_density(expansion, batch)
                 blocks.append(layout.unflatten(c))
-        self.projections = fit_contraction(expansion.l_max, concatenated(blocks), self.contraction)
+            if bool(self.contraction) and self.projections is None:
+                self.projections = fit_contraction(expansion.l_max, concatenated(blocks), self.contraction)
+            if self.floors is None:
+                self.floors = self._fit_floors(Invariants(expansion.l_max, self.orders, self.projections).to(expansion.species_lookup.device), concatenated(blocks))
         self.modules = {}
+
+    def _fit_floors(self, module: Invariants, coefficients: List[torch.Tensor]) -> List[float]:
+        """:func:`fit_floors` of the parts of ``module`` on the atoms of ``coefficients``, through chunks
+        of atoms whose uncontracted order-3 invariants stay within :attr:`jvp_entries` numbers."""
+        if self.norm_floor == 0.0:
+            return [0.0] * len(self.orders)
+        n_atoms = coefficients[0].shape[0]
+        step = max(1, self.jvp_entries // self._entries_per_jvp(module, [c[:1] for c in coefficients])) if n_atoms else 1
+        norms = [
+            [torch.linalg.vector_norm(x, dim=1) for x in module.parts([c[start : start + step] for c in coefficients])]
+            for start in range(0, n_atoms, step)
+        ]
+        return fit_floors([torch.cat(part) for part in zip(*norms)] if norms else [], self.norm_floor)
 
     def to(self, device: torch.device) -> "PolynomialKernel":
         """:meth:`SparseKernel.to`, the contraction's projections included (they are fitted on the CPU
@@ -99,14 +125,14 @@ class PolynomialKernel(SparseKernel):
 
     def feature_module(self, expansion: DensityExpansion) -> torch.nn.Module:
         """A new feature module of this kernel for the model's density ``expansion`` (what the exported head runs)."""
-        return Invariants(expansion.l_max, self.orders, self.projections)
+        return Invariants(expansion.l_max, self.orders, self.projections, self.floors)
 
     def module(self, expansion: DensityExpansion) -> torch.nn.Module:
         """:meth:`feature_module`, kept for the last expansion and device."""
         key = (id(expansion), str(expansion.species_lookup.device))
         if key not in self.modules:
             if self.unprepared:
-                raise RuntimeError("the kernel's contraction is not fitted yet: call prepare first")
+                raise RuntimeError("the kernel's contraction or floors are not fitted yet: call prepare first")
             self.modules = {key: self.feature_module(expansion).to(expansion.species_lookup.device)}
         return self.modules[key]
 
@@ -143,12 +169,16 @@ class PolynomialKernel(SparseKernel):
 
     def complete_species(self) -> List[int]:
         """The species whose sparse set spans the whole function space of a linear kernel: ``[1, x_m]``
-        of rank ``F + 1`` (a :meth:`feature_basis`, or enough selected environments)."""
+        of rank ``F + 1``, ``F`` the features but the components of zero floors (a :meth:`feature_basis`,
+        or enough selected environments)."""
         if self.zeta != 1 or self.sparse_coefficients is None:
             return []
         complete = []
+        # a zero floor's component (the last ones) is zero for every environment: no dimension of the space
+        n_features = self.sparse_coefficients.shape[1]
+        kept = [k for k in range(n_features) if k < n_features - len(self.floors or []) or (self.floors or [])[k - n_features] > 0.0]
         for z in torch.unique(self.sparse_species).tolist():
-            rows = self.sparse_coefficients[self.sparse_species == z]
+            rows = self.sparse_coefficients[self.sparse_species == z][:, kept]
             if rows.shape[0] < rows.shape[1] + 1:
                 continue
             values = torch.linalg.svdvals(torch.cat([torch.ones_like(rows[:, :1]), rows], dim=1))
@@ -224,12 +254,23 @@ class PolynomialKernel(SparseKernel):
         return torch.tensor([m["c0"], m["a"]], dtype=torch.float64)
 
     def hypers(self):
-        return {"zeta": self.zeta, "orders": list(self.orders), "contraction": self.contraction, "projections": self.projections, "feature_space": self.feature_space}
+        return {
+            "zeta": self.zeta, "orders": list(self.orders), "contraction": self.contraction, "projections": self.projections,
+            "feature_space": self.feature_space, "norm_floor": self.norm_floor, "floors": self.floors,
+        }
 
     @classmethod
     def from_hypers(cls, hypers, mixing):
         projections = hypers["projections"]
-        return cls(int(hypers["zeta"]), [int(nu) for nu in hypers["orders"]], int(hypers["contraction"]), list(projections) if projections is not None else None, mixing, bool(hypers["feature_space"]))
+        return cls(
+            int(hypers["zeta"]), [int(nu) for nu in hypers["orders"]], int(hypers["contraction"]), list(projections) if projections is not None else None,
+            mixing, bool(hypers["feature_space"]), float(hypers["norm_floor"]), floats(hypers["floors"]),
+        )
+
+
+def floats(values: Optional[Sequence]) -> Optional[List[float]]:
+    """``values`` as a list of floats (``None`` stays ``None``)."""
+    return None if values is None else [float(v) for v in values]
 
 
 def moved(value, device: torch.device):

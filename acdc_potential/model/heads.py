@@ -355,8 +355,8 @@ class PolynomialHead(DensityHead):
 class MessagePassingHead(PolynomialHead):
     """:class:`PolynomialHead` on :class:`~acdc_potential.descriptors.invariants.MessagePassingInvariants`:
     an atom's environment is its feature vector, computed from the pairs of the whole batch (its
-    neighbours' densities enter), so the atomic energy of ``i`` depends on atoms up to ``2 r_cut``
-    away (:attr:`interaction_range`).
+    neighbours' densities enter), so the atomic energy of ``i`` depends on atoms up to ``max(r_cut,
+    2 r_m)`` away, ``r_m`` the message's cutoff (:attr:`interaction_range`; ``2 r_cut`` by default).
 
     :param density: the density expansion. :param kernel: the fitted
         :class:`~acdc_potential.kernels.message_passing.MessagePassingKernel`. :param state: its
@@ -366,7 +366,7 @@ class MessagePassingHead(PolynomialHead):
 
     def __init__(self, density: DensityExpansion, kernel, state: SparseState, species: List[int], route: str = "collapsed"):
         super().__init__(density, kernel, state, species, route)
-        self.interaction_range = 2.0 * float(density.cutoff)
+        self.interaction_range = max(float(density.cutoff), 2.0 * float(self.features.message.cutoff))
 
     def environments(self, pairs: Pairs) -> List[torch.Tensor]:
         return [self.features(pairs.vectors, pairs.centers, pairs.neighbors, pairs.species)]

@@ -78,7 +78,7 @@ class AtomisticPotential(torch.nn.Module):
         self.head = head
         self.dipole = dipole
         self.cutoff = max(float(m.density.cutoff) for m in (head, dipole) if m is not None)
-        # how far an atom's energy reaches: the cutoff, or twice it for message-passing heads
+        # how far an atom's energy reaches: the cutoff, or twice the message's for message-passing heads
         self.interaction_range = max(float(getattr(m, "interaction_range", m.density.cutoff)) for m in (head, dipole) if m is not None)
         n_species = len(self.species)
         self.register_buffer("baseline", (baseline if baseline is not None else torch.zeros(n_species)).to(torch.float64).clone())
