@@ -117,6 +117,7 @@ class MessagePassingKernel(PolynomialKernel):
     def prepare(self, expansion: DensityExpansion, batches: List[AtomsBatch]) -> None:
         """Fit on every atom of ``batches`` what is not given: the contraction of the ``[nu <- 1]``
         couplings (when asked for), then the floors of the parts (:func:`fit_floors`)."""
+        self._zero_floors_without_norm_floor()
         if not self.unprepared:
             return
         message = self.message_expansion(expansion)
@@ -124,8 +125,6 @@ class MessagePassingKernel(PolynomialKernel):
         if bool(self.contraction) and self.projections is None:
             module = MessagePassingInvariants(expansion, message, self.orders, self.message_orders).to(device)
             self.projections = fit_message_contraction(module, batches, self.contraction)
-        if self.floors is None and self.norm_floor == 0.0:
-            self.floors = [0.0] * (len(self.orders) + len(self.message_orders))
         if self.floors is None:
             module = MessagePassingInvariants(expansion, message, self.orders, self.message_orders, self.projections).to(device)
             with torch.no_grad():
@@ -135,6 +134,10 @@ class MessagePassingKernel(PolynomialKernel):
                 ]
             self.floors = fit_floors([torch.cat(part) for part in zip(*norms)], self.norm_floor)
         self.modules = {}
+
+    def n_parts(self) -> int:
+        """One part per single-centre order and per message order."""
+        return len(self.orders) + len(self.message_orders)
 
     def message_expansion(self, expansion: DensityExpansion) -> DensityExpansion:
         """The message's expansion for the model's density ``expansion``: its species, the message's

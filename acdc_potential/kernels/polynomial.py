@@ -67,7 +67,7 @@ class PolynomialKernel(SparseKernel):
         if not norm_floor >= 0.0:
             raise ValueError(f"norm_floor must be non-negative, got {norm_floor}")
         self.norm_floor = float(norm_floor)
-        self.floors = None if floors is None else [float(f) for f in floors]
+        self.floors = floats(floors)
         self.zeta = int(zeta)
         self.orders = check_orders(list(orders))
         if contraction < 0:
@@ -89,6 +89,7 @@ class PolynomialKernel(SparseKernel):
     def prepare(self, expansion: DensityExpansion, batches: List[AtomsBatch]) -> None:
         """Fit on every atom of ``batches`` what is not given: the contraction of the ``nu = 2`` blocks
         (when asked for), then the floors of the parts (:func:`fit_floors`)."""
+        self._zero_floors_without_norm_floor()
         if not self.unprepared:
             return
         with torch.no_grad():
@@ -105,8 +106,6 @@ class PolynomialKernel(SparseKernel):
     def _fit_floors(self, module: Invariants, coefficients: List[torch.Tensor]) -> List[float]:
         """:func:`fit_floors` of the parts of ``module`` on the atoms of ``coefficients``, through chunks
         of atoms whose uncontracted order-3 invariants stay within :attr:`jvp_entries` numbers."""
-        if self.norm_floor == 0.0:
-            return [0.0] * len(self.orders)
         n_atoms = coefficients[0].shape[0]
         step = max(1, self.jvp_entries // self._entries_per_jvp(module, [c[:1] for c in coefficients])) if n_atoms else 1
         norms = [
@@ -114,6 +113,15 @@ class PolynomialKernel(SparseKernel):
             for start in range(0, n_atoms, step)
         ]
         return fit_floors([torch.cat(part) for part in zip(*norms)] if norms else [], self.norm_floor)
+
+    def n_parts(self) -> int:
+        """The parts of the features, each with its floor: one per order."""
+        return len(self.orders)
+
+    def _zero_floors_without_norm_floor(self) -> None:
+        """With ``norm_floor`` 0 the floors are zero: nothing to fit."""
+        if self.floors is None and self.norm_floor == 0.0:
+            self.floors = [0.0] * self.n_parts()
 
     def to(self, device: torch.device) -> "PolynomialKernel":
         """:meth:`SparseKernel.to`, the contraction's projections included (they are fitted on the CPU
@@ -175,8 +183,9 @@ class PolynomialKernel(SparseKernel):
             return []
         complete = []
         # a zero floor's component (the last ones) is zero for every environment: no dimension of the space
-        n_features = self.sparse_coefficients.shape[1]
-        kept = [k for k in range(n_features) if k < n_features - len(self.floors or []) or (self.floors or [])[k - n_features] > 0.0]
+        n_features, floors = self.sparse_coefficients.shape[1], self.floors or []
+        zero = {n_features - len(floors) + k for k, floor in enumerate(floors) if floor == 0.0}
+        kept = [k for k in range(n_features) if k not in zero]
         for z in torch.unique(self.sparse_species).tolist():
             rows = self.sparse_coefficients[self.sparse_species == z][:, kept]
             if rows.shape[0] < rows.shape[1] + 1:
