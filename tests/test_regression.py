@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import itertools
 from pathlib import Path
 import warnings
 
@@ -24,7 +25,7 @@ from acdc_potential.fit.design import build_design_matrix, design_groups
 from acdc_potential.fit.survey import Survey
 from acdc_potential.fit.driver import fit_kernel
 from acdc_potential.fit.selection import selection_prefix
-from acdc_potential.fit.solver import ProjectedProcess, scaled_regularisation_predictions, solve_projected_process, sparse_projection, stacked_triangle
+from acdc_potential.fit.solver import DEFAULT_JITTER, ProjectedProcess, RowFactors, scaled_regularisation_predictions, solve_projected_process, sparse_projection, stacked_triangle
 from acdc_potential.fit.targets import ENERGY, FORCES, STRESS, VOIGT
 from acdc_potential.fit.tuning import select_hyperparameters
 from acdc_potential.fit.checkpoint import kernel_from_dict
@@ -603,6 +604,37 @@ def test_regularisation_path_equals_refits(wigner_model):
         expected = design.combine(weights, test) @ solution.weights
         assert expected.abs().max() > 1e-3
         torch.testing.assert_close(predictions, expected, rtol=1e-7, atol=1e-7 * float(expected.abs().max()))
+
+
+def test_row_factors_solve_as_the_rows_themselves(wigner_model):
+    """The tuning's solves from the rows reduced to per-kind factors equal projected-process fits
+    on the rows, for other mixings, regularisers and a prefix of the sparse set; force rows (many
+    more than pieces x columns) are reduced to their R (forced here on small data), energy and stress
+    rows kept as they are."""
+    kernel = wigner_model.kernel
+    design = build_design_matrix(training_set(), wigner_model.expansion, kernel, wigner_model.baseline)
+    k_mm = kernel.sparse_block()
+    train = torch.nonzero(~torch.isin(design.structure, torch.unique(design.structure)[::4])).flatten()
+    columns = torch.arange(0, kernel.n_sparse, 2)
+    cases = [(None, kernel.piece_weights(), Regularisers(0.002, 0.04, 0.001)),
+             (columns, kernel.piece_weights({**kernel.mixing, "c0": 7.0}), Regularisers(0.3, 1e-4, 0.02))]
+    for (subset, weights, regularisers), factor_rows in itertools.product(cases, (1, None)):
+        factors = RowFactors.of(design, train, subset, factor_rows=factor_rows)
+        shapes = {kind: factor.shape for kind, factor in zip(factors.kinds, factors.factors)}
+        width = lambda kind: len(factors.pieces[factors.kinds.index(kind)]) * (kernel.n_sparse if subset is None else subset.numel()) + 1
+        n_forces = int((design.kind[train] == FORCES).sum())
+        assert shapes[FORCES] == ((width(FORCES), width(FORCES)) if factor_rows == 1 else (n_forces, width(FORCES)))
+        assert shapes[ENERGY][0] < width(ENERGY)
+        assert 0 not in factors.pieces[factors.kinds.index(FORCES)]  # the constant piece has no derivative
+        rows = design.subset(torch.zeros_like(design.targets, dtype=torch.bool).index_fill(0, train, True), subset)
+        solution = factors.solve(k_mm if subset is None else k_mm[:, subset][:, :, subset], weights, regularisers, DEFAULT_JITTER)
+        expected = solve_projected_process(rows.combine(weights), rows.targets, rows.inverse_sigma(regularisers),
+                                           torch.einsum("p,pmn->mn", weights, k_mm if subset is None else k_mm[:, subset][:, :, subset]))
+        predictions, reference = rows.combine(weights) @ solution.weights, rows.combine(weights) @ expected.weights
+        assert reference.abs().max() > 1e-3
+        torch.testing.assert_close(predictions, reference, rtol=1e-9, atol=1e-9 * float(reference.abs().max()))
+        gram = expected.triangular.T @ expected.triangular
+        torch.testing.assert_close(solution.triangular.T @ solution.triangular, gram, rtol=0, atol=1e-12 * float(gram.abs().max()))
 
 
 def test_checkpoint_round_trip(model, tmp_path):

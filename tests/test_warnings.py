@@ -1,6 +1,9 @@
 """Accuracy that could degrade silently is warned about, and a fit records the warnings."""
 
+import dataclasses
+
 import ase.build
+import numpy as np
 import pytest
 import torch
 
@@ -18,8 +21,16 @@ HYPERS = DensityHypers(cutoff=3.0, max_angular=1, max_radial=2, density="gaussia
 def test_spline_accuracy_not_reached_is_a_warning_with_the_numbers():
     hypers = DensityHypers(cutoff=3.0, max_angular=0, max_radial=1, spline_accuracy=1e-13)
     with pytest.warns(SplineAccuracyWarning, match=r"relative error of [0-9.e+-]+, not the requested spline_accuracy 1e-13, with the finest grid \(128 intervals"):
-        _, _, n_intervals, error = tabulate_radial_integrals(hypers, max_intervals=128)
+        first, _, n_intervals, error = tabulate_radial_integrals(hypers, max_intervals=128)
     assert n_intervals == 128 and error > 1e-13
+    # a kept table: the same numbers, a copy of its own, and the warning again
+    first[:] = 0.0
+    with pytest.warns(SplineAccuracyWarning, match="not the requested spline_accuracy 1e-13"):
+        again, _, _, _ = tabulate_radial_integrals(hypers, max_intervals=128)
+    assert np.abs(again).max() > 0
+    with pytest.warns(SplineAccuracyWarning):
+        _, step, _, _ = tabulate_radial_integrals(dataclasses.replace(hypers, cutoff=3.5), max_intervals=128)
+    assert step == 3.5 / 128
 
 
 def test_spline_accuracy_reached_is_silent(recwarn):

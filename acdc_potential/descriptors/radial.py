@@ -25,7 +25,9 @@ it with cubic splines in torch, so values and derivatives are consistent.
 """
 
 import math
+import dataclasses
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
@@ -257,21 +259,51 @@ def radial_integrals(hypers: DensityHypers, distances: np.ndarray) -> List[np.nd
 MAX_INTERVALS = 2**16
 
 
+# tables kept by tabulate_radial_integrals, the least recently used first
+KEPT_TABLES = 4
+_TABLES: "OrderedDict[str, Tuple[np.ndarray, float, int, float]]" = OrderedDict()
+
+
 def tabulate_radial_integrals(hypers: DensityHypers, max_intervals: int = MAX_INTERVALS) -> Tuple[np.ndarray, float, int, float]:
     """Cubic-spline coefficients of every ``I_nl`` on a uniform grid of ``[0, cutoff]``.
 
     The grid is doubled from 64 intervals until the spline error at the interval mid-points
     is below ``hypers.spline_accuracy`` relative to each function's largest value, up to
     ``max_intervals``; if that is not enough, a :class:`SplineAccuracyWarning` gives
-    the accuracy reached.
+    the accuracy reached (at every call).
+
+    The :data:`KEPT_TABLES` tables of the process used last are kept: a fit's grid of trial fits and
+    the final fit tabulate the same integrals (seconds each). A table holds ``n_intervals x 4 x
+    n_functions`` float64 (a few MB at the default accuracy).
 
     :return: ``table [n_intervals, 4, n_functions]`` (coefficients of ``1, t, t^2, t^3`` in
         the local coordinate ``t = (r - r_i) / step``), ``step``, ``n_intervals`` and the
         largest relative error at the mid-points.
     """
+    hypers.validate()
+    key = repr((dataclasses.astuple(hypers), max_intervals))
+    if key in _TABLES:
+        _TABLES.move_to_end(key)
+    else:
+        _TABLES[key] = _tabulate(hypers, max_intervals)
+        while len(_TABLES) > KEPT_TABLES:
+            _TABLES.popitem(last=False)
+    table, step, n_intervals, error = _TABLES[key]
+    if error >= hypers.spline_accuracy:
+        warnings.warn(
+            f"the radial integrals are tabulated to a relative error of {error:.2g}, not the requested "
+            f"spline_accuracy {hypers.spline_accuracy:.2g}, with the finest grid ({n_intervals} intervals over "
+            f"{hypers.cutoff} A); narrow Gaussians and many radial functions need finer grids",
+            SplineAccuracyWarning,
+            stacklevel=3,
+        )
+    return table.copy(), step, n_intervals, error
+
+
+def _tabulate(hypers: DensityHypers, max_intervals: int) -> Tuple[np.ndarray, float, int, float]:
+    """The work of :func:`tabulate_radial_integrals`."""
     import scipy.interpolate
 
-    hypers.validate()
     n_intervals = 64
     while True:
         grid = np.linspace(0.0, hypers.cutoff, n_intervals + 1)
@@ -284,14 +316,6 @@ def tabulate_radial_integrals(hypers: DensityHypers, max_intervals: int = MAX_IN
         if error < hypers.spline_accuracy or n_intervals >= max_intervals:
             break
         n_intervals *= 2
-    if error >= hypers.spline_accuracy:
-        warnings.warn(
-            f"the radial integrals are tabulated to a relative error of {error:.2g}, not the requested "
-            f"spline_accuracy {hypers.spline_accuracy:.2g}, with the finest grid ({n_intervals} intervals over "
-            f"{hypers.cutoff} A); narrow Gaussians and many radial functions need finer grids",
-            SplineAccuracyWarning,
-            stacklevel=3,
-        )
     step = float(grid[1] - grid[0])
     # spline.c[k, i, f] multiplies (r - grid[i])^(3 - k); store it in powers of t as [i, k, f]
     c = spline.c

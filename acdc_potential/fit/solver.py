@@ -6,7 +6,7 @@
 """
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Union
+from typing import Callable, List, Optional, Union
 
 import torch
 
@@ -86,7 +86,7 @@ def stacked_triangle(
     k_nm: Union[torch.Tensor, Callable[[int, int], torch.Tensor]],
     targets: torch.Tensor,
     inverse_sigma: torch.Tensor,
-    projection: torch.Tensor,
+    projection: Optional[torch.Tensor],
     prior: bool = True,
     block_rows: Optional[int] = None,
     chunk_rows: int = 2048,
@@ -96,12 +96,13 @@ def stacked_triangle(
 
     Accumulated block by block (the R of ``[R_previous; block]``, a tall-skinny QR), so neither
     ``Q`` nor the stacked matrix is ever held whole; ``k_nm`` is asked for at most
-    ``chunk_rows`` rows at a time. Arguments as :func:`solve_projected_process`.
+    ``chunk_rows`` rows at a time. Arguments as :func:`solve_projected_process`; ``projection``
+    ``None`` takes ``K_NM`` as it is (``P = I``, never formed; ``r`` its number of columns).
     """
-    rank = projection.shape[1]
+    rows_of = k_nm if callable(k_nm) else (lambda start, stop: k_nm[start:stop])
+    rank = projection.shape[1] if projection is not None else rows_of(0, 0).shape[1]
     n_rows = targets.shape[0]
     total = n_rows + (rank if prior else 0)
-    rows_of = k_nm if callable(k_nm) else (lambda start, stop: k_nm[start:stop])
     step = block_rows or 4 * (rank + 1)
     augmented = targets.new_zeros((0, rank + 1))
     for start in range(0, total, step):
@@ -111,7 +112,8 @@ def stacked_triangle(
         for first in range(0, data, chunk_rows):
             last = min(first + chunk_rows, data)
             weight = inverse_sigma[start + first : start + last, None]
-            block[first:last, :rank] = rows_of(start + first, start + last) @ projection * weight
+            rows = rows_of(start + first, start + last)
+            block[first:last, :rank] = (rows if projection is None else rows @ projection) * weight
             block[first:last, rank] = targets[start + first : start + last] * weight[:, 0]
         identity = torch.arange(max(start, n_rows), max(stop, n_rows), device=block.device)
         block[identity - start, identity - n_rows] = 1.0
@@ -186,19 +188,78 @@ def merge_triangles(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(torch.cat([first, second]), mode="r")[1]
 
 
-def _fit_rows(
-    designs: Iterable[DesignMatrix],
-    k_mm_pieces: torch.Tensor,
-    piece_weights: torch.Tensor,
-    regularisers: Regularisers,
-    jitter: float,
-) -> ProjectedProcess:
-    """Projected-process solution on all rows of the designs, for one mixing and set of
-    regularisers. Each design is folded into the triangle of the tall-skinny QR as it comes
-    (starting from the prior rows) and released, so that a generator of designs never holds two at once."""
-    projection = sparse_projection(mix_pieces(piece_weights, k_mm_pieces), jitter)
-    augmented = prior_triangle(projection)
-    for rows in designs:
-        augmented = merge_triangles(augmented, design_triangle(rows, piece_weights, regularisers, projection))
-        del rows
-    return solution_from_triangle(augmented, projection)
+@dataclass
+class RowFactors:
+    """Rows of a design matrix reduced, kind by kind, to what the solve needs of them for any mixing
+    and regularisers (the tuning's many solves on one set of rows).
+
+    The rows of kind ``k`` enter the solve as ``sigma_k^-1 S_k B``: ``S_k`` ``[n_k, W_k]``, ``W_k = P_k M
+    + 1``, holds the rows of the ``P_k`` pieces that are not zero for that kind side by side, and the
+    targets, each row scaled by its fixed part of ``Lambda^{-1/2}`` (:meth:`DesignMatrix.inverse_sigma`
+    with unit regularisers); ``B`` ``[W_k, r + 1]`` = ``[omega_p P ...; 0, 1]`` mixes and projects. The
+    triangle of the QR depends on the rows only through ``S_k^T S_k``, so ``S_k`` is replaced by its
+    ``R`` factor ``[W_k, W_k]`` where it has at least :data:`FACTOR_ROWS` ``W_k`` rows (forces: ``n_k`` =
+    3 x atoms), which bounds the factorisation's memory by about the rows' own: a solve then costs
+    ``O(W_k M r)`` per kind instead of ``O(n_k M r)``.
+
+    :param kinds: the kinds present; :param pieces: per kind, the indices of its pieces;
+    :param factors: per kind, ``S_k`` or its ``R``, ``[n_k or W_k, W_k]``.
+    """
+
+    kinds: List[int]
+    pieces: List[List[int]]
+    factors: List[torch.Tensor]
+
+    @classmethod
+    def of(cls, design: DesignMatrix, which: Optional[torch.Tensor] = None, columns: Optional[torch.Tensor] = None,
+           chunk_rows: int = 2048, factor_rows: Optional[float] = None) -> "RowFactors":
+        """The factors of the rows ``which`` ``[n]`` (indices; default all) of ``design``, restricted to
+        the sparse environments ``columns`` ``[M]`` (indices; default all), reading at most ``chunk_rows``
+        rows of the pieces at a time; ``factor_rows`` (default :data:`FACTOR_ROWS`): how many times
+        ``W_k`` rows a kind needs to be factorised."""
+        factor_rows = FACTOR_ROWS if factor_rows is None else factor_rows
+        which = which if which is not None else torch.arange(design.targets.shape[0], device=design.targets.device)
+        columns = columns if columns is not None else torch.arange(design.pieces.shape[2], device=design.targets.device)
+        scale = design.inverse_sigma(Regularisers(1.0, 1.0, 1.0))
+        kinds, pieces, factors = [], [], []
+        for kind in sorted(set(design.kind[which].tolist())):
+            rows = which[design.kind[which] == kind]
+            chunks = [(a, min(a + chunk_rows, rows.numel())) for a in range(0, rows.numel(), chunk_rows)]
+            # e.g. the constant piece has no derivative: no columns for it in the force rows
+            present = [p for p in range(design.pieces.shape[0]) if any(bool(_piece_rows(design, [p], rows[a:b], columns).any()) for a, b in chunks)]
+            width = len(present) * columns.numel() + 1
+            if rows.numel() >= factor_rows * width:
+                factor = stacked_triangle(lambda a, b: _piece_rows(design, present, rows[a:b], columns), design.targets[rows], scale[rows], None,
+                                          prior=False, block_rows=2 * width, chunk_rows=chunk_rows)
+            else:
+                factor = torch.cat([_piece_rows(design, present, rows, columns), design.targets[rows, None]], dim=1) * scale[rows, None]
+            kinds.append(kind)
+            pieces.append(present)
+            factors.append(factor)
+        return cls(kinds, pieces, factors)
+
+    def solve(self, k_mm_pieces: torch.Tensor, piece_weights: torch.Tensor, regularisers: Regularisers, jitter: float) -> ProjectedProcess:
+        """The projected-process solution on these rows for the pieces' weights ``[n_pieces]``, their
+        ``K_MM`` ``[n_pieces, M, M]`` and ``regularisers`` (as :func:`solve_projected_process` on the rows)."""
+        projection = sparse_projection(mix_pieces(piece_weights, k_mm_pieces), jitter)
+        sigma = regularisers.of_kind().to(projection)
+        m = k_mm_pieces.shape[1]
+        blocks = [prior_triangle(projection)]
+        for kind, present, factor in zip(self.kinds, self.pieces, self.factors):
+            mixed = factor.new_zeros((factor.shape[0], m))
+            for j, p in enumerate(present):
+                mixed += piece_weights[p].to(factor) * factor[:, j * m : (j + 1) * m]
+            blocks.append(torch.cat([mixed @ projection, factor[:, -1:]], dim=1) / sigma[kind])
+        return solution_from_triangle(torch.linalg.qr(torch.cat(blocks), mode="r")[1], projection)
+
+
+# a kind's rows are replaced by their R factor [W, W] when they are at least this many times W
+FACTOR_ROWS = 4
+
+
+def _piece_rows(design: DesignMatrix, pieces: List[int], rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """``[len(rows), len(pieces) M]``: the rows ``rows`` of the pieces ``pieces``, columns ``columns``
+    (``M`` of them), side by side, in one gather."""
+    index = torch.tensor(pieces, dtype=torch.long, device=rows.device)
+    part = design.pieces[index[:, None, None], rows[None, :, None], columns[None, None, :]]
+    return part.permute(1, 0, 2).reshape(rows.numel(), len(pieces) * columns.numel())

@@ -17,7 +17,7 @@ from ..config import FitOptions, Regularisers
 from ..errors import AccuracyWarning
 from ..kernels.base import SparseKernel
 from .design import DesignMatrix
-from .solver import DEFAULT_JITTER, _fit_rows, scaled_regularisation_predictions
+from .solver import DEFAULT_JITTER, RowFactors, scaled_regularisation_predictions
 from .targets import ENERGY, KIND_NAMES
 
 
@@ -97,11 +97,12 @@ def select_hyperparameters(
     :param loss_weights: weight of each kind's RMSE (each divided by the spread of its
         targets); default 1 for every kind present.
     :param max_evaluations: budget of the Nelder-Mead search (each evaluation is one
-        projected-process solve per split, ``O(R M^2)``).
+        projected-process solve per split on its training rows reduced once to their
+        :class:`~acdc_potential.fit.solver.RowFactors`, ``O(min(n_k, P_k M) M r)`` per kind of rows).
     :param subsample: tune on the rows of this many randomly chosen structures only, which
         makes each evaluation proportionally cheaper on large training sets.
     :param sparse: tune with these sparse environments only (indices into ``M``); each
-        evaluation costs ``O(R M^2)``, so a subset makes tuning large models affordable
+        evaluation costs ``O(M^3)`` at least, so a subset makes tuning large models affordable
         (:func:`~acdc_potential.fit.selection.selection_prefix`). The regularisers found are
         then multiplied by the factor (among 121 from 10^-3 to 10^3) that minimises the same
         validation loss with all ``M`` (:func:`~acdc_potential.fit.solver.scaled_regularisation_predictions`:
@@ -129,11 +130,10 @@ def select_hyperparameters(
     # the held-out labels (no sparse column: the errors need targets and kinds only)
     labels = design.subset(any_held_out, torch.zeros(0, dtype=torch.long, device=design.targets.device))
 
-    def split(mask: torch.Tensor) -> Tuple[DesignMatrix, DesignMatrix]:
-        return design.subset(rows & ~mask, sparse), design.subset(mask, sparse)
-
-    # one split is copied once; k folds would hold k - 1 copies of the rows, so they are copied per solve
-    kept = [split(mask) for mask in held_out] if len(held_out) == 1 else None
+    # per split, its training rows reduced once to their factors (RowFactors: a solve's cost no longer
+    # grows with them) and a copy of its held-out rows (one copy of the rows over all splits); k folds
+    # keep k factors
+    kept = [(RowFactors.of(design, torch.nonzero(rows & ~mask).flatten(), sparse), design.subset(mask, sparse)) for mask in held_out]
     spread = {}
     for kind in kinds:
         mask = rows & (design.kind == kind)
@@ -155,8 +155,8 @@ def select_hyperparameters(
         piece_weights = kernel.piece_weights(mixing)
         predictions = torch.zeros_like(design.targets)
         for k, mask in enumerate(held_out):
-            train, test = kept[k] if kept is not None else split(mask)
-            solution = _fit_rows([train], k_mm_pieces, piece_weights, regs, jitter)
+            train, test = kept[k]
+            solution = train.solve(k_mm_pieces, piece_weights, regs, jitter)
             predictions[mask] = test.combine(piece_weights) @ solution.weights
         return loss_of(predictions)
 

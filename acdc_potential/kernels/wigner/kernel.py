@@ -153,8 +153,8 @@ class WignerKernel(SparseKernel):
         n_k = tangents.shape[1]
         values = coefficients.new_zeros((self.n_pieces, n_structures, self.n_sparse))
         derivatives = coefficients.new_zeros((self.n_pieces, n_structures, self.n_sparse, n_k))
-        # structures per [structures, K, d] block of summed derivatives; sparse rows per [rows, d] block
-        per_block = max(1, int(self.feature_budget // (n_k * sum(sizes))))
+        # structures per [structures, K + 1, d] block of summed invariants and derivatives; sparse rows per [rows, d] block
+        per_block = max(1, int(self.feature_budget // ((n_k + 1) * sum(sizes))))
         per_sparse = max(1, int(self.feature_budget // sum(sizes)))
         for atoms, sparse in self._blocks(species):
             scale = self._order_scale(species[atoms[:1]], coefficients)[:, 0]
@@ -171,25 +171,24 @@ class WignerKernel(SparseKernel):
             if cached is not None:
                 sparse_chunks = [sparse]
             present = torch.unique(owner)
-            # written per structure by order_feature_sums, allocated once
-            phi_buffer = [coefficients.new_empty((min(per_block, present.numel()), d)) for d in sizes]
-            dphi_buffer = [coefficients.new_empty((min(per_block, present.numel()), n_k, d)) for d in sizes]
+            # per structure, row 0 the sum of the invariants and rows 1..K its derivatives, written by
+            # order_feature_sums into buffers allocated once: one GEMM per order then gives values and
+            # derivatives in a single pass over the sparse invariants (memory-bound for the values alone)
+            buffers = [coefficients.new_empty((min(per_block, present.numel()), n_k + 1, d)) for d in sizes]
             for first in range(0, present.numel(), per_block):
                 group = present[first : first + per_block]
-                phi_sum = [x[: group.numel()] for x in phi_buffer]
-                dphi_sum = [x[: group.numel()] for x in dphi_buffer]
+                sums = [x[: group.numel()] for x in buffers]
                 for position, s in enumerate(group.tolist()):
                     rows = atoms[owner == s]
                     c = self.layout.unflatten(coefficients[rows])
                     t = [x.view(rows.numel(), n_k, *x.shape[1:]) for x in self.layout.unflatten(tangents[rows].reshape(-1, tangents.shape[2]))]
-                    module.order_feature_sums(c, t, [x[position] for x in phi_sum], [x[position] for x in dphi_sum])
+                    module.order_feature_sums(c, t, [x[position, 0] for x in sums], [x[position, 1:] for x in sums])
                 for chunk in sparse_chunks:
                     phi_m = cached if cached is not None else self._reduce(self._order_features(self.sparse_coefficients[chunk]))
                     for nu in range(len(sizes)):
-                        k = phi_sum[nu] @ phi_m[nu].T * scale[nu + 1]
-                        dk = (dphi_sum[nu].reshape(-1, sizes[nu]) @ phi_m[nu].T) * scale[nu + 1]
-                        values[nu + 1, group[:, None], chunk[None, :]] += k
-                        derivatives[nu + 1, group[:, None], chunk[None, :]] += dk.view(group.numel(), n_k, -1).transpose(1, 2)
+                        both = (sums[nu].reshape(-1, sizes[nu]) @ phi_m[nu].T).view(group.numel(), n_k + 1, -1) * scale[nu + 1]
+                        values[nu + 1, group[:, None], chunk[None, :]] += both[:, 0]
+                        derivatives[nu + 1, group[:, None], chunk[None, :]] += both[:, 1:].transpose(1, 2)
         return values, derivatives
 
     def rows(self, coefficients, species):
