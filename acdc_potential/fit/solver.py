@@ -246,9 +246,8 @@ class RowFactors:
         m = k_mm_pieces.shape[1]
         blocks = [prior_triangle(projection)]
         for kind, present, factor in zip(self.kinds, self.pieces, self.factors):
-            mixed = factor.new_zeros((factor.shape[0], m))
-            for j, p in enumerate(present):
-                mixed += piece_weights[p].to(factor) * factor[:, j * m : (j + 1) * m]
+            pieces = factor[:, :-1].view(factor.shape[0], len(present), m).transpose(0, 1)
+            mixed = mix_pieces(piece_weights[present], pieces)
             blocks.append(torch.cat([mixed @ projection, factor[:, -1:]], dim=1) / sigma[kind])
         return solution_from_triangle(torch.linalg.qr(torch.cat(blocks), mode="r")[1], projection)
 
