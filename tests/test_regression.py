@@ -18,7 +18,7 @@ from acdc_potential.descriptors.neighbors import StructureError, batch_from_atom
 from acdc_potential.descriptors.radial import DensityHypers
 from acdc_potential.descriptors.density import DensityExpansion, Layout
 from acdc_potential.config import Regularisers
-from acdc_potential.descriptors.jacobian import batch_density, structure_jacobian
+from acdc_potential.descriptors.jacobian import batch_density, internal_directions, structure_jacobian
 from acdc_potential.fit.baseline import Baseline
 from acdc_potential.fit.checkpoint import SparseKRRModel
 from acdc_potential.fit.design import build_design_matrix, design_groups
@@ -180,6 +180,126 @@ def test_derivative_rows_through_invariants_equal_the_per_pair_path(nu_max):
         assert held <= budget and (held == kept if kept is not None else 0 < held < sum(entries.values()))
         torch.testing.assert_close(values, expected_values, rtol=1e-12, atol=1e-12 * float(expected_values.abs().max()))
         torch.testing.assert_close(derivatives, expected_derivatives, rtol=1e-11, atol=1e-11 * float(expected_derivatives.abs().max()))
+
+
+def mixed_batch() -> list:
+    """A bent molecule, a linear one, a single atom and a periodic cell: every kind of rigid motion."""
+    linear = ase.Atoms("HCH", positions=[[0.0, 0.0, 0.0], [0.4, 0.8, 0.6], [0.8, 1.6, 1.2]])
+    return [methane(21), linear, ase.Atoms("C", positions=[[0.1, 0.2, 0.3]]), copper(22)]
+
+
+@pytest.mark.parametrize("strain", [False, True])
+def test_internal_directions_are_the_complement_of_the_rigid_motions(strain):
+    """Orthonormal rows, within each structure's own columns, orthogonal to its rigid motions (built
+    here from their definitions), as many as the columns minus the rigid motions' rank."""
+    structures = mixed_batch()
+    batch = batch_from_atoms(structures, HYPERS.cutoff)
+    basis, counts = internal_directions(batch, strain)
+    n_max = max(len(a) for a in structures)
+    width = 3 * n_max + (9 if strain else 0)
+    assert basis.shape[2] == width
+    # columns minus translations, rotations of the positions (molecules) and antisymmetric strains
+    extra = 9 - 3 if strain else 0
+    expected = [3 * 5 - 6 + extra, 3 * 3 - 5 + extra, 0 + extra, 3 * len(structures[3]) - 3 + extra]
+    assert counts.tolist() == expected
+    for s, atoms in enumerate(structures):
+        b = basis[s, : counts[s]].numpy()
+        n = len(atoms)
+        np.testing.assert_allclose(b @ b.T, np.eye(counts[s]), atol=1e-13)
+        outside = np.ones(width, dtype=bool)
+        outside[: 3 * n] = False
+        if strain:
+            outside[3 * n_max :] = False
+        assert np.abs(b[:, outside]).max(initial=0.0) == 0.0
+        assert np.abs(basis[s, counts[s] :].numpy()).max(initial=0.0) == 0.0
+        rigid = []
+        for alpha in range(3):
+            v = np.zeros(width)
+            v[alpha : 3 * n : 3] = 1.0
+            rigid.append(v)
+            if not atoms.pbc.any():
+                v = np.zeros(width)
+                v[: 3 * n] = np.cross(np.eye(3)[alpha], atoms.positions - [5.0, -2.0, 1.0]).reshape(-1)
+                rigid.append(v)
+            if strain:
+                v = np.zeros(width)
+                v[3 * n_max :] = np.cross(np.eye(3)[alpha], np.eye(3)).reshape(-1)  # rotation generator about alpha
+                rigid.append(v)
+        np.testing.assert_allclose(b @ np.array(rigid).T, 0.0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["wigner", "polynomial", "mpacdc"])
+def test_rows_along_internal_directions_equal_rows_along_every_column(kind, polynomial_model, mpacdc_model):
+    """structure_rows differentiates along each structure's internal directions only, and skips the
+    batch's padding; mapped back, its derivatives equal the per-pair reverse passes along every column
+    of the full Jacobian (another route, no direction left out), stress columns included."""
+    structures = mixed_batch() + [methane(23)]
+    fitted = {"polynomial": polynomial_model, "mpacdc": mpacdc_model}.get(kind)
+    expansion = DensityExpansion(HYPERS, [1, 6, 29]) if kind == "wigner" else fitted.expansion
+    batch = batch_from_atoms(structures, HYPERS.cutoff)
+    c, layout = batch_density(expansion, batch)
+    if kind == "wigner":
+        kernel = WignerKernel(WignerHypers(nu_max=3, lambda_max=2))
+        kernel.set_sparse(c[::2], batch.numbers[::2], layout)
+    else:
+        kernel = fitted.kernel
+    centres = torch.arange(batch.n_atoms)
+    values, derivatives = kernel.structure_rows(expansion, batch, centres, True, True)
+    if kind == "wigner":
+        arguments = (c, batch.numbers, structure_jacobian(expansion, batch), batch.structure, len(structures))
+        expected_values, expected = SparseKernel.structure_derivatives(kernel, *arguments)
+    elif kind == "polynomial":
+        expected_values, expected = full_polynomial_rows(kernel, expansion, batch)
+    else:
+        expected_values, expected = full_message_passing_rows(kernel, expansion, batch)
+    assert expected.abs().max() > 1e-3
+    torch.testing.assert_close(values, expected_values, rtol=1e-12, atol=1e-12 * float(expected_values.abs().max()))
+    torch.testing.assert_close(derivatives, expected, rtol=1e-10, atol=1e-11 * float(expected.abs().max()))
+
+
+def full_polynomial_rows(kernel, expansion, batch):
+    """Polynomial rows along every column of the full Jacobian, by autograd of each structure's summed
+    kernel against its coefficients (no forward mode, no internal directions)."""
+    c, layout = batch_density(expansion, batch)
+    jacobian = structure_jacobian(expansion, batch)
+    c = c.detach().requires_grad_()
+    rows = kernel.rows(kernel.module(expansion)(layout.unflatten(c)), batch.numbers)
+    values = torch.zeros((rows.shape[0], batch.n_structures, rows.shape[2]), dtype=rows.dtype).index_add(1, batch.structure, rows.detach())
+    derivatives = torch.zeros((rows.shape[0], batch.n_structures, rows.shape[2], jacobian.shape[1]), dtype=rows.dtype)
+    for p in range(rows.shape[0]):
+        for m in range(rows.shape[2]):
+            if not rows[p, :, m].requires_grad:
+                continue
+            (gradient,) = torch.autograd.grad(rows[p, :, m].sum(), c, retain_graph=True)
+            derivatives[p, :, m] = torch.zeros((batch.n_structures, jacobian.shape[1]), dtype=rows.dtype).index_add(
+                0, batch.structure, torch.einsum("nd,nkd->nk", gradient, jacobian)
+            )
+    return values, derivatives
+
+
+def full_message_passing_rows(kernel, expansion, batch):
+    """Message-passing rows along every position and strain column, by autograd of each structure's
+    summed kernel against the batch's pair vectors ``r``: atom ``j`` moves ``r`` by ``+-1``, the strain
+    ``eps_ab`` by ``r_b`` along ``a``."""
+    vectors = batch.pair_vectors().detach().requires_grad_()
+    rows = kernel.rows(kernel.batch_features(expansion, batch, vectors), batch.numbers)
+    n_per = batch.atoms_per_structure()
+    n_max = int(n_per.max())
+    local = torch.arange(batch.n_atoms) - (torch.cumsum(n_per, 0) - n_per)[batch.structure]
+    owner = batch.structure[batch.centers]
+    values = torch.zeros((rows.shape[0], batch.n_structures, rows.shape[2]), dtype=rows.dtype).index_add(1, batch.structure, rows.detach())
+    derivatives = torch.zeros((rows.shape[0], batch.n_structures, rows.shape[2], 3 * n_max + 9), dtype=rows.dtype)
+    for p in range(rows.shape[0]):
+        for m in range(rows.shape[2]):
+            if not rows[p, :, m].requires_grad:
+                continue
+            (g,) = torch.autograd.grad(rows[p, :, m].sum(), vectors, retain_graph=True)
+            positions = torch.zeros((batch.n_structures, n_max, 3), dtype=g.dtype)
+            positions.index_put_((owner, local[batch.neighbors]), g, accumulate=True)
+            positions.index_put_((owner, local[batch.centers]), -g, accumulate=True)
+            strain = torch.zeros((batch.n_structures, 9), dtype=g.dtype).index_add(0, owner, (g[:, :, None] * vectors.detach()[:, None, :]).reshape(-1, 9))
+            derivatives[p, :, m] = torch.cat([positions.reshape(batch.n_structures, -1), strain], dim=1)
+    return values, derivatives
 
 
 def test_polynomial_derivative_rows_do_not_depend_on_the_jvp_budget(acdc_model):

@@ -100,3 +100,56 @@ def structure_jacobian(
         rows = centre_row[start : start + step]
         jacobian.index_add_(0, (rows[:, None] * width + columns).reshape(-1), values)
     return jacobian.view(n_centres, width, -1)
+
+
+def internal_directions(batch: AtomsBatch, strain: bool, tolerance: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal bases of the directions along which a structure's invariants can change.
+
+    Among a structure's columns of :func:`structure_jacobian` (its ``3 n_s`` positions, and the 9
+    strain components when ``strain``), the rigid motions leave every pair distance, hence every
+    invariant of its atoms, unchanged: the three translations; the three rotations of the
+    positions about their centroid for a structure periodic in no direction; the three
+    antisymmetric strains (rotations of positions and cell together) when ``strain``. A gradient
+    ``g`` that vanishes along them is ``g = B^T (B g)`` for the rows ``B`` ``[k_s, K]`` of an
+    orthonormal basis of their complement, so its ``k_s`` components ``B g`` carry all of it:
+    ``3 n_s - 6`` for a molecule (``- 5`` if linear) against ``3 n_max`` columns.
+
+    :param strain: whether the 9 strain columns follow the ``3 n_max`` position columns.
+    :param tolerance: singular values of a structure's rigid motions below this fraction of the
+        largest are taken as zero (a linear molecule's rotation about its axis): their direction
+        stays in the basis, where its derivative is computed rather than assumed zero.
+    :return: ``basis`` ``[S, k_max, K]`` (``K = 3 n_max``, plus 9 with ``strain``; rows ``k >= k_s``
+        of structure ``s`` zero) and ``counts`` ``[S]`` (``k_s``), in the batch's dtype and device.
+    """
+    n_per = batch.atoms_per_structure().tolist()
+    n_max = max(n_per)
+    width = 3 * n_max + (9 if strain else 0)
+    positions = batch.positions.detach().to("cpu", torch.float64)
+    periodic = batch.pbc.detach().to("cpu").any(dim=1).tolist()
+    complements = []
+    first = 0
+    for s, n in enumerate(n_per):
+        columns = list(range(3 * n)) + (list(range(3 * n_max, 3 * n_max + 9)) if strain else [])
+        rigid = torch.zeros((len(columns), 9), dtype=torch.float64)
+        for alpha in range(3):
+            rigid[alpha : 3 * n : 3, alpha] = 1.0
+        if not periodic[s]:
+            x = positions[first : first + n]
+            x = x - x.mean(dim=0)
+            for beta in range(3):
+                rigid[: 3 * n, 3 + beta] = torch.linalg.cross(torch.eye(3, dtype=torch.float64)[beta].expand(n, 3), x).reshape(-1)
+        if strain:
+            for k, (alpha, beta) in enumerate(((0, 1), (0, 2), (1, 2))):
+                rigid[3 * n + 3 * alpha + beta, 6 + k] = 1.0
+                rigid[3 * n + 3 * beta + alpha, 6 + k] = -1.0
+        u, sigma, _ = torch.linalg.svd(rigid, full_matrices=True)
+        rank = int((sigma > tolerance * sigma.max()).sum())
+        complements.append((columns, u[:, rank:].T))
+        first += n
+    counts = [block.shape[0] for _, block in complements]
+    # one row at least: single atoms have no internal direction, and empty blocks help no kernel
+    basis = torch.zeros((len(n_per), max(1, max(counts)), width), dtype=torch.float64)
+    for s, (columns, block) in enumerate(complements):
+        basis[s, : block.shape[0], columns] = block
+    like = batch.positions
+    return basis.to(like.device, like.dtype), torch.tensor(counts, device=like.device)

@@ -25,37 +25,36 @@ from ..descriptors.invariants import (
     fit_floors,
     fit_message_contraction,
 )
+from ..descriptors.jacobian import internal_directions
 from ..descriptors.neighbors import AtomsBatch
 from ..descriptors.radial import DensityHypers
-from .base import sum_by_structure
+from .base import along_columns, sum_by_structure
 from .polynomial import PolynomialKernel, floats
 
 
-def batch_tangents(batch: AtomsBatch, directions: torch.Tensor) -> torch.Tensor:
-    """Derivatives of the batch's pair vectors along position and strain directions, ``[K, P, 3]``.
+def batch_tangents(batch: AtomsBatch, basis: torch.Tensor) -> torch.Tensor:
+    """Derivatives of the batch's pair vectors along directions of each structure, ``[k, P, 3]``.
 
-    :param directions: ``[K]`` direction indices: ``3 j + alpha`` moves atom ``j`` (numbered within its
-        structure) of every structure along ``alpha``; ``3 n_max + 3 alpha + beta`` is the strain
-        ``x -> (1 + eps) x`` (``n_max`` the largest structure of the batch), which moves each pair vector
-        ``r`` by ``e_alpha r_beta``.
+    :param basis: ``[S, k, K]`` direction ``d`` of structure ``s`` as a combination of the columns of
+        :func:`~acdc_potential.descriptors.jacobian.structure_jacobian` (``K = 3 n_max``, plus 9 for
+        strain): column ``3 j + alpha`` moves atom ``j`` (numbered within its structure) along
+        ``alpha``, so a pair vector ``r = x_j - x_i`` by ``e_alpha`` (``-e_alpha`` for its centre);
+        column ``3 n_max + 3 alpha + beta`` is the strain ``x -> (1 + eps) x``, which moves ``r`` by
+        ``e_alpha r_beta`` (``n_max`` the largest structure of the batch).
     """
     vectors = batch.pair_vectors().detach()
     n_per = batch.atoms_per_structure()
     first = torch.cumsum(n_per, 0) - n_per
     n_max = int(n_per.max())
     local = torch.arange(batch.n_atoms, device=vectors.device) - first[batch.structure]
-    centre, neighbour = local[batch.centers], local[batch.neighbors]
-    eye = torch.eye(3, dtype=vectors.dtype, device=vectors.device)
-    tangents = []
-    for k in directions.tolist():
-        if k < 3 * n_max:
-            atom, alpha = divmod(k, 3)
-            moved = (neighbour == atom).to(vectors.dtype) - (centre == atom).to(vectors.dtype)
-            tangents.append(moved[:, None] * eye[alpha])
-        else:
-            alpha, beta = divmod(k - 3 * n_max, 3)
-            tangents.append(vectors[:, beta : beta + 1] * eye[alpha])
-    return torch.stack(tangents)
+    pairs = torch.arange(vectors.shape[0], device=vectors.device)
+    along = basis[batch.structure[batch.centers]]  # [P, k, K]
+    positions = along[:, :, : 3 * n_max].reshape(pairs.numel(), -1, n_max, 3)
+    moved = positions[pairs, :, local[batch.neighbors]] - positions[pairs, :, local[batch.centers]]
+    if along.shape[2] > 3 * n_max:
+        strain = along[:, :, 3 * n_max :].reshape(pairs.numel(), -1, 3, 3)
+        moved = moved + torch.einsum("pkab,pb->pka", strain, vectors)
+    return moved.transpose(0, 1)
 
 
 class MessagePassingKernel(PolynomialKernel):
@@ -172,13 +171,15 @@ class MessagePassingKernel(PolynomialKernel):
         """:meth:`structure_rows` with gradients, from the features of every atom of the batch.
 
         With ``s = x_i . x_m`` (unit features) and ``dx_i`` the JVP of the batch's features along a
-        direction: ``d k / d dir = zeta s^(zeta - 1) x_m . dx_i``; directions go ``max_tangents / N`` at a time.
+        direction: ``d k / d dir = zeta s^(zeta - 1) x_m . dx_i``; directions go ``max_tangents / N`` at a
+        time, each structure's internal directions (:func:`~acdc_potential.descriptors.jacobian.internal_directions`:
+        the rigid motions left out), mapped back to positions and strain at the end.
         """
         owner = batch.structure[centres]
         species = batch.numbers[centres]
         n_structures = batch.n_structures
-        n_max = int(batch.atoms_per_structure().max())
-        n_k = 3 * n_max + (9 if strain else 0)
+        basis, _ = internal_directions(batch, strain)
+        n_k = basis.shape[1]
         vectors = batch.pair_vectors().detach()
         values = vectors.new_zeros((2, n_structures, self.n_sparse))
         derivatives = vectors.new_zeros((2, n_structures, self.n_sparse, n_k))
@@ -196,14 +197,14 @@ class MessagePassingKernel(PolynomialKernel):
             values[:, :, sparse] += sum_by_structure(pieces, owner[atoms], n_structures)
         step = max(1, self.max_tangents // batch.n_atoms)
         for start in range(0, n_k, step):
-            directions = torch.arange(start, min(start + step, n_k), device=vectors.device)
-            tangents = batch_tangents(batch, directions)
+            stop = min(start + step, n_k)
+            tangents = batch_tangents(batch, basis[:, start:stop])
             dx = torch.func.vmap(lambda t: torch.func.jvp(features, (vectors,), (t,))[1])(tangents)  # [k, n, F]
             for (atoms, sparse), s in zip(blocks, similarity):
                 along = torch.einsum("mf,kif->imk", self.sparse_coefficients[sparse], dx[:, atoms])
                 directional = self.zeta * (s ** (self.zeta - 1))[:, :, None] * along
-                derivatives[1, :, sparse, start : start + directions.numel()] += sum_by_structure(directional[None], owner[atoms], n_structures)[0]
-        return values, derivatives
+                derivatives[1, :, sparse, start:stop] += sum_by_structure(directional[None], owner[atoms], n_structures)[0]
+        return values, along_columns(derivatives, basis)
 
     def hypers(self):
         projections = None if self.projections is None else [[list(centre), list(message)] for centre, message in self.projections]

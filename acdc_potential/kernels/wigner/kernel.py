@@ -126,7 +126,7 @@ class WignerKernel(SparseKernel):
         index, weight = order_features_of(self.wigner_hypers, phi[2]).order3_reduction([shape[1] for shape in self.layout.shapes])
         return phi[:2] + [phi[2].index_select(-1, index.to(phi[2].device)) * weight.to(phi[2])] + phi[3:]
 
-    def structure_derivatives(self, coefficients, species, tangents, structure, n_structures):
+    def structure_derivatives(self, coefficients, species, tangents, structure, n_structures, directions=None):
         """As :meth:`SparseKernel.structure_derivatives`; through the per-atom invariants
         ``Phi^nu`` when their size is at most ``max_feature_dimension``.
 
@@ -136,7 +136,8 @@ class WignerKernel(SparseKernel):
         ``<sum_i Phi_i, Phi_m>`` and ``<sum_i dPhi_i / dc_i . t_ik, Phi_m>``: the derivatives of
         the invariants of each structure's atoms summed *before* the sparse environments enter
         (:meth:`~acdc_potential.kernels.wigner.gradients.OrderFeatureGradients.order_feature_sums`),
-        then one GEMM per order. The cost per structure is ``K d M`` instead of ``n_atoms M``
+        then one GEMM per order. The cost per structure is ``(k_s + 1) d M`` (``k_s`` its own
+        directions, ``directions[s]``; the batch's padding is skipped) instead of ``n_atoms M``
         reverse passes through the kernel iterations (``Phi^3`` shortened by :meth:`_reduce`;
         ``d ~ 3e3`` for Cu at ``nu_max = 3``, ``1.6e5`` at 4, ``8e4`` for ethanol's three species at 3).
         Beyond ``max_feature_dimension`` the per-pair path is cheaper. The summed derivatives
@@ -147,14 +148,16 @@ class WignerKernel(SparseKernel):
         """
         sizes = self.feature_sizes()
         if sizes is None or sum(sizes) > self.max_feature_dimension:
-            return super().structure_derivatives(coefficients, species, tangents, structure, n_structures)
+            return super().structure_derivatives(coefficients, species, tangents, structure, n_structures, directions)
         module = order_feature_gradients_of(self.wigner_hypers, coefficients)
         coefficients = coefficients.detach()
         n_k = tangents.shape[1]
+        # at least one row of derivatives per structure (zero when it has no direction): no empty blocks
+        counts = [n_k] * n_structures if directions is None else [max(1, int(k)) for k in directions.tolist()]
         values = coefficients.new_zeros((self.n_pieces, n_structures, self.n_sparse))
         derivatives = coefficients.new_zeros((self.n_pieces, n_structures, self.n_sparse, n_k))
-        # structures per [structures, K + 1, d] block of summed invariants and derivatives; sparse rows per [rows, d] block
-        per_block = max(1, int(self.feature_budget // ((n_k + 1) * sum(sizes))))
+        # rows of summed invariants and derivatives per [rows, d] block; sparse rows per [rows, d] block
+        per_block = max(n_k + 1, int(self.feature_budget // sum(sizes)))
         per_sparse = max(1, int(self.feature_budget // sum(sizes)))
         for atoms, sparse in self._blocks(species):
             scale = self._order_scale(species[atoms[:1]], coefficients)[:, 0]
@@ -170,25 +173,36 @@ class WignerKernel(SparseKernel):
                 self._sparse_invariants[int(species[atoms[0]])] = cached
             if cached is not None:
                 sparse_chunks = [sparse]
-            present = torch.unique(owner)
-            # per structure, row 0 the sum of the invariants and rows 1..K its derivatives, written by
-            # order_feature_sums into buffers allocated once: one GEMM per order then gives values and
-            # derivatives in a single pass over the sparse invariants (memory-bound for the values alone)
-            buffers = [coefficients.new_empty((min(per_block, present.numel()), n_k + 1, d)) for d in sizes]
-            for first in range(0, present.numel(), per_block):
-                group = present[first : first + per_block]
-                sums = [x[: group.numel()] for x in buffers]
-                for position, s in enumerate(group.tolist()):
+            # per structure, a row of the sum of the invariants and a row of its derivative along each
+            # of its own directions, written by order_feature_sums into buffers allocated once: one
+            # GEMM per order then gives values and derivatives in one pass over the sparse invariants
+            present = torch.unique(owner).tolist()
+            buffers = [coefficients.new_empty((min(per_block, sum(counts[s] + 1 for s in present)), d)) for d in sizes]
+            for group in _row_groups(present, counts, per_block):
+                # row of each structure's sum, then (structure, direction) of every derivative row
+                starts, row_structure, row_direction, used = [], [], [], 0
+                for s in group:
+                    k = counts[s]
                     rows = atoms[owner == s]
                     c = self.layout.unflatten(coefficients[rows])
-                    t = [x.view(rows.numel(), n_k, *x.shape[1:]) for x in self.layout.unflatten(tangents[rows].reshape(-1, tangents.shape[2]))]
-                    module.order_feature_sums(c, t, [x[position, 0] for x in sums], [x[position, 1:] for x in sums])
+                    t = [x.view(rows.numel(), n_k, *x.shape[1:])[:, :k] for x in self.layout.unflatten(tangents[rows].reshape(-1, tangents.shape[2]))]
+                    module.order_feature_sums(c, t, [x[used] for x in buffers], [x[used + 1 : used + 1 + k] for x in buffers])
+                    starts.append(used)
+                    row_structure.extend([s] * k)
+                    row_direction.extend(range(k))
+                    used += k + 1
+                device = values.device
+                summed = torch.tensor(starts, device=device)
+                along = torch.ones(used, dtype=torch.bool, device=device).index_fill_(0, summed, False)
+                structures = torch.tensor(group, device=device)[:, None]
+                row_structure = torch.tensor(row_structure, device=device)[:, None]
+                row_direction = torch.tensor(row_direction, device=device)[:, None]
                 for chunk in sparse_chunks:
                     phi_m = cached if cached is not None else self._reduce(self._order_features(self.sparse_coefficients[chunk]))
                     for nu in range(len(sizes)):
-                        both = (sums[nu].reshape(-1, sizes[nu]) @ phi_m[nu].T).view(group.numel(), n_k + 1, -1) * scale[nu + 1]
-                        values[nu + 1, group[:, None], chunk[None, :]] += both[:, 0]
-                        derivatives[nu + 1, group[:, None], chunk[None, :]] += both[:, 1:].transpose(1, 2)
+                        both = (buffers[nu][:used] @ phi_m[nu].T) * scale[nu + 1]
+                        values[nu + 1, structures, chunk[None, :]] += both[summed]
+                        derivatives[nu + 1].index_put_((row_structure, chunk[None, :], row_direction), both[along], accumulate=True)
         return values, derivatives
 
     def rows(self, coefficients, species):
@@ -229,3 +243,17 @@ class WignerKernel(SparseKernel):
     @classmethod
     def from_hypers(cls, hypers, mixing):
         return cls(WignerHypers(**hypers["wigner"]), mixing, hypers["species_scale"])
+
+
+def _row_groups(structures: List[int], counts: List[int], rows: int) -> List[List[int]]:
+    """``structures`` in consecutive groups whose ``counts[s] + 1`` rows (a structure's summed
+    invariants and their derivatives along its own directions) fit in ``rows``."""
+    groups: List[List[int]] = []
+    used = rows
+    for s in structures:
+        if used + counts[s] + 1 > rows:
+            groups.append([])
+            used = 0
+        groups[-1].append(s)
+        used += counts[s] + 1
+    return groups
