@@ -6,7 +6,8 @@ the first ``--candidates`` training structures (all species mixed) and the deriv
 the next ``--structures`` ones are built both ways (``WignerKernel.structure_derivatives`` and
 ``SparseKernel.structure_derivatives``), after one warm-up call of each; the Wigner order is
 the one ``nu_max: auto`` chose in our fits (4 for gold, 3 elsewhere) unless ``--nu-max`` is
-given. Prints milliseconds per structure and their ratio; the two results agree to 1e-10.
+given. Both take the Jacobian along each structure's kept columns, as a fit does
+(``internal_columns``). Prints milliseconds per structure and their ratio; the two results agree to 1e-10.
 
 usage: python benchmarks/rows.py [--sets ethanol,gold] [--sparse 1000] [--structures 20] [--threads 1]
 """
@@ -33,7 +34,7 @@ def measure(name: str, args) -> dict:
     from acdc_potential.data import read_structures, species_of
     from acdc_potential.descriptors.density import DensityExpansion
     from acdc_potential.descriptors.neighbors import batch_from_atoms
-    from acdc_potential.descriptors.jacobian import batch_density, structure_jacobian
+    from acdc_potential.descriptors.jacobian import batch_density, internal_columns, structure_jacobian
     from acdc_potential.fit.sources import MemorySource
     from acdc_potential.fit.tasks import coefficients as atom_coefficients
     from acdc_potential.kernels.base import SparseKernel
@@ -50,10 +51,10 @@ def measure(name: str, args) -> dict:
     kernel.set_sparse(coefficients[chosen], species[chosen], layout)
     batch = batch_from_atoms([s.atoms for s in measured], expansion.cutoff)
     c, _ = batch_density(expansion, batch)
-    jacobian = structure_jacobian(expansion, batch)
-    if not all(s.atoms.pbc.all() for s in measured):
-        jacobian = jacobian[:, : jacobian.shape[1] - 9]  # no stress rows, as build_design_matrix does
-    arguments = (c, batch.numbers, jacobian, batch.structure, len(measured))
+    # the kept columns of each structure, as build_design_matrix differentiates (stress rows only if periodic)
+    columns = internal_columns(batch, all(s.atoms.pbc.all() for s in measured))
+    jacobian = structure_jacobian(expansion, batch, columns=columns)
+    arguments = (c, batch.numbers, jacobian, batch.structure, len(measured), columns.counts)
     kernel.structure_derivatives(*arguments)  # warm-up: the sparse invariants are kept between calls
     (_, features), seconds_features = timed(lambda: kernel.structure_derivatives(*arguments))
     (_, pairs), seconds_pairs = timed(lambda: SparseKernel.structure_derivatives(kernel, *arguments))

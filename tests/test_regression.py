@@ -18,7 +18,7 @@ from acdc_potential.descriptors.neighbors import StructureError, batch_from_atom
 from acdc_potential.descriptors.radial import DensityHypers
 from acdc_potential.descriptors.density import DensityExpansion, Layout
 from acdc_potential.config import Regularisers
-from acdc_potential.descriptors.jacobian import batch_density, internal_directions, structure_jacobian
+from acdc_potential.descriptors.jacobian import batch_density, internal_columns, structure_jacobian
 from acdc_potential.fit.baseline import Baseline
 from acdc_potential.fit.checkpoint import SparseKRRModel
 from acdc_potential.fit.design import build_design_matrix, design_groups
@@ -183,56 +183,70 @@ def test_derivative_rows_through_invariants_equal_the_per_pair_path(nu_max):
 
 
 def mixed_batch() -> list:
-    """A bent molecule, a linear one, a single atom and a periodic cell: every kind of rigid motion."""
+    """A bent molecule, a linear one, a single atom, a periodic cell and a slab (periodic in two
+    directions): every kind of rigid motion, and structures of different sizes."""
     linear = ase.Atoms("HCH", positions=[[0.0, 0.0, 0.0], [0.4, 0.8, 0.6], [0.8, 1.6, 1.2]])
-    return [methane(21), linear, ase.Atoms("C", positions=[[0.1, 0.2, 0.3]]), copper(22)]
+    slab = ase.build.fcc111("Cu", size=(1, 1, 3), vacuum=3.0)
+    slab.rattle(0.05, seed=4)
+    return [methane(21), linear, ase.Atoms("C", positions=[[0.1, 0.2, 0.3]]), copper(22), slab]
+
+
+def rigid_motions(atoms: ase.Atoms, n_max: int, strain: bool) -> np.ndarray:
+    """``[r, K]`` the rigid motions of ``atoms`` as columns of structure_jacobian, from their definitions."""
+    width, n = 3 * n_max + (9 if strain else 0), len(atoms)
+    motions = []
+    for alpha in range(3):
+        v = np.zeros(width)
+        v[alpha : 3 * n : 3] = 1.0
+        motions.append(v)
+        if not atoms.pbc.any():
+            v = np.zeros(width)
+            v[: 3 * n] = np.cross(np.eye(3)[alpha], atoms.positions - [5.0, -2.0, 1.0]).reshape(-1)
+            motions.append(v)
+        if strain:
+            v = np.zeros(width)
+            v[3 * n_max :] = np.cross(np.eye(3)[alpha], np.eye(3)).reshape(-1)  # rotation generator about alpha
+            motions.append(v)
+    return np.array(motions)
 
 
 @pytest.mark.parametrize("strain", [False, True])
-def test_internal_directions_are_the_complement_of_the_rigid_motions(strain):
-    """Orthonormal rows, within each structure's own columns, orthogonal to its rigid motions (built
-    here from their definitions), as many as the columns minus the rigid motions' rank."""
+def test_internal_columns_restore_gradients_that_vanish_along_rigid_motions(strain):
+    """Each structure keeps its own columns but as many as its rigid motions' rank, and a gradient with
+    no component along them (built here from the motions' definitions) is restored from its kept
+    components; the padding is never kept."""
     structures = mixed_batch()
     batch = batch_from_atoms(structures, HYPERS.cutoff)
-    basis, counts = internal_directions(batch, strain)
+    columns = internal_columns(batch, strain)
     n_max = max(len(a) for a in structures)
     width = 3 * n_max + (9 if strain else 0)
-    assert basis.shape[2] == width
-    # columns minus translations, rotations of the positions (molecules) and antisymmetric strains
-    extra = 9 - 3 if strain else 0
-    expected = [3 * 5 - 6 + extra, 3 * 3 - 5 + extra, 0 + extra, 3 * len(structures[3]) - 3 + extra]
-    assert counts.tolist() == expected
+    assert columns.width == width
+    extra = 9 - 3 if strain else 0  # strain columns minus the antisymmetric strains
+    slab = 3 * len(structures[4]) - 3 + extra  # no rotation of the positions is rigid for a slab
+    assert columns.counts.tolist() == [3 * 5 - 6 + extra, 3 * 3 - 5 + extra, extra, 3 * len(structures[3]) - 3 + extra, slab]
+    rng = np.random.default_rng(0)
     for s, atoms in enumerate(structures):
-        b = basis[s, : counts[s]].numpy()
-        n = len(atoms)
-        np.testing.assert_allclose(b @ b.T, np.eye(counts[s]), atol=1e-13)
-        outside = np.ones(width, dtype=bool)
-        outside[: 3 * n] = False
-        if strain:
-            outside[3 * n_max :] = False
-        assert np.abs(b[:, outside]).max(initial=0.0) == 0.0
-        assert np.abs(basis[s, counts[s] :].numpy()).max(initial=0.0) == 0.0
-        rigid = []
-        for alpha in range(3):
-            v = np.zeros(width)
-            v[alpha : 3 * n : 3] = 1.0
-            rigid.append(v)
-            if not atoms.pbc.any():
-                v = np.zeros(width)
-                v[: 3 * n] = np.cross(np.eye(3)[alpha], atoms.positions - [5.0, -2.0, 1.0]).reshape(-1)
-                rigid.append(v)
-            if strain:
-                v = np.zeros(width)
-                v[3 * n_max :] = np.cross(np.eye(3)[alpha], np.eye(3)).reshape(-1)  # rotation generator about alpha
-                rigid.append(v)
-        np.testing.assert_allclose(b @ np.array(rigid).T, 0.0, atol=1e-12)
+        own = list(range(3 * len(atoms))) + (list(range(3 * n_max, width)) if strain else [])
+        kept = columns.kept[s, : columns.counts[s]].tolist()
+        assert set(kept) <= set(own) and bool((columns.kept[s, columns.counts[s] :] == width).all())
+        motions = rigid_motions(atoms, n_max, strain)
+        g = np.zeros(width)
+        g[own] = rng.normal(size=len(own))
+        q, _ = np.linalg.qr(motions.T)
+        g -= q @ (q.T @ g)  # no component along the rigid motions
+        derivatives = torch.zeros((1, len(structures), 1, columns.kept.shape[1]), dtype=torch.float64)
+        derivatives[0, s, 0, : len(kept)] = torch.as_tensor(g[kept])
+        restored = columns.full(derivatives)[0, s, 0].numpy()
+        np.testing.assert_allclose(restored, g, atol=1e-12)
 
 
+@pytest.mark.parametrize("strain", [False, True])
 @pytest.mark.parametrize("kind", ["wigner", "polynomial", "mpacdc"])
-def test_rows_along_internal_directions_equal_rows_along_every_column(kind, polynomial_model, mpacdc_model):
-    """structure_rows differentiates along each structure's internal directions only, and skips the
-    batch's padding; mapped back, its derivatives equal the per-pair reverse passes along every column
-    of the full Jacobian (another route, no direction left out), stress columns included."""
+def test_rows_along_kept_columns_equal_rows_along_every_column(kind, strain, polynomial_model, mpacdc_model):
+    """structure_rows differentiates along each structure's kept columns only, and skips the batch's
+    padding; restored, its derivatives equal those along every column of the full Jacobian by another
+    route (per-pair reverse passes, or autograd), stress columns included; the Wigner kernel's also
+    when its budget splits the structures into many groups."""
     structures = mixed_batch() + [methane(23)]
     fitted = {"polynomial": polynomial_model, "mpacdc": mpacdc_model}.get(kind)
     expansion = DensityExpansion(HYPERS, [1, 6, 29]) if kind == "wigner" else fitted.expansion
@@ -244,7 +258,7 @@ def test_rows_along_internal_directions_equal_rows_along_every_column(kind, poly
     else:
         kernel = fitted.kernel
     centres = torch.arange(batch.n_atoms)
-    values, derivatives = kernel.structure_rows(expansion, batch, centres, True, True)
+    values, derivatives = kernel.structure_rows(expansion, batch, centres, True, strain)
     if kind == "wigner":
         arguments = (c, batch.numbers, structure_jacobian(expansion, batch), batch.structure, len(structures))
         expected_values, expected = SparseKernel.structure_derivatives(kernel, *arguments)
@@ -252,9 +266,28 @@ def test_rows_along_internal_directions_equal_rows_along_every_column(kind, poly
         expected_values, expected = full_polynomial_rows(kernel, expansion, batch)
     else:
         expected_values, expected = full_message_passing_rows(kernel, expansion, batch)
+    if not strain:
+        expected = expected[..., : expected.shape[-1] - 9]
     assert expected.abs().max() > 1e-3
     torch.testing.assert_close(values, expected_values, rtol=1e-12, atol=1e-12 * float(expected_values.abs().max()))
     torch.testing.assert_close(derivatives, expected, rtol=1e-10, atol=1e-11 * float(expected.abs().max()))
+    if kind == "wigner":
+        kernel.feature_budget = 2000.0 * sum(kernel.feature_sizes()) / 1000.0  # groups of a few rows
+        _, grouped = kernel.structure_rows(expansion, batch, centres, True, strain)
+        torch.testing.assert_close(grouped, expected, rtol=1e-10, atol=1e-11 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("name", ["wigner_model", "polynomial_model", "mpacdc_model"])
+def test_rows_of_isolated_atoms_have_no_derivatives(name, request):
+    """A batch without a single pair (atoms beyond each other's cutoff) gives the self-kernel sums
+    and zero derivatives."""
+    fitted = request.getfixturevalue(name)
+    structures = [ase.Atoms("C", positions=[[0.0, 0.0, 0.0]]), ase.Atoms("CH", positions=[[0.0, 0.0, 0.0], [9.0, 0.0, 0.0]])]
+    batch = batch_from_atoms(structures, HYPERS.cutoff)
+    assert batch.centers.numel() == 0
+    values, derivatives = fitted.kernel.structure_rows(fitted.expansion, batch, torch.arange(batch.n_atoms), True, False)
+    assert derivatives.shape[-1] == 6 and float(derivatives.abs().max()) == 0.0
+    assert float(values[0].abs().max()) > 0.0
 
 
 def full_polynomial_rows(kernel, expansion, batch):
@@ -283,9 +316,8 @@ def full_message_passing_rows(kernel, expansion, batch):
     ``eps_ab`` by ``r_b`` along ``a``."""
     vectors = batch.pair_vectors().detach().requires_grad_()
     rows = kernel.rows(kernel.batch_features(expansion, batch, vectors), batch.numbers)
-    n_per = batch.atoms_per_structure()
-    n_max = int(n_per.max())
-    local = torch.arange(batch.n_atoms) - (torch.cumsum(n_per, 0) - n_per)[batch.structure]
+    n_max = int(batch.atoms_per_structure().max())
+    local = batch.local_index()
     owner = batch.structure[batch.centers]
     values = torch.zeros((rows.shape[0], batch.n_structures, rows.shape[2]), dtype=rows.dtype).index_add(1, batch.structure, rows.detach())
     derivatives = torch.zeros((rows.shape[0], batch.n_structures, rows.shape[2], 3 * n_max + 9), dtype=rows.dtype)

@@ -159,7 +159,7 @@ class Layout:
 
     def flatten(self, coefficients: List[torch.Tensor]) -> torch.Tensor:
         """List over ``l`` of ``[n, 2l + 1, Q_l]`` -> ``[n, D]``."""
-        return torch.cat([c.reshape(c.shape[0], -1) for c in coefficients], dim=1)
+        return torch.cat([c.reshape(c.shape[0], c.shape[1] * c.shape[2]) for c in coefficients], dim=1)
 
     def unflatten(self, flat: torch.Tensor) -> List[torch.Tensor]:
         """``[n, D]`` -> list over ``l`` of ``[n, 2l + 1, Q_l]``."""

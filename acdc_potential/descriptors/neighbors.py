@@ -63,6 +63,11 @@ class AtomsBatch:
         """``[S]`` number of atoms of each structure."""
         return torch.bincount(self.structure, minlength=self.n_structures)
 
+    def local_index(self) -> torch.Tensor:
+        """``[N]`` each atom's index within its structure."""
+        n_per = self.atoms_per_structure()
+        return torch.arange(self.n_atoms, device=self.structure.device) - (torch.cumsum(n_per, 0) - n_per)[self.structure]
+
 
 def _pairs_of(atoms, cutoff: float, index: int):
     positions = np.asarray(atoms.positions, dtype=np.float64)

@@ -26,7 +26,7 @@ import torch
 
 from ..descriptors.acdc import power_spectrum
 from ..descriptors.density import DensityExpansion, Layout
-from ..descriptors.jacobian import batch_density, internal_directions, structure_jacobian
+from ..descriptors.jacobian import batch_density, internal_columns, structure_jacobian
 from ..descriptors.neighbors import AtomsBatch
 
 
@@ -34,28 +34,6 @@ def sum_by_structure(x: torch.Tensor, owner: torch.Tensor, n_structures: int) ->
     """Sum ``[n_pieces, n, ...]`` over the atoms of each structure -> ``[n_pieces, n_structures, ...]``."""
     out = x.new_zeros((x.shape[0], n_structures) + tuple(x.shape[2:]))
     return out.index_add(1, owner, x)
-
-
-def internal_tangents(
-    expansion: DensityExpansion, batch: AtomsBatch, centres: torch.Tensor, strain: bool
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The Jacobian of the coefficients of ``centres`` along the internal directions of their
-    structures (:func:`~acdc_potential.descriptors.jacobian.internal_directions`): ``[n, k_max, D]``,
-    with the ``basis`` ``[S, k_max, K]`` that maps derivatives back to the columns of
-    :func:`~acdc_potential.descriptors.jacobian.structure_jacobian` (:func:`along_columns`) and the
-    ``counts`` ``[S]`` of directions per structure. Without ``strain`` its 9 columns are left out
-    (no stress rows: they would only cost time)."""
-    jacobian = structure_jacobian(expansion, batch, centres=centres)
-    if not strain:
-        jacobian = jacobian[:, : jacobian.shape[1] - 9]
-    basis, counts = internal_directions(batch, strain)
-    return torch.bmm(basis[batch.structure[centres]], jacobian), basis, counts
-
-
-def along_columns(derivatives: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """Derivatives ``[P, S, M, k_max]`` along the internal directions of :func:`internal_tangents`
-    as derivatives ``[P, S, M, K]`` along the Jacobian's columns (``g = B^T (B g)``; zero along the rigid motions)."""
-    return torch.einsum("psmj,sjk->psmk", derivatives, basis)
 
 
 def weighted_gram_eigenpairs(rows: torch.Tensor, omega: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -255,18 +233,21 @@ class SparseKernel:
 
         Here an atom's kernel depends on its own density coefficients only: their Jacobian,
         from the batch's pairs (:func:`~acdc_potential.descriptors.jacobian.structure_jacobian`),
-        meets :meth:`structure_derivatives` along each structure's internal directions
-        (:func:`internal_tangents`), the rigid motions left out. Kernels on features override
-        this method (the polynomial kernel differentiates its features along the same directions;
-        the message-passing kernel, whose atoms see their neighbours' environments, works from the pairs).
+        meets :meth:`structure_derivatives` along each structure's kept columns
+        (:func:`~acdc_potential.descriptors.jacobian.internal_columns`: those the rigid motions do
+        not determine; the batch's padding and the strain columns without ``strain`` left out).
+        Kernels on features override this method (the polynomial kernel differentiates its features
+        along the same columns; the message-passing kernel, whose atoms see their neighbours'
+        environments, works from the pairs).
         """
         c, _ = self.environments(expansion, batch, centres)
         owner = batch.structure[centres]
         if not gradients:
             return sum_by_structure(self.rows(c, batch.numbers[centres]), owner, batch.n_structures), None
-        tangents, basis, counts = internal_tangents(expansion, batch, centres, strain)
-        values, derivatives = self.structure_derivatives(c, batch.numbers[centres], tangents, owner, batch.n_structures, counts)
-        return values, along_columns(derivatives, basis)
+        columns = internal_columns(batch, strain)
+        tangents = structure_jacobian(expansion, batch, centres=centres, columns=columns)
+        values, derivatives = self.structure_derivatives(c, batch.numbers[centres], tangents, owner, batch.n_structures, columns.counts)
+        return values, columns.full(derivatives)
 
     def structure_derivatives(
         self,
@@ -282,7 +263,7 @@ class SparseKernel:
         :param coefficients: ``[n, D]`` flat density coefficients of the atoms.
         :param species: ``[n]`` central atomic numbers.
         :param tangents: ``[n, K, D]`` derivatives of each atom's coefficients along ``K``
-            directions (positions and strain of its structure).
+            directions of its structure (columns of its Jacobian, :meth:`structure_rows`).
         :param structure: ``[n]`` structure index of each atom, in ``0..n_structures-1``.
         :param directions: ``[n_structures]``: only the first ``directions[s]`` tangents of the atoms
             of structure ``s`` can be nonzero (the rest pad the batch); ``None``: all ``K``. A

@@ -6,7 +6,7 @@ The pieces are those of :class:`~acdc_potential.kernels.polynomial.PolynomialKer
 "Message-passing kernel"). Because ``x_i`` depends on the neighbours' densities, an atom's environment
 is its feature vector, not its density coefficients: the sparse environments are stored as features
 (a one-block layout ``[(1, F)]``), and the rows of a batch come from the features of all its atoms and
-their forward-mode derivatives along every position and strain direction (:meth:`structure_rows`).
+their forward-mode derivatives along the kept position and strain columns of each structure (:meth:`structure_rows`).
 """
 
 import dataclasses
@@ -25,36 +25,35 @@ from ..descriptors.invariants import (
     fit_floors,
     fit_message_contraction,
 )
-from ..descriptors.jacobian import internal_directions
+from ..descriptors.jacobian import internal_columns
 from ..descriptors.neighbors import AtomsBatch
 from ..descriptors.radial import DensityHypers
-from .base import along_columns, sum_by_structure
+from .base import sum_by_structure
 from .polynomial import PolynomialKernel, floats
 
 
-def batch_tangents(batch: AtomsBatch, basis: torch.Tensor) -> torch.Tensor:
-    """Derivatives of the batch's pair vectors along directions of each structure, ``[k, P, 3]``.
+def batch_tangents(batch: AtomsBatch, kept: torch.Tensor, width: int) -> torch.Tensor:
+    """Derivatives of the batch's pair vectors along one column of each structure, ``[k, P, 3]``.
 
-    :param basis: ``[S, k, K]`` direction ``d`` of structure ``s`` as a combination of the columns of
-        :func:`~acdc_potential.descriptors.jacobian.structure_jacobian` (``K = 3 n_max``, plus 9 for
-        strain): column ``3 j + alpha`` moves atom ``j`` (numbered within its structure) along
-        ``alpha``, so a pair vector ``r = x_j - x_i`` by ``e_alpha`` (``-e_alpha`` for its centre);
-        column ``3 n_max + 3 alpha + beta`` is the strain ``x -> (1 + eps) x``, which moves ``r`` by
-        ``e_alpha r_beta`` (``n_max`` the largest structure of the batch).
+    :param kept: ``[S, k]`` columns of :func:`~acdc_potential.descriptors.jacobian.structure_jacobian`
+        (:attr:`~acdc_potential.descriptors.jacobian.InternalColumns.kept`), direction ``d`` of
+        structure ``s`` being column ``kept[s, d]``: ``3 j + alpha`` moves atom ``j`` (numbered within
+        its structure) along ``alpha``, so a pair vector ``r = x_j - x_i`` by ``e_alpha`` (``-e_alpha``
+        for its centre); ``3 n_max + 3 alpha + beta`` is the strain ``x -> (1 + eps) x``, which moves
+        ``r`` by ``e_alpha r_beta`` (``n_max`` the largest structure of the batch).
+    :param width: the number of columns; ``kept`` entries from ``width`` on pad (no motion).
     """
     vectors = batch.pair_vectors().detach()
-    n_per = batch.atoms_per_structure()
-    first = torch.cumsum(n_per, 0) - n_per
-    n_max = int(n_per.max())
-    local = torch.arange(batch.n_atoms, device=vectors.device) - first[batch.structure]
-    pairs = torch.arange(vectors.shape[0], device=vectors.device)
-    along = basis[batch.structure[batch.centers]]  # [P, k, K]
-    positions = along[:, :, : 3 * n_max].reshape(pairs.numel(), -1, n_max, 3)
-    moved = positions[pairs, :, local[batch.neighbors]] - positions[pairs, :, local[batch.centers]]
-    if along.shape[2] > 3 * n_max:
-        strain = along[:, :, 3 * n_max :].reshape(pairs.numel(), -1, 3, 3)
-        moved = moved + torch.einsum("pkab,pb->pka", strain, vectors)
-    return moved.transpose(0, 1)
+    n_max = int(batch.atoms_per_structure().max())
+    local = batch.local_index()
+    column = kept[batch.structure[batch.centers]]  # [P, k]
+    position, strain = column < 3 * n_max, (column >= 3 * n_max) & (column < width)
+    atom, strain_index = torch.div(column, 3, rounding_mode="floor"), (column - 3 * n_max).clamp(0, 8)
+    atom_moves = (local[batch.neighbors, None] == atom).to(vectors) - (local[batch.centers, None] == atom).to(vectors)
+    strain_moves = vectors.gather(1, strain_index % 3)
+    size = torch.where(position, atom_moves, torch.where(strain, strain_moves, torch.zeros_like(strain_moves)))
+    alpha = torch.where(position, column % 3, torch.div(strain_index, 3, rounding_mode="floor"))
+    return (size[:, :, None] * torch.nn.functional.one_hot(alpha, 3).to(vectors)).transpose(0, 1)
 
 
 class MessagePassingKernel(PolynomialKernel):
@@ -172,14 +171,14 @@ class MessagePassingKernel(PolynomialKernel):
 
         With ``s = x_i . x_m`` (unit features) and ``dx_i`` the JVP of the batch's features along a
         direction: ``d k / d dir = zeta s^(zeta - 1) x_m . dx_i``; directions go ``max_tangents / N`` at a
-        time, each structure's internal directions (:func:`~acdc_potential.descriptors.jacobian.internal_directions`:
-        the rigid motions left out), mapped back to positions and strain at the end.
+        time, each structure's kept columns (:func:`~acdc_potential.descriptors.jacobian.internal_columns`:
+        those the rigid motions do not determine), the others restored at the end.
         """
         owner = batch.structure[centres]
         species = batch.numbers[centres]
         n_structures = batch.n_structures
-        basis, _ = internal_directions(batch, strain)
-        n_k = basis.shape[1]
+        columns = internal_columns(batch, strain)
+        n_k = columns.kept.shape[1]
         vectors = batch.pair_vectors().detach()
         values = vectors.new_zeros((2, n_structures, self.n_sparse))
         derivatives = vectors.new_zeros((2, n_structures, self.n_sparse, n_k))
@@ -198,13 +197,13 @@ class MessagePassingKernel(PolynomialKernel):
         step = max(1, self.max_tangents // batch.n_atoms)
         for start in range(0, n_k, step):
             stop = min(start + step, n_k)
-            tangents = batch_tangents(batch, basis[:, start:stop])
+            tangents = batch_tangents(batch, columns.kept[:, start:stop], columns.width)
             dx = torch.func.vmap(lambda t: torch.func.jvp(features, (vectors,), (t,))[1])(tangents)  # [k, n, F]
             for (atoms, sparse), s in zip(blocks, similarity):
                 along = torch.einsum("mf,kif->imk", self.sparse_coefficients[sparse], dx[:, atoms])
                 directional = self.zeta * (s ** (self.zeta - 1))[:, :, None] * along
                 derivatives[1, :, sparse, start:stop] += sum_by_structure(directional[None], owner[atoms], n_structures)[0]
-        return values, along_columns(derivatives, basis)
+        return values, columns.full(derivatives)
 
     def hypers(self):
         projections = None if self.projections is None else [[list(centre), list(message)] for centre, message in self.projections]

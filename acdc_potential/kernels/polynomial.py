@@ -18,9 +18,9 @@ import torch
 
 from ..descriptors.density import DensityExpansion, Layout
 from ..descriptors.invariants import NORM_FLOOR, Invariants, check_orders, concatenated, fit_contraction, fit_floors
-from ..descriptors.jacobian import batch_density
+from ..descriptors.jacobian import batch_density, internal_columns, structure_jacobian
 from ..descriptors.neighbors import AtomsBatch
-from .base import SparseKernel, along_columns, internal_tangents, sum_by_structure
+from .base import SparseKernel, sum_by_structure
 
 
 def polynomial_pieces(x: torch.Tensor, species_x: torch.Tensor, y: torch.Tensor, species_y: torch.Tensor, zeta: int) -> torch.Tensor:
@@ -211,7 +211,7 @@ class PolynomialKernel(SparseKernel):
 
         With ``s = x^_i . x^_m``: ``d k / d dir = zeta s^(zeta-1) x^_m . dx^_i`` where
         ``dx^_i = (d x^_i / d c_i) t_i`` comes from one feature JVP per tangent ``t_i`` of the atom's
-        density coefficients along the structure's internal directions (:func:`~acdc_potential.kernels.base.internal_tangents`), so
+        density coefficients along the structure's kept columns (:func:`~acdc_potential.descriptors.jacobian.internal_columns`), so
         the cost per (atom, sparse environment) pair is a dot product. Atoms are processed in chunks
         of at most ``max_pairs`` (atom, tangent) JVPs, fewer where one JVP holds many numbers: with
         order 3 the ``nu = 2`` blocks of an atom (1.3e5 numbers for four species) are carried along
@@ -225,7 +225,8 @@ class PolynomialKernel(SparseKernel):
         def features(flat: torch.Tensor) -> torch.Tensor:
             return module(layout.unflatten(flat))
 
-        tangents, basis, _ = internal_tangents(expansion, batch, centres, strain)
+        columns = internal_columns(batch, strain)
+        tangents = structure_jacobian(expansion, batch, centres=centres, columns=columns)
         n_k = tangents.shape[1]
         values = coefficients.new_zeros((2, n_structures, self.n_sparse))
         derivatives = coefficients.new_zeros((2, n_structures, self.n_sparse, n_k))
@@ -243,7 +244,7 @@ class PolynomialKernel(SparseKernel):
                 pieces = torch.stack([torch.ones_like(similarity), similarity**self.zeta])
                 values[:, :, sparse] += sum_by_structure(pieces, owner[atoms], n_structures)
                 derivatives[1, :, sparse] += sum_by_structure(directional[None], owner[atoms], n_structures)[0]
-        return values, along_columns(derivatives, basis)
+        return values, columns.full(derivatives)
 
     def _entries_per_jvp(self, module: torch.nn.Module, one: List[torch.Tensor]) -> int:
         """About the numbers of the largest intermediate of one atom's feature JVP along one tangent:

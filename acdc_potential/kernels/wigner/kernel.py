@@ -180,7 +180,7 @@ class WignerKernel(SparseKernel):
             buffers = [coefficients.new_empty((min(per_block, sum(counts[s] + 1 for s in present)), d)) for d in sizes]
             for group in _row_groups(present, counts, per_block):
                 # row of each structure's sum, then (structure, direction) of every derivative row
-                starts, row_structure, row_direction, used = [], [], [], 0
+                starts, owners, directions_of, used = [], [], [], 0
                 for s in group:
                     k = counts[s]
                     rows = atoms[owner == s]
@@ -188,15 +188,15 @@ class WignerKernel(SparseKernel):
                     t = [x.view(rows.numel(), n_k, *x.shape[1:])[:, :k] for x in self.layout.unflatten(tangents[rows].reshape(-1, tangents.shape[2]))]
                     module.order_feature_sums(c, t, [x[used] for x in buffers], [x[used + 1 : used + 1 + k] for x in buffers])
                     starts.append(used)
-                    row_structure.extend([s] * k)
-                    row_direction.extend(range(k))
+                    owners.extend([s] * k)
+                    directions_of.extend(range(k))
                     used += k + 1
                 device = values.device
                 summed = torch.tensor(starts, device=device)
                 along = torch.ones(used, dtype=torch.bool, device=device).index_fill_(0, summed, False)
                 structures = torch.tensor(group, device=device)[:, None]
-                row_structure = torch.tensor(row_structure, device=device)[:, None]
-                row_direction = torch.tensor(row_direction, device=device)[:, None]
+                row_structure = torch.tensor(owners, device=device)[:, None]
+                row_direction = torch.tensor(directions_of, device=device)[:, None]
                 for chunk in sparse_chunks:
                     phi_m = cached if cached is not None else self._reduce(self._order_features(self.sparse_coefficients[chunk]))
                     for nu in range(len(sizes)):
@@ -249,7 +249,7 @@ def _row_groups(structures: List[int], counts: List[int], rows: int) -> List[Lis
     """``structures`` in consecutive groups whose ``counts[s] + 1`` rows (a structure's summed
     invariants and their derivatives along its own directions) fit in ``rows``."""
     groups: List[List[int]] = []
-    used = rows
+    used = rows  # as if a group were full: the first structure opens one
     for s in structures:
         if used + counts[s] + 1 > rows:
             groups.append([])
