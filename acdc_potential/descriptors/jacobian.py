@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import numpy as np
-import scipy.linalg
 import torch
 
 from .density import DensityExpansion, Layout
@@ -176,6 +175,8 @@ def internal_columns(batch: AtomsBatch, strain: bool, tolerance: float = 1e-6) -
         largest are taken as zero (a linear molecule's rotation about its axis): their direction
         stays among the kept columns, where it is computed rather than assumed zero.
     """
+    import scipy.linalg  # here: exported models import this module's package, and must not load scipy
+
     n_per = batch.atoms_per_structure().tolist()
     n_max = max(n_per)
     width = 3 * n_max + (9 if strain else 0)
