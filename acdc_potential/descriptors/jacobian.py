@@ -205,16 +205,17 @@ def internal_columns(batch: AtomsBatch, strain: bool, tolerance: float = 1e-6) -
         first += n
     k = max(1, max(kept.size for kept, _, _ in structures))
     r = max(dropped.size for _, dropped, _ in structures)
-    out = InternalColumns(
-        torch.full((len(n_per), k), width, dtype=torch.long),
-        torch.tensor([kept.size for kept, _, _ in structures]),
-        torch.full((len(n_per), r), width, dtype=torch.long),
-        torch.zeros((len(n_per), r, k), dtype=torch.float64),
+    all_kept = np.full((len(n_per), k), width)
+    all_dropped = np.full((len(n_per), r), width)
+    all_restore = np.zeros((len(n_per), r, k))
+    for s, (kept, dropped, restore) in enumerate(structures):
+        all_kept[s, : kept.size], all_dropped[s, : dropped.size], all_restore[s, : dropped.size, : kept.size] = kept, dropped, restore
+    device = batch.positions.device
+    counts = [kept.size for kept, _, _ in structures]
+    return InternalColumns(
+        torch.as_tensor(all_kept, dtype=torch.long, device=device),
+        torch.as_tensor(counts, dtype=torch.long, device=device),
+        torch.as_tensor(all_dropped, dtype=torch.long, device=device),
+        torch.as_tensor(all_restore, dtype=torch.float64, device=device),
         width,
     )
-    for s, (kept, dropped, restore) in enumerate(structures):
-        out.kept[s, : kept.size] = torch.from_numpy(kept)
-        out.dropped[s, : dropped.size] = torch.from_numpy(dropped)
-        out.restore[s, : dropped.size, : kept.size] = torch.from_numpy(restore)
-    device = batch.positions.device
-    return InternalColumns(out.kept.to(device), out.counts.to(device), out.dropped.to(device), out.restore.to(device), width)
