@@ -276,8 +276,9 @@ def _fit_and_report(args, config, train, train_checked, test, output: Path, log,
     data = {"train": {**fingerprint(args.train), "structures": len(train)}}
     if test:
         data["test"] = {**fingerprint(args.test), "structures": len(test)}
+    precision = _precision(model, test or train_checked, log)
     report = fit_report(model, used, data, tables, log, ["acdc-potential", *args.argv], threads)
-    report["numerical_precision"] = _precision(model, test or train_checked)
+    report["numerical_precision"] = precision
     report["uncertainties"] = {"calibration": None if model.calibration is None else model.calibration.to_dict(), **calibration}
     write_report(str(output.with_suffix(".report.yaml")), report)
     if model.warnings:
@@ -286,13 +287,19 @@ def _fit_and_report(args, config, train, train_checked, test, output: Path, log,
     return 0
 
 
-def _precision(model, structures) -> dict:
+def _precision(model, structures, log) -> dict:
     """:func:`~acdc_potential.evaluation.numerical_precision` of the exported module (float64) on the
-    first structure of ``structures``, rounded for the report."""
-    from .evaluation import numerical_precision
+    first structure of ``structures``, rounded for the report; above the precision float64 allows
+    (:func:`~acdc_potential.evaluation.precision_warning`), a warning in the log and the model's warnings."""
+    from .evaluation import numerical_precision, precision_warning
 
     structure = structures[0]
-    probe = numerical_precision(model.scripted(), structure.atoms)
+    module = model.scripted()
+    probe = numerical_precision(module, structure.atoms)
+    warning = precision_warning(probe, bool(module.head.pairs_left))
+    if warning is not None:
+        log(f"warning: {warning}")
+        model.warnings.append(warning)
     return {"structure": f"{structure.atoms.get_chemical_formula()} (first of its file)", **{k: float(f"{v:.3g}") for k, v in probe.items()}}
 
 

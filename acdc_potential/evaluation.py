@@ -183,6 +183,35 @@ def numerical_precision(model, atoms, step: float = 1e-4, seed: int = 0) -> Dict
     return out
 
 
+# the relative rounding of an exported energy that float64 allows (issue 20's bar; the default models
+# reach 1e-15..1e-13)
+PRECISION_TARGET = 1e-10
+
+
+def precision_warning(probe: Dict[str, float], pairs_left: bool) -> Optional[str]:
+    """A one-line warning when :func:`numerical_precision`'s ``probe`` shows the energy rounded above
+    :data:`PRECISION_TARGET` of its value, else ``None``.
+
+    :param pairs_left: whether the model sums over sparse environments pair by pair at every call
+        (the heads' ``pairs_left``: Wigner orders ``nu >= 5``), the known cause.
+    """
+    worst = max(probe["translation_relative"], probe["rotation_relative"], probe["permutation_relative"])
+    if worst <= PRECISION_TARGET:
+        return None
+    cause = (
+        "this model sums some kernel orders over its sparse environments pair by pair (Wigner orders nu >= 5), "
+        "which rounds the cancellation among its large fitted weights anew at every configuration"
+        if pairs_left
+        else "no known cause for this model: please report it"
+    )
+    return (
+        f"the exported energy is resolved to about {worst:.1e} of its value only (a 1e-12 A translation changes it "
+        f"by {probe['translation']:.1e} eV, a rotation by {probe['rotation']:.1e} eV; finite differences at "
+        f"{probe['finite_difference_step']:g} A miss the forces by {probe['finite_difference']:.1e} eV/A): {cause}; "
+        "energy differences and finite-difference steps at that scale see rounding (docs/equations.md, \"Numerical precision\")"
+    )
+
+
 def uncertainties_with_file(calculator, structures: Sequence[Labelled], progress: bool = True) -> Dict[str, List[np.ndarray]]:
     """Calibrated standard deviations of every structure from an exported file (an
     :class:`~acdc_potential.calculator.ACDCCalculator`): ``energy`` (eV, per structure),

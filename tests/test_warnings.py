@@ -82,3 +82,20 @@ def test_duplicates_among_too_few_candidates_are_named_as_duplicates():
     features = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
     with pytest.warns(SparseSelectionWarning, match="2 sparse environments of C instead of the 8 asked: only 2 of its 4"):
         select_sparse(features, torch.full((4,), 6), 8)
+
+
+def test_an_energy_rounded_above_float64s_precision_is_a_warning_naming_the_cause():
+    """The fit report's precision probe turns into a warning above 1e-10 of the energy, with the
+    numbers and the cause: Wigner orders summed pair by pair (nu_max >= 5)."""
+    from acdc_potential.evaluation import PRECISION_TARGET, precision_warning
+
+    clean = {"energy": 4.9, "translation": 0.0, "translation_relative": 0.0, "rotation": 4.9e-14, "rotation_relative": 1e-14,
+             "permutation": 0.0, "permutation_relative": 0.0, "finite_difference": 1e-9, "finite_difference_step": 1e-4}
+    assert precision_warning(clean, pairs_left=True) is None
+    at_target = dict(clean, rotation_relative=PRECISION_TARGET)
+    assert precision_warning(at_target, pairs_left=False) is None
+    noisy = dict(clean, translation=4.2e-9, translation_relative=8.6e-10, rotation=8.1e-9, rotation_relative=1.7e-9, finite_difference=5.1e-5)
+    message = precision_warning(noisy, pairs_left=True)
+    assert "1.7e-09 of its value" in message and "4.2e-09 eV" in message and "8.1e-09 eV" in message and "5.1e-05 eV/A" in message
+    assert "pair by pair (Wigner orders nu >= 5)" in message and "\n" not in message
+    assert "please report it" in precision_warning(dict(clean, permutation_relative=1e-8), pairs_left=False)
