@@ -219,3 +219,10 @@ def internal_columns(batch: AtomsBatch, strain: bool, tolerance: float = 1e-6) -
         torch.as_tensor(all_restore, dtype=torch.float64, device=device),
         width,
     )
+
+
+def kept_jacobian(expansion: DensityExpansion, batch: AtomsBatch, centres: torch.Tensor, strain: bool) -> Tuple[InternalColumns, torch.Tensor]:
+    """Each structure's :func:`internal_columns` and the :func:`structure_jacobian` of the atoms
+    ``centres`` along them (``[n, k, D]``): what a kernel's derivative rows differentiate along."""
+    columns = internal_columns(batch, strain)
+    return columns, structure_jacobian(expansion, batch, centres=centres, columns=columns)

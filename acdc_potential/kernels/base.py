@@ -26,7 +26,7 @@ import torch
 
 from ..descriptors.acdc import power_spectrum
 from ..descriptors.density import DensityExpansion, Layout
-from ..descriptors.jacobian import batch_density, internal_columns, structure_jacobian
+from ..descriptors.jacobian import batch_density, kept_jacobian
 from ..descriptors.neighbors import AtomsBatch
 
 
@@ -244,8 +244,7 @@ class SparseKernel:
         owner = batch.structure[centres]
         if not gradients:
             return sum_by_structure(self.rows(c, batch.numbers[centres]), owner, batch.n_structures), None
-        columns = internal_columns(batch, strain)
-        tangents = structure_jacobian(expansion, batch, centres=centres, columns=columns)
+        columns, tangents = kept_jacobian(expansion, batch, centres, strain)
         values, derivatives = self.structure_derivatives(c, batch.numbers[centres], tangents, owner, batch.n_structures, columns.counts)
         return values, columns.full(derivatives)
 

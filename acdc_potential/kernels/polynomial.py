@@ -18,7 +18,7 @@ import torch
 
 from ..descriptors.density import DensityExpansion, Layout
 from ..descriptors.invariants import NORM_FLOOR, Invariants, check_orders, concatenated, fit_contraction, fit_floors
-from ..descriptors.jacobian import batch_density, internal_columns, structure_jacobian
+from ..descriptors.jacobian import batch_density, kept_jacobian
 from ..descriptors.neighbors import AtomsBatch
 from .base import SparseKernel, sum_by_structure
 
@@ -225,8 +225,7 @@ class PolynomialKernel(SparseKernel):
         def features(flat: torch.Tensor) -> torch.Tensor:
             return module(layout.unflatten(flat))
 
-        columns = internal_columns(batch, strain)
-        tangents = structure_jacobian(expansion, batch, centres=centres, columns=columns)
+        columns, tangents = kept_jacobian(expansion, batch, centres, strain)
         n_k = tangents.shape[1]
         values = coefficients.new_zeros((2, n_structures, self.n_sparse))
         derivatives = coefficients.new_zeros((2, n_structures, self.n_sparse, n_k))
