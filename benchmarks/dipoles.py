@@ -12,7 +12,8 @@ structures are computed once up to ``nu = 4``: their first pieces are the ``nu_m
 For each training size (nested random subsets of the pool) and each model (``nu_max`` 2, 3, 4, and 4 with
 atomic charges beside the local dipoles), ``b`` (and the charges' scale) and the regulariser are chosen on a 10 % validation split of the subset (:func:`acdc_potential.fit.dipole.choose`)
 and the weights solved on the subset (the same functions as ``acdc-potential fit --target dipole``).
-Prints a table (MAE of the components and of the norm, me*A), writes ``dipoles.yaml`` and
+Prints a table (MAE of the components and of the norm, me*A) and, at the largest size, each larger
+molecule's component MAE for every model (where the extrapolation fails), writes ``dipoles.yaml`` and
 ``dipoles.png`` (learning curves) under ``--out``.
 
 usage: python benchmarks/dipoles.py [--data DIR] [--out DIR] [--sizes 100 200 400 800] [--sparse 300] [--held 5] [--threads 2]
@@ -82,6 +83,30 @@ def errors(predicted: torch.Tensor, reference: torch.Tensor):
     }
 
 
+def by_molecule(predicted: torch.Tensor, reference: torch.Tensor, structures):
+    """``{molecule: component MAE (me*A)}`` over the frames of each molecule (info ``name``)."""
+    error = (1000 * (predicted - reference)).abs().reshape(-1, 3).mean(dim=1)
+    frames = defaultdict(list)
+    for s, e in zip(structures, error.tolist()):
+        frames[s.atoms.info.get("name", s.atoms.get_chemical_formula())].append(e)
+    return {name: round(float(np.mean(values)), 2) for name, values in frames.items()}
+
+
+def print_by_molecule(entries, structures):
+    """Where the extrapolation error is: each larger molecule's component MAE for every model, its share of
+    the first model's total error, and its mean dipole norm, the largest errors first."""
+    norms = defaultdict(list)
+    for s in structures:
+        norms[s.atoms.info.get("name", s.atoms.get_chemical_formula())].append(1000 * float(np.linalg.norm(s.dipole)))
+    first = entries[0]["test_by_molecule"]
+    total = sum(first[name] * len(norms[name]) for name in first)
+    print(f"\nlarger molecules at {entries[0]['train']} training frames: component MAE (me*A) per molecule; share of {entries[0]['model']}'s error; mean |mu| (me*A)")
+    print(f"{'molecule':>24} " + " ".join(f"{e['model']:>8}" for e in entries) + f" {'share':>6} {'|mu|':>6}")
+    for name in sorted(first, key=lambda m: -first[m]):
+        print(f"{name:>24} " + " ".join(f"{e['test_by_molecule'][name]:8.1f}" for e in entries)
+              + f" {100 * first[name] * len(norms[name]) / total:5.1f}% {np.mean(norms[name]):6.0f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(DEFAULT_DATA))
@@ -139,6 +164,8 @@ def main():
             entry = {"train": n, "model": model, **chosen, "regulariser": choice["regulariser"], "solve_s": round(seconds, 1)}
             for name in ("held", "test"):
                 entry[name] = errors(designs[name].assemble(**chosen)[0] @ solution.weights, y[name])
+            if n == sizes[-1]:
+                entry["test_by_molecule"] = by_molecule(designs["test"].assemble(**chosen)[0] @ solution.weights, y["test"], test)
             results.append(entry)
             print(f"n {n:5d} {model:7s}: b {choice['b']:g}, charge scale {choice['charge_scale']:g}, sigma {choice['regulariser']:.2g} e*A; "
                   f"held-out frames MAE {entry['held']['mae']:.1f} me*A (norm {entry['held']['norm_mae']:.1f}), "
@@ -154,6 +181,7 @@ def main():
             e = next(r for r in results if r["train"] == n and r["model"] == model)
             cells += [f"{e['held']['mae']:9.1f} ({e['held']['norm_mae']:5.1f})", f"{e['test']['mae']:9.1f} ({e['test']['norm_mae']:5.1f})"]
         print(f"{n:>6} " + " ".join(f"{c:>18}" for c in cells))
+    print_by_molecule([r for r in results if r["train"] == sizes[-1]], test)
     (out / "dipoles.yaml").write_text(yaml.safe_dump({"sparse": kernel.n_sparse, "row_seconds": round(row_seconds, 1), "results": results}, sort_keys=False))
     curves = [(f"Wigner {model.replace('nu=', 'nu_max = ').replace('+q', ' + charges')}", "o-", [r for r in results if r["model"] == model]) for model, _, _ in MODELS]
     plot_learning_curves(curves, out / "dipoles.png")
