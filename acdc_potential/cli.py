@@ -258,6 +258,7 @@ def _fit_and_report(args, config, train, train_checked, test, output: Path, log,
 
     threads = _threads(args, None, log)
     model = fit(train, config, log=log, **fit_options)
+    precision = _precision(model, test or train_checked, log)  # before the save: its warning goes into the checkpoint
     model.save(str(output.with_suffix(".ckpt")))
     model.export(str(output), description=f"fitted on {args.train}")
     discard_kept(config.cluster.checkpoint)  # the model is written: the kept triangles are of no more use
@@ -276,7 +277,6 @@ def _fit_and_report(args, config, train, train_checked, test, output: Path, log,
     data = {"train": {**fingerprint(args.train), "structures": len(train)}}
     if test:
         data["test"] = {**fingerprint(args.test), "structures": len(test)}
-    precision = _precision(model, test or train_checked, log)
     report = fit_report(model, used, data, tables, log, ["acdc-potential", *args.argv], threads)
     report["numerical_precision"] = precision
     report["uncertainties"] = {"calibration": None if model.calibration is None else model.calibration.to_dict(), **calibration}
@@ -296,7 +296,8 @@ def _precision(model, structures, log) -> dict:
     structure = structures[0]
     module = model.scripted()
     probe = numerical_precision(module, structure.atoms)
-    warning = precision_warning(probe, bool(module.head.pairs_left))
+    plain_pairs = bool(module.head.pairs_left) and not bool(getattr(module.head, "compensated", False))
+    warning = precision_warning(probe, plain_pairs)
     if warning is not None:
         log(f"warning: {warning}")
         model.warnings.append(warning)

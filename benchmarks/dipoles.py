@@ -84,7 +84,9 @@ def errors(predicted: torch.Tensor, reference: torch.Tensor):
 
 
 def by_molecule(predicted: torch.Tensor, reference: torch.Tensor, structures):
-    """``{molecule: component MAE (me*A)}`` over the frames of each molecule (info ``name``)."""
+    """``{molecule: component MAE (me*A)}`` over the frames of each molecule (info ``name``, else its
+    formula), from ``predicted`` and ``reference`` dipoles ``[3 S]`` (e*A, spherical components of the
+    ``S`` structures in order)."""
     error = (1000 * (predicted - reference)).abs().reshape(-1, 3).mean(dim=1)
     frames = defaultdict(list)
     for s, e in zip(structures, error.tolist()):
@@ -94,7 +96,10 @@ def by_molecule(predicted: torch.Tensor, reference: torch.Tensor, structures):
 
 def print_by_molecule(entries, structures):
     """Where the extrapolation error is: each larger molecule's component MAE for every model, its share of
-    the first model's total error, and its mean dipole norm, the largest errors first."""
+    the first model's total error, and its mean dipole norm, the largest errors first.
+
+    :param entries: the results of one training size, one per model (dicts with ``model``, ``train`` and
+        ``test_by_molecule`` of :func:`by_molecule`). :param structures: the larger molecules' frames."""
     norms = defaultdict(list)
     for s in structures:
         norms[s.atoms.info.get("name", s.atoms.get_chemical_formula())].append(1000 * float(np.linalg.norm(s.dipole)))
@@ -164,7 +169,7 @@ def main():
             entry = {"train": n, "model": model, **chosen, "regulariser": choice["regulariser"], "solve_s": round(seconds, 1)}
             for name in ("held", "test"):
                 entry[name] = errors(designs[name].assemble(**chosen)[0] @ solution.weights, y[name])
-            if n == sizes[-1]:
+            if n == max(sizes):
                 entry["test_by_molecule"] = by_molecule(designs["test"].assemble(**chosen)[0] @ solution.weights, y["test"], test)
             results.append(entry)
             print(f"n {n:5d} {model:7s}: b {choice['b']:g}, charge scale {choice['charge_scale']:g}, sigma {choice['regulariser']:.2g} e*A; "
@@ -181,7 +186,7 @@ def main():
             e = next(r for r in results if r["train"] == n and r["model"] == model)
             cells += [f"{e['held']['mae']:9.1f} ({e['held']['norm_mae']:5.1f})", f"{e['test']['mae']:9.1f} ({e['test']['norm_mae']:5.1f})"]
         print(f"{n:>6} " + " ".join(f"{c:>18}" for c in cells))
-    print_by_molecule([r for r in results if r["train"] == sizes[-1]], test)
+    print_by_molecule([r for r in results if r["train"] == max(sizes)], test)
     (out / "dipoles.yaml").write_text(yaml.safe_dump({"sparse": kernel.n_sparse, "row_seconds": round(row_seconds, 1), "results": results}, sort_keys=False))
     curves = [(f"Wigner {model.replace('nu=', 'nu_max = ').replace('+q', ' + charges')}", "o-", [r for r in results if r["model"] == model]) for model, _, _ in MODELS]
     plot_learning_curves(curves, out / "dipoles.png")

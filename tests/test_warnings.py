@@ -84,18 +84,36 @@ def test_duplicates_among_too_few_candidates_are_named_as_duplicates():
         select_sparse(features, torch.full((4,), 6), 8)
 
 
-def test_an_energy_rounded_above_float64s_precision_is_a_warning_naming_the_cause():
-    """The fit report's precision probe turns into a warning above 1e-10 of the energy, with the
-    numbers and the cause: Wigner orders summed pair by pair (nu_max >= 5)."""
-    from acdc_potential.evaluation import PRECISION_TARGET, precision_warning
+
+def test_an_energy_rounded_above_float64s_precision_is_a_warning_naming_the_cause(monkeypatch):
+    """The fit's precision probe turns into a warning above 1e-10 of the energy, or with finite
+    differences at 1e-4 A off by more than 1e-6 eV/A, with the numbers and the cause (plain pair sums:
+    Wigner orders nu >= 5); the command line logs it and adds it to the model's warnings."""
+    import types
+
+    from acdc_potential import cli, evaluation
+    from acdc_potential.evaluation import FINITE_DIFFERENCE_TARGET, PRECISION_TARGET, precision_warning
 
     clean = {"energy": 4.9, "translation": 0.0, "translation_relative": 0.0, "rotation": 4.9e-14, "rotation_relative": 1e-14,
              "permutation": 0.0, "permutation_relative": 0.0, "finite_difference": 1e-9, "finite_difference_step": 1e-4}
-    assert precision_warning(clean, pairs_left=True) is None
-    at_target = dict(clean, rotation_relative=PRECISION_TARGET)
-    assert precision_warning(at_target, pairs_left=False) is None
+    assert precision_warning(clean, plain_pairs=True) is None
+    assert precision_warning(dict(clean, rotation_relative=PRECISION_TARGET, finite_difference=FINITE_DIFFERENCE_TARGET), plain_pairs=False) is None
+    # an energy far from zero hides its noise in the relative numbers: the finite differences still show it
+    assert "please report it" in precision_warning(dict(clean, finite_difference=1.5e-4), plain_pairs=False)
+    # truncation, not rounding, at a coarse step
+    assert precision_warning(dict(clean, finite_difference=1e-4, finite_difference_step=1e-2), plain_pairs=False) is None
     noisy = dict(clean, translation=4.2e-9, translation_relative=8.6e-10, rotation=8.1e-9, rotation_relative=1.7e-9, finite_difference=5.1e-5)
-    message = precision_warning(noisy, pairs_left=True)
-    assert "1.7e-09 of its value" in message and "4.2e-09 eV" in message and "8.1e-09 eV" in message and "5.1e-05 eV/A" in message
-    assert "pair by pair (Wigner orders nu >= 5)" in message and "\n" not in message
-    assert "please report it" in precision_warning(dict(clean, permutation_relative=1e-8), pairs_left=False)
+    message = precision_warning(noisy, plain_pairs=True)
+    assert "up to 1.7e-09 of the energy" in message and "4.2e-09 eV" in message and "8.1e-09 eV" in message and "5.1e-05 eV/A" in message
+    assert "pair by pair in plain float64 (Wigner orders nu >= 5)" in message and "\n" not in message
+    assert "please report it" in precision_warning(dict(clean, permutation_relative=1e-8), plain_pairs=False)
+
+    # the command line: a compensated head sums pairs but is not the plain-pairs cause
+    monkeypatch.setattr(evaluation, "numerical_precision", lambda module, atoms: dict(noisy))
+    lines = []
+    for head, cause in ((types.SimpleNamespace(pairs_left=True), "Wigner orders"),
+                        (types.SimpleNamespace(pairs_left=True, compensated=True), "please report it")):
+        model = types.SimpleNamespace(scripted=lambda head=head: types.SimpleNamespace(head=head), warnings=[])
+        report = cli._precision(model, [types.SimpleNamespace(atoms=ase.build.bulk("Cu", cubic=True))], lines.append)
+        assert report["rotation_relative"] == 1.7e-9 and report["structure"] == "Cu4 (first of its file)"
+        assert len(model.warnings) == 1 and cause in model.warnings[0] and lines[-1] == f"warning: {model.warnings[0]}"
