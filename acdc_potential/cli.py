@@ -297,7 +297,7 @@ def _precision(model, structures, log) -> dict:
     module = model.scripted()
     probe = numerical_precision(module, structure.atoms)
     plain_pairs = bool(module.head.pairs_left) and not bool(getattr(module.head, "compensated", False))
-    warning = precision_warning(probe, plain_pairs)
+    warning = precision_warning(probe, len(structure.atoms), plain_pairs)
     if warning is not None:
         log(f"warning: {warning}")
         model.warnings.append(warning)

@@ -8,7 +8,6 @@ Units of the table: energy per atom in meV/atom, forces in meV/A, stress in meV/
 components and norm in me*A (1e-3 e*A).
 """
 
-import math
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -133,13 +132,13 @@ def predictions_of(model, structures: Sequence[Labelled]) -> Dict[str, List[np.n
 
 # what users who difference energies need (equations of state, elastic constants, line searches), with a
 # margin over the 1e-16..1e-13 that every default model reaches: the energy's change under exact
-# symmetries, relative to it, and finite differences at 1e-4 A against the forces, eV/A
+# symmetries at most this fraction of the energy, or of 1 eV per atom when the energy is larger
+# (total energies of a reference method: their size says nothing of the differences users take)
+# and of 1 meV per atom when it is smaller
 PRECISION_TARGET = 1e-10
-FINITE_DIFFERENCE_TARGET = 1e-6
-FINITE_DIFFERENCE_STEP = 1e-4
 
 
-def numerical_precision(model, atoms, step: float = FINITE_DIFFERENCE_STEP, seed: int = 0) -> Dict[str, float]:
+def numerical_precision(model, atoms, step: float = 1e-4, seed: int = 0) -> Dict[str, float]:
     """How precisely ``model`` resolves the energy of ``atoms`` (an ``ase.Atoms``).
 
     :param model: a scripted :class:`~acdc_potential.model.potential.AtomisticPotential` (what an
@@ -192,19 +191,20 @@ def numerical_precision(model, atoms, step: float = FINITE_DIFFERENCE_STEP, seed
     return out
 
 
-def precision_warning(probe: Dict[str, float], plain_pairs: bool) -> Optional[str]:
-    """A one-line warning when :func:`numerical_precision`'s ``probe`` shows the energy rounded above
-    :data:`PRECISION_TARGET` of its value, or finite differences at :data:`FINITE_DIFFERENCE_STEP` (the
-    probe's default; other steps mix in truncation or more rounding) off the forces by more than
-    :data:`FINITE_DIFFERENCE_TARGET`; else ``None``.
+def precision_warning(probe: Dict[str, float], n_atoms: int, plain_pairs: bool) -> Optional[str]:
+    """A one-line warning when :func:`numerical_precision`'s ``probe`` of a structure of ``n_atoms``
+    shows the energy changed under an exact symmetry by more than :data:`PRECISION_TARGET` of the
+    energy, taken between 1 meV and 1 eV per atom; else ``None``. (Finite differences are
+    reported, not judged: at a fixed step their truncation error depends on the curvature.)
 
     :param plain_pairs: whether the model sums over sparse environments pair by pair in plain float64
         at every call (a head's ``pairs_left`` without ``compensated``: Wigner orders ``nu >= 5``), the
         known cause.
     """
-    worst = max(probe["translation_relative"], probe["rotation_relative"], probe["permutation_relative"])
-    differenced = math.isclose(probe["finite_difference_step"], FINITE_DIFFERENCE_STEP) and probe["finite_difference"] > FINITE_DIFFERENCE_TARGET
-    if worst <= PRECISION_TARGET and not differenced:
+    # the energy, within [1 meV, 1 eV] per atom: an energy near zero would flag the rounding of its terms
+    scale = min(max(abs(probe["energy"]), 1e-3 * n_atoms), float(n_atoms))
+    worst = max(probe["translation"], probe["rotation"], probe["permutation"])
+    if worst <= PRECISION_TARGET * scale:
         return None
     cause = (
         "this model sums some kernel terms over its sparse environments pair by pair in plain float64 (Wigner "
@@ -214,7 +214,8 @@ def precision_warning(probe: Dict[str, float], plain_pairs: bool) -> Optional[st
     )
     return (
         f"the exported energy is not as precise as float64 allows (a 1e-12 A translation changes it by "
-        f"{probe['translation']:.1e} eV, a rotation by {probe['rotation']:.1e} eV, up to {worst:.1e} of the energy; finite "
+        f"{probe['translation']:.1e} eV, a rotation by {probe['rotation']:.1e} eV, a permutation by {probe['permutation']:.1e} eV, "
+        f"up to {worst / max(abs(probe['energy']), 1e-300):.1e} of the energy; finite "
         f"differences at {probe['finite_difference_step']:g} A miss the forces by {probe['finite_difference']:.1e} eV/A): {cause}; "
         "energy differences and finite-difference steps at that scale see rounding (docs/equations.md, \"Numerical precision\")"
     )

@@ -85,28 +85,31 @@ def test_duplicates_among_too_few_candidates_are_named_as_duplicates():
 
 
 
+
 def test_an_energy_rounded_above_float64s_precision_is_a_warning_naming_the_cause(monkeypatch):
-    """The fit's precision probe turns into a warning above 1e-10 of the energy, or with finite
-    differences at 1e-4 A off by more than 1e-6 eV/A, with the numbers and the cause (plain pair sums:
+    """The fit's precision probe turns into a warning when an exact symmetry changes the energy by more
+    than 1e-10 of it (taken between 1 meV and 1 eV per atom, so that neither a total energy far from zero
+    hides rounding nor an energy near zero invents it), with the numbers and the cause (plain pair sums:
     Wigner orders nu >= 5); the command line logs it and adds it to the model's warnings."""
     import types
 
     from acdc_potential import cli, evaluation
-    from acdc_potential.evaluation import FINITE_DIFFERENCE_TARGET, PRECISION_TARGET, precision_warning
+    from acdc_potential.evaluation import PRECISION_TARGET, precision_warning
 
     clean = {"energy": 4.9, "translation": 0.0, "translation_relative": 0.0, "rotation": 4.9e-14, "rotation_relative": 1e-14,
              "permutation": 0.0, "permutation_relative": 0.0, "finite_difference": 1e-9, "finite_difference_step": 1e-4}
-    assert precision_warning(clean, plain_pairs=True) is None
-    assert precision_warning(dict(clean, rotation_relative=PRECISION_TARGET, finite_difference=FINITE_DIFFERENCE_TARGET), plain_pairs=False) is None
-    # an energy far from zero hides its noise in the relative numbers: the finite differences still show it
-    assert "please report it" in precision_warning(dict(clean, finite_difference=1.5e-4), plain_pairs=False)
-    # truncation, not rounding, at a coarse step
-    assert precision_warning(dict(clean, finite_difference=1e-4, finite_difference_step=1e-2), plain_pairs=False) is None
+    assert precision_warning(clean, 32, plain_pairs=True) is None
+    assert precision_warning(dict(clean, rotation=PRECISION_TARGET * 4.9), 32, plain_pairs=False) is None
+    assert "please report it" in precision_warning(dict(clean, rotation=1.1 * PRECISION_TARGET * 4.9), 32, plain_pairs=False)
+    # a total energy of 1e5 eV on 32 atoms: judged against 32 eV, not 1e5
+    assert precision_warning(dict(clean, energy=-1e5, rotation=4e-9), 32, plain_pairs=False) is not None  # 4e-14 of it
+    assert precision_warning(dict(clean, energy=-1e5, rotation=3e-9), 32, plain_pairs=False) is None
+    # an energy of 1e-9 eV: judged against 32 meV, so that the rounding of its terms is no warning
+    assert precision_warning(dict(clean, energy=1e-9, rotation=1e-15), 32, plain_pairs=False) is None
     noisy = dict(clean, translation=4.2e-9, translation_relative=8.6e-10, rotation=8.1e-9, rotation_relative=1.7e-9, finite_difference=5.1e-5)
-    message = precision_warning(noisy, plain_pairs=True)
+    message = precision_warning(noisy, 32, plain_pairs=True)
     assert "up to 1.7e-09 of the energy" in message and "4.2e-09 eV" in message and "8.1e-09 eV" in message and "5.1e-05 eV/A" in message
     assert "pair by pair in plain float64 (Wigner orders nu >= 5)" in message and "\n" not in message
-    assert "please report it" in precision_warning(dict(clean, permutation_relative=1e-8), plain_pairs=False)
 
     # the command line: a compensated head sums pairs but is not the plain-pairs cause
     monkeypatch.setattr(evaluation, "numerical_precision", lambda module, atoms: dict(noisy))
