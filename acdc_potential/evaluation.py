@@ -130,11 +130,9 @@ def predictions_of(model, structures: Sequence[Labelled]) -> Dict[str, List[np.n
     }
 
 
-# what users who difference energies need (equations of state, elastic constants, line searches), with a
-# margin over the 1e-16..1e-13 that every default model reaches: the energy's change under exact
-# symmetries at most this fraction of the energy, or of 1 eV per atom when the energy is larger
-# (total energies of a reference method: their size says nothing of the differences users take)
-# and of 1 meV per atom when it is smaller
+# the largest change of an exported energy under exact symmetries, as a fraction of the energy, that
+# users who difference energies can live with (equations of state, elastic constants, line searches);
+# every default model stays within 1e-16..1e-13
 PRECISION_TARGET = 1e-10
 
 
@@ -201,7 +199,8 @@ def precision_warning(probe: Dict[str, float], n_atoms: int, plain_pairs: bool) 
         at every call (a head's ``pairs_left`` without ``compensated``: Wigner orders ``nu >= 5``), the
         known cause.
     """
-    # the energy, within [1 meV, 1 eV] per atom: an energy near zero would flag the rounding of its terms
+    # the energy clamped to [1 meV, 1 eV] per atom: the size of a total energy far from zero says nothing of
+    # the differences users take, and an energy near zero would flag the rounding of its terms
     scale = min(max(abs(probe["energy"]), 1e-3 * n_atoms), float(n_atoms))
     worst = max(probe["translation"], probe["rotation"], probe["permutation"])
     if worst <= PRECISION_TARGET * scale:

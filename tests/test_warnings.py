@@ -84,8 +84,6 @@ def test_duplicates_among_too_few_candidates_are_named_as_duplicates():
         select_sparse(features, torch.full((4,), 6), 8)
 
 
-
-
 def test_an_energy_rounded_above_float64s_precision_is_a_warning_naming_the_cause(monkeypatch):
     """The fit's precision probe turns into a warning when an exact symmetry changes the energy by more
     than 1e-10 of it (taken between 1 meV and 1 eV per atom, so that neither a total energy far from zero
