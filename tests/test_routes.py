@@ -215,3 +215,45 @@ def test_feature_models_collapse_onto_the_pair_sum(name, zeta, folded, kind):
     (e_pairs, f_pairs), (e_collapsed, f_collapsed) = results["pairs"], results["collapsed"]
     assert abs(e_pairs) > 1e-3 and abs(e_collapsed - e_pairs) <= 1e-10 * abs(e_pairs)
     np.testing.assert_allclose(f_collapsed, f_pairs, rtol=0, atol=1e-10 * np.abs(f_pairs).max())
+
+
+@pytest.mark.parametrize("route", ["pairs", "collapsed"])
+def test_the_constant_piece_is_the_correctly_rounded_sum_of_the_weights(route):
+    """Fitted weights are large and cancel: the constant piece ``c0 sum_{m : a_m = a} w_m`` of the Wigner
+    and polynomial heads, on both routes, is ``c0`` times the correctly rounded sum of each species'
+    weights (exact rationals), where a plain float64 sum of weights of 1e12 errs by about 1e-4."""
+    from fractions import Fraction
+
+    from acdc_potential.kernels.base import species_sums
+    from acdc_potential.kernels.polynomial import PolynomialKernel
+    from acdc_potential.model.heads import PolynomialHead
+
+    values = torch.tensor([1e16, 1.0, -1e16, 3.0, 0.5], dtype=torch.float64)
+    assert species_sums(values, torch.tensor([0, 0, 0, 1, 1]), 3).tolist() == [1.0, 3.5, 0.0]
+    assert float(values[:3].sum()) != 1.0  # what a plain sum gives
+
+    sparse, test = structures("CHO")
+    numbers = sorted({int(z) for atoms in sparse for z in atoms.numbers})
+    expansion = DensityExpansion(DENSITY, numbers)
+    batch = batch_from_atoms(sparse, DENSITY.cutoff, torch.float64, "cpu")
+    coefficients = expansion.compute(batch)
+    layout = Layout.of(coefficients)
+    wigner = WignerKernel(WignerHypers(nu_max=2, lambda_max=2), {"c0": 0.37, "a": 1.3, "b": 0.8})
+    polynomial = PolynomialKernel(orders=[1], zeta=2, mixing={"c0": 0.37, "a": 1.0})
+    polynomial.prepare(expansion, [batch])
+    environments, feature_layout = polynomial.environments(expansion, batch)
+    for kernel, head_class, (x, x_layout) in ((wigner, WignerHead, (layout.flatten(coefficients), layout)), (polynomial, PolynomialHead, (environments, feature_layout))):
+        kernel.set_sparse(x, batch.numbers, x_layout)
+        n = kernel.n_sparse
+        species = kernel.sparse_species
+        noise = torch.randn(n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        weights = 1e12 * (noise - torch.stack([noise[species == s].mean() for s in species.tolist()])) + torch.rand(n, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        state = SparseState(kernel, weights, torch.eye(n, dtype=torch.float64), torch.eye(n, dtype=torch.float64), numbers)
+        head = head_class(expansion, kernel, state, numbers, route)
+        c0 = float(state.piece_weights[0])
+        index = state.sparse_species  # species index 0..S-1 of each sparse environment, in the state's order
+        for a in range(len(numbers)):
+            exact = float(sum(Fraction(w) for w, s in zip(state.weights.tolist(), index.tolist()) if s == a))
+            assert float(head.constant[a]) == c0 * exact, (head_class.__name__, a)
+        plain = torch.zeros(len(numbers), dtype=torch.float64).index_add(0, index, c0 * state.weights)
+        assert (plain - head.constant).abs().max() > 1e-7  # the sums the heads replaced

@@ -20,6 +20,7 @@ and plain-data ``hypers()``; :meth:`SparseKernel.from_hypers` rebuilds it from t
 """
 
 import copy
+import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -54,6 +55,17 @@ def weighted_gram_eigenpairs(rows: torch.Tensor, omega: torch.Tensor, rank: int)
     vectors[:, : values.shape[0]] = q @ inner
     padded[: values.shape[0]] = values
     return vectors, padded
+
+
+def species_sums(values: torch.Tensor, species: torch.Tensor, n_species: int) -> torch.Tensor:
+    """``[n_species]``: the sum of ``values [n]`` over the entries of each species index ``species [n]``,
+    correctly rounded (``math.fsum``). Fitted weights are large and of both signs: their plain sum errs by
+    epsilon times their absolute sum, which for a model's constant piece is a fixed energy offset per atom
+    (1.5e-5 eV on a five-atom cluster of the default gold model; docs/equations.md, "Numerical precision")."""
+    terms = [[] for _ in range(n_species)]
+    for value, index in zip(values.detach().cpu().tolist(), species.cpu().tolist()):
+        terms[index].append(value)
+    return torch.tensor([math.fsum(t) for t in terms], dtype=values.dtype, device=values.device)
 
 
 class SparseKernel:

@@ -23,7 +23,7 @@ import torch
 
 from ..descriptors.density import DensityExpansion, Pairs, unflatten
 from ..descriptors.vectors import VectorFeatures
-from ..kernels.base import weighted_gram_eigenpairs
+from ..kernels.base import species_sums, weighted_gram_eigenpairs
 from ..kernels.polynomial import polynomial_pieces
 from ..kernels.wigner.features import OrderFeatures
 from ..kernels.wigner.iteration import WignerKernels
@@ -85,7 +85,9 @@ class WignerHead(SparseWignerHead):
 
     ``s_{a nu}`` is the per-species scale of each order (see
     :class:`~acdc_potential.kernels.wigner.kernel.WignerKernel`). With the weights
-    ``omega_nu w_m / s_{a_m nu}`` precomputed, energies and forces go through one of two routes:
+    ``omega_nu w_m / s_{a_m nu}`` precomputed, the constant piece ``omega_0 sum_m w_m`` summed once per
+    species, correctly rounded (:func:`~acdc_potential.kernels.base.species_sums`), the orders ``nu >= 1``
+    go through one of two routes:
 
     - ``collapsed`` (default, what exported files run): every order ``nu <= 4`` folded exactly
       into per-species tensors (:meth:`OrderFeatures.collapse`) at a cost per atom independent
@@ -120,12 +122,17 @@ class WignerHead(SparseWignerHead):
         self.register_buffer("inverse_scale", 1.0 / kernel.order_scales(species))
         order_weights = self.state.piece_weights[:, None] * self.inverse_scale[self.state.sparse_species].T
         pair_weights = order_weights * self.state.weights[None, :]
+        # the constant piece, on both routes, from the weights' correctly rounded sums per species: summing
+        # their rounded products errs by epsilon times their absolute sum, a fixed offset per atom
+        self.register_buffer("constant", self.state.piece_weights[0] * self.inverse_scale[:, 0] * species_sums(self.state.weights, self.state.sparse_species, len(species)))
+        pair_weights[0] = 0.0
         sparse = unflatten(self.state.sparse, self.state.shapes)
         self.collapsed_shapes = []
         flat = torch.zeros((len(species), 0), dtype=torch.float64)
         if self.collapsed:
             folded = pair_weights[: FOLDED_ORDERS + 1]
             parts = OrderFeatures(self.folded).collapse(sparse, self.state.sparse_species, folded, len(species))
+            parts[0] = self.constant
             self.collapsed_shapes = [list(part.shape[1:]) for part in parts]
             flat = torch.cat([part.reshape(len(species), -1) for part in parts], dim=1)
             pair_weights = torch.cat([torch.zeros_like(folded), pair_weights[FOLDED_ORDERS + 1 :]])
@@ -151,7 +158,7 @@ class WignerHead(SparseWignerHead):
         if self.collapsed:
             energy = self.folded.collapsed_energy(coefficients, species, self._collapsed_parts(coefficients[0].dtype))
         else:
-            energy = torch.zeros(species.shape[0], dtype=coefficients[0].dtype, device=coefficients[0].device)
+            energy = self.constant.to(coefficients[0].dtype)[species]
         if self.pairs_left:
             sparse = unflatten(self.state.sparse.to(coefficients[0].dtype), self.state.shapes)
             weights = self.pair_weights.to(coefficients[0].dtype)
@@ -247,8 +254,7 @@ class PolynomialHead(DensityHead):
         if route not in ROUTES:
             raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
         state, n_species = self.state, len(species)
-        per_species = state.weights.new_zeros(n_species).index_add(0, state.sparse_species, state.weights)
-        self.register_buffer("constant", state.piece_weights[0] * per_species)
+        self.register_buffer("constant", state.piece_weights[0] * species_sums(state.weights, state.sparse_species, n_species))
         self.collapsed = route == "collapsed" and self.zeta <= 2
         self.compensated = route == "collapsed" and self.zeta > 2
         self.pairs_left = not self.collapsed
