@@ -326,9 +326,12 @@ def test_copper_energies_are_as_precise_as_float64_allows(kernel):
     reference = numerical_precision(torch.jit.script(model.potential("pairs").eval()), atoms, step=1e-4)
     assert reference["rotation_relative"] > 100 * max(probe["rotation_relative"], 1e-16), reference
     if not module.head.pairs_left:
-        # float32 (the collapsed route's long products <F W, F> included) stays close to float64
+        # float32 (the collapsed route's long products <F W, F> included) stays close to float64; it rounds
+        # the constant piece and the rest before they cancel (about 129 and -126 eV for the 32 atoms of the
+        # polynomial model), so its error is measured against the larger of them
         single = run_module(module.to(torch.float32), [atoms], forces=True, stress=False, uncertainty=False)
-        assert abs(float(single["energy"][0]) - probe["energy"]) <= 1e-5 * abs(probe["energy"])
+        pieces = max(abs(probe["energy"]), len(atoms) * float(module.head.constant.abs().max()))
+        assert abs(float(single["energy"][0]) - probe["energy"]) <= 1e-5 * pieces
     else:  # compensation needs float64: such a model exports in float64 only
         with pytest.raises(ValueError, match="export it in float64"):
             atomistic_model(model.potential(), torch.float32)
