@@ -61,7 +61,7 @@ def species_sums(values: torch.Tensor, species: torch.Tensor, n_species: int) ->
     """``[n_species]``: the sum of ``values [n]`` over the entries of each species index ``species [n]``,
     correctly rounded (``math.fsum``). Fitted weights are large and of both signs: their plain sum errs by
     epsilon times their absolute sum, which for a model's constant piece is a fixed energy offset per atom
-    (1.5e-5 eV on a five-atom cluster of the default gold model; docs/equations.md, "Numerical precision")."""
+    (up to 2.9e-5 eV per atom on the default gold model; docs/equations.md, "Numerical precision")."""
     terms = [[] for _ in range(n_species)]
     for value, index in zip(values.detach().cpu().tolist(), species.cpu().tolist()):
         terms[index].append(value)
