@@ -13,7 +13,7 @@ from conftest import random_cluster
 from acdc_potential.calculator import ACDCCalculator
 from acdc_potential.config import Regularisers
 from acdc_potential.data import Labelled
-from acdc_potential.descriptors.density import DensityExpansion
+from acdc_potential.descriptors.density import DensityExpansion, Pairs
 from acdc_potential.descriptors.jacobian import batch_density
 from acdc_potential.descriptors.neighbors import batch_from_atoms
 from acdc_potential.descriptors.radial import DensityHypers
@@ -29,6 +29,7 @@ from acdc_potential.kernels.message_passing import MessagePassingKernel, message
 from acdc_potential.kernels.polynomial import PolynomialKernel
 from acdc_potential.kernels.wigner.iteration import WignerHypers
 from acdc_potential.kernels.wigner.kernel import WignerKernel
+from acdc_potential.model import heads
 from acdc_potential.model.export import export_model
 from acdc_potential.model.uncertainty import Calibration
 
@@ -152,6 +153,33 @@ def test_feature_models_give_atoms_the_unexplained_variance_of_their_own_kernel(
     np.testing.assert_allclose(sigma, result["atom_uncertainty"].numpy(), rtol=1e-4, atol=1e-6 * 0.3 * (0.5 + 1.3) ** 0.5)
     structures = [calculator.get_uncertainty(atoms.copy()) for atoms in test]
     np.testing.assert_allclose(structures, result["energy_uncertainty"].numpy(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("nu_max", [1, 2, 3, 4])
+def test_wigner_variances_through_the_invariants_equal_those_through_the_kernel_rows(nu_max, monkeypatch):
+    """A collapsed Wigner head of ``nu_max <= 3`` takes its variances through the atoms' invariants
+    (``FeatureVariance``), where that is cheaper; per atom and per structure they equal those of the
+    ``pairs`` head, which goes through the kernel rows. ``nu_max = 4`` (invariants of ``D^2`` entries), and
+    any model whose factors would exceed the budget, keep the kernel rows."""
+    frames = [cluster(k, "CH4") for k in range(6)] + [cluster(10 + k) for k in range(4)]
+    rng = np.random.default_rng(1)
+    structures = [Labelled(atoms=a, energy=float(rng.normal()), forces=rng.normal(size=(len(a), 3))) for a in frames]
+    kernel = WignerKernel(WignerHypers(nu_max=nu_max, lambda_max=2), mixing={"c0": 0.5, "a": 1.0, "b": 0.7})
+    model = fit_kernel(structures, HYPERS, kernel, n_sparse=6, regularisers=Regularisers(0.01, 0.05, 0.005), tune=False)
+    model.calibration = Calibration(0.3, {}, 1, 1)
+    test = [cluster(50, "CH4"), cluster(51), cluster(52, "CH3Cu")]
+    batch = batch_from_atoms(test, model.expansion.cutoff)
+    collapsed, rows = model.potential().head, model.potential(route="pairs").head
+    assert collapsed.by_features == (nu_max <= 3) and not rows.by_features
+    species = collapsed.density.species_index(batch.numbers)
+    environments = collapsed.environments(Pairs(batch.pair_vectors(), batch.centers, batch.neighbors, species))
+    for per_atom in (True, False):
+        got = collapsed.variance(environments, species, batch.structure, len(test), per_atom)
+        expected = rows.variance(environments, species, batch.structure, len(test), per_atom)
+        assert float(expected.max()) > 1e-4  # not all explained (nu_max = 1 explains the copper atoms)
+        torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-14)
+    monkeypatch.setattr(heads, "FEATURE_VARIANCE_ENTRIES", 0)
+    assert not model.potential().head.by_features
 
 
 def test_uncalibrated_files_declare_no_force_uncertainty(fitted, tmp_path):

@@ -25,10 +25,10 @@ from ..descriptors.density import DensityExpansion, Pairs, unflatten
 from ..descriptors.vectors import VectorFeatures
 from ..kernels.base import species_sums, weighted_gram_eigenpairs
 from ..kernels.polynomial import polynomial_pieces
-from ..kernels.wigner.features import OrderFeatures
+from ..kernels.wigner.features import COLLAPSE_CHUNK, OrderFeatures
 from ..kernels.wigner.iteration import WignerKernels
 from .compensated import compensated_polynomial_sum, grid_split, split_halves
-from .uncertainty import SparseState, feature_atom_variance
+from .uncertainty import FeatureVariance, SparseState, feature_atom_variance
 
 
 class DensityHead(torch.nn.Module):
@@ -98,7 +98,10 @@ class WignerHead(SparseWignerHead):
       at every configuration, so its energies are noisy at 1e-10..1e-8 relative
       (docs/equations.md, "Numerical precision").
 
-    The variance, only when asked, goes through the kernel rows without gradients.
+    The variance, only when asked, goes without gradients through the kernel rows (the ``pairs``
+    route, and models of ``nu_max >= 4``) or, on the ``collapsed`` route of a ``nu_max <= 3`` model
+    where it is cheaper (:func:`feature_route`), through the atoms' invariants ``Phi^nu`` (one
+    scalar product per order, :class:`~acdc_potential.model.uncertainty.FeatureVariance`).
 
     :param density: the density expansion. :param kernel: the fitted
         :class:`~acdc_potential.kernels.wigner.kernel.WignerKernel`. :param state: its
@@ -141,6 +144,44 @@ class WignerHead(SparseWignerHead):
         self.register_buffer("pair_weights", pair_weights)
         self.pairs_left = not self.collapsed or self.kernels.nu_max > FOLDED_ORDERS
         self.sparse_features = {}
+        self._feature_variance(sparse, len(species))
+
+    def _feature_variance(self, sparse: List[torch.Tensor], n_species: int) -> None:
+        """``by_features`` (:func:`feature_route`); ``phi3_index``,
+        ``phi3_weight`` (:meth:`OrderFeatures.order3_reduction`, for :meth:`variance_rows`) and
+        ``variances``, the :class:`FeatureVariance` of the head's kernel (column scales ``(omega_nu /
+        s_{a nu})^(1/2)`` of order ``nu``'s columns; empty unless ``by_features``)."""
+        counts = torch.bincount(self.state.sparse_species, minlength=n_species)
+        sizes = feature_route(self.kernels, sparse, self.state.shapes, counts, self.state.projection.shape[1]) if self.collapsed else []
+        # the column scales are square roots of the order weights: none may be negative
+        positive = bool((self.state.piece_weights >= 0).all()) and bool((self.inverse_scale >= 0).all())
+        self.by_features = len(sizes) > 0 and positive
+        index, weight = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
+        if self.by_features and self.kernels.nu_max >= 3:
+            index, weight = OrderFeatures(self.kernels).order3_reduction([shape[1] for shape in self.state.shapes])
+        self.register_buffer("phi3_index", index)
+        self.register_buffer("phi3_weight", weight.to(torch.float64))
+        rows = torch.zeros((0, 0), dtype=torch.float64)
+        scales = torch.zeros((n_species, 0), dtype=torch.float64)
+        if self.by_features:
+            with torch.no_grad():
+                chunks = torch.arange(sparse[0].shape[0]).split(COLLAPSE_CHUNK)
+                rows = torch.cat([self.variance_rows([x.index_select(0, chunk) for x in sparse]) for chunk in chunks])
+            columns = torch.cat([torch.full((size,), nu, dtype=torch.long) for nu, size in enumerate(sizes)])
+            scales = (self.state.piece_weights[None, :] * self.inverse_scale).sqrt()[:, columns]
+        species_of_rows = self.state.sparse_species if self.by_features else torch.zeros(0, dtype=torch.long)
+        self.variances = FeatureVariance(rows, species_of_rows, self.state.projection, scales)
+
+    def variance_rows(self, a: List[torch.Tensor]) -> torch.Tensor:
+        """``[n, D]``: ``1`` (the constant piece), then ``Phi^nu`` of :meth:`WignerKernels.invariant_features`
+        (``Phi^3`` shortened by ``phi3_index``, ``phi3_weight``) of float64 coefficients ``a``."""
+        features: Dict[int, torch.Tensor] = {}
+        if self.kernels.nu_max >= 2:
+            features = self.kernels.nu2_features(a)
+        phi = self.kernels.invariant_features(a, features)
+        if len(phi) >= 3:
+            phi[2] = phi[2].index_select(1, self.phi3_index) * self.phi3_weight
+        return torch.cat([torch.ones((a[0].shape[0], 1), dtype=a[0].dtype, device=a[0].device)] + phi, dim=1)
 
     def _collapsed_parts(self, dtype: torch.dtype) -> List[torch.Tensor]:
         parts: List[torch.Tensor] = []
@@ -180,7 +221,7 @@ class WignerHead(SparseWignerHead):
         return torch.einsum("p,pnm->nm", self.state.piece_weights, pieces)
 
     def variance_parts(self) -> List[str]:
-        return ["state", "kernels", "inverse_scale"]
+        return ["state", "kernels", "inverse_scale", "phi3_weight", "variances"]
 
     def variance(
         self, coefficients: List[torch.Tensor], species: torch.Tensor, group: torch.Tensor, n_groups: int, per_atom: bool
@@ -188,6 +229,8 @@ class WignerHead(SparseWignerHead):
         """In float64 (:meth:`variance_parts`) from the coefficients, whatever their dtype."""
         with torch.no_grad():
             a = [c.detach().to(self.state.sparse.dtype) for c in coefficients]
+            if self.by_features:
+                return self._variance_by_features(a, species, group, n_groups, per_atom).to(coefficients[0].dtype)
             sparse = unflatten(self.state.sparse, self.state.shapes)
             k_xm = self.kernel(a, species, sparse, self.state.sparse_species, self._sparse_features(sparse))
             if per_atom:
@@ -199,8 +242,45 @@ class WignerHead(SparseWignerHead):
                 variance = self.state.group_variance(k_xm, self.kernel(a, species, a, species), species, group, n_groups)
             return variance.to(coefficients[0].dtype)
 
+    def _variance_by_features(self, a: List[torch.Tensor], species: torch.Tensor, group: torch.Tensor, n_groups: int, per_atom: bool) -> torch.Tensor:
+        x = self.variance_rows(a)
+        carries = self.state.centres[species]
+        if per_atom:
+            return self.state.energy_scale**2 * carries * self.variances.atoms(x, species)
+        phi, k_gg = self.variances.structures(x, species, carries, group, n_groups)
+        return self.state.projected_group_variance(phi, k_gg, group, n_groups)
+
+
+def feature_route(kernels: WignerKernels, sparse: List[torch.Tensor], shapes: List[List[int]], counts: torch.Tensor, r: int) -> List[int]:
+    """The sizes of the columns of :meth:`WignerHead.variance_rows` per order ``nu = 0..nu_max``
+    (``Phi^3`` shortened) where the variances of a Wigner head are cheaper through these ``D``
+    invariants of the atoms (:class:`~acdc_potential.model.uncertainty.FeatureVariance`) than through its
+    kernel rows, else ``[]``.
+
+    That is for ``nu_max <= 3`` (above, the invariants have ``D^2`` entries), where an atom's ``D``
+    invariants against the ``w = min(D, M_s)`` columns of its species' factor take fewer multiply-adds
+    than its ``M_s`` kernel entries, each at least the products of the ``nu = 2`` feature blocks,
+    ``sum_blocks (2 lambda + 1)^2 d_block`` (:meth:`WignerKernels.invariants_from_features`), and the
+    factors (``[S, D, w + r]``; ``counts [S]``, the sparse environments per species) stay below
+    ``FEATURE_VARIANCE_ENTRIES``."""
+    if kernels.nu_max > 3 or sparse[0].shape[0] == 0:
+        return []
+    one = [x[:1] for x in sparse]
+    features = kernels.nu2_features(one) if kernels.nu_max >= 2 else {}
+    sizes = [1] + [phi.shape[1] for phi in kernels.invariant_features(one, features)]
+    if kernels.nu_max >= 3:
+        sizes[3] = OrderFeatures(kernels).order3_reduction([shape[1] for shape in shapes])[0].shape[0]
+    d = sum(sizes)
+    pair = sum(f.shape[1] ** 2 * f.shape[2] for f in features.values()) + d
+    largest = int(counts.max())
+    width = min(d, largest)
+    pays = d * width <= largest * pair and counts.shape[0] * d * (width + r) <= FEATURE_VARIANCE_ENTRIES
+    return sizes if pays else []
+
 
 ROUTES = ("collapsed", "pairs")
+# largest factors of the variances by features (FeatureVariance, 8 bytes each)
+FEATURE_VARIANCE_ENTRIES = 2**25
 # orders that fold into per-species tensors (OrderFeatures.collapse)
 FOLDED_ORDERS = 4
 

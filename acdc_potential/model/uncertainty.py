@@ -18,7 +18,7 @@ regularisers to it are), so uncalibrated variances are in arbitrary units of eV^
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -31,7 +31,11 @@ def projected_variance(
 ) -> torch.Tensor:
     """``k_xx - |k_xM P|^2 + |R^-T P^T k_Mx|^2`` ``[n]`` (see :class:`~acdc_potential.fit.solver.ProjectedProcess`);
     TorchScript-compatible, used by exported models."""
-    phi = k_xm @ projection
+    return projected_variance_of(k_xm @ projection, k_xx, triangular)
+
+
+def projected_variance_of(phi: torch.Tensor, k_xx: torch.Tensor, triangular: torch.Tensor) -> torch.Tensor:
+    """:func:`projected_variance` from ``phi = k_xM P`` ``[n, r]``."""
     posterior = torch.linalg.solve_triangular(triangular.T, phi.T, upper=False)
     return k_xx - (phi**2).sum(dim=1) + (posterior**2).sum(dim=0)
 
@@ -147,10 +151,6 @@ class SparseState(torch.nn.Module):
         self.register_buffer("energy_noise", torch.tensor(float(energy_noise), dtype=torch.float64))
         self.register_buffer("centres", torch.zeros(len(species), dtype=torch.float64).index_fill(0, sparse_species, 1.0))
 
-    def variance(self, k_xm: torch.Tensor, k_xx: torch.Tensor) -> torch.Tensor:
-        """``[n]`` calibrated projected-process variances from kernel rows ``k_xm [n, M]`` and ``k(x, x)`` ``[n]``."""
-        return self.energy_scale**2 * projected_variance(k_xm, k_xx, self.projection, self.triangular)
-
     def atom_variance(self, k_xm: torch.Tensor, k_xx: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
         """``[n]`` calibrated :func:`unexplained_variance` of atomic energies, from ``k_xm [n, M]``,
         ``k_xx [n]`` and the atoms' species indices ``[n]``."""
@@ -165,9 +165,13 @@ class SparseState(torch.nn.Module):
         carries = self.centres[species]
         same = (group.unsqueeze(1) == group.unsqueeze(0)).to(k_xy.dtype) * carries.unsqueeze(1) * carries.unsqueeze(0)
         k_gg = torch.zeros(n_groups, dtype=k_xy.dtype, device=k_xy.device).index_add(0, group, (k_xy * same).sum(dim=1))
-        atoms = torch.zeros(n_groups, dtype=k_xy.dtype, device=k_xy.device).index_add(0, group, torch.ones_like(group, dtype=k_xy.dtype))
+        return self.projected_group_variance(k_gm @ self.projection, k_gg, group, n_groups)
+
+    def projected_group_variance(self, phi: torch.Tensor, k_gg: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:
+        """:meth:`group_variance` from ``phi = k_gM P`` ``[n_groups, r]``, ``k_gg [n_groups]`` and the group of each atom."""
+        atoms = torch.zeros(n_groups, dtype=phi.dtype, device=phi.device).index_add(0, group, torch.ones_like(group, dtype=phi.dtype))
         noise = self.energy_scale**2 * self.energy_noise * atoms
-        return self.variance(k_gm, k_gg) + noise
+        return self.energy_scale**2 * projected_variance_of(phi, k_gg, self.triangular) + noise
 
 
 class AtomVariance(torch.nn.Module):
@@ -229,6 +233,77 @@ class AtomVariance(torch.nn.Module):
             unexplained = unexplained_variance(self.kernel(rows, sparse[start:stop]), k_xx, self.factors[start:stop, : stop - start])
             variance = variance.index_add(0, atoms, self.scale[s] * unexplained)
         return variance
+
+
+class FeatureVariance(torch.nn.Module):
+    """Uncalibrated variances for a kernel that is a scalar product of per-atom feature rows within
+    each species, ``k(x, y) = delta(a_x, a_y) <c_{a_x} * x, c_{a_y} * y>`` (``c_s`` column scales per
+    species; e.g. a Wigner kernel of ``nu_max <= 3`` with its constant piece as a constant column).
+
+    With ``X_s = c_s * X_{M_s}`` the scaled rows of the sparse environments of species ``s`` and ``P``
+    the state's projection (``P P^T = K_MM^-1``), ``U_s = X_s^T P[M_s, :]`` ``[D, r]`` turns an atom's
+    scaled row into its kernel row times ``P``: ``k_{xM} P = (c_{a_x} * x) U_{a_x}``. Hence
+
+    - an atom's unexplained variance ``k_xx - |k_xM P|^2 = |c * x|^2 - |(c * x) A_s|^2`` with ``A_s``
+      ``[D, w]`` the thin factor of ``U_s U_s^T = A_s A_s^T`` (its SVD, ``w = min(D, M_s)``, the rank);
+    - a structure's ``k_gM P = sum_s g_s U_s`` and ``k_gg = sum_s |g_s|^2``, with ``g_s`` the sum of the
+      scaled rows of its atoms of species ``s`` (:meth:`structures`),
+
+    at ``D w`` multiply-adds per atom, against ``M_s`` kernel entries and ``M r`` for ``P`` on the pairs.
+
+    Buffers: ``column_scales [S, D]``; ``atom_factors [S, D, w]`` and ``structure_factors [S, D, r]``
+    (zero for a species without sparse environments).
+    """
+
+    def __init__(self, sparse_rows: torch.Tensor, sparse_species: torch.Tensor, projection: torch.Tensor, column_scales: torch.Tensor):
+        """:param sparse_rows: ``[M, D]`` unscaled feature rows of the sparse environments;
+        :param sparse_species: ``[M]`` their species index; :param projection: ``[M, r]``;
+        :param column_scales: ``[S, D]``."""
+        super().__init__()
+        n_species, d = column_scales.shape
+        counts = torch.bincount(sparse_species, minlength=n_species)
+        width = min(d, int(counts.max()))
+        atom_factors = sparse_rows.new_zeros((n_species, d, width))
+        structure_factors = sparse_rows.new_zeros((n_species, d, projection.shape[1]))
+        for s in range(n_species):
+            rows = torch.nonzero(sparse_species == s).flatten()
+            if rows.numel() == 0:
+                continue
+            u = (sparse_rows[rows] * column_scales[s]).T @ projection[rows]
+            left, values, _ = torch.linalg.svd(u, full_matrices=False)
+            rank = min(d, rows.numel())
+            atom_factors[s, :, :rank] = left[:, :rank] * values[:rank]
+            structure_factors[s] = u
+        self.register_buffer("column_scales", column_scales.clone())
+        self.register_buffer("atom_factors", atom_factors)
+        self.register_buffer("structure_factors", structure_factors)
+
+    def atoms(self, x: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
+        """``[n]`` unexplained variances of feature rows ``x [n, D]`` of species indices ``[n]``."""
+        variance = torch.zeros(species.shape[0], dtype=x.dtype, device=x.device)
+        present = torch.unique(species)
+        for index in range(present.shape[0]):
+            s = int(present[index])
+            atoms = torch.nonzero(species == s).flatten()
+            rows = x.index_select(0, atoms) * self.column_scales[s]
+            explained = rows @ self.atom_factors[s]
+            variance = variance.index_add(0, atoms, (rows * rows).sum(dim=1) - (explained * explained).sum(dim=1))
+        return variance
+
+    def structures(self, x: torch.Tensor, species: torch.Tensor, carries: torch.Tensor, group: torch.Tensor, n_groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``k_gM P`` ``[n_groups, r]`` and ``k_gg`` ``[n_groups]`` of the sums of the feature rows ``x [n, D]``
+        (species indices ``[n]``, weights ``carries [n]``) over each group (``group [n]``)."""
+        phi = x.new_zeros((n_groups, self.structure_factors.shape[2]))
+        k_gg = x.new_zeros(n_groups)
+        present = torch.unique(species)
+        for index in range(present.shape[0]):
+            s = int(present[index])
+            atoms = torch.nonzero(species == s).flatten()
+            rows = x.index_select(0, atoms) * self.column_scales[s] * carries.index_select(0, atoms).unsqueeze(1)
+            sums = x.new_zeros((n_groups, x.shape[1])).index_add(0, group.index_select(0, atoms), rows)
+            phi = phi + sums @ self.structure_factors[s]
+            k_gg = k_gg + (sums * sums).sum(dim=1)
+        return phi, k_gg
 
 
 def feature_atom_variance(state: SparseState, zeta: int) -> AtomVariance:

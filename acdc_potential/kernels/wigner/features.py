@@ -40,43 +40,25 @@ class OrderFeatures:
         """Per-atom invariants whose scalar products are the kernels: ``k^{nu, 0+}(i, j) =
         <Phi^nu_i, Phi^nu_j>`` for ``nu = 1..nu_max <= 4`` (no central-species delta).
 
-        With ``F`` the features of :meth:`WignerKernels.nu2_features` and ``kappa_l`` the channel scales of ``k^1``:
-        ``Phi^1 = kappa_0^(1/2) a^0``, ``Phi^2 = F^{0+}``, ``Phi^3 = (kappa_l / (2l + 1))^(1/2)
-        F^{l+ T} a^l`` over ``l`` (``k^3 = <k^2, k^1>``: ``F^T a`` contracts ``mu``) and
-        ``Phi^4 = (2 lambda + 1)^(-1/2) F^{lambda sigma T} F^{lambda sigma}`` over the blocks
+        ``Phi^1..3`` are :meth:`WignerKernels.invariant_features`; ``Phi^4 = (2 lambda + 1)^(-1/2)
+        F^{lambda sigma T} F^{lambda sigma}`` over the blocks of the ``nu = 2`` features ``F``
         (``k^4 = <k^2, k^2>``; the upper triangle of the symmetric ``[D, D]`` Gram matrix,
-        off-diagonal entries times ``sqrt 2``). Sizes grow as ``Q^3`` (``nu = 3``) and ``D^2``
-        (``nu = 4``): meant for few species or radial channels.
+        off-diagonal entries times ``sqrt 2``), of ``D^2`` entries: meant for few species or
+        radial channels.
 
         :param a: density coefficients ``[n, 2l + 1, Q_l]`` per ``l``.
         :return: ``[n, d_nu]`` per ``nu``.
         """
         if self.nu_max > 4:
             raise ValueError("orders above 4 are not scalar products of per-atom invariants")
-        n = a[0].shape[0]
-        out: List[torch.Tensor] = []
-        if self.nu_max >= 1:
-            out.append(a[0][:, 0, :] * math.sqrt(self.kernels.channel_scales[0]))
-        if self.nu_max >= 2:
-            features = self.kernels.nu2_features(a)
-            out.append(features[block_key(0, 1)][:, 0, :])
-            if self.nu_max >= 3:
-                orders = self.kernels._collapsed_orders(a, features)
-                sizes: List[int] = [features[block_key(l, 1)].shape[2] * a[l].shape[2] for l in orders]
-                # filled in place: for many environments this is the largest tensor of a fit
-                phi = a[0].new_empty((n, sum(sizes)))
-                offset = 0
-                for l, size in zip(orders, sizes):
-                    scaled = a[l] * math.sqrt(self.kernels.channel_scales[l] / (2 * l + 1))
-                    phi[:, offset : offset + size] = torch.bmm(features[block_key(l, 1)].transpose(1, 2), scaled).view(n, size)
-                    offset += size
-                out.append(phi)
-            if self.nu_max >= 4:
-                parts = []
-                for key in sorted(features.keys()):
-                    gram = torch.bmm(features[key].transpose(1, 2), features[key])
-                    parts.append(self.kernels._triangle(gram.unsqueeze(1), 0)[:, 0, :] / math.sqrt(2 * key_lambda(key) + 1))
-                out.append(torch.cat(parts, dim=1))
+        features = self.kernels.nu2_features(a) if self.nu_max >= 2 else {}
+        out = self.kernels.invariant_features(a, features)
+        if self.nu_max >= 4:
+            parts = []
+            for key in sorted(features.keys()):
+                gram = torch.bmm(features[key].transpose(1, 2), features[key])
+                parts.append(self.kernels._triangle(gram.unsqueeze(1), 0)[:, 0, :] / math.sqrt(2 * key_lambda(key) + 1))
+            out.append(torch.cat(parts, dim=1))
         return out
 
     def collapse(self, b: List[torch.Tensor], species_b: torch.Tensor, weights: torch.Tensor, n_species: int) -> List[torch.Tensor]:

@@ -420,6 +420,37 @@ class WignerKernels(torch.nn.Module):
                 rows.append(self.contract(k2, k2, 3))
         return torch.stack(rows)
 
+    @torch.jit.export
+    def invariant_features(self, a: List[torch.Tensor], features: Dict[int, torch.Tensor]) -> List[torch.Tensor]:
+        """Per-atom invariants ``Phi^nu`` ``[n, d_nu]`` for ``nu = 1..min(nu_max, 3)`` whose scalar
+        products are the kernels, ``k^{nu, 0+}(i, j) = <Phi^nu_i, Phi^nu_j>`` (no central-species delta).
+
+        With ``F`` the :meth:`nu2_features` (``features``, of ``a``) and ``kappa_l`` the channel scales
+        of ``k^1``: ``Phi^1 = kappa_0^(1/2) a^0``, ``Phi^2 = F^{0+}`` and ``Phi^3 = (kappa_l / (2l +
+        1))^(1/2) F^{l+ T} a^l`` over ``l`` (``k^3 = <k^2, k^1>``: ``F^T a`` contracts ``mu``), of
+        ``Q^3`` entries and more (meant for few species or radial channels).
+
+        :param a: density coefficients ``[n, 2l + 1, Q_l]`` per ``l``.
+        """
+        n = a[0].shape[0]
+        out: List[torch.Tensor] = []
+        if self.nu_max >= 1:
+            out.append(a[0][:, 0, :] * math.sqrt(self.channel_scales[0]))
+        if self.nu_max >= 2:
+            out.append(features[block_key(0, 1)][:, 0, :])
+        if self.nu_max >= 3:
+            orders = self._collapsed_orders(a, features)
+            sizes: List[int] = [features[block_key(l, 1)].shape[2] * a[l].shape[2] for l in orders]
+            # filled in place: for many environments this is the largest tensor of a fit
+            phi = a[0].new_empty((n, sum(sizes)))
+            offset = 0
+            for l, size in zip(orders, sizes):
+                scaled = a[l] * math.sqrt(self.channel_scales[l] / (2 * l + 1))
+                phi[:, offset : offset + size] = torch.bmm(features[block_key(l, 1)].transpose(1, 2), scaled).reshape(n, size)
+                offset += size
+            out.append(phi)
+        return out
+
     def _collapsed_orders(self, coefficients: List[torch.Tensor], features: Dict[int, torch.Tensor]) -> List[int]:
         """The ``l`` of the ``nu = 3`` terms ``<k^{2, l+}, k^{1, l}>`` (those with both blocks)."""
         orders: List[int] = []
