@@ -261,8 +261,8 @@ def feature_route(kernels: WignerKernels, sparse: List[torch.Tensor], shapes: Li
     invariants against the ``w = min(D, M_s)`` columns of its species' factor take fewer multiply-adds
     than its ``M_s`` kernel entries, each at least the products of the ``nu = 2`` feature blocks,
     ``sum_blocks (2 lambda + 1)^2 d_block`` (:meth:`WignerKernels.invariants_from_features`), and the
-    factors (``[S, D, w + r]``; ``counts [S]``, the sparse environments per species) stay below
-    ``FEATURE_VARIANCE_ENTRIES``."""
+    factors (``[S, D, r]`` and, where ``w < r``, ``[S, D, w]``; ``counts [S]``, the sparse environments
+    per species) stay below ``FEATURE_VARIANCE_ENTRIES``."""
     if kernels.nu_max > 3 or sparse[0].shape[0] == 0:
         return []
     one = [x[:1] for x in sparse]
@@ -274,7 +274,8 @@ def feature_route(kernels: WignerKernels, sparse: List[torch.Tensor], shapes: Li
     pair = sum(f.shape[1] ** 2 * f.shape[2] for f in features.values()) + d
     largest = int(counts.max())
     width = min(d, largest)
-    pays = d * width <= largest * pair and counts.shape[0] * d * (width + r) <= FEATURE_VARIANCE_ENTRIES
+    entries = counts.shape[0] * d * (r + (width if width < r else 0))  # FeatureVariance's factors
+    pays = d * width <= largest * pair and entries <= FEATURE_VARIANCE_ENTRIES
     return sizes if pays else []
 
 

@@ -245,14 +245,15 @@ class FeatureVariance(torch.nn.Module):
     scaled row into its kernel row times ``P``: ``k_{xM} P = (c_{a_x} * x) U_{a_x}``. Hence
 
     - an atom's unexplained variance ``k_xx - |k_xM P|^2 = |c * x|^2 - |(c * x) A_s|^2`` with ``A_s``
-      ``[D, w]`` the thin factor of ``U_s U_s^T = A_s A_s^T`` (its SVD, ``w = min(D, M_s)``, the rank);
+      ``[D, w]`` the thin factor of ``U_s U_s^T = A_s A_s^T`` (its SVD, ``w = min(D, M_s)``, the rank),
+      or ``U_s`` itself where it is no wider (``r <= w``: one species);
     - a structure's ``k_gM P = sum_s g_s U_s`` and ``k_gg = sum_s |g_s|^2``, with ``g_s`` the sum of the
       scaled rows of its atoms of species ``s`` (:meth:`structures`),
 
     at ``D w`` multiply-adds per atom, against ``M_s`` kernel entries and ``M r`` for ``P`` on the pairs.
 
-    Buffers: ``column_scales [S, D]``; ``atom_factors [S, D, w]`` and ``structure_factors [S, D, r]``
-    (zero for a species without sparse environments).
+    Buffers: ``column_scales [S, D]``; ``atom_factors [S, D, w]`` (``w = 0`` where ``U_s`` serves) and
+    ``structure_factors [S, D, r]`` (zero for a species without sparse environments).
     """
 
     def __init__(self, sparse_rows: torch.Tensor, sparse_species: torch.Tensor, projection: torch.Tensor, column_scales: torch.Tensor):
@@ -262,18 +263,21 @@ class FeatureVariance(torch.nn.Module):
         super().__init__()
         n_species, d = column_scales.shape
         counts = torch.bincount(sparse_species, minlength=n_species)
-        width = min(d, int(counts.max()))
+        r = projection.shape[1]
+        # no narrower factor than U_s itself where P has no more columns (one species): none kept
+        width = min(d, int(counts.max())) if min(d, int(counts.max())) < r else 0
         atom_factors = sparse_rows.new_zeros((n_species, d, width))
-        structure_factors = sparse_rows.new_zeros((n_species, d, projection.shape[1]))
+        structure_factors = sparse_rows.new_zeros((n_species, d, r))
         for s in range(n_species):
             rows = torch.nonzero(sparse_species == s).flatten()
             if rows.numel() == 0:
                 continue
             u = (sparse_rows[rows] * column_scales[s]).T @ projection[rows]
-            left, values, _ = torch.linalg.svd(u, full_matrices=False)
-            rank = min(d, rows.numel())
-            atom_factors[s, :, :rank] = left[:, :rank] * values[:rank]
             structure_factors[s] = u
+            if width > 0:
+                left, values, _ = torch.linalg.svd(u, full_matrices=False)
+                rank = min(d, rows.numel())
+                atom_factors[s, :, :rank] = left[:, :rank] * values[:rank]
         self.register_buffer("column_scales", column_scales.clone())
         self.register_buffer("atom_factors", atom_factors)
         self.register_buffer("structure_factors", structure_factors)
@@ -286,7 +290,7 @@ class FeatureVariance(torch.nn.Module):
             s = int(present[index])
             atoms = torch.nonzero(species == s).flatten()
             rows = x.index_select(0, atoms) * self.column_scales[s]
-            explained = rows @ self.atom_factors[s]
+            explained = rows @ (self.atom_factors[s] if self.atom_factors.shape[2] > 0 else self.structure_factors[s])
             variance = variance.index_add(0, atoms, (rows * rows).sum(dim=1) - (explained * explained).sum(dim=1))
         return variance
 
