@@ -298,7 +298,8 @@ class LearnConfig:
     ``threshold`` times the RMS force component of the labelled structures, the structure is
     labelled by the reference calculator and added to the fit, with the ``new_sparse`` most
     uncertain of its atoms above half the threshold as new sparse environments
-    (:class:`~acdc_potential.fit.incremental.IncrementalFit`: no refit from scratch).
+    (:class:`~acdc_potential.fit.incremental.IncrementalFit`: no refit from scratch); the MD goes on
+    with the new model at the same total energy (:meth:`~acdc_potential.active.ActiveLearner.switch`).
 
     :param temperatures: of the Langevin thermostat, K; each starting structure runs at each.
     :param steps: MD steps per starting structure and temperature.

@@ -108,8 +108,8 @@ def main():
     curve = {}
 
     class Measured(ActiveLearner):
-        def check(self, atoms, number):
-            labelled = super().check(atoms, number)
+        def check(self, atoms, number, start):
+            labelled = super().check(atoms, number, start)
             if labelled and self.label_count() in counts:
                 curve[self.label_count()] = force_mae(self.incremental.model(), test)
                 print(f"active learning: {self.label_count()} reference calculations, test force MAE {1000 * curve[self.label_count()]:.2f} meV/A "

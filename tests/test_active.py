@@ -11,7 +11,7 @@ from ase.calculators.emt import EMT
 from ase.io import read, write
 from conftest import random_cluster
 
-from acdc_potential.active import ActiveLearner, learning_centres, reference_calculator, sparse_candidates
+from acdc_potential.active import ActiveLearner, absorb, bare, landscape_shift, learning_centres, reference_calculator, sparse_candidates
 from acdc_potential.cli import main
 from acdc_potential.config import FitConfig, Regularisers
 from acdc_potential.data import Labelled
@@ -219,6 +219,74 @@ def test_an_interrupted_run_resumes_with_every_labelled_structure(tmp_path, monk
 
     more = FitConfig.from_dict({**TINY, "learn": {**TINY["learn"], "max_labels": 11}})
     assert len(ActiveLearner(starts, EMT(), more, str(folder)).run() and read(str(folder / "labelled.extxyz"), ":")) == 11
+
+
+class Tilted(EMT):
+    """EMT plus a constant and ``k |x - x0|^2``: the same landscape shifted, and made steeper away from ``x0``."""
+
+    def __init__(self, x0, constant, k):
+        super().__init__()
+        self.x0, self.constant, self.k = x0, constant, k
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=("positions",)):
+        super().calculate(atoms, properties, system_changes)
+        d = atoms.positions - self.x0
+        self.results["energy"] += self.constant + self.k * float((d * d).sum())
+        self.results["forces"] = self.results["forces"] - 2.0 * self.k * d
+
+
+def test_the_landscape_shift_ignores_constants_and_measures_the_change_relative_to_the_start():
+    start = copper_starts(1)[0]
+    frame = start.copy()
+    frame.rattle(0.1, seed=3)
+    d = frame.positions - start.positions
+    assert landscape_shift(frame, start, EMT(), Tilted(start.positions, 7.0, 0.0)) == pytest.approx(0.0, abs=1e-12)
+    assert landscape_shift(frame, start, EMT(), Tilted(start.positions, -3.0, 0.5)) == pytest.approx(0.5 * float((d * d).sum()), rel=1e-10)
+    assert landscape_shift(frame, start, Tilted(start.positions, 2.0, 0.5), EMT()) == pytest.approx(-0.5 * float((d * d).sum()), rel=1e-10)
+
+
+def test_absorbing_an_energy_changes_the_kinetic_energy_by_it_and_never_below_zero():
+    atoms = copper_starts(1)[0]
+    atoms.set_momenta(np.random.default_rng(0).normal(size=(len(atoms), 3)))
+    kinetic = atoms.get_kinetic_energy()
+    direction = atoms.get_momenta() / np.linalg.norm(atoms.get_momenta())
+    absorb(atoms, 0.25 * kinetic)
+    assert atoms.get_kinetic_energy() == pytest.approx(0.75 * kinetic, rel=1e-12)
+    np.testing.assert_allclose(atoms.get_momenta() / np.linalg.norm(atoms.get_momenta()), direction, atol=1e-14)
+    absorb(atoms, -0.25 * kinetic)
+    assert atoms.get_kinetic_energy() == pytest.approx(kinetic, rel=1e-12)
+    absorb(atoms, 2.0 * kinetic)
+    assert atoms.get_kinetic_energy() == 0.0
+
+
+def test_a_model_update_keeps_the_total_energy_of_the_md(tmp_path, monkeypatch):
+    """At every switch to an updated model, the kinetic energy plus the current model's energy of the
+    frame relative to the segment's start is what it was under the previous model (where the kinetic
+    energy can absorb the change), and the history records the change."""
+    switches = []
+    original = ActiveLearner.switch
+
+    def relative(atoms, start, calculator):
+        frames = [bare(atoms), bare(start)]
+        for frame in frames:
+            calculator.uncertainty = False
+            frame.calc = calculator
+        return frames[0].get_potential_energy() - frames[1].get_potential_energy()
+
+    def recorded(self, atoms, start):
+        before = atoms.get_kinetic_energy() + relative(atoms, start, atoms.calc)  # the previous model's calculator
+        shift, temperature = original(self, atoms, start)
+        switches.append((before, atoms.get_kinetic_energy() + relative(atoms, start, atoms.calc), shift, atoms.get_kinetic_energy()))
+        return shift, temperature
+
+    monkeypatch.setattr(ActiveLearner, "switch", recorded)
+    learner = ActiveLearner(copper_starts(3), EMT(), FitConfig.from_dict(TINY), str(tmp_path / "run"))
+    learner.run()
+    assert len(switches) == 6 and any(abs(shift) > 1e-5 for _, _, shift, _ in switches)
+    for before, after, shift, kinetic in switches:
+        if kinetic > 0.0:
+            assert after == pytest.approx(before, abs=1e-9)
+    assert [h["energy_shift"] for h in learner.state.history] == [shift for _, _, shift, _ in switches]
 
 
 def test_another_runs_folder_is_refused(tmp_path):

@@ -18,7 +18,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from ...descriptors.cg import block_key, key_lambda, parity_sign
+from ...descriptors.cg import key_lambda, parity_sign
 from ..base import weighted_gram_eigenpairs
 from .iteration import WignerHypers, WignerKernels, wigner_module
 
