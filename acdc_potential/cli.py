@@ -296,8 +296,7 @@ def _precision(model, structures, log) -> dict:
     structure = structures[0]
     module = model.scripted()
     probe = numerical_precision(module, structure.atoms)
-    plain_pairs = bool(module.head.pairs_left) and not bool(getattr(module.head, "compensated", False))
-    warning = precision_warning(probe, len(structure.atoms), plain_pairs)
+    warning = precision_warning(probe, len(structure.atoms), bool(module.head.plain_pairs))
     if warning is not None:
         log(f"warning: {warning}")
         model.warnings.append(warning)

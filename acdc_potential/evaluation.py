@@ -196,7 +196,7 @@ def precision_warning(probe: Dict[str, float], n_atoms: int, plain_pairs: bool) 
     reported, not judged: at a fixed step their truncation error depends on the curvature.)
 
     :param plain_pairs: whether the model sums over sparse environments pair by pair in plain float64
-        at every call (a head's ``pairs_left`` without ``compensated``: Wigner orders ``nu >= 5``), the
+        at every call (a head's ``plain_pairs``: Wigner orders ``nu >= 5``), the
         known cause.
     """
     # the energy clamped to [1 meV, 1 eV] per atom: the size of a total energy far from zero says nothing of

@@ -149,7 +149,7 @@ def test_orders_above_four_add_their_pairs_to_the_collapsed_orders(kind):
     results = {}
     for route in ("pairs", "collapsed"):
         potential, head = model(kind, 5, route)
-        assert head.pairs_left and head.collapsed == (route == "collapsed")
+        assert head.pairs_left and head.plain_pairs and head.collapsed == (route == "collapsed")
         with pytest.raises(ValueError, match="export it in float64"):
             atomistic_model(potential, torch.float32)
         module = torch.jit.script(potential.eval())
@@ -207,6 +207,7 @@ def test_feature_models_collapse_onto_the_pair_sum(name, zeta, folded, kind):
         module = torch.jit.script(potential.eval())
         out = run_module(module, [test], forces=True, stress=False, uncertainty=False)
         results[route] = (float(out["energy"][0]), out["forces"].numpy())
+    assert head.plain_pairs == (not head.collapsed and not head.compensated)
     if head.compensated:
         kept = "compensated"
     else:

@@ -109,11 +109,11 @@ def test_an_energy_rounded_above_float64s_precision_is_a_warning_naming_the_caus
     assert "up to 1.7e-09 of the energy" in message and "4.2e-09 eV" in message and "8.1e-09 eV" in message and "5.1e-05 eV/A" in message
     assert "pair by pair in plain float64 (Wigner orders nu >= 5)" in message and "\n" not in message
 
-    # the command line: a compensated head sums pairs but is not the plain-pairs cause
+    # the command line: a compensated head sums pairs but not plainly, so it is not the plain-pairs cause
     monkeypatch.setattr(evaluation, "numerical_precision", lambda module, atoms: dict(noisy))
     lines = []
-    for head, cause in ((types.SimpleNamespace(pairs_left=True), "Wigner orders"),
-                        (types.SimpleNamespace(pairs_left=True, compensated=True), "please report it")):
+    for head, cause in ((types.SimpleNamespace(pairs_left=True, plain_pairs=True), "Wigner orders"),
+                        (types.SimpleNamespace(pairs_left=True, plain_pairs=False), "please report it")):
         model = types.SimpleNamespace(scripted=lambda head=head: types.SimpleNamespace(head=head), warnings=[])
         report = cli._precision(model, [types.SimpleNamespace(atoms=ase.build.bulk("Cu", cubic=True))], lines.append)
         assert report["rotation_relative"] == 1.7e-9 and report["structure"] == "Cu4 (first of its file)"

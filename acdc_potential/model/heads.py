@@ -36,13 +36,16 @@ class DensityHead(torch.nn.Module):
     coefficients themselves (subclasses may turn them into features).
 
     ``pairs_left``: whether its energies sum over sparse environments pair by pair in the module's
-    dtype at every call (large, cancelling fitted weights that float32 cannot hold); false here.
+    dtype at every call (large, cancelling fitted weights that float32 cannot hold); ``plain_pairs``:
+    whether that sum is a plain one, rounded anew at every call (docs/equations.md, "Numerical
+    precision"), not a compensated one; both false here.
     """
 
     def __init__(self, density: DensityExpansion):
         super().__init__()
         self.density = density
         self.pairs_left = False
+        self.plain_pairs = False
 
     def environments(self, pairs: Pairs) -> List[torch.Tensor]:
         return self.density.from_pairs(pairs)
@@ -143,6 +146,7 @@ class WignerHead(SparseWignerHead):
         # what is left for the pairs: everything (route pairs), orders above 4, or nothing
         self.register_buffer("pair_weights", pair_weights)
         self.pairs_left = not self.collapsed or self.kernels.nu_max > FOLDED_ORDERS
+        self.plain_pairs = self.pairs_left
         self.sparse_features = {}
         self._feature_variance(sparse, len(species))
 
@@ -339,6 +343,7 @@ class PolynomialHead(DensityHead):
         self.collapsed = route == "collapsed" and self.zeta <= 2
         self.compensated = route == "collapsed" and self.zeta > 2
         self.pairs_left = not self.collapsed
+        self.plain_pairs = self.pairs_left and not self.compensated
         x = self.sparse_features
         weights = state.piece_weights[1] * state.weights
         empty = x.new_zeros((0, x.shape[1]))
