@@ -156,11 +156,12 @@ def test_feature_models_give_atoms_the_unexplained_variance_of_their_own_kernel(
 
 
 @pytest.mark.parametrize("nu_max", [1, 2, 3, 4])
-def test_wigner_variances_through_the_invariants_equal_those_through_the_kernel_rows(nu_max, monkeypatch):
+def test_wigner_variances_through_the_invariants_equal_those_through_the_kernel_rows(nu_max, monkeypatch, tmp_path):
     """A collapsed Wigner head of ``nu_max <= 3`` takes its variances through the atoms' invariants
     (``FeatureVariance``), where that is cheaper; per atom and per structure they equal those of the
-    ``pairs`` head, which goes through the kernel rows. ``nu_max = 4`` (invariants of ``D^2`` entries), and
-    any model whose factors would exceed the budget, keep the kernel rows."""
+    ``pairs`` head, which goes through the kernel rows, and a float32 file gives the atoms' to 1e-4.
+    ``nu_max = 4`` (invariants of ``D^2`` entries), and any model whose factors would exceed the budget,
+    keep the kernel rows."""
     frames = [cluster(k, "CH4") for k in range(6)] + [cluster(10 + k) for k in range(4)]
     rng = np.random.default_rng(1)
     structures = [Labelled(atoms=a, energy=float(rng.normal()), forces=rng.normal(size=(len(a), 3))) for a in frames]
@@ -178,6 +179,13 @@ def test_wigner_variances_through_the_invariants_equal_those_through_the_kernel_
         expected = rows.variance(environments, species, batch.structure, len(test), per_atom)
         assert float(expected.max()) > 1e-4  # not all explained (nu_max = 1 explains the copper atoms)
         torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-14)
+    if nu_max == 3:  # a float32 file keeps the invariants' factors in float64 and agrees to float32's rounding of its densities
+        path = str(tmp_path / "wigner32.pt")
+        export_model(model.potential(), path, dtype=torch.float32)
+        calculator = ACDCCalculator(path, uncertainty_threshold=None)
+        sigma = np.concatenate([calculator.get_uncertainty(atoms.copy(), per_atom=True) for atoms in test])
+        expected = rows.variance(environments, species, batch.structure, len(test), True).sqrt().numpy()
+        np.testing.assert_allclose(sigma, expected, rtol=1e-4, atol=1e-6 * float(expected.max()))
     monkeypatch.setattr(heads, "FEATURE_VARIANCE_ENTRIES", 0)
     assert not model.potential().head.by_features
 
