@@ -16,7 +16,7 @@ Prints the table (reference calculations against test force MAE, meV/A) and writ
 ``active_learning.png`` to ``--out``.
 
 usage: python benchmarks/active_learning.py [--out DIR] [--data DIR] [--starts 5] [--steps 400]
-                                            [--temperatures 300,900,1500] [--counts 10,20,40,60,80,100] [--full]
+                                            [--temperatures 300,900,1500] [--counts 10,20,40,60,80,100] [--seed 0] [--full]
 """
 
 import argparse
@@ -71,6 +71,7 @@ def main():
     parser.add_argument("--counts", default="10,20,40,60,80,100")
     parser.add_argument("--threshold", type=float, help="learn.threshold (default: the configuration's)")
     parser.add_argument("--new-sparse", type=int, help="learn.new_sparse (default: the configuration's)")
+    parser.add_argument("--seed", type=int, default=0, help="learn.seed: the MD's initial velocities and thermostat noise")
     parser.add_argument("--learning-only", action="store_true", help="skip the refits and the baselines")
     parser.add_argument("--full", action="store_true", help="also fit the whole training set (the target)")
     args = parser.parse_args()
@@ -91,7 +92,7 @@ def main():
     train = read_structures(str(data / "copper_train.extxyz"))
     test = read_structures(str(data / "copper_test.extxyz"))
     counts = [int(c) for c in args.counts.split(",")]
-    learn = {"temperatures": [float(t) for t in args.temperatures.split(",")], "steps": args.steps, "timestep": 2.0, "interval": 1, "max_labels": max(counts)}
+    learn = {"temperatures": [float(t) for t in args.temperatures.split(",")], "steps": args.steps, "timestep": 2.0, "interval": 1, "max_labels": max(counts), "seed": args.seed}
     if args.threshold is not None:
         learn["threshold"] = args.threshold
     if args.new_sparse is not None:
