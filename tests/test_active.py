@@ -274,6 +274,7 @@ def test_a_model_update_keeps_the_total_energy_of_the_md(tmp_path, monkeypatch):
         return frames[0].get_potential_energy() - frames[1].get_potential_energy()
 
     def recorded(self, atoms, start):
+        assert start is self.starts[self.state.segment % len(self.starts)]  # the segment's own (one temperature)
         before = atoms.get_kinetic_energy() + relative(atoms, start, atoms.calc)  # the previous model's calculator
         shift, temperature = original(self, atoms, start)
         switches.append((before, atoms.get_kinetic_energy() + relative(atoms, start, atoms.calc), shift, atoms.get_kinetic_energy()))
@@ -283,9 +284,10 @@ def test_a_model_update_keeps_the_total_energy_of_the_md(tmp_path, monkeypatch):
     learner = ActiveLearner(copper_starts(3), EMT(), FitConfig.from_dict(TINY), str(tmp_path / "run"))
     learner.run()
     assert len(switches) == 6 and any(abs(shift) > 1e-5 for _, _, shift, _ in switches)
-    for before, after, shift, kinetic in switches:
-        if kinetic > 0.0:
-            assert after == pytest.approx(before, abs=1e-9)
+    kept = [(before, after) for before, after, _, kinetic in switches if kinetic > 0.0]
+    assert len(kept) == 6
+    for before, after in kept:
+        assert after == pytest.approx(before, abs=1e-9)
     assert [h["energy_shift"] for h in learner.state.history] == [shift for _, _, shift, _ in switches]
 
 

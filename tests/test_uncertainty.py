@@ -155,31 +155,38 @@ def test_feature_models_give_atoms_the_unexplained_variance_of_their_own_kernel(
     np.testing.assert_allclose(structures, result["energy_uncertainty"].numpy(), rtol=1e-4)
 
 
-@pytest.mark.parametrize("nu_max", [1, 2, 3, 4])
-def test_wigner_variances_through_the_invariants_equal_those_through_the_kernel_rows(nu_max, monkeypatch, tmp_path):
+@pytest.mark.parametrize("nu_max, kind", [(1, "CH4 Cu4"), (2, "CH4 Cu4"), (3, "CH4 Cu4"), (4, "CH4 Cu4"), (3, "Cu4"), (3, "CH4, C-centred")])
+def test_wigner_variances_through_the_invariants_equal_those_through_the_kernel_rows(nu_max, kind, monkeypatch, tmp_path):
     """A collapsed Wigner head of ``nu_max <= 3`` takes its variances through the atoms' invariants
     (``FeatureVariance``), where that is cheaper; per atom and per structure they equal those of the
     ``pairs`` head, which goes through the kernel rows, and a float32 file gives the atoms' to 1e-4.
+    Three species take the SVD factor of each species; one species with sparse environments ``U`` itself
+    (``D >= M``), also in a C-centred model, whose H atoms carry no learned energy (no variance).
     ``nu_max = 4`` (invariants of ``D^2`` entries), and any model whose factors would exceed the budget,
     keep the kernel rows."""
-    frames = [cluster(k, "CH4") for k in range(6)] + [cluster(10 + k) for k in range(4)]
+    frames = [cluster(k, "CH4") for k in range(6)] * ("CH4" in kind) + [cluster(10 + k) for k in range(4)] * ("Cu4" in kind)
     rng = np.random.default_rng(1)
     structures = [Labelled(atoms=a, energy=float(rng.normal()), forces=rng.normal(size=(len(a), 3))) for a in frames]
     kernel = WignerKernel(WignerHypers(nu_max=nu_max, lambda_max=2), mixing={"c0": 0.5, "a": 1.0, "b": 0.7})
-    model = fit_kernel(structures, HYPERS, kernel, n_sparse=6, regularisers=Regularisers(0.01, 0.05, 0.005), tune=False)
+    centres = [6] if "centred" in kind else None
+    model = fit_kernel(structures, HYPERS, kernel, n_sparse=6, regularisers=Regularisers(0.01, 0.05, 0.005), tune=False, centres=centres)
     model.calibration = Calibration(0.3, {}, 1, 1)
-    test = [cluster(50, "CH4"), cluster(51), cluster(52, "CH3Cu")]
+    test = {"CH4 Cu4": [cluster(50, "CH4"), cluster(51), cluster(52, "CH3Cu")], "Cu4": [cluster(51), cluster(53)], "CH4, C-centred": [cluster(50, "CH4"), cluster(54, "CH4")]}[kind]
     batch = batch_from_atoms(test, model.expansion.cutoff)
     collapsed, rows = model.potential().head, model.potential(route="pairs").head
     assert collapsed.by_features == (nu_max <= 3) and not rows.by_features
+    if collapsed.by_features:  # U itself serves the atoms exactly where P has no more columns than its rank
+        assert (collapsed.variances.atom_factors.shape[2] == 0) == (kind != "CH4 Cu4")  # one species with sparse environments
     species = collapsed.density.species_index(batch.numbers)
     environments = collapsed.environments(Pairs(batch.pair_vectors(), batch.centers, batch.neighbors, species))
     for per_atom in (True, False):
         got = collapsed.variance(environments, species, batch.structure, len(test), per_atom)
         expected = rows.variance(environments, species, batch.structure, len(test), per_atom)
         assert float(expected.max()) > 1e-4  # not all explained (nu_max = 1 explains the copper atoms)
+        if per_atom and "centred" in kind:
+            assert bool((got[batch.numbers == 1] == 0).all()) and bool((got[batch.numbers == 6] > 0).all())
         torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-14)
-    if nu_max == 3:  # a float32 file keeps the invariants' factors in float64 and agrees to float32's rounding of its densities
+    if nu_max == 3 and kind == "CH4 Cu4":  # a float32 file keeps the invariants' factors in float64 and agrees to float32's rounding of its densities
         path = str(tmp_path / "wigner32.pt")
         export_model(model.potential(), path, dtype=torch.float32)
         calculator = ACDCCalculator(path, uncertainty_threshold=None)

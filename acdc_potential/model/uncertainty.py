@@ -246,7 +246,7 @@ class FeatureVariance(torch.nn.Module):
 
     - an atom's unexplained variance ``k_xx - |k_xM P|^2 = |c * x|^2 - |(c * x) A_s|^2`` with ``A_s``
       ``[D, w]`` the thin factor of ``U_s U_s^T = A_s A_s^T`` (its SVD, ``w = min(D, M_s)``, the rank),
-      or ``U_s`` itself where it is no wider (``r <= w``: one species);
+      or ``U_s`` itself where that is no wider (``r <= w``: one species with ``D >= M``);
     - a structure's ``k_gM P = sum_s g_s U_s`` and ``k_gg = sum_s |g_s|^2``, with ``g_s`` the sum of the
       scaled rows of its atoms of species ``s`` (:meth:`structures`),
 
@@ -264,7 +264,7 @@ class FeatureVariance(torch.nn.Module):
         n_species, d = column_scales.shape
         counts = torch.bincount(sparse_species, minlength=n_species)
         r = projection.shape[1]
-        # no narrower factor than U_s itself where P has no more columns (one species): none kept
+        # no narrower factor than U_s itself where P has no more columns (one species, D >= M): none kept
         width = min(d, int(counts.max())) if min(d, int(counts.max())) < r else 0
         atom_factors = sparse_rows.new_zeros((n_species, d, width))
         structure_factors = sparse_rows.new_zeros((n_species, d, r))

@@ -10,6 +10,10 @@ two purposes, both outside TorchScript (nothing here is compiled into an exporte
   onto per-species tensors at export time (:meth:`OrderFeatures.collapse`, docs/equations.md,
   "Collapsed energies"); the exported file evaluates them with
   :meth:`~acdc_potential.kernels.wigner.iteration.WignerKernels.collapsed_energy`.
+
+``Phi^1..3`` themselves are :meth:`~acdc_potential.kernels.wigner.iteration.WignerKernels.invariant_features`,
+compiled into exported files whose variances go through them
+(:class:`~acdc_potential.model.uncertainty.FeatureVariance`).
 """
 
 import math
