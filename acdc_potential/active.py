@@ -353,15 +353,17 @@ class ActiveLearner:
         tuned = self.retune_if_grown()
         updated = time.perf_counter()
         shift, before = self.switch(atoms, start)
+        regularisers = dataclasses.asdict(self.incremental.regularisers)
         self.state.history.append({
             "segment": number + 1, "step": self.state.step, "labels": self.label_count(), "largest_sigma": float(sigma.max()),
             "limit": limit, "force_mae_before": error, "new_sparse": len(chosen), "sparse": self.incremental.kernel.n_sparse, "retuned": tuned,
             "reference_seconds": round(labelled - began, 3), "update_seconds": round(updated - labelled, 3), "energy_shift": shift,
+            **({"regularisers": regularisers} if tuned else {}),
         })
         self.save(atoms)
         self.log(f"labelled structure {self.label_count()} (segment {number + 1}, step {self.state.step}): largest force uncertainty "
                  f"{float(sigma.max()):.3g} > {limit:.3g} eV/A; the model's force MAE on it was {error:.3g} eV/A; "
-                 f"{len(chosen)} new sparse environments ({self.incremental.kernel.n_sparse} in all)" + ("; retuned" if tuned else "")
+                 f"{len(chosen)} new sparse environments ({self.incremental.kernel.n_sparse} in all)" + (f"; retuned: regularisers {regularisers}" if tuned else "")
                  + f"; the new model puts the frame {shift:+.3g} eV from where the previous one did (relative to the segment's start): "
                  f"velocities rescaled to keep the total energy (as far as the kinetic energy allows), {before:.0f} K -> {atoms.get_temperature():.0f} K")
 

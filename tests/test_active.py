@@ -289,6 +289,9 @@ def test_a_model_update_keeps_the_total_energy_of_the_md(tmp_path, monkeypatch):
     for before, after in kept:
         assert after == pytest.approx(before, abs=1e-9)
     assert [h["energy_shift"] for h in learner.state.history] == [shift for _, _, shift, _ in switches]
+    retuned = [h for h in learner.state.history if h["retuned"]]
+    assert retuned and all(set(h["regularisers"]) == {"energy", "forces", "stress"} for h in retuned)
+    assert (tmp_path / "run" / "learn.log").read_text().count("retuned: regularisers {'energy': ") == len(retuned)
 
 
 def test_another_runs_folder_is_refused(tmp_path):
