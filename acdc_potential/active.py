@@ -127,7 +127,7 @@ def landscape_shift(atoms: ase.Atoms, start: ase.Atoms, old: Calculator, new: Ca
             copy.calc = calculator
             energies.append(copy.get_potential_energy())
     old_x, old_start, new_x, new_start = energies
-    return (new_x - new_start) - (old_x - old_start)
+    return float((new_x - new_start) - (old_x - old_start))
 
 
 def absorb(atoms: ase.Atoms, energy: float) -> None:
