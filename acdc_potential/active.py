@@ -121,12 +121,13 @@ def landscape_shift(atoms: ase.Atoms, start: ase.Atoms, old: Calculator, new: Ca
     which does not act on the dynamics. A :class:`ModelCalculator` is asked for no uncertainty."""
     energies = []
     for calculator in (old, new):
-        for frame in (atoms, start):
+        # ``atoms`` last: the new calculator then holds its results, which the MD's next force call reuses
+        for frame in (start, atoms):
             copy = bare(frame)
             calculator.uncertainty = False
             copy.calc = calculator
             energies.append(copy.get_potential_energy())
-    old_x, old_start, new_x, new_start = energies
+    old_start, old_x, new_start, new_x = energies
     return float((new_x - new_start) - (old_x - old_start))
 
 
