@@ -28,7 +28,7 @@ from ..kernels.polynomial import polynomial_pieces
 from ..kernels.wigner.features import COLLAPSE_CHUNK, OrderFeatures
 from ..kernels.wigner.iteration import WignerKernels
 from .compensated import compensated_polynomial_sum, grid_split, split_halves
-from .uncertainty import FeatureVariance, SparseState, feature_atom_variance
+from .uncertainty import FeatureVariance, SparseState, atom_factor_width, feature_atom_variance
 
 
 class DensityHead(torch.nn.Module):
@@ -277,9 +277,8 @@ def feature_route(kernels: WignerKernels, sparse: List[torch.Tensor], shapes: Li
     d = sum(sizes)
     pair = sum(f.shape[1] ** 2 * f.shape[2] for f in features.values()) + d
     largest = int(counts.max())
-    width = min(d, largest)
-    entries = counts.shape[0] * d * (r + (width if width < r else 0))  # FeatureVariance's factors
-    pays = d * width <= largest * pair and entries <= FEATURE_VARIANCE_ENTRIES
+    entries = counts.shape[0] * d * (r + atom_factor_width(d, largest, r))  # FeatureVariance's factors
+    pays = d * min(d, largest) <= largest * pair and entries <= FEATURE_VARIANCE_ENTRIES
     return sizes if pays else []
 
 

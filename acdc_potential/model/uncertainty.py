@@ -235,6 +235,14 @@ class AtomVariance(torch.nn.Module):
         return variance
 
 
+def atom_factor_width(d: int, largest: int, r: int) -> int:
+    """Columns of :class:`FeatureVariance`'s ``atom_factors`` for ``D = d`` features, ``largest`` sparse
+    environments of one species and ``r`` columns of the projection: the rank ``min(D, M_s)``, or none
+    where ``U_s`` itself is no wider (``r <= min(D, M_s)``: one species with ``D >= M``)."""
+    rank = min(d, largest)
+    return rank if rank < r else 0
+
+
 class FeatureVariance(torch.nn.Module):
     """Uncalibrated variances for a kernel that is a scalar product of per-atom feature rows within
     each species, ``k(x, y) = delta(a_x, a_y) <c_{a_x} * x, c_{a_y} * y>`` (``c_s`` column scales per
@@ -264,8 +272,7 @@ class FeatureVariance(torch.nn.Module):
         n_species, d = column_scales.shape
         counts = torch.bincount(sparse_species, minlength=n_species)
         r = projection.shape[1]
-        # no narrower factor than U_s itself where P has no more columns (one species, D >= M): none kept
-        width = min(d, int(counts.max())) if min(d, int(counts.max())) < r else 0
+        width = atom_factor_width(d, int(counts.max()), r)
         atom_factors = sparse_rows.new_zeros((n_species, d, width))
         structure_factors = sparse_rows.new_zeros((n_species, d, r))
         for s in range(n_species):
