@@ -263,7 +263,8 @@ class ActiveLearner:
             return
         validate(labelled, require_energy=self.kinds[0], require_forces=self.kinds[1])
         with self.log.stage("first fit"):
-            model = fit(labelled, self.config, log=FitLog(False))
+            config = dataclasses.replace(self.config, options=dataclasses.replace(self.config.options, tuning=self.options.tuning))
+            model = fit(labelled, config, log=FitLog(False))
         self.incremental = IncrementalFit(model, labelled, self.kinds)
         self.state = LearnState(tuned_at=len(labelled))
         self.log(f"first model: {len(labelled)} structures, {model.kernel.n_sparse} sparse environments, "
@@ -355,16 +356,17 @@ class ActiveLearner:
         updated = time.perf_counter()
         shift, before = self.switch(atoms, start)
         regularisers = dataclasses.asdict(self.incremental.regularisers)
+        mixing = dict(self.incremental.kernel.mixing)
         self.state.history.append({
             "segment": number + 1, "step": self.state.step, "labels": self.label_count(), "largest_sigma": float(sigma.max()),
             "limit": limit, "force_mae_before": error, "new_sparse": len(chosen), "sparse": self.incremental.kernel.n_sparse, "retuned": tuned,
             "reference_seconds": round(labelled - began, 3), "update_seconds": round(updated - labelled, 3), "energy_shift": shift,
-            **({"regularisers": regularisers} if tuned else {}),
+            **({"regularisers": regularisers, "mixing": mixing} if tuned else {}),
         })
         self.save(atoms)
         self.log(f"labelled structure {self.label_count()} (segment {number + 1}, step {self.state.step}): largest force uncertainty "
                  f"{float(sigma.max()):.3g} > {limit:.3g} eV/A; the model's force MAE on it was {error:.3g} eV/A; "
-                 f"{len(chosen)} new sparse environments ({self.incremental.kernel.n_sparse} in all)" + (f"; retuned: regularisers {regularisers}" if tuned else "")
+                 f"{len(chosen)} new sparse environments ({self.incremental.kernel.n_sparse} in all)" + (f"; retuned: regularisers {regularisers}, mixing {mixing}" if tuned else "")
                  + f"; the new model puts the frame {shift:+.3g} eV from where the previous one did (relative to the segment's start): "
                  f"velocities rescaled to keep the total energy (as far as the kinetic energy allows), {before:.0f} K -> {atoms.get_temperature():.0f} K")
 
@@ -387,7 +389,7 @@ class ActiveLearner:
         count = self.label_count()
         if factor <= 0 or count < factor * self.state.tuned_at:
             return False
-        self.incremental.retune(self.config.options.validation, self.config.options.seed, FitLog(False))
+        self.incremental.retune(self.config.options.validation, self.config.options.seed, FitLog(False), self.options.tuning)
         self.state.tuned_at = count
         return True
 

@@ -187,6 +187,12 @@ class FitOptions:
         fraction of the tuning sample (at most 200 structures; docs/equations.md,
         "Uncertainties"); without tuning the model is not calibrated.
     :param validation: fraction of the training structures held out while tuning.
+    :param tuning: how ``tune`` chooses: ``validation`` (the errors on the held-out ``validation``
+        fraction) or ``evidence`` (the marginal likelihood of every structure of the tuning sample,
+        as Gaussian-process codes such as FLARE choose: nothing held out, so the choice does not
+        hinge on which few structures a small set holds out; the regularisers then estimate the
+        labels' noise; docs/equations.md, "Evidence"). The ``nu_max`` grid compares validation
+        losses either way, and the calibration always holds out the ``validation`` fraction.
     :param tune_sparse: sparse environments per species used while tuning (the first of
         the selection order, itself a farthest-point or CUR selection; 0: all). Each trial
         solve costs ``O(rows x M^2)``, so tuning on a subset keeps large sparse sets
@@ -214,6 +220,7 @@ class FitOptions:
     stress: bool = True
     tune: bool = True
     validation: float = 0.1
+    tuning: str = "validation"
     tune_sparse: int = 300
     isolated_energies: Optional[Dict[Element, float]] = None
     seed: int = 0
@@ -318,6 +325,10 @@ class LearnConfig:
     :param retune: tune the regularisers and mixing, and calibrate the uncertainties, on the
         labelled structures whenever their number has grown by this factor (above 1) since the
         last tuning (on the kept kernel rows: no kernel row is computed); 0: never.
+    :param tuning: how the first fit and every retuning choose the mixing and regularisers
+        (``options.tuning`` for the learning's fits): ``evidence`` by default, because a held-out
+        tenth of a few dozen labelled structures chooses by which structures it holds out (README,
+        "Active learning").
     :param seed: of the initial velocities and the thermostat's noise.
     """
 
@@ -330,6 +341,7 @@ class LearnConfig:
     new_sparse: int = 8
     max_labels: int = 100
     retune: float = 2.0
+    tuning: str = "evidence"
     seed: int = 0
 
 
@@ -473,6 +485,8 @@ class Rule:
 
 
 ANY = Rule()
+# how a fit chooses its mixing and regularisers (options.tuning, learn.tuning)
+TUNING = ("validation", "evidence")
 
 # the strings and ranges the fit accepts (the code checks the same choices where it uses
 # them: DensityHypers.validate, fit.driver.make_kernel, fit.selection.select_sparse);
@@ -515,6 +529,7 @@ RULES: Dict[Tuple[str, str], Rule] = {
     ("grid", "tolerance"): Rule(bounds=NON_NEGATIVE),
     ("options", "target"): Rule(choices=("energy", "dipole")),
     ("options", "validation"): Rule(bounds=FRACTION),
+    ("options", "tuning"): Rule(choices=TUNING),
     ("options", "tune_sparse"): Rule(bounds=NON_NEGATIVE),
     ("options", "design_memory"): Rule(bounds=POSITIVE),
     ("cluster", "workers"): Rule(bounds=NON_NEGATIVE),
@@ -530,6 +545,7 @@ RULES: Dict[Tuple[str, str], Rule] = {
     ("learn", "new_sparse"): Rule(bounds=NON_NEGATIVE),
     ("learn", "max_labels"): Rule(bounds=AT_LEAST_ONE),
     ("learn", "retune"): Rule(bounds=NON_NEGATIVE),
+    ("learn", "tuning"): Rule(choices=TUNING),
     ("dipole", "kernel"): Rule(choices=("wigner", "acdc", "mpacdc")),
     ("dipole", "nu_max"): Rule(bounds=AT_LEAST_ONE),
     ("dipole", "order"): Rule(bounds=Bounds(1.0, 4.0, inclusive=True)),

@@ -138,6 +138,12 @@ def test_retuning_changes_the_regularisers_and_keeps_the_solution_exact(first):
     assert update.calibration.energy != model.calibration.energy and update.calibration.structures == 4  # recalibrated on 30 % of 12
     expected = dense_weights(update.kernel, model.expansion, model.baseline, more, update.regularisers)
     torch.testing.assert_close(update.model().weights, expected, rtol=1e-8, atol=1e-10 * float(expected.abs().max()))
+    # the labels are random numbers: by the evidence they are noise, the kernel's amplitude falls away and the
+    # force regulariser is the labels' RMS force (unit normal components)
+    update.retune(validation=0.3, seed=0, method="evidence")
+    assert update.report.method == "evidence" and update.kernel.mixing["a"] < 1e-4
+    rms = float(np.sqrt(np.mean(np.concatenate([s.forces.ravel() for s in more]) ** 2)))
+    assert update.regularisers.forces == pytest.approx(rms, rel=1e-3)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -290,7 +296,8 @@ def test_a_model_update_keeps_the_total_energy_of_the_md(tmp_path, monkeypatch):
         assert after == pytest.approx(before, abs=1e-9)
     assert [h["energy_shift"] for h in learner.state.history] == [shift for _, _, shift, _ in switches]
     retuned = [h for h in learner.state.history if h["retuned"]]
-    assert retuned and all(set(h["regularisers"]) == {"energy", "forces", "stress"} for h in retuned)
+    assert retuned and all(set(h["regularisers"]) == {"energy", "forces", "stress"} and set(h["mixing"]) == {"c0", "a", "b"} for h in retuned)
+    assert learner.incremental.report.method == "evidence"  # learn.tuning's default
     assert (tmp_path / "run" / "learn.log").read_text().count("retuned: regularisers {'energy': ") == len(retuned)
 
 

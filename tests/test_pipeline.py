@@ -227,17 +227,21 @@ def test_message_passing_model_from_the_command_line_relaxes_and_runs_md(tmp_pat
     assert np.isfinite(atoms.get_potential_energy())
 
 
-def test_density_grid_picks_the_lowest_validation_loss_and_stores_every_point(tmp_path):
+@pytest.mark.parametrize("tuning", ["validation", "evidence"])
+def test_density_grid_picks_the_lowest_validation_loss_and_stores_every_point(tmp_path, tuning):
+    """Whichever way the final fit tunes, the grid's points compare validation losses."""
     torch.set_num_threads(1)
     structures = read_structures(str(DATA / "ethanol_train.extxyz"), index="::8")
     config = small_config(n_sparse=10)
     config = dataclasses.replace(
         config,
         grid=dataclasses.replace(config.grid, C=[0.1, 1.0], r0=[3.0], structures=12, sparse=6),
-        options=dataclasses.replace(config.options, tune=True),
+        options=dataclasses.replace(config.options, tune=True, tuning=tuning),
     )
     model = fit(structures, config)
+    assert model.report.method == tuning and bool(model.report.validation_errors) == (tuning == "validation")
     points = model.report.density_grid
+    assert all(p["loss"] > 0 for p in points)  # validation losses (minus a log evidence would be negative here)
     assert [(p["nu_max"], p["C"], p["r0"]) for p in points] == [(3, 0.1, 3.0), (3, 1.0, 3.0)]
     assert points[0]["loss"] != points[1]["loss"]
     best = min(points, key=lambda p: p["loss"])

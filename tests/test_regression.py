@@ -10,6 +10,7 @@ import ase
 import ase.build
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 from conftest import random_rotation
 
@@ -25,9 +26,9 @@ from acdc_potential.fit.design import build_design_matrix, design_groups
 from acdc_potential.fit.survey import Survey
 from acdc_potential.fit.driver import fit_kernel
 from acdc_potential.fit.selection import selection_prefix
-from acdc_potential.fit.solver import DEFAULT_JITTER, ProjectedProcess, RowFactors, scaled_regularisation_predictions, solve_projected_process, sparse_projection, stacked_triangle
+from acdc_potential.fit.solver import DEFAULT_JITTER, ProjectedProcess, RowFactors, scaled_regularisation_evidence, scaled_regularisation_predictions, solve_projected_process, sparse_projection, stacked_triangle
 from acdc_potential.fit.targets import ENERGY, FORCES, STRESS, VOIGT
-from acdc_potential.fit.tuning import select_hyperparameters
+from acdc_potential.fit.tuning import select_by_evidence, select_hyperparameters
 from acdc_potential.fit.checkpoint import kernel_from_dict
 from acdc_potential.fit.selection import cur_selection, farthest_point_sampling, select_sparse
 from acdc_potential.kernels.base import SparseKernel
@@ -792,6 +793,83 @@ def test_row_factors_solve_as_the_rows_themselves(wigner_model):
         torch.testing.assert_close(predictions, reference, rtol=1e-9, atol=1e-9 * float(reference.abs().max()))
         gram = expected.triangular.T @ expected.triangular
         torch.testing.assert_close(solution.triangular.T @ solution.triangular, gram, rtol=0, atol=1e-12 * float(gram.abs().max()))
+
+
+def dense_log_likelihood(design, weights, k_mm, regularisers) -> float:
+    """log N(y; 0, Lambda + K_NM K_MM^-1 K_MN) by scipy's dense Gaussian density: the evidence's definition."""
+    k_nm, k = design.combine(weights), torch.einsum("p,pmn->mn", weights, k_mm)
+    covariance = torch.diag(design.inverse_sigma(regularisers) ** -2) + k_nm @ torch.linalg.solve(k, k_nm.T)
+    return float(scipy.stats.multivariate_normal.logpdf(design.targets.numpy(), cov=covariance.numpy()))
+
+
+def test_the_evidence_is_the_gaussian_likelihood_of_the_targets(wigner_model):
+    """From the solve's triangle (rows as they are, or reduced to their R factor), along the
+    regularisation path, and for an amplitude on the prior: scipy's multivariate normal density."""
+    kernel = wigner_model.kernel
+    design = build_design_matrix(training_set(), wigner_model.expansion, kernel, wigner_model.baseline)
+    k_mm, weights = kernel.sparse_block(), kernel.piece_weights()
+    regularisers = Regularisers(0.01, 0.05, 0.005)
+    expected = dense_log_likelihood(design, weights, k_mm, regularisers)
+    for factor_rows in (1, None):
+        evidence = RowFactors.of(design, factor_rows=factor_rows).evidence(k_mm, weights, regularisers, DEFAULT_JITTER)
+        assert evidence.rows == design.targets.numel()
+        assert -evidence.minus_log() == pytest.approx(expected, rel=1e-9)
+    # the amplitude multiplies the kernel and Lambda together: the same as c0, a and sigma^2 scaled
+    amplitude = evidence.amplitude()
+    scaled = Regularisers(*(amplitude**0.5 * value for value in dataclasses.astuple(regularisers)))
+    on_scaled = dense_log_likelihood(design, kernel.piece_weights({**kernel.mixing, "c0": amplitude * kernel.mixing["c0"], "a": amplitude * kernel.mixing["a"]}), k_mm, scaled)
+    assert -evidence.minus_log(amplitude) == pytest.approx(on_scaled, rel=1e-9)
+    assert evidence.minus_log(amplitude) < min(evidence.minus_log(1.1 * amplitude), evidence.minus_log(amplitude / 1.1))
+    scales = torch.tensor([0.1, 1.0, 7.0], dtype=torch.float64)
+    for scale, on_path in zip(scales.tolist(), scaled_regularisation_evidence(design, k_mm, weights, regularisers, scales)):
+        times = Regularisers(*(scale * value for value in dataclasses.astuple(regularisers)))
+        assert -on_path.minus_log() == pytest.approx(dense_log_likelihood(design, weights, k_mm, times), rel=1e-8)
+
+
+def test_tuning_by_evidence_recovers_the_noise_and_kernel_of_labels_drawn_from_the_prior(wigner_model):
+    """Labels drawn from the projected process's own prior (``f = K_NM K_MM^-1 u``, ``u ~ N(0, K_MM)``) plus
+    Gaussian noise of known regularisers: the evidence, searched from regularisers ten times too large and
+    another ``b``, finds the force noise (the many rows) and ``b`` again, and the prior's amplitude
+    (``a``, from one draw of 18 sparse values each, with ``c0`` and ``b`` fitted beside it) within a factor 2."""
+    kernel = wigner_model.kernel
+    design = build_design_matrix(training_set(), wigner_model.expansion, kernel, wigner_model.baseline)
+    k_mm, weights = kernel.sparse_block(), kernel.piece_weights()
+    k_nm, k = design.combine(weights), torch.einsum("p,pmn->mn", weights, k_mm)
+    truth = Regularisers(0.003, 0.02, 0.002)
+    found = []
+    for seed in range(6):
+        generator = torch.Generator().manual_seed(seed)
+        u = torch.linalg.cholesky(k) @ torch.randn(k.shape[0], generator=generator, dtype=torch.float64)
+        noise = torch.randn(design.targets.numel(), generator=generator, dtype=torch.float64) / design.inverse_sigma(truth)
+        drawn = dataclasses.replace(design, targets=k_nm @ torch.linalg.solve(k, u) + noise)
+        start = kernel.with_sparse(kernel.sparse_coefficients, kernel.sparse_species)
+        start.mixing = {**kernel.mixing, "b": 2.0}
+        report = select_by_evidence(drawn, k_mm, start, Regularisers(0.03, 0.2, 0.02))
+        assert report.method == "evidence" and report.validation_errors == {} and set(report.tuned) == {"c0", "b", "energy", "forces", "stress"}
+        found.append((report.regularisers.forces, report.mixing["b"], report.mixing["a"]))
+    forces, b, a = (np.array(column) for column in zip(*found))
+    assert np.all(np.abs(forces / truth.forces - 1.0) < 0.25) and abs(np.median(forces) / truth.forces - 1.0) < 0.1
+    assert abs(np.median(b) / kernel.mixing["b"] - 1.0) < 0.2
+    assert 0.5 < np.median(a) / kernel.mixing["a"] < 2.0
+
+
+def test_tuning_by_evidence_on_a_prefix_scales_the_regularisers_by_the_evidence_of_all(wigner_model):
+    """The prefix's search, then one factor on every regulariser and the amplitude, both chosen by the
+    evidence with every sparse environment: the reported loss is that evidence, and the amplitude found
+    is already in the mixing and regularisers (the evidence of the result wants no further one)."""
+    kernel = wigner_model.kernel
+    design = build_design_matrix(training_set(), wigner_model.expansion, kernel, wigner_model.baseline)
+    k_mm = kernel.sparse_block()
+    prefix = selection_prefix(kernel.sparse_species, 2)
+    report = select_by_evidence(design, k_mm, kernel, Regularisers(), sparse=prefix, max_evaluations=30)
+    assert report.regulariser_scale != 1.0
+    evidence = RowFactors.of(design).evidence(k_mm, kernel.piece_weights(report.mixing), report.regularisers, DEFAULT_JITTER)
+    assert evidence.amplitude() == pytest.approx(1.0, rel=1e-6)
+    assert evidence.minus_log() / evidence.rows == pytest.approx(report.loss, rel=1e-9)
+    for factor in (0.9, 1.1):
+        nearby = Regularisers(*(factor * value for value in dataclasses.astuple(report.regularisers)))
+        other = RowFactors.of(design).evidence(k_mm, kernel.piece_weights(report.mixing), nearby, DEFAULT_JITTER)
+        assert other.minus_log(other.amplitude()) > evidence.minus_log()
 
 
 def test_checkpoint_round_trip(model, tmp_path):

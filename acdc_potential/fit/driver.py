@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from ase.data import chemical_symbols
 
-from ..config import ClusterConfig, ConfigError, FitConfig, FitOptions, KernelConfig, Regularisers, SparseConfig, atomic_number
+from ..config import TUNING, ClusterConfig, ConfigError, FitConfig, FitOptions, KernelConfig, Regularisers, SparseConfig, atomic_number
 from ..data import Labelled
 from ..descriptors.density import DensityExpansion
 from ..descriptors.neighbors import batch_from_atoms
@@ -45,7 +45,7 @@ from .selection import select_sparse, selection_prefix
 from .solver import DEFAULT_JITTER, design_triangle, merge_triangles, prior_triangle, solution_from_triangle, sparse_projection
 from .sources import StructureSource, as_source, digest_of
 from .survey import Survey
-from .tuning import choose_grid_point, select_hyperparameters
+from .tuning import choose_grid_point, select_by_evidence, select_hyperparameters
 
 
 @contextlib.contextmanager
@@ -286,18 +286,28 @@ MIN_CALIBRATION = 10
 
 
 def tune_on(design: DesignMatrix, k_mm_pieces: torch.Tensor, kernel: SparseKernel, regularisers: Regularisers, jitter: float, tune_options: Optional[Dict], log: FitLog):
-    """:func:`select_hyperparameters` on ``design``; sets the kernel's mixing and returns the
-    report (with the regularisers found). ``tune_options`` as :func:`fit_kernel`."""
+    """:func:`select_hyperparameters` (or, with ``tune_options["method"]`` ``evidence``,
+    :func:`select_by_evidence`) on ``design``; sets the kernel's mixing and returns the report (with
+    the regularisers found). ``tune_options`` as :func:`fit_kernel`."""
     options = dict(tune_options or {})
+    method = options.pop("method", "validation")
     per_species = options.pop("sparse_per_species", None)
     if per_species is not None and per_species > 0:
         options["sparse"] = selection_prefix(kernel.sparse_species, int(per_species))
-    report = select_hyperparameters(design, k_mm_pieces, kernel, regularisers, jitter=jitter, progress=log.progress, **options)
+    if method == "evidence":
+        # nothing is held out: the split's fraction and seed do not apply
+        kept = {name: value for name, value in options.items() if name not in ("validation", "seed", "folds")}
+        report = select_by_evidence(design, k_mm_pieces, kernel, regularisers, jitter=jitter, progress=log.progress, **kept)
+    elif method == "validation":
+        report = select_hyperparameters(design, k_mm_pieces, kernel, regularisers, jitter=jitter, progress=log.progress, **options)
+    else:
+        raise ConfigError(f"tuning: {method!r} is not a tuning method ({', '.join(TUNING)})")
     kernel.mixing = dict(report.mixing)
     mixing = ", ".join(f"{k} = {v:.4g}" for k, v in report.mixing.items())
     sigmas = ", ".join(f"{k} = {v:.3g}" for k, v in dataclasses.asdict(report.regularisers).items())
     rescaled = f" (scaled by {report.regulariser_scale:.3g} for all {kernel.n_sparse} sparse environments)" if report.regulariser_scale != 1.0 else ""
-    log(f"tuned on held-out structures ({report.evaluations} solves): {mixing}; regularisers {sigmas}{rescaled}")
+    how = "by the evidence of every structure" if method == "evidence" else "on held-out structures"
+    log(f"tuned {how} ({report.evaluations} solves): {mixing}; regularisers {sigmas}{rescaled}")
     return report
 
 
@@ -519,6 +529,7 @@ def _fit(structures, config: FitConfig, n_sparse, tune: bool, log: Optional[FitL
         survey=survey,
         calibrate=calibrate,
         tune_options={
+            "method": config.options.tuning,
             "validation": config.options.validation,
             "seed": config.options.seed,
             "sparse_per_species": config.options.tune_sparse,
@@ -552,6 +563,7 @@ def select_on_grid(structures, config: FitConfig, log: Optional[FitLog] = None) 
             density=dataclasses.replace(config.density, C=float(C), r0=float(r0)),
             kernel=dataclasses.replace(config.kernel, nu_max=int(nu_max)),
             cluster=dataclasses.replace(config.cluster, checkpoint=""),  # small, and not to be resumed
+            options=dataclasses.replace(config.options, tuning="validation"),  # the points compare validation losses
         )
         log(f"grid point {k + 1}/{len(values)}: nu_max = {nu_max}, C = {C:g}, r0 = {r0:g} A, trial fit")
         start = time.perf_counter()

@@ -119,13 +119,16 @@ class IncrementalFit:
         self.design = dataclasses.replace(self.design, pieces=torch.cat([self.design.pieces, columns], dim=2))
         self.kernel = extended
 
-    def retune(self, validation: float, seed: int = 0, log: Optional[FitLog] = None) -> None:
-        """Tune the mixing and regularisers on the kept rows (:func:`~acdc_potential.fit.driver.tune_on`,
-        every sparse environment, ``validation`` fraction held out; no kernel row is computed) and,
-        when the sparse environments' structures are known, calibrate the uncertainties anew
-        (:func:`~acdc_potential.fit.driver.calibrate_on`, which predicts the held-out structures)."""
+    def retune(self, validation: float, seed: int = 0, log: Optional[FitLog] = None, method: str = "validation", folds: int = 0) -> None:
+        """Tune the mixing and regularisers on the kept rows (:func:`~acdc_potential.fit.driver.tune_on`
+        by ``method``, ``validation`` (a held-out ``validation`` fraction, or ``folds``-fold
+        cross-validation when ``folds >= 2``) or ``evidence``, with every sparse environment; no kernel
+        row is computed) and, when the sparse environments' structures are known, calibrate the
+        uncertainties anew (:func:`~acdc_potential.fit.driver.calibrate_on`, which predicts a held-out
+        ``validation`` fraction of the structures)."""
         log = log if log is not None else FitLog(False)
-        self.report = tune_on(self.design, self.k_mm, self.kernel, self.regularisers, self.jitter, {"validation": validation, "seed": seed}, log)
+        options = {"method": method, "validation": validation, "seed": seed, "folds": folds}
+        self.report = tune_on(self.design, self.k_mm, self.kernel, self.regularisers, self.jitter, options, log)
         self.regularisers = self.report.regularisers
         if self.sparse_owners is not None:
             parts = (self.density_hypers, self.species, self.baseline, self.expansion)

@@ -5,8 +5,9 @@
 (docs/equations.md, "Sparse kernel ridge regression"), never by inverting a matrix.
 """
 
+import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 
@@ -154,6 +155,34 @@ def scaled_regularisation_predictions(
     return (projected / (singular**2 + scales[:, None] ** 2)) @ held.T
 
 
+def scaled_regularisation_evidence(
+    design: DesignMatrix, k_mm_pieces: torch.Tensor, piece_weights: torch.Tensor, regularisers: Regularisers, scales: torch.Tensor, jitter: float = DEFAULT_JITTER
+) -> List["Evidence"]:
+    """The :class:`Evidence` of all the rows of ``design`` with every regulariser multiplied by
+    each of ``scales``.
+
+    With ``A = Lambda^{-1/2} K_NM P`` and ``b = Lambda^{-1/2} y`` (one QR of the rows, ``A = Q U
+    diag(s_k) V^T`` by one SVD of its ``R``, ``c = U^T Q^T b``), multiplying every ``sigma`` by ``s``
+    gives ``y^T C^-1 y = (|b|^2 - sum_k s_k^2 c_k^2 / (s_k^2 + s^2)) / s^2`` and ``log |C| = log |Lambda|
+    + 2 N log s + sum_k log(1 + s_k^2 / s^2)``: the whole path for the price of one fit.
+    """
+    projection = sparse_projection(mix_pieces(piece_weights, k_mm_pieces), jitter)
+    rank = projection.shape[1]
+    inverse_sigma = design.inverse_sigma(regularisers)
+    triangle = design_triangle(design, piece_weights, regularisers, projection)
+    u, singular, _ = torch.linalg.svd(triangle[:rank, :rank])
+    c = u.T @ triangle[:rank, rank]
+    b_squared = float(triangle[:, rank].pow(2).sum())
+    log_det_noise = -2.0 * float(torch.log(inverse_sigma).sum())
+    rows = design.targets.shape[0]
+    evidences = []
+    for s in scales.tolist():
+        fit = (b_squared - float((singular**2 * c**2 / (singular**2 + s**2)).sum())) / s**2
+        log_det = log_det_noise + 2.0 * rows * math.log(s) + float(torch.log1p(singular**2 / s**2).sum())
+        evidences.append(Evidence(fit, log_det, rows))
+    return evidences
+
+
 def prior_triangle(projection: torch.Tensor) -> torch.Tensor:
     """``[r + 1, r + 1]`` triangle of the prior rows ``[I, 0]`` alone, where every fold starts."""
     rank = projection.shape[1]
@@ -203,12 +232,16 @@ class RowFactors:
     ``O(W_k M r)`` per kind instead of ``O(n_k M r)``.
 
     :param kinds: the kinds present; :param pieces: per kind, the indices of its pieces;
-    :param factors: per kind, ``S_k`` or its ``R``, ``[n_k or W_k, W_k]``.
+    :param factors: per kind, ``S_k`` or its ``R``, ``[n_k or W_k, W_k]``;
+    :param counts: per kind, its rows ``n_k``; :param log_scales: per kind, the sum of the logarithms
+        of its rows' fixed parts of ``Lambda^{-1/2}`` (what :meth:`evidence` needs of ``log |Lambda|``).
     """
 
     kinds: List[int]
     pieces: List[List[int]]
     factors: List[torch.Tensor]
+    counts: List[int]
+    log_scales: List[float]
 
     @classmethod
     def of(cls, design: DesignMatrix, which: Optional[torch.Tensor] = None, columns: Optional[torch.Tensor] = None,
@@ -221,7 +254,7 @@ class RowFactors:
         which = which if which is not None else torch.arange(design.targets.shape[0], device=design.targets.device)
         columns = columns if columns is not None else torch.arange(design.pieces.shape[2], device=design.targets.device)
         scale = design.inverse_sigma(Regularisers(1.0, 1.0, 1.0))
-        kinds, pieces, factors = [], [], []
+        kinds, pieces, factors, counts, log_scales = [], [], [], [], []
         for kind in sorted(set(design.kind[which].tolist())):
             rows = which[design.kind[which] == kind]
             chunks = [(a, min(a + chunk_rows, rows.numel())) for a in range(0, rows.numel(), chunk_rows)]
@@ -236,11 +269,14 @@ class RowFactors:
             kinds.append(kind)
             pieces.append(present)
             factors.append(factor)
-        return cls(kinds, pieces, factors)
+            counts.append(int(rows.numel()))
+            log_scales.append(float(torch.log(scale[rows]).sum()))
+        return cls(kinds, pieces, factors, counts, log_scales)
 
-    def solve(self, k_mm_pieces: torch.Tensor, piece_weights: torch.Tensor, regularisers: Regularisers, jitter: float) -> ProjectedProcess:
-        """The projected-process solution on these rows for the pieces' weights ``[n_pieces]``, their
-        ``K_MM`` ``[n_pieces, M, M]`` and ``regularisers`` (as :func:`solve_projected_process` on the rows)."""
+    def triangle(self, k_mm_pieces: torch.Tensor, piece_weights: torch.Tensor, regularisers: Regularisers, jitter: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``[r + 1, r + 1]`` triangle of these rows with the prior's (:func:`stacked_triangle`) and
+        ``P`` ``[M, r]``, for the pieces' weights ``[n_pieces]``, their ``K_MM`` ``[n_pieces, M, M]``
+        and ``regularisers``."""
         projection = sparse_projection(mix_pieces(piece_weights, k_mm_pieces), jitter)
         sigma = regularisers.of_kind().to(projection)
         m = k_mm_pieces.shape[1]
@@ -249,7 +285,54 @@ class RowFactors:
             pieces = factor[:, :-1].view(factor.shape[0], len(present), m).transpose(0, 1)
             mixed = mix_pieces(piece_weights[present], pieces)
             blocks.append(torch.cat([mixed @ projection, factor[:, -1:]], dim=1) / sigma[kind])
-        return solution_from_triangle(torch.linalg.qr(torch.cat(blocks), mode="r")[1], projection)
+        return torch.linalg.qr(torch.cat(blocks), mode="r")[1], projection
+
+    def solve(self, k_mm_pieces: torch.Tensor, piece_weights: torch.Tensor, regularisers: Regularisers, jitter: float) -> ProjectedProcess:
+        """The projected-process solution on these rows (as :func:`solve_projected_process` on them;
+        arguments as :meth:`triangle`)."""
+        return solution_from_triangle(*self.triangle(k_mm_pieces, piece_weights, regularisers, jitter))
+
+    def evidence(self, k_mm_pieces: torch.Tensor, piece_weights: torch.Tensor, regularisers: Regularisers, jitter: float) -> "Evidence":
+        """The marginal likelihood of these rows' targets (:class:`Evidence`; arguments as :meth:`triangle`)."""
+        augmented, projection = self.triangle(k_mm_pieces, piece_weights, regularisers, jitter)
+        sigma = regularisers.of_kind()
+        log_det_noise = sum(2.0 * n * math.log(float(sigma[kind])) - 2.0 * log_scale for kind, n, log_scale in zip(self.kinds, self.counts, self.log_scales))
+        return Evidence.of(augmented, projection.shape[1], sum(self.counts), log_det_noise)
+
+
+@dataclass
+class Evidence:
+    """The marginal likelihood of the targets ``y`` ``[N]`` under the projected process, whose prior
+    makes them Gaussian with covariance ``C = Lambda + K_NM P P^T K_MN`` (docs/equations.md, "Evidence"):
+
+        -2 log p(y) = y^T C^-1 y + log |C| + N log(2 pi)
+
+    From the triangle ``T`` of ``[Lambda^{-1/2} K_NM P, Lambda^{-1/2} y; I, 0]`` (:func:`stacked_triangle`
+    with the prior's rows), by Woodbury and the matrix determinant lemma:
+    ``y^T C^-1 y = T_rr^2`` and ``log |C| = log |Lambda| + 2 sum_k log |T_kk|`` (``k < r``).
+
+    :param fit: ``y^T C^-1 y``; :param log_det: ``log |C|``; :param rows: ``N``.
+    """
+
+    fit: float
+    log_det: float
+    rows: int
+
+    @classmethod
+    def of(cls, augmented: torch.Tensor, rank: int, rows: int, log_det_noise: float) -> "Evidence":
+        """From the ``[r + 1, r + 1]`` triangle with the prior's rows, ``N`` and ``log |Lambda|``."""
+        diagonal = torch.diagonal(augmented)
+        log_det = log_det_noise + 2.0 * float(torch.log(diagonal[:rank].abs()).sum())
+        return cls(float(augmented[rank, rank]) ** 2, log_det, int(rows))
+
+    def amplitude(self) -> float:
+        """The factor ``t`` on ``C`` (on the kernel and on ``Lambda`` together, which leaves the
+        weights as they are) that maximises the evidence: ``y^T C^-1 y / N``."""
+        return self.fit / self.rows
+
+    def minus_log(self, amplitude: float = 1.0) -> float:
+        """``-log p(y)`` with ``C`` multiplied by ``amplitude``."""
+        return 0.5 * (self.fit / amplitude + self.log_det + self.rows * math.log(amplitude) + self.rows * math.log(2.0 * math.pi))
 
 
 # a kind's rows are replaced by their R factor [W, W] when they are at least this many times W

@@ -6,7 +6,7 @@ import dataclasses
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import scipy.optimize
@@ -17,7 +17,7 @@ from ..config import FitOptions, Regularisers
 from ..errors import AccuracyWarning
 from ..kernels.base import SparseKernel
 from .design import DesignMatrix
-from .solver import DEFAULT_JITTER, RowFactors, scaled_regularisation_predictions
+from .solver import DEFAULT_JITTER, RowFactors, scaled_regularisation_evidence, scaled_regularisation_predictions
 from .targets import ENERGY, KIND_NAMES
 
 
@@ -44,7 +44,9 @@ class HyperparameterReport:
     grid of :func:`~acdc_potential.fit.driver.select_on_grid`, if one ran;
     ``regulariser_scale`` the factor applied to every regulariser tuned on a prefix of the
     sparse set, chosen on the same held-out structures with all of it (1 when tuned on all
-    of it).
+    of it); ``method`` how they were chosen: ``validation`` (:func:`select_hyperparameters`,
+    ``loss`` the validation loss) or ``evidence`` (:func:`select_by_evidence`, ``loss`` minus the
+    log marginal likelihood per row, no held-out errors).
     """
 
     mixing: Dict[str, float]
@@ -56,9 +58,17 @@ class HyperparameterReport:
     tuned: List[str] = field(default_factory=list)
     density_grid: List[Dict[str, float]] = field(default_factory=list)
     regulariser_scale: float = 1.0
+    method: str = "validation"
 
     def to_dict(self) -> Dict:
         return {**dataclasses.asdict(self), "regularisers": dataclasses.asdict(self.regularisers)}
+
+
+def _spread(design: DesignMatrix, kind: int, rows: Optional[torch.Tensor] = None) -> float:
+    """Standard deviation of the targets of ``kind`` (energies per atom) among ``rows`` ``[R]`` (default all)."""
+    mask = design.kind == kind if rows is None else rows & (design.kind == kind)
+    values = design.targets[mask] / (design.n_atoms[mask] if kind == ENERGY else 1)
+    return float(values.std()) if values.numel() > 1 else 1.0
 
 
 def _splits(structures: torch.Tensor, folds: int, validation: float, seed: int) -> List[torch.Tensor]:
@@ -69,6 +79,22 @@ def _splits(structures: torch.Tensor, folds: int, validation: float, seed: int) 
         return [torch.isin(structures, structures[order[f::folds]]) for f in range(folds)]
     n_validation = max(1, int(round(validation * len(structures))))
     return [torch.isin(structures, structures[order[:n_validation]])]
+
+
+def search_space(kernel: SparseKernel, regularisers: Regularisers, names: Sequence[str]) -> Tuple[np.ndarray, np.ndarray, Callable]:
+    """The Nelder-Mead search over the logarithms of ``names`` (mixing coefficients of ``kernel``,
+    regulariser kinds): the starting point ``[n]`` (the kernel's mixing and ``regularisers``), the
+    starting simplex ``[n + 1, n]`` (one factor of 3 away in every direction), and the function from
+    a point to ``(mixing, regularisers)``, the others kept at their starting values."""
+    initial = {**kernel.mixing, **dataclasses.asdict(regularisers)}
+    theta0 = np.log([initial[n] for n in names])
+    simplex = np.vstack([theta0, theta0 + np.log(3.0) * np.eye(len(names))])
+
+    def unpack(theta) -> Tuple[Dict[str, float], Regularisers]:
+        values = {**initial, **{n: float(np.exp(t)) for n, t in zip(names, theta)}}
+        return {n: values[n] for n in kernel.mixing_names}, Regularisers(values["energy"], values["forces"], values["stress"])
+
+    return theta0, simplex, unpack
 
 
 def select_hyperparameters(
@@ -134,17 +160,8 @@ def select_hyperparameters(
     # grows with them) and a copy of its held-out rows (one copy of the rows over all splits); k folds
     # keep k factors
     kept = [(RowFactors.of(design, torch.nonzero(rows & ~mask).flatten(), sparse), design.subset(mask, sparse)) for mask in held_out]
-    spread = {}
-    for kind in kinds:
-        mask = rows & (design.kind == kind)
-        values = design.targets[mask] / (design.n_atoms[mask] if kind == ENERGY else 1)
-        spread[KIND_NAMES[kind]] = float(values.std()) if values.numel() > 1 else 1.0
-    initial = {**kernel.mixing, **dataclasses.asdict(regularisers)}
-
-    def unpack(theta) -> Tuple[Dict[str, float], Regularisers]:
-        values = {**initial, **{n: float(np.exp(t)) for n, t in zip(names, theta)}}
-        mixing = {n: values[n] for n in kernel.mixing_names}
-        return mixing, Regularisers(values["energy"], values["forces"], values["stress"])
+    spread = {KIND_NAMES[kind]: _spread(design, kind, rows) for kind in kinds}
+    theta0, simplex, unpack = search_space(kernel, regularisers, names)
 
     def loss_of(predictions: torch.Tensor) -> Tuple[float, Dict[str, Dict[str, float]]]:
         errors = validation_errors(labels, predictions[any_held_out])
@@ -160,9 +177,6 @@ def select_hyperparameters(
             predictions[mask] = test.combine(piece_weights) @ solution.weights
         return loss_of(predictions)
 
-    theta0 = np.log([initial[n] for n in names])
-    # the simplex starts one factor of 3 away from the initial values in every direction
-    simplex = np.vstack([theta0, theta0 + np.log(3.0) * np.eye(len(names))])
     options = {"maxfev": max_evaluations, "xatol": 1e-2, "fatol": 1e-4, "initial_simplex": simplex}
     bar = tqdm(total=max_evaluations, desc="tuning (at most)", unit="solve", disable=not progress)
 
@@ -193,6 +207,69 @@ def select_hyperparameters(
     seconds = time.perf_counter() - start
     warn_undetermined(regs, {name: spread[name] for name in present if name in names})
     return HyperparameterReport(mixing, regs, float(loss), errors, int(result.nfev), seconds, names, regulariser_scale=scale)
+
+
+def select_by_evidence(
+    design: DesignMatrix,
+    k_mm_pieces: torch.Tensor,
+    kernel: SparseKernel,
+    regularisers: Regularisers,
+    tune: Optional[Sequence[str]] = None,
+    max_evaluations: int = 150,
+    sparse: Optional[torch.Tensor] = None,
+    jitter: float = DEFAULT_JITTER,
+    progress: bool = False,
+) -> HyperparameterReport:
+    """Tune mixing coefficients and regularisers by the marginal likelihood (evidence) of every
+    row of ``design`` (Nelder-Mead in log space; docs/equations.md, "Evidence"), as Gaussian-process
+    codes do: no structure is held out, so the choice does not depend on which few structures a
+    small set would hold out.
+
+    The evidence is maximised over the amplitude ``t`` of the prior as well, in closed form at each
+    trial (:meth:`~acdc_potential.fit.solver.Evidence.amplitude`): at the end ``c0`` and ``a`` (every
+    kernel's piece weights are linear in them) are multiplied by ``t`` and the regularisers by
+    ``t^(1/2)``, which leaves the weights as they are and makes the regularisers the noise of the
+    labels. Arguments as :func:`select_hyperparameters`; with ``sparse`` (a subset of the ``M``
+    sparse environments) the regularisers found are then multiplied by the factor (among 121 from
+    10^-3 to 10^3) that maximises the evidence with all of them
+    (:func:`~acdc_potential.fit.solver.scaled_regularisation_evidence`).
+    """
+    start = time.perf_counter()
+    factors = RowFactors.of(design, columns=sparse)
+    k_mm = k_mm_pieces if sparse is None else k_mm_pieces[:, sparse][:, :, sparse]
+    present = [KIND_NAMES[k] for k in factors.kinds]
+    names = list(tune) if tune is not None else [n for n in kernel.mixing_names if n != "a"] + present
+    theta0, simplex, unpack = search_space(kernel, regularisers, names)
+    bar = tqdm(total=max_evaluations, desc="tuning by evidence (at most)", unit="solve", disable=not progress)
+
+    def objective(theta) -> float:
+        bar.update(1)
+        mixing, regs = unpack(theta)
+        evidence = factors.evidence(k_mm, kernel.piece_weights(mixing), regs, jitter)
+        return evidence.minus_log(evidence.amplitude())
+
+    # stops when the log-evidence changes by less than 0.01 (a likelihood ratio of 1 %) across the simplex
+    options = {"maxfev": max_evaluations, "xatol": 1e-2, "fatol": 1e-2, "initial_simplex": simplex}
+    result = scipy.optimize.minimize(objective, theta0, method="Nelder-Mead", options=options)
+    bar.close()
+    mixing, regs = unpack(result.x)
+    scale = 1.0
+    if sparse is not None and sparse.numel() < design.pieces.shape[2]:
+        scales = torch.logspace(-3.0, 3.0, 121, dtype=torch.float64)
+        path = scaled_regularisation_evidence(design, k_mm_pieces, kernel.piece_weights(mixing), regs, scales, jitter)
+        best = min(range(len(path)), key=lambda k: path[k].minus_log(path[k].amplitude()))
+        scale, evidence = float(scales[best]), path[best]
+        regs = Regularisers(*(scale * value for value in dataclasses.astuple(regs)))
+    else:
+        evidence = factors.evidence(k_mm, kernel.piece_weights(mixing), regs, jitter)
+    amplitude = evidence.amplitude()
+    mixing = {n: v * amplitude if n in ("c0", "a") else v for n, v in mixing.items()}
+    regs = Regularisers(*(amplitude**0.5 * value for value in dataclasses.astuple(regs)))
+    loss = evidence.minus_log(amplitude) / evidence.rows
+    spread = {name: _spread(design, kind) for kind, name in zip(factors.kinds, present) if name in names}
+    warn_undetermined(regs, spread)
+    seconds = time.perf_counter() - start
+    return HyperparameterReport(mixing, regs, float(loss), {}, int(result.nfev), seconds, names, regulariser_scale=scale, method="evidence")
 
 
 # a tuned regulariser below this fraction of its labels' spread is taken as undetermined by the validation loss
