@@ -192,7 +192,8 @@ class FitOptions:
         as Gaussian-process codes such as FLARE choose: nothing held out, so the choice does not
         hinge on which few structures a small set holds out; the regularisers then estimate the
         labels' noise; docs/equations.md, "Evidence"). The ``nu_max`` grid compares validation
-        losses either way, and the calibration always holds out the ``validation`` fraction.
+        losses either way, and the calibration always holds out the ``validation`` fraction. For
+        energy fits: a dipole fit chooses on its validation split.
     :param tune_sparse: sparse environments per species used while tuning (the first of
         the selection order, itself a farthest-point or CUR selection; 0: all). Each trial
         solve costs ``O(rows x M^2)``, so tuning on a subset keeps large sparse sets

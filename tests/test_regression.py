@@ -28,7 +28,7 @@ from acdc_potential.fit.driver import fit_kernel
 from acdc_potential.fit.selection import selection_prefix
 from acdc_potential.fit.solver import DEFAULT_JITTER, ProjectedProcess, RowFactors, scaled_regularisation_evidence, scaled_regularisation_predictions, solve_projected_process, sparse_projection, stacked_triangle
 from acdc_potential.fit.targets import ENERGY, FORCES, STRESS, VOIGT
-from acdc_potential.fit.tuning import select_by_evidence, select_hyperparameters
+from acdc_potential.fit.tuning import amplified, select_by_evidence, select_hyperparameters
 from acdc_potential.fit.checkpoint import kernel_from_dict
 from acdc_potential.fit.selection import cur_selection, farthest_point_sampling, select_sparse
 from acdc_potential.kernels.base import SparseKernel
@@ -866,10 +866,24 @@ def test_tuning_by_evidence_on_a_prefix_scales_the_regularisers_by_the_evidence_
     evidence = RowFactors.of(design).evidence(k_mm, kernel.piece_weights(report.mixing), report.regularisers, DEFAULT_JITTER)
     assert evidence.amplitude() == pytest.approx(1.0, rel=1e-6)
     assert evidence.minus_log() / evidence.rows == pytest.approx(report.loss, rel=1e-9)
-    for factor in (0.9, 1.1):
+    for factor in (0.8, 1.25):  # beyond one step (x1.12) of the factors' grid
         nearby = Regularisers(*(factor * value for value in dataclasses.astuple(report.regularisers)))
         other = RowFactors.of(design).evidence(k_mm, kernel.piece_weights(report.mixing), nearby, DEFAULT_JITTER)
         assert other.minus_log(other.amplitude()) > evidence.minus_log()
+
+
+def test_every_kernels_piece_weights_are_linear_in_c0_and_a(model):
+    """What the evidence's amplitude relies on; a kernel whose weights are not is refused."""
+    scaled = amplified(model.kernel, model.kernel.mixing, 3.7)
+    torch.testing.assert_close(model.kernel.piece_weights(scaled), 3.7 * model.kernel.piece_weights(), rtol=1e-14, atol=0)
+
+    class Squared(PolynomialKernel):
+        def piece_weights(self, mixing=None):
+            m = {**self.mixing, **(mixing or {})}
+            return torch.tensor([m["c0"] ** 2, m["a"]], dtype=torch.float64)
+
+    with pytest.raises(ValueError, match="not linear in c0 and a"):
+        amplified(Squared(), {"c0": 1.0, "a": 1.0}, 3.7)
 
 
 def test_checkpoint_round_trip(model, tmp_path):

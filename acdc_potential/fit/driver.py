@@ -98,9 +98,9 @@ def fit_kernel(
     density coefficients of the selection's candidates (every atom, or a random sample of
     structures with at most ``candidates`` atoms) and sparse environments per species
     (``selection`` = ``"fps"`` | ``"cur"`` on the kernel's selection features); the design matrix of the
-    tuning sample; optionally :func:`select_hyperparameters` (``tune_options`` are its keyword
-    arguments, and ``sparse_per_species``: tune with the first that many sparse environments of
-    each species), which updates the kernel's mixing and the regularisers, and then the
+    tuning sample; optionally :func:`tune_on` (``tune_options``: ``method``, ``validation`` or
+    ``evidence``, the keyword arguments of :func:`select_hyperparameters` or :func:`select_by_evidence`,
+    and ``sparse_per_species``: tune with the first that many sparse environments of each species), which updates the kernel's mixing and the regularisers, and then the
     calibration of the uncertainties (:func:`calibrate_on`); the projected-process solve. ``log`` (a :class:`~acdc_potential.fit.report.FitLog`, default one
     that prints when ``verbose``) reports and times each step; progress bars show when it prints.
 
@@ -295,8 +295,8 @@ def tune_on(design: DesignMatrix, k_mm_pieces: torch.Tensor, kernel: SparseKerne
     if per_species is not None and per_species > 0:
         options["sparse"] = selection_prefix(kernel.sparse_species, int(per_species))
     if method == "evidence":
-        # nothing is held out: the split's fraction and seed do not apply
-        kept = {name: value for name, value in options.items() if name not in ("validation", "seed", "folds")}
+        # nothing is held out: the split's options do not apply
+        kept = {name: value for name, value in options.items() if name in ("tune", "max_evaluations", "sparse")}
         report = select_by_evidence(design, k_mm_pieces, kernel, regularisers, jitter=jitter, progress=log.progress, **kept)
     elif method == "validation":
         report = select_hyperparameters(design, k_mm_pieces, kernel, regularisers, jitter=jitter, progress=log.progress, **options)

@@ -159,7 +159,8 @@ def scaled_regularisation_evidence(
     design: DesignMatrix, k_mm_pieces: torch.Tensor, piece_weights: torch.Tensor, regularisers: Regularisers, scales: torch.Tensor, jitter: float = DEFAULT_JITTER
 ) -> List["Evidence"]:
     """The :class:`Evidence` of all the rows of ``design`` with every regulariser multiplied by
-    each of ``scales``.
+    each of ``scales`` ``[n_scales]`` (a list of ``n_scales``), for the pieces' weights ``[n_pieces]``
+    and their ``K_MM`` ``[n_pieces, M, M]``.
 
     With ``A = Lambda^{-1/2} K_NM P`` and ``b = Lambda^{-1/2} y`` (one QR of the rows, ``A = Q U
     diag(s_k) V^T`` by one SVD of its ``R``, ``c = U^T Q^T b``), multiplying every ``sigma`` by ``s``

@@ -43,8 +43,7 @@ class HyperparameterReport:
     ``density_grid`` the validation loss of every point (``nu_max``, ``C``, ``r0``) of the
     grid of :func:`~acdc_potential.fit.driver.select_on_grid`, if one ran;
     ``regulariser_scale`` the factor applied to every regulariser tuned on a prefix of the
-    sparse set, chosen on the same held-out structures with all of it (1 when tuned on all
-    of it); ``method`` how they were chosen: ``validation`` (:func:`select_hyperparameters`,
+    sparse set, chosen with all of it by the same criterion (1 when tuned on all of it); ``method`` how they were chosen: ``validation`` (:func:`select_hyperparameters`,
     ``loss`` the validation loss) or ``evidence`` (:func:`select_by_evidence`, ``loss`` minus the
     log marginal likelihood per row, no held-out errors).
     """
@@ -226,13 +225,20 @@ def select_by_evidence(
     small set would hold out.
 
     The evidence is maximised over the amplitude ``t`` of the prior as well, in closed form at each
-    trial (:meth:`~acdc_potential.fit.solver.Evidence.amplitude`): at the end ``c0`` and ``a`` (every
-    kernel's piece weights are linear in them) are multiplied by ``t`` and the regularisers by
-    ``t^(1/2)``, which leaves the weights as they are and makes the regularisers the noise of the
-    labels. Arguments as :func:`select_hyperparameters`; with ``sparse`` (a subset of the ``M``
-    sparse environments) the regularisers found are then multiplied by the factor (among 121 from
-    10^-3 to 10^3) that maximises the evidence with all of them
-    (:func:`~acdc_potential.fit.solver.scaled_regularisation_evidence`).
+    trial (:meth:`~acdc_potential.fit.solver.Evidence.amplitude`): at the end ``c0`` and ``a`` (the
+    kernel's piece weights must be linear in them, as every kernel's are; checked) are multiplied by
+    ``t`` and every regulariser, tuned or not, by ``t^(1/2)``, which leaves the weights as they are and
+    makes the regularisers estimates of the labels' noise. So tuning ``a`` beside ``c0`` and every
+    regulariser only adds a direction in which the evidence is flat.
+
+    :param design, k_mm_pieces, kernel, regularisers, jitter, progress: as :func:`select_hyperparameters`
+        (``kernel``'s mixing and ``regularisers`` are the starting point; the kernel's mixing is not changed).
+    :param tune: names among ``kernel.mixing_names`` and ``energy, forces, stress``; default: every
+        mixing coefficient except ``a`` and the regularisers of the kinds present.
+    :param max_evaluations: budget of the search (each evaluation one solve, as a validation trial).
+    :param sparse: search with these sparse environments only (indices into ``M``); the regularisers
+        found are then multiplied by the factor (among 121 from 10^-3 to 10^3) that maximises the
+        evidence with all of them (:func:`~acdc_potential.fit.solver.scaled_regularisation_evidence`).
     """
     start = time.perf_counter()
     factors = RowFactors.of(design, columns=sparse)
@@ -263,11 +269,11 @@ def select_by_evidence(
     else:
         evidence = factors.evidence(k_mm, kernel.piece_weights(mixing), regs, jitter)
     amplitude = evidence.amplitude()
-    mixing = {n: v * amplitude if n in ("c0", "a") else v for n, v in mixing.items()}
+    mixing = amplified(kernel, mixing, amplitude)
     regs = Regularisers(*(amplitude**0.5 * value for value in dataclasses.astuple(regs)))
     loss = evidence.minus_log(amplitude) / evidence.rows
     spread = {name: _spread(design, kind) for kind, name in zip(factors.kinds, present) if name in names}
-    warn_undetermined(regs, spread)
+    warn_undetermined(regs, spread, "evidence")
     seconds = time.perf_counter() - start
     return HyperparameterReport(mixing, regs, float(loss), {}, int(result.nfev), seconds, names, regulariser_scale=scale, method="evidence")
 
@@ -276,18 +282,29 @@ def select_by_evidence(
 UNDETERMINED_REGULARISER = 1e-6
 
 
-def warn_undetermined(regularisers: Regularisers, spread: Dict[str, float]) -> None:
+def amplified(kernel: SparseKernel, mixing: Dict[str, float], amplitude: float) -> Dict[str, float]:
+    """``mixing`` with ``c0`` and ``a`` multiplied by ``amplitude``: the kernel times ``amplitude``,
+    provided its piece weights are linear in those two (a :class:`ValueError` otherwise)."""
+    scaled = {name: value * amplitude if name in ("c0", "a") else value for name, value in mixing.items()}
+    if not torch.allclose(kernel.piece_weights(scaled), amplitude * kernel.piece_weights(mixing), rtol=1e-12, atol=0.0):
+        raise ValueError(f"the piece weights of {type(kernel).__name__} are not linear in c0 and a: the evidence's amplitude cannot be applied")
+    return scaled
+
+
+def warn_undetermined(regularisers: Regularisers, spread: Dict[str, float], method: str = "validation") -> None:
     """An :class:`~acdc_potential.errors.AccuracyWarning` for each tuned regulariser (names and label
     spreads in ``spread``) that ended below :data:`UNDETERMINED_REGULARISER` of its labels' spread:
-    there the validation loss is flat, and which value the search stops at, hence the fit, depends
-    on rounding (a small message-passing fit moved by 1 % when its atoms moved by 1e-12 A)."""
+    there the loss of ``method`` (``validation`` or ``evidence``) is flat, and which value the search
+    stops at, hence the fit, depends on rounding (a small message-passing fit moved by 1 % when its
+    atoms moved by 1e-12 A)."""
     low = {name: getattr(regularisers, name) for name, width in spread.items() if getattr(regularisers, name) < UNDETERMINED_REGULARISER * width}
     if low:
         values = ", ".join(f"{name} {value:.2g}" for name, value in low.items())
+        loss, remedy = ("validation loss", "a larger options.validation") if method == "validation" else ("evidence", "options.tuning: validation")
         warnings.warn(
             f"tuning drove the regularisers {values} below {UNDETERMINED_REGULARISER:g} of their labels' spread, where the "
-            "validation loss no longer determines them: the fit then depends on rounding (another machine or thread "
-            "count can give a fit that differs by about 1 %); more training structures, a larger options.validation, or "
+            f"{loss} no longer determines them: the fit then depends on rounding (another machine or thread "
+            f"count can give a fit that differs by about 1 %); more training structures, {remedy}, or "
             "regularisers set by hand (options.tune: false) give a reproducible fit", AccuracyWarning, stacklevel=3,
         )
 
