@@ -43,9 +43,10 @@ class HyperparameterReport:
     ``density_grid`` the validation loss of every point (``nu_max``, ``C``, ``r0``) of the
     grid of :func:`~acdc_potential.fit.driver.select_on_grid`, if one ran;
     ``regulariser_scale`` the factor applied to every regulariser tuned on a prefix of the
-    sparse set, chosen with all of it by the same criterion (1 when tuned on all of it); ``method`` how they were chosen: ``validation`` (:func:`select_hyperparameters`,
-    ``loss`` the validation loss) or ``evidence`` (:func:`select_by_evidence`, ``loss`` minus the
-    log marginal likelihood per row, no held-out errors).
+    sparse set, chosen with all of it by the same criterion (1 when tuned on all of it);
+    ``method`` how they were chosen: ``validation`` (:func:`select_hyperparameters`, ``loss`` the
+    validation loss) or ``evidence`` (:func:`select_by_evidence`, ``loss`` minus the log marginal
+    likelihood per row, no held-out errors).
     """
 
     mixing: Dict[str, float]
@@ -278,10 +279,6 @@ def select_by_evidence(
     return HyperparameterReport(mixing, regs, float(loss), {}, int(result.nfev), seconds, names, regulariser_scale=scale, method="evidence")
 
 
-# a tuned regulariser below this fraction of its labels' spread is taken as undetermined by the validation loss
-UNDETERMINED_REGULARISER = 1e-6
-
-
 def amplified(kernel: SparseKernel, mixing: Dict[str, float], amplitude: float) -> Dict[str, float]:
     """``mixing`` with ``c0`` and ``a`` multiplied by ``amplitude``: the kernel times ``amplitude``,
     provided its piece weights are linear in those two (a :class:`ValueError` otherwise)."""
@@ -289,6 +286,10 @@ def amplified(kernel: SparseKernel, mixing: Dict[str, float], amplitude: float) 
     if not torch.allclose(kernel.piece_weights(scaled), amplitude * kernel.piece_weights(mixing), rtol=1e-12, atol=0.0):
         raise ValueError(f"the piece weights of {type(kernel).__name__} are not linear in c0 and a: the evidence's amplitude cannot be applied")
     return scaled
+
+
+# a tuned regulariser below this fraction of its labels' spread is taken as undetermined by the tuning's loss
+UNDETERMINED_REGULARISER = 1e-6
 
 
 def warn_undetermined(regularisers: Regularisers, spread: Dict[str, float], method: str = "validation") -> None:
