@@ -123,6 +123,20 @@ def stacked_triangle(
     return torch.cat([augmented, augmented.new_zeros((rank + 1 - augmented.shape[0], rank + 1))])
 
 
+def regularisation_path_factors(
+    design: DesignMatrix, k_mm_pieces: torch.Tensor, piece_weights: torch.Tensor, regularisers: Regularisers, rows: torch.Tensor, jitter: float
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """What the whole regularisation path of the rows ``rows`` (indices) of ``design`` needs: with
+    ``A = Lambda^{-1/2} K_NM P = Q U diag(s_k) V^T`` (one QR of the rows, :func:`design_triangle`, and one
+    SVD of its ``R``) and ``b = Lambda^{-1/2} y``: ``P`` ``[M, r]``, ``s_k`` ``[r]``, ``V^T`` ``[r, r]``,
+    ``c = U^T Q^T b`` ``[r]`` and ``|b|^2``."""
+    projection = sparse_projection(mix_pieces(piece_weights, k_mm_pieces), jitter)
+    rank = projection.shape[1]
+    triangle = design_triangle(design, piece_weights, regularisers, projection, which=rows)
+    u, singular, vh = torch.linalg.svd(triangle[:rank, :rank])
+    return projection, singular, vh, u.T @ triangle[:rank, rank], float(triangle[:, rank].pow(2).sum())
+
+
 def scaled_regularisation_predictions(
     design: DesignMatrix,
     k_mm_pieces: torch.Tensor,
@@ -140,17 +154,8 @@ def scaled_regularisation_predictions(
     of its ``R``) and ``b = Lambda^{-1/2} y``, scaling every ``sigma`` by ``s`` gives
     ``z(s) = V diag(s_k / (s_k^2 + s^2)) U^T Q^T b``: the whole path for the price of one fit.
     """
-    projection = sparse_projection(mix_pieces(piece_weights, k_mm_pieces), jitter)
-    rank = projection.shape[1]
-
-    def rows_of(start: int, stop: int) -> torch.Tensor:
-        return design.combine(piece_weights, train[start:stop])
-
-    triangle = stacked_triangle(
-        rows_of, design.targets[train], design.inverse_sigma(regularisers)[train], projection, prior=False
-    )
-    u, singular, vh = torch.linalg.svd(triangle[:rank, :rank])
-    projected = singular * (u.T @ triangle[:rank, rank])
+    projection, singular, vh, c, _ = regularisation_path_factors(design, k_mm_pieces, piece_weights, regularisers, train, jitter)
+    projected = singular * c
     held = design.combine(piece_weights, held_out) @ projection @ vh.T  # [n_held, r]
     return (projected / (singular**2 + scales[:, None] ** 2)) @ held.T
 
@@ -167,14 +172,9 @@ def scaled_regularisation_evidence(
     gives ``y^T C^-1 y = (|b|^2 - sum_k s_k^2 c_k^2 / (s_k^2 + s^2)) / s^2`` and ``log |C| = log |Lambda|
     + 2 N log s + sum_k log(1 + s_k^2 / s^2)``: the whole path for the price of one fit.
     """
-    projection = sparse_projection(mix_pieces(piece_weights, k_mm_pieces), jitter)
-    rank = projection.shape[1]
-    inverse_sigma = design.inverse_sigma(regularisers)
-    triangle = design_triangle(design, piece_weights, regularisers, projection)
-    u, singular, _ = torch.linalg.svd(triangle[:rank, :rank])
-    c = u.T @ triangle[:rank, rank]
-    b_squared = float(triangle[:, rank].pow(2).sum())
-    log_det_noise = -2.0 * float(torch.log(inverse_sigma).sum())
+    everything = torch.arange(design.targets.shape[0], device=design.targets.device)
+    _, singular, _, c, b_squared = regularisation_path_factors(design, k_mm_pieces, piece_weights, regularisers, everything, jitter)
+    log_det_noise = -2.0 * float(torch.log(design.inverse_sigma(regularisers)).sum())
     rows = design.targets.shape[0]
     evidences = []
     for s in scales.tolist():
