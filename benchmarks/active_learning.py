@@ -12,8 +12,9 @@
    fixed intervals, labelled by EMT and fitted with the same configuration, for each count.
 3. **Target**: the default model of the whole training set (``--full``; its test force MAE).
 
-Prints the table (reference calculations against test force MAE, meV/A) and writes
-``active_learning.png`` to ``--out``.
+Prints the table (reference calculations against test force MAE, meV/A), the final model's (and
+the target's) test force MAE by thirds of the test cells (by volume per atom and by RMS force: which
+states the learning served) and writes ``active_learning.png`` to ``--out``.
 
 usage: python benchmarks/active_learning.py [--out DIR] [--data DIR] [--starts 5] [--steps 400]
                                             [--temperatures 300,900,1500] [--counts 10,20,40,60,80,100] [--seed 0] [--full]
@@ -36,11 +37,32 @@ def force_mae(model, test) -> float:
     return float(np.abs(predicted - np.concatenate([s.forces for s in test])).mean())
 
 
-def fitted_mae(structures, config, test) -> float:
+def mae_by_thirds(model, test) -> dict:
+    """Test force MAE (meV/A) of ``model`` on the thirds of the test structures ranked by volume per
+    atom and by RMS force component: ``{"volume": [low, middle, high], "force": [...]}``."""
+    predicted = model.predict(test, forces=True, stress=False)["forces"].numpy()
+    errors = np.abs(predicted - np.concatenate([s.forces for s in test])).sum(axis=1)
+    ends = np.cumsum([0] + [s.n_atoms for s in test])
+    per_structure = np.array([errors[a:b].sum() / (3 * (b - a)) for a, b in zip(ends[:-1], ends[1:])])
+    atoms = np.array([s.n_atoms for s in test])
+    keys = {"volume": [s.atoms.get_volume() / s.n_atoms for s in test], "force": [float(np.sqrt(np.mean(s.forces**2))) for s in test]}
+    out = {}
+    for name, key in keys.items():
+        thirds = np.array_split(np.argsort(key, kind="stable"), 3)
+        out[name] = [1000 * float((per_structure[k] * atoms[k]).sum() / atoms[k].sum()) for k in thirds]
+    return out
+
+
+def fitted(structures, config):
+    """The model of ``structures`` fitted with ``config`` (quietly)."""
     from acdc_potential.fit.driver import fit
     from acdc_potential.fit.report import FitLog
 
-    return force_mae(fit(structures, config, log=FitLog(False)), test)
+    return fit(structures, config, log=FitLog(False))
+
+
+def fitted_mae(structures, config, test) -> float:
+    return force_mae(fitted(structures, config), test)
 
 
 def reference_trajectory(starts, config, reference):
@@ -140,9 +162,12 @@ def main():
             baselines[name][n] = fitted_mae(structures, config, test)
             print(f"{name}: {n} reference calculations, test force MAE {1000 * baselines[name][n]:.2f} meV/A", flush=True)
     target = None
+    thirds = {f"active learning, {len(labelled)} labels": mae_by_thirds(final, test)}
     if args.full:
         start = time.perf_counter()
-        target = fitted_mae(train, config, test)
+        whole = fitted(train, config)
+        target = force_mae(whole, test)
+        thirds[f"all {len(train)} training structures"] = mae_by_thirds(whole, test)
         print(f"default model of all {len(train)} training structures: test force MAE {1000 * target:.2f} meV/A ({time.perf_counter() - start:.0f} s)")
 
     print("\n| reference calculations | active learning (incremental) | active learning (refit) | random frames | fixed-interval frames |")
@@ -152,6 +177,10 @@ def main():
         print(f"| {n} | " + " | ".join("" if c is None else f"{1000 * c:.2f}" for c in cells) + " |")
     if target is not None:
         print(f"| {len(train)} (whole training set) | | | | {1000 * target:.2f} |")
+    print("\n| model | by volume per atom: smallest / middle / largest third | by RMS force: smallest / middle / largest third |")
+    print("| --- | --- | --- |")
+    for name, values in thirds.items():
+        print(f"| {name} | " + " / ".join(f"{v:.2f}" for v in values["volume"]) + " | " + " / ".join(f"{v:.2f}" for v in values["force"]) + " |")
 
     figure, axis = plt.subplots(figsize=(6, 4))
     for name, values, style in [("active learning", curve, "o-"), ("active learning, refit", refit, "o--"), ("random frames", baselines["random"], "s-"), ("fixed-interval frames", baselines["fixed interval"], "^-")]:
