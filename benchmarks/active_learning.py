@@ -31,25 +31,26 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data"
 
 
+def force_errors(model, test) -> np.ndarray:
+    """``|predicted - reference|`` of every force component of the structures ``test``, ``[atoms, 3]`` (eV/A)."""
+    predicted = model.predict(test, forces=True, stress=False)["forces"].numpy()
+    return np.abs(predicted - np.concatenate([s.forces for s in test]))
+
+
 def force_mae(model, test) -> float:
     """Test force MAE (eV/A) of a model in memory."""
-    predicted = model.predict(test, forces=True, stress=False)["forces"].numpy()
-    return float(np.abs(predicted - np.concatenate([s.forces for s in test])).mean())
+    return float(force_errors(model, test).mean())
 
 
-def mae_by_thirds(model, test) -> dict:
-    """Test force MAE (meV/A) of ``model`` on the thirds of the test structures ranked by volume per
-    atom and by RMS force component: ``{"volume": [low, middle, high], "force": [...]}``."""
-    predicted = model.predict(test, forces=True, stress=False)["forces"].numpy()
-    errors = np.abs(predicted - np.concatenate([s.forces for s in test])).sum(axis=1)
-    ends = np.cumsum([0] + [s.n_atoms for s in test])
-    per_structure = np.array([errors[a:b].sum() / (3 * (b - a)) for a, b in zip(ends[:-1], ends[1:])])
-    atoms = np.array([s.n_atoms for s in test])
-    keys = {"volume": [s.atoms.get_volume() / s.n_atoms for s in test], "force": [float(np.sqrt(np.mean(s.forces**2))) for s in test]}
+def mae_by_thirds(errors: np.ndarray, test) -> dict:
+    """The mean of the force errors ``errors [atoms, 3]`` (:func:`force_errors`, eV/A) over all force
+    components of the structures in each third of ``test``, ranked by volume per atom and by RMS force
+    component, in meV/A: ``{"volume": [smallest, middle, largest], "rms_force": [...]}``."""
+    owner = np.repeat(np.arange(len(test)), [s.n_atoms for s in test])
+    ranks = {"volume": [s.atoms.get_volume() / s.n_atoms for s in test], "rms_force": [float(np.sqrt(np.mean(s.forces**2))) for s in test]}
     out = {}
-    for name, key in keys.items():
-        thirds = np.array_split(np.argsort(key, kind="stable"), 3)
-        out[name] = [1000 * float((per_structure[k] * atoms[k]).sum() / atoms[k].sum()) for k in thirds]
+    for name, key in ranks.items():
+        out[name] = [1000 * float(errors[np.isin(owner, third)].mean()) for third in np.array_split(np.argsort(key, kind="stable"), 3)]
     return out
 
 
@@ -145,7 +146,8 @@ def main():
     final = learner.run()
     seconds = time.perf_counter() - start
     labelled = learner.incremental.structures
-    curve.setdefault(len(labelled), force_mae(final, test))
+    final_errors = force_errors(final, test)
+    curve.setdefault(len(labelled), float(final_errors.mean()))
     steps = len(learn["temperatures"]) * len(starts) * args.steps
     print(f"active learning: {len(labelled)} reference calculations in {steps} MD steps, {seconds:.0f} s")
     refit = {} if args.learning_only else {n: fitted_mae(labelled[:n], config, test) for n in counts if n <= len(labelled)}
@@ -162,12 +164,12 @@ def main():
             baselines[name][n] = fitted_mae(structures, config, test)
             print(f"{name}: {n} reference calculations, test force MAE {1000 * baselines[name][n]:.2f} meV/A", flush=True)
     target = None
-    thirds = {f"active learning, {len(labelled)} labels": mae_by_thirds(final, test)}
+    by_thirds = {f"active learning, {len(labelled)} labels": (mae_by_thirds(final_errors, test), 1000 * float(final_errors.mean()))}
     if args.full:
         start = time.perf_counter()
-        whole = fitted(train, config)
-        target = force_mae(whole, test)
-        thirds[f"all {len(train)} training structures"] = mae_by_thirds(whole, test)
+        errors = force_errors(fitted(train, config), test)
+        target = float(errors.mean())
+        by_thirds[f"all {len(train)} training structures"] = (mae_by_thirds(errors, test), 1000 * target)
         print(f"default model of all {len(train)} training structures: test force MAE {1000 * target:.2f} meV/A ({time.perf_counter() - start:.0f} s)")
 
     print("\n| reference calculations | active learning (incremental) | active learning (refit) | random frames | fixed-interval frames |")
@@ -177,10 +179,10 @@ def main():
         print(f"| {n} | " + " | ".join("" if c is None else f"{1000 * c:.2f}" for c in cells) + " |")
     if target is not None:
         print(f"| {len(train)} (whole training set) | | | | {1000 * target:.2f} |")
-    print("\n| model | by volume per atom: smallest / middle / largest third | by RMS force: smallest / middle / largest third |")
-    print("| --- | --- | --- |")
-    for name, values in thirds.items():
-        print(f"| {name} | " + " / ".join(f"{v:.2f}" for v in values["volume"]) + " | " + " / ".join(f"{v:.2f}" for v in values["force"]) + " |")
+    print("\n| model | volume per atom: smallest / middle / largest third | RMS force: smallest / middle / largest third | all |")
+    print("| --- | --- | --- | --- |")
+    for name, (values, everything) in by_thirds.items():
+        print(f"| {name} | " + " / ".join(f"{v:.2f}" for v in values["volume"]) + " | " + " / ".join(f"{v:.2f}" for v in values["rms_force"]) + f" | {everything:.2f} |")
 
     figure, axis = plt.subplots(figsize=(6, 4))
     for name, values, style in [("active learning", curve, "o-"), ("active learning, refit", refit, "o--"), ("random frames", baselines["random"], "s-"), ("fixed-interval frames", baselines["fixed interval"], "^-")]:
