@@ -3,8 +3,9 @@
 1. **Active learning** (:class:`~acdc_potential.active.ActiveLearner`, the configuration's
    ``learn`` section with ``--temperatures`` and ``--steps``): from ``--starts`` structures of
    ``copper_train.extxyz`` (positions and cells only, labelled by EMT), Langevin MD from each at
-   each temperature (NVT keeps the volume, so the starting cells are those of the smallest to the
-   largest volume per atom of the training set, evenly in rank); the test force MAE on ``copper_test.extxyz`` of the model after each
+   each temperature (NVT keeps the cell, so the starting cells span the training set's cells: by default
+   their shapes and volumes, :func:`spanning_cells`; ``--cells volumes``: their volumes only,
+   :func:`cells_by_volume`); the test force MAE on ``copper_test.extxyz`` of the model after each
    labelled structure of ``--counts`` (the incremental model, as the MD used it), and of a fit
    from scratch of the labelled set with the same configuration.
 2. **Baselines**: the same MD protocol (starting structures, temperatures, steps, seeds) run with
@@ -16,7 +17,7 @@ Prints the table (reference calculations against test force MAE, meV/A), the fin
 the target's) test force MAE by thirds of the test cells (by volume per atom and by RMS force: which
 states the learning served) and writes ``active_learning.png`` to ``--out``.
 
-usage: python benchmarks/active_learning.py [--out DIR] [--data DIR] [--starts 5] [--steps 400]
+usage: python benchmarks/active_learning.py [--out DIR] [--data DIR] [--starts 5] [--cells shapes] [--steps 400]
                                             [--temperatures 300,900,1500] [--counts 10,20,40,60,80,100] [--seed 0] [--full]
 """
 
@@ -66,6 +67,28 @@ def fitted_mae(structures, config, test) -> float:
     return force_mae(fitted(structures, config), test)
 
 
+def cells_by_volume(structures, count: int) -> list:
+    """Indices of ``count`` structures from the smallest to the largest volume per atom, evenly in rank."""
+    order = np.argsort([s.atoms.get_volume() / s.n_atoms for s in structures], kind="stable")
+    return [int(order[int(k)]) for k in np.linspace(0, len(structures) - 1, count)]
+
+
+def spanning_cells(structures, count: int) -> list:
+    """Indices of ``count`` structures whose cells span the cells of ``structures``: farthest-point
+    sampling, from the most compressed cell, of the six components of the cell's metric tensor
+    ``h h^T / N^(2/3)`` (volume and shape, the same for any rotation of the atoms and cell together), each in units of its
+    spread over the structures. NVT MD keeps its cell, so the starting cells are all the learning
+    sees of strain: by volume alone, five cells leave the shears of a strained set out."""
+    metric = np.array([(s.atoms.cell.array @ s.atoms.cell.array.T / s.n_atoms ** (2 / 3))[np.triu_indices(3)] for s in structures])
+    scaled = (metric - metric.mean(0)) / np.where(metric.std(0) > 0, metric.std(0), 1.0)
+    chosen = [cells_by_volume(structures, 1)[0]]
+    distance = np.linalg.norm(scaled - scaled[chosen[0]], axis=1)
+    while len(chosen) < count:
+        chosen.append(int(np.argmax(distance)))
+        distance = np.minimum(distance, np.linalg.norm(scaled - scaled[chosen[-1]], axis=1))
+    return chosen
+
+
 def reference_trajectory(starts, config, reference):
     """Frames of the learning's MD protocol run with ``reference``, every ``interval`` steps."""
     from acdc_potential.active import bare, langevin, thermalize
@@ -89,6 +112,8 @@ def main():
     parser.add_argument("--out", default="active-learning-benchmark")
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--starts", type=int, default=5)
+    parser.add_argument("--cells", choices=["shapes", "volumes"], default="shapes",
+                        help="starting cells spanning the training cells' shapes and volumes (spanning_cells), or their volumes only (cells_by_volume)")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--temperatures", default="300,900,1500")
     parser.add_argument("--counts", default="10,20,40,60,80,100")
@@ -122,10 +147,7 @@ def main():
         learn["new_sparse"] = args.new_sparse
     # nu_max fixed at what `auto` chooses for the whole copper set, so that all fits compare one model class
     config = FitConfig.from_dict({"kernel": {"nu_max": 3}, "learn": learn})
-    # NVT keeps a cell's volume: the starting cells span the volumes of the training set (from its
-    # most compressed to its most expanded cell), as a user would start from cells of the states to learn
-    by_volume = sorted(train, key=lambda s: s.atoms.get_volume() / s.n_atoms)
-    starts = [bare(by_volume[int(k)].atoms) for k in np.linspace(0, len(train) - 1, args.starts)]
+    starts = [bare(train[k].atoms) for k in (spanning_cells if args.cells == "shapes" else cells_by_volume)(train, args.starts)]
     print(f"copper with EMT: {len(starts)} starting structures, MD at {learn['temperatures']} K, {args.steps} steps of 2 fs each; test: {len(test)} structures")
 
     # 1. active learning, with the test error of the model after the labelled structures of each count
