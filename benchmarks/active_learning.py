@@ -17,7 +17,7 @@ Prints the table (reference calculations against test force MAE, meV/A), the fin
 the target's) test force MAE by thirds of the test cells (by volume per atom and by RMS force: which
 states the learning served) and writes ``active_learning.png`` to ``--out``.
 
-usage: python benchmarks/active_learning.py [--out DIR] [--data DIR] [--starts 5] [--cells shapes] [--steps 400]
+usage: python benchmarks/active_learning.py [--out DIR] [--data DIR] [--starts 5] [--cells shapes|volumes] [--steps 400]
                                             [--temperatures 300,900,1500] [--counts 10,20,40,60,80,100] [--seed 0] [--full]
 """
 
@@ -148,7 +148,8 @@ def main():
     # nu_max fixed at what `auto` chooses for the whole copper set, so that all fits compare one model class
     config = FitConfig.from_dict({"kernel": {"nu_max": 3}, "learn": learn})
     starts = [bare(train[k].atoms) for k in (spanning_cells if args.cells == "shapes" else cells_by_volume)(train, args.starts)]
-    print(f"copper with EMT: {len(starts)} starting structures, MD at {learn['temperatures']} K, {args.steps} steps of 2 fs each; test: {len(test)} structures")
+    volumes = [a.get_volume() / len(a) for a in starts]
+    print(f"copper with EMT: {len(starts)} starting structures ({args.cells}: {min(volumes):.2f}-{max(volumes):.2f} A^3 per atom), MD at {learn['temperatures']} K, {args.steps} steps of 2 fs each; test: {len(test)} structures")
 
     # 1. active learning, with the test error of the model after the labelled structures of each count
     curve = {}
