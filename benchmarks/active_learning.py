@@ -27,9 +27,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data"
+
+
+def volume_per_atom(atoms) -> float:
+    return atoms.get_volume() / len(atoms)
 
 
 def force_errors(model, test) -> np.ndarray:
@@ -48,7 +53,7 @@ def mae_by_thirds(errors: np.ndarray, test) -> dict:
     components of the structures in each third of ``test``, ranked by volume per atom and by RMS force
     component, in meV/A: ``{"volume": [smallest, middle, largest], "rms_force": [...]}``."""
     owner = np.repeat(np.arange(len(test)), [s.n_atoms for s in test])
-    ranks = {"volume": [s.atoms.get_volume() / s.n_atoms for s in test], "rms_force": [float(np.sqrt(np.mean(s.forces**2))) for s in test]}
+    ranks = {"volume": [volume_per_atom(s.atoms) for s in test], "rms_force": [float(np.sqrt(np.mean(s.forces**2))) for s in test]}
     out = {}
     for name, key in ranks.items():
         out[name] = [1000 * float(errors[np.isin(owner, third)].mean()) for third in np.array_split(np.argsort(key, kind="stable"), 3)]
@@ -69,24 +74,22 @@ def fitted_mae(structures, config, test) -> float:
 
 def cells_by_volume(structures, count: int) -> list:
     """Indices of ``count`` structures from the smallest to the largest volume per atom, evenly in rank."""
-    order = np.argsort([s.atoms.get_volume() / s.n_atoms for s in structures], kind="stable")
+    order = np.argsort([volume_per_atom(s.atoms) for s in structures], kind="stable")
     return [int(order[int(k)]) for k in np.linspace(0, len(structures) - 1, count)]
 
 
 def spanning_cells(structures, count: int) -> list:
     """Indices of ``count`` structures whose cells span the cells of ``structures``: farthest-point
-    sampling, from the most compressed cell, of the six components of the cell's metric tensor
+    sampling (:func:`~acdc_potential.fit.selection.farthest_point_sampling`, which stops before
+    repeating a cell), from the most compressed cell, of the six components of the cell's metric tensor
     ``h h^T / N^(2/3)`` (volume and shape, the same for any rotation of the atoms and cell together), each in units of its
     spread over the structures. NVT MD keeps its cell, so the starting cells are all the learning
     sees of strain: by volume alone, five cells leave the shears of a strained set out."""
+    from acdc_potential.fit.selection import farthest_point_sampling
+
     metric = np.array([(s.atoms.cell.array @ s.atoms.cell.array.T / s.n_atoms ** (2 / 3))[np.triu_indices(3)] for s in structures])
     scaled = (metric - metric.mean(0)) / np.where(metric.std(0) > 0, metric.std(0), 1.0)
-    chosen = [cells_by_volume(structures, 1)[0]]
-    distance = np.linalg.norm(scaled - scaled[chosen[0]], axis=1)
-    while len(chosen) < count:
-        chosen.append(int(np.argmax(distance)))
-        distance = np.minimum(distance, np.linalg.norm(scaled - scaled[chosen[-1]], axis=1))
-    return chosen
+    return farthest_point_sampling(torch.from_numpy(scaled), count, first=cells_by_volume(structures, 1)[0]).tolist()
 
 
 def reference_trajectory(starts, config, reference):
@@ -148,7 +151,7 @@ def main():
     # nu_max fixed at what `auto` chooses for the whole copper set, so that all fits compare one model class
     config = FitConfig.from_dict({"kernel": {"nu_max": 3}, "learn": learn})
     starts = [bare(train[k].atoms) for k in (spanning_cells if args.cells == "shapes" else cells_by_volume)(train, args.starts)]
-    volumes = [a.get_volume() / len(a) for a in starts]
+    volumes = [volume_per_atom(a) for a in starts]
     print(f"copper with EMT: {len(starts)} starting structures ({args.cells}: {min(volumes):.2f}-{max(volumes):.2f} A^3 per atom), MD at {learn['temperatures']} K, {args.steps} steps of 2 fs each; test: {len(test)} structures")
 
     # 1. active learning, with the test error of the model after the labelled structures of each count
